@@ -1,0 +1,219 @@
+"""Enrolee side of the PPSK RSPF (TS-0003 §8.3.2.1) plus securityProfile provisioning (seed CR 0055).
+
+One TLS-PSK session with the MEF (psk_identity = KpmID, psk = Kpm):
+
+1. both sides export ``EXPORTER-oneM2M-Bootstrap`` (48 bytes) -> RelativeKeID || Ke, KeID;
+2. ``POST /securityProfile`` with the M2M-Node-ID -> the profile, which is checked against the schema, the
+   KeID and the locally derived registrar key before anything is kept;
+3. ``POST /enrolmentExchange`` with the three indications; instructions are acknowledged until the MEF
+   ends the exchange;
+4. Ke, KeID and the profile are stored encrypted (key derived from Kpm) in a 0600 file.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from .. import keys, profile
+from ..client import OneM2MClient
+from ..errors import BadRequest, ProfileInvalid, RemoteError, StoreError
+from ..fileutil import write_private
+from ..sealing import Sealer
+from ..secret import Secret, constant_time_equal
+from ..tls import PskClient
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+
+
+@dataclass
+class EnroleeConfig:
+    mef_host: str
+    mef_port: int
+    mef_fqdn: str
+    kpm_id: str
+    kpm: Secret
+    node_id: str
+    store_path: Path
+    location: str | None = None
+    remote_management: bool = True
+    renew_before_seconds: int = 24 * 3600
+    tls_min_version: str = "1.2"
+    tls_max_version: str = "1.3"
+    timeout: float = 15.0
+
+    def __repr__(self) -> str:
+        return (f"EnroleeConfig(mef={self.mef_host}:{self.mef_port}, mef_fqdn={self.mef_fqdn}, kpm_id={self.kpm_id}, "
+                f"node_id={self.node_id}, store={self.store_path}, kpm=<redacted>)")
+
+
+@dataclass
+class Enrolment:
+    """What an enrolment yields and the Enrolee keeps."""
+
+    ke_id: str
+    enrolment_key: Secret
+    profile: dict[str, Any]
+    instructions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def expiry(self) -> dt.datetime:
+        return profile.parse_timestamp(self.profile["expiry"])
+
+    @property
+    def issued_at(self) -> dt.datetime:
+        return profile.parse_timestamp(self.profile["issuedAt"])
+
+    @property
+    def registrar_key(self) -> Secret:
+        """The PSK for the registrar (usage-constrained key, SUID 22); its psk_identity is :attr:`ke_id`."""
+        return Secret(base64.b64decode(self.profile["credential"]["key"]), "registrar key")
+
+    @property
+    def enrolee_id(self) -> str:
+        return self.profile["enroleeID"]
+
+    def needs_renewal(self, renew_before_seconds: int, now: dt.datetime | None = None) -> bool:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        lifetime = (self.expiry - self.issued_at).total_seconds()
+        margin = min(renew_before_seconds, lifetime / 2)
+        return now >= self.expiry - dt.timedelta(seconds=margin)
+
+    def summary(self) -> dict[str, Any]:
+        """A printable view without any key."""
+        return {"keID": self.ke_id, "profile": profile.redacted(self.profile), "instructions": self.instructions}
+
+    def __repr__(self) -> str:
+        return f"<Enrolment ke_id={self.ke_id} enrolee={self.profile.get('enroleeID')} expiry={self.profile.get('expiry')}>"
+
+
+class Enrolee:
+    def __init__(self, config: EnroleeConfig, *, tls_client: PskClient | None = None) -> None:
+        self.config = config
+        self._tls = tls_client or PskClient(min_version=config.tls_min_version, max_version=config.tls_max_version)
+        self._sealer_key = config.kpm
+
+    # -- the procedure --------------------------------------------------------------------------
+    def enrol(self, *, store: bool = True) -> Enrolment:
+        """Run a full enrolment with the MEF; on success store and return it. On failure nothing is stored."""
+        c = self.config
+        tls = self._tls.connect(c.mef_host, c.mef_port, c.kpm_id, c.kpm, server_name=c.mef_fqdn, timeout=c.timeout)
+        client = OneM2MClient(tls, c.kpm_id, host=c.mef_fqdn)
+        try:
+            material = keys.split_exporter_output(
+                tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
+            ke_id = keys.make_ke_id(material.relative_ke_id, c.mef_fqdn)
+            sp_req: dict[str, Any] = {"nodeID": c.node_id}
+            if c.location:
+                sp_req["location"] = c.location
+            data = client.call("POST", "/securityProfile", {"rspf:spReq": sp_req})
+            prof = self._check_profile(data, ke_id, material.enrolment_key)
+            instructions = self._exchange(client)
+        finally:
+            client.close()
+        enrolment = Enrolment(ke_id, material.enrolment_key, prof, instructions)
+        if store:
+            self.save(enrolment)
+        log.info("enrolled with MEF %s as %s: KeID %s, expires %s", c.mef_fqdn, prof["enroleeID"], ke_id,
+                 prof["expiry"])
+        return enrolment
+
+    def _check_profile(self, data: Any, ke_id: str, ke: Secret) -> dict[str, Any]:
+        if not isinstance(data, dict) or not isinstance(data.get(profile.WRAPPER), dict):
+            raise ProfileInvalid("the MEF's answer carries no securityProfile")
+        prof = profile.validate(data[profile.WRAPPER])
+        if prof["credential"]["keyID"] != ke_id:
+            raise ProfileInvalid("the securityProfile names a KeID other than the one this session derived")
+        if prof["mefFQDN"] != self.config.mef_fqdn.lower():
+            raise ProfileInvalid("the securityProfile comes from another MEF-FQDN than the one configured")
+        if prof["nodeID"] != self.config.node_id:
+            raise ProfileInvalid("the securityProfile is for another M2M-Node-ID")
+        fqdn = keys.target_fqdn(prof["spID"] + prof["registrar"]["cseID"])
+        if prof["registrar"].get("fqdn", fqdn) != fqdn:
+            raise ProfileInvalid("the securityProfile's registrar FQDN does not match its CSE-ID")
+        expected = keys.derive_usage_constrained_key(ke, prof["credential"]["suid"], fqdn)
+        if not constant_time_equal(base64.b64decode(prof["credential"]["key"]), expected.reveal()):
+            raise ProfileInvalid("the registrar key in the securityProfile does not match the one derived from Ke")
+        return prof
+
+    def _exchange(self, client: OneM2MClient) -> list[dict[str, Any]]:
+        c = self.config
+        req = {"certificateEnrolment": False, "mafEnrolment": False, "remoteManagement": c.remote_management}
+        data = client.call("POST", "/enrolmentExchange", {"rspf:enrolReq": req})
+        seen: list[dict[str, Any]] = []
+        for _ in range(16):  # bounded: a MEF cannot keep us in the exchange forever
+            rsp = data.get("rspf:enrolRsp") if isinstance(data, dict) else None
+            if not isinstance(rsp, dict) or not isinstance(rsp.get("instructionType"), str):
+                raise BadRequest("the MEF sent a malformed Enrolment Exchange response")
+            kind = rsp["instructionType"]
+            if kind == "endOfExchange":
+                return seen
+            seen.append(rsp)
+            ok = kind == "remoteManagementServer" and c.remote_management
+            if ok:
+                log.info("MEF instructs contacting remote management server %s after enrolment", rsp.get("uri"))
+            else:
+                log.warning("MEF instruction %s is not supported by this Enrolee", kind)
+            data = client.call("POST", "/enrolmentExchange",
+                               {"rspf:enrolAck": {"instructionType": kind, "success": ok}})
+        raise BadRequest("the MEF did not end the Enrolment Exchange after 16 instructions")
+
+    def ensure(self, *, now: dt.datetime | None = None) -> tuple[Enrolment, bool]:
+        """Return (enrolment, renewed): the stored one if valid and not near expiry, else a new one."""
+        try:
+            current = self.load()
+        except StoreError as exc:
+            log.warning("stored enrolment unusable (%s); enrolling again", exc)
+            current = None
+        if current is not None and not current.needs_renewal(self.config.renew_before_seconds, now):
+            return current, False
+        if current is not None:
+            log.info("enrolment %s expires %s: renewing", current.ke_id, current.profile["expiry"])
+        return self.enrol(), True
+
+    # -- storage --------------------------------------------------------------------------------
+    def _sealer(self, salt: bytes) -> Sealer:
+        return Sealer(self._sealer_key, b"enrolee store", salt)
+
+    def save(self, enrolment: Enrolment) -> None:
+        salt = os.urandom(16)
+        plain = json.dumps({
+            "keID": enrolment.ke_id,
+            "ke": base64.b64encode(enrolment.enrolment_key.reveal()).decode(),
+            "profile": enrolment.profile,
+            "instructions": enrolment.instructions,
+        }).encode()
+        blob = self._sealer(salt).seal(plain, self.config.kpm_id.encode())
+        doc = {"format": STORE_FORMAT, "kpmID": self.config.kpm_id,
+               "salt": base64.b64encode(salt).decode(), "sealed": base64.b64encode(blob).decode()}
+        write_private(Path(self.config.store_path), json.dumps(doc).encode())
+
+    def load(self) -> Enrolment | None:
+        path = Path(self.config.store_path)
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") != STORE_FORMAT or doc.get("kpmID") != self.config.kpm_id:
+                raise StoreError(f"{path} is not an enrolment store for KpmID {self.config.kpm_id}")
+            plain = self._sealer(base64.b64decode(doc["salt"])).open(
+                base64.b64decode(doc["sealed"]), self.config.kpm_id.encode())
+            data = json.loads(plain)
+            prof = profile.validate(data["profile"])
+        except StoreError:
+            raise
+        except (ValueError, KeyError, TypeError, ProfileInvalid):
+            raise StoreError(f"{path} is damaged") from None
+        return Enrolment(data["keID"], Secret(base64.b64decode(data["ke"]), "Ke"), prof, data.get("instructions", []))
+
+
+__all__ = ["Enrolee", "EnroleeConfig", "Enrolment", "RemoteError"]

@@ -1,0 +1,150 @@
+"""MEF configuration: one typed object, read from a TOML file, validated at start.
+
+Every key is documented in docs/mef-config.md. A wrong or missing value raises ConfigError naming the
+key and the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..keys import check_fqdn
+
+_SP_ID = re.compile(r"^//[A-Za-z0-9.-]+$")
+
+
+@dataclass(frozen=True)
+class MefConfig:
+    fqdn: str
+    sp_id: str
+    listen: str = "127.0.0.1"
+    port: int = 8443
+    database: Path = Path("mef.sqlite")
+    master_key_file: Path = Path("mef.masterkey")
+    enrolment_expiry_seconds: int = 30 * 24 * 3600
+    max_body_bytes: int = 64 * 1024
+    tls_min_version: str = "1.2"
+    tls_max_version: str = "1.3"
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    max_connections: int = 256
+    log_level: str = "INFO"
+    log_file: Path | None = None
+    source: str = "<defaults>"
+
+    @classmethod
+    def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> MefConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"the MEF configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        section = data.get("mef")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path} has no [mef] section")
+        values = dict(section)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values, source=str(path), base_dir=path.resolve().parent)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> MefConfig:
+        base = base_dir or Path.cwd()
+        known = {f for f in cls.__dataclass_fields__ if f != "source"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) in [mef]: {', '.join(unknown)}")
+
+        def err(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: [mef] {key}: {why}")
+
+        def get(key: str, typ: type | tuple[type, ...], required: bool = False) -> Any:
+            if key not in values:
+                if required:
+                    raise err(key, "is required")
+                return cls.__dataclass_fields__[key].default
+            v = values[key]
+            if isinstance(v, bool) and typ is not bool or not isinstance(v, typ):
+                raise err(key, f"must be {getattr(typ, '__name__', typ)}, not {type(v).__name__}")
+            return v
+
+        fqdn = get("fqdn", str, required=True)
+        try:
+            check_fqdn(fqdn)
+        except Exception:
+            raise err("fqdn", f"{fqdn!r} is not a valid FQDN") from None
+        sp_id = get("sp_id", str, required=True)
+        if not _SP_ID.match(sp_id):
+            raise err("sp_id", f"{sp_id!r} must look like //sp.example")
+        port = get("port", int)
+        if not 0 <= port <= 65535:
+            raise err("port", "must be between 0 and 65535")
+        exp = get("enrolment_expiry_seconds", int)
+        if exp < 60:
+            raise err("enrolment_expiry_seconds", "must be at least 60")
+        max_body = get("max_body_bytes", int)
+        if not 1024 <= max_body <= 16 * 1024 * 1024:
+            raise err("max_body_bytes", "must be between 1024 and 16777216")
+        vmin, vmax = get("tls_min_version", str), get("tls_max_version", str)
+        for key, v in (("tls_min_version", vmin), ("tls_max_version", vmax)):
+            if v not in ("1.2", "1.3"):
+                raise err(key, "must be \"1.2\" or \"1.3\"")
+        if vmin > vmax:
+            raise err("tls_min_version", "is above tls_max_version")
+        hs = float(get("handshake_timeout", (int, float)))
+        idle = float(get("idle_timeout", (int, float)))
+        if hs <= 0 or idle <= 0:
+            raise err("handshake_timeout" if hs <= 0 else "idle_timeout", "must be positive")
+        maxc = get("max_connections", int)
+        if not 1 <= maxc <= 10000:
+            raise err("max_connections", "must be between 1 and 10000")
+        level = get("log_level", str).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise err("log_level", "must be debug, info, warning or error")
+        listen = get("listen", str)
+        if not listen:
+            raise err("listen", "must be an address")
+
+        def path_of(key: str) -> Path | None:
+            v = values.get(key, cls.__dataclass_fields__[key].default)
+            if v is None:
+                return None
+            if not isinstance(v, (str, Path)) or not str(v):
+                raise err(key, "must be a file path")
+            p = Path(v)
+            return p if p.is_absolute() else base / p
+
+        return cls(
+            fqdn=fqdn.lower(), sp_id=sp_id, listen=listen, port=port,
+            database=path_of("database"), master_key_file=path_of("master_key_file"),  # type: ignore[arg-type]
+            enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin,
+            tls_max_version=vmax, handshake_timeout=hs, idle_timeout=idle, max_connections=maxc,
+            log_level=level, log_file=path_of("log_file"), source=source,
+        )
+
+
+EXAMPLE = """\
+# onem2m-rspf MEF configuration (every key: docs/mef-config.md)
+[mef]
+fqdn = "mef.example.com"            # the MEF-FQDN: it ends every KeID
+sp_id = "//sp.example.com"          # M2M-SP-ID, used to make CSE/AE IDs absolute
+listen = "127.0.0.1"
+port = 8443
+database = "mef.sqlite"             # relative paths are relative to this file
+master_key_file = "mef.masterkey"   # created 0600 on first start; encrypts keys at rest
+enrolment_expiry_seconds = 2592000  # default lifetime of an Enrolment Key (Ke)
+max_body_bytes = 65536
+tls_min_version = "1.2"
+tls_max_version = "1.3"
+handshake_timeout = 10
+idle_timeout = 30
+max_connections = 256
+log_level = "info"
+# log_file = "mef.log"
+"""

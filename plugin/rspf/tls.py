@@ -1,0 +1,343 @@
+"""TLS-PSK for oneM2M (TS-0003 §10.2.2): the ONE module that touches pyOpenSSL and its cffi bindings.
+
+pyOpenSSL has no public PSK API. ``cryptography`` still carries OpenSSL's raw PSK bindings, which this
+module drives through ``OpenSSL._util``: ``SSL_CTX_set_psk_server_callback`` and
+``SSL_CTX_set_psk_client_callback`` (TLS 1.2 RFC 4279 and, through OpenSSL's compatibility path,
+TLS 1.3 external PSK with a SHA-256 suite). These are private hooks: :func:`check_psk_support` fails
+loudly, naming what is missing, when a dependency upgrade removes one of them, and a unit test calls it.
+
+What the rest of the project sees: :class:`PskServer` / :class:`PskClient` (contexts),
+:class:`TlsConnection` (the authenticated peer identity, the RFC 5705 exporter, socket-like I/O).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+from .errors import TlsError
+from .secret import Secret
+
+log = logging.getLogger(__name__)
+
+#: TLS 1.2 PSK suites offered/accepted. PSK-AES128-CBC-SHA256 is the one TS-0003 §10.2.2 mandates;
+#: the GCM and ECDHE-PSK (forward secrecy, RFC 4279 §7.1 advice) suites are extras.
+TLS12_PSK_CIPHERS = (
+    "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA256"
+)
+MANDATED_TLS12_CIPHER = "PSK-AES128-CBC-SHA256"
+#: TLS 1.3 external PSK through OpenSSL's old-style callbacks needs a SHA-256 suite.
+TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
+
+MAX_PSK_IDENTITY = 128  # RFC 4279 allows up to 2^16-1; OpenSSL caps at PSK_MAX_IDENTITY_LEN (256)
+VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+_REQUIRED_LIB = (
+    "Cryptography_HAS_PSK",
+    "SSL_CTX_set_psk_server_callback",
+    "SSL_CTX_set_psk_client_callback",
+    "SSL_CTX_use_psk_identity_hint",
+)
+_REQUIRED_CONN = ("export_keying_material", "_reverse_mapping", "set_tlsext_host_name")
+
+PskLookup = Callable[[str], "Secret | None"]
+
+
+def check_psk_support() -> None:
+    """Raise :class:`TlsError` naming every private hook this module relies on that is missing."""
+    missing = [f"OpenSSL._util.lib.{n}" for n in _REQUIRED_LIB if not hasattr(_lib, n)]
+    missing += [f"OpenSSL.SSL.Connection.{n}" for n in _REQUIRED_CONN if not hasattr(SSL.Connection, n)]
+    if hasattr(_lib, "Cryptography_HAS_PSK") and not _lib.Cryptography_HAS_PSK:
+        missing.append("PSK support in the OpenSSL that cryptography is built with")
+    if missing:
+        raise TlsError(
+            "the installed pyOpenSSL/cryptography no longer provide what TLS-PSK needs: "
+            + ", ".join(missing)
+            + ". Pin the versions in pyproject.toml or port rspf/tls.py."
+        )
+
+
+def _conn_of(ssl_ptr: Any) -> SSL.Connection | None:
+    return SSL.Connection._reverse_mapping.get(ssl_ptr)
+
+
+def _base_context(min_version: str, max_version: str) -> SSL.Context:
+    check_psk_support()
+    if min_version not in VERSIONS or max_version not in VERSIONS:
+        raise TlsError("TLS versions are '1.2' or '1.3'")
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(VERSIONS[min_version])
+    ctx.set_max_proto_version(VERSIONS[max_version])
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+    ctx.set_cipher_list(TLS12_PSK_CIPHERS.encode())
+    if hasattr(ctx, "set_ciphersuites"):
+        ctx.set_ciphersuites(TLS13_CIPHERSUITES.encode())
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+class PskServer:
+    """Server-side TLS-PSK context. ``lookup(identity)`` returns the PSK for a psk_identity, or None.
+
+    The identity the client presented and that the handshake proved is available afterwards as
+    :attr:`TlsConnection.psk_identity`. ``lookup`` runs inside OpenSSL's callback: it must not raise
+    (an exception is logged without detail and the handshake fails).
+    """
+
+    def __init__(
+        self,
+        lookup: PskLookup,
+        *,
+        min_version: str = "1.2",
+        max_version: str = "1.3",
+        ciphers: str | None = None,
+        identity_hint: str | None = None,
+    ) -> None:
+        self._lookup = lookup
+        self.context = _base_context(min_version, max_version)
+        if ciphers:
+            self.context.set_cipher_list(ciphers.encode())
+        if identity_hint:
+            _lib.SSL_CTX_use_psk_identity_hint(self.context._context, identity_hint.encode())
+        self._callback = _ffi.callback(
+            "unsigned int (*)(SSL *, const char *, unsigned char *, unsigned int)", self._on_psk
+        )
+        _lib.SSL_CTX_set_psk_server_callback(self.context._context, self._callback)
+
+    def _on_psk(self, ssl_ptr: Any, identity_ptr: Any, psk_out: Any, max_len: int) -> int:
+        try:
+            if identity_ptr == _ffi.NULL:
+                return 0
+            raw = _ffi.string(identity_ptr)
+            if not raw or len(raw) > MAX_PSK_IDENTITY:
+                return 0
+            identity = raw.decode("utf-8")
+            key = self._lookup(identity)
+            if key is None:
+                log.info("TLS-PSK: no key for the presented identity; handshake refused")
+                return 0
+            value = key.reveal()
+            if len(value) > max_len or not value:
+                return 0
+            _ffi.memmove(psk_out, value, len(value))
+            conn = _conn_of(ssl_ptr)
+            if conn is not None:
+                conn._rspf_psk_identity = identity  # type: ignore[attr-defined]
+            return len(value)
+        except Exception as exc:  # never let an exception cross the C boundary
+            log.error("TLS-PSK server callback failed (%s)", type(exc).__name__)
+            return 0
+
+    def wrap(self, sock: socket.socket, timeout: float | None = 30.0) -> TlsConnection:
+        conn = SSL.Connection(self.context, sock)
+        conn.set_accept_state()
+        return TlsConnection(conn, sock, timeout)
+
+
+class PskClient:
+    """Client-side TLS-PSK context; identity and key are given per connection to :meth:`connect`."""
+
+    def __init__(self, *, min_version: str = "1.2", max_version: str = "1.3", ciphers: str | None = None) -> None:
+        self.context = _base_context(min_version, max_version)
+        if ciphers:
+            self.context.set_cipher_list(ciphers.encode())
+        self._callback = _ffi.callback(
+            "unsigned int (*)(SSL *, const char *, char *, unsigned int, unsigned char *, unsigned int)",
+            self._on_psk,
+        )
+        _lib.SSL_CTX_set_psk_client_callback(self.context._context, self._callback)
+
+    @staticmethod
+    def _on_psk(ssl_ptr: Any, hint: Any, identity_out: Any, max_id: int, psk_out: Any, max_psk: int) -> int:
+        try:
+            conn = _conn_of(ssl_ptr)
+            cred = getattr(conn, "_rspf_client_cred", None)
+            if cred is None:
+                return 0
+            identity, key = cred
+            ident = identity.encode("utf-8")
+            value = key.reveal()
+            if len(ident) + 1 > max_id or len(value) > max_psk:
+                return 0
+            _ffi.memmove(identity_out, ident + b"\0", len(ident) + 1)
+            _ffi.memmove(psk_out, value, len(value))
+            return len(value)
+        except Exception as exc:
+            log.error("TLS-PSK client callback failed (%s)", type(exc).__name__)
+            return 0
+
+    def connect(
+        self,
+        host: str,
+        port: int,
+        identity: str,
+        key: Secret,
+        *,
+        server_name: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> TlsConnection:
+        """Open TCP, run the TLS-PSK handshake with ``psk_identity = identity``; return the connection."""
+        if not identity or len(identity.encode("utf-8")) > MAX_PSK_IDENTITY:
+            raise TlsError(f"a psk_identity is 1 to {MAX_PSK_IDENTITY} bytes")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise TlsError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = SSL.Connection(self.context, sock)
+        conn._rspf_client_cred = (identity, key)  # type: ignore[attr-defined]
+        sni = server_name or host
+        if sni and not _is_ip(sni):
+            conn.set_tlsext_host_name(sni.encode("idna"))
+        conn.set_connect_state()
+        tls = TlsConnection(conn, sock, timeout)
+        try:
+            tls.handshake()
+        finally:
+            conn._rspf_client_cred = None  # type: ignore[attr-defined]
+        tls.psk_identity = identity
+        return tls
+
+
+def _is_ip(host: str) -> bool:
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(fam, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
+    """Socket-level timeouts keep the fd blocking (what pyOpenSSL expects) yet bound every wait."""
+    t = 0.0 if timeout is None else max(timeout, 0.001)
+    tv = struct.pack("ll", int(t), int((t - int(t)) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+class TlsConnection:
+    """An established (or establishing) TLS connection with socket-like I/O."""
+
+    def __init__(self, conn: SSL.Connection, sock: socket.socket, timeout: float | None) -> None:
+        self._conn = conn
+        self._sock = sock
+        self.psk_identity: str | None = None
+        self.peer = _peer_name(sock)
+        _set_timeout(sock, timeout)
+
+    def set_timeout(self, timeout: float | None) -> None:
+        _set_timeout(self._sock, timeout)
+
+    def handshake(self) -> None:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self.close()
+            raise TlsError("TLS handshake timed out") from None
+        except SSL.Error as exc:
+            self.close()
+            raise TlsError(f"TLS handshake failed: {_describe(exc)}") from None
+        except OSError as exc:
+            self.close()
+            raise TlsError(f"TLS handshake failed: {exc.strerror or type(exc).__name__}") from None
+        ident = getattr(self._conn, "_rspf_psk_identity", None)
+        if ident is not None:
+            self.psk_identity = ident
+
+    @property
+    def version(self) -> str:
+        return self._conn.get_protocol_version_name()
+
+    @property
+    def cipher(self) -> str:
+        return self._conn.get_cipher_name() or ""
+
+    def export_keying_material(self, label: str, length: int) -> Secret:
+        """RFC 5705 exporter, no context value (what ``openssl s_client -keymatexport`` computes)."""
+        return Secret(self._conn.export_keying_material(label.encode("ascii"), length, None), "exporter output")
+
+    def recv_into(self, buf: memoryview | bytearray) -> int:
+        try:
+            data = self._conn.recv(len(buf))
+        except SSL.ZeroReturnError:
+            return 0
+        except SSL.WantReadError:
+            raise TimeoutError("TLS read timed out") from None
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] in (-1, 0):  # unexpected EOF
+                return 0
+            raise ConnectionError(_describe(exc)) from None
+        except SSL.Error as exc:
+            raise ConnectionError(f"TLS record error: {_describe(exc)}") from None
+        n = len(data)
+        buf[:n] = data
+        return n
+
+    def sendall(self, data: bytes) -> None:
+        try:
+            self._conn.sendall(data)
+        except SSL.WantWriteError:
+            raise TimeoutError("TLS write timed out") from None
+        except SSL.Error as exc:
+            raise ConnectionError(f"TLS write failed: {_describe(exc)}") from None
+
+    def makefile(self) -> io.BufferedReader:
+        return io.BufferedReader(_RawTls(self), 16384)
+
+    def close(self) -> None:
+        try:
+            self._conn.shutdown()
+        except Exception:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<TlsConnection peer={self.peer} psk_identity={self.psk_identity!r}>"
+
+
+class _RawTls(io.RawIOBase):
+    def __init__(self, tls: TlsConnection) -> None:
+        self._tls = tls
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self._tls.recv_into(memoryview(b).cast("B"))
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _describe(exc: Exception) -> str:
+    """A short, key-free description of an OpenSSL error."""
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        parts = []
+        for item in args[0]:
+            if isinstance(item, tuple) and len(item) >= 3:
+                parts.append(str(item[2]))
+        if parts:
+            return "; ".join(parts)
+    if args and isinstance(args[0], tuple) or len(args) == 2:
+        return str(args[-1])
+    return type(exc).__name__
