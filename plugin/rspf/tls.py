@@ -202,6 +202,9 @@ class PskClient:
         tls = TlsConnection(conn, sock, timeout)
         try:
             tls.handshake()
+        except TlsError as exc:
+            raise TlsError(f"{host}:{port} refused the TLS-PSK handshake for psk_identity {identity!r} "
+                           f"(unknown identity, wrong key or no common cipher suite): {exc}") from None
         finally:
             conn._rspf_client_cred = None  # type: ignore[attr-defined]
         tls.psk_identity = identity

@@ -152,8 +152,9 @@ class MefStore:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         check_private(self.path, "MEF database")
+        with self._write_lock:
+            self._db().executescript(_DDL)  # executescript commits by itself: run it outside a transaction
         with self._tx() as db:
-            db.executescript(_DDL)
             row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -243,6 +244,9 @@ class MefStore:
     def get_enrolee(self, kpm_id: str) -> EnroleeRecord | None:
         row = self._db().execute(f"SELECT {self._ENROLEE_COLS} FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()
         return self._enrolee(row) if row else None
+
+    def has_enrolee_id(self, enrolee_id: str) -> bool:
+        return self._db().execute("SELECT 1 FROM enrolees WHERE enrolee_id=?", (enrolee_id,)).fetchone() is not None
 
     def list_enrolees(self) -> list[EnroleeRecord]:
         rows = self._db().execute(f"SELECT {self._ENROLEE_COLS} FROM enrolees ORDER BY kpm_id").fetchall()

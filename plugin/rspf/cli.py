@@ -1,0 +1,400 @@
+"""The ``rspf`` command: MEF server and administration, Enrolee enrolment, Target key fetching.
+
+Exit codes: 0 success; 1 the peer refused (its oneM2M RSC and text are printed); 2 bad usage,
+configuration or input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from .errors import ConfigError, RemoteError, RspfError, TlsError
+
+log = logging.getLogger("rspf")
+
+
+def _setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(exc: Exception) -> NoReturn:
+    if isinstance(exc, RemoteError):
+        click.echo(f"error: the peer answered {exc.remote_rsc}: {exc}", err=True)
+        sys.exit(1)
+    if isinstance(exc, TlsError):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{value!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="rspf")
+def main() -> None:
+    """Remote Security Provisioning for oneM2M: MEF, Enrolee and Enrolment Target tools."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--bytes", "length", default=32, show_default=True, type=click.IntRange(16, 64))
+def keygen(out: Path, length: int) -> None:
+    """Create a new random key in OUT (hex text, mode 0600). Never overwrites."""
+    from .fileutil import new_key_file
+    try:
+        new_key_file(out, length)
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"wrote a {length}-byte key to {out} (mode 0600)")
+
+
+# ------------------------------------------------------------------------------------------------ MEF
+@main.group()
+def mef() -> None:
+    """Run and administer the M2M Enrolment Function."""
+
+
+config_option = click.option("-c", "--config", "config_path", required=True,
+                             type=click.Path(dir_okay=False, path_type=Path), help="MEF configuration (TOML).")
+
+
+def _load(config_path: Path, **overrides: Any):
+    from .mef.config import MefConfig
+    from .mef.store import MefStore
+    try:
+        cfg = MefConfig.load(config_path, overrides)
+        store = MefStore(cfg.database, cfg.master_key_file)
+    except RspfError as exc:
+        _fail(exc)
+    return cfg, store
+
+
+@mef.command("init")
+@click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fqdn", required=True, help="The MEF-FQDN (ends every KeID).")
+@click.option("--sp-id", required=True, help="The M2M-SP-ID, e.g. //sp.example.com.")
+@click.option("--listen", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8443, show_default=True, type=click.IntRange(0, 65535))
+def mef_init(config_path: Path, fqdn: str, sp_id: str, listen: str, port: int) -> None:
+    """Write a MEF configuration file and create its database and master key."""
+    from .mef.config import EXAMPLE, MefConfig
+    from .mef.store import MefStore
+    if config_path.exists():
+        _fail(ConfigError(f"{config_path} already exists; refusing to overwrite it"))
+    text = (EXAMPLE.replace('"mef.example.com"', json.dumps(fqdn)).replace('"//sp.example.com"', json.dumps(sp_id))
+            .replace('listen = "127.0.0.1"', f"listen = {json.dumps(listen)}").replace("port = 8443", f"port = {port}"))
+    try:
+        MefConfig.from_dict({"fqdn": fqdn, "sp_id": sp_id, "listen": listen, "port": port}, source="options")
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(text)
+        cfg = MefConfig.load(config_path)
+        MefStore(cfg.database, cfg.master_key_file).close()
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"wrote {config_path}; database {cfg.database}; master key {cfg.master_key_file} (0600)")
+
+
+@mef.command("serve")
+@config_option
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Override [mef] port.")
+@click.option("--listen", default=None, help="Override [mef] listen.")
+def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
+    """Run the MEF until SIGTERM or Ctrl-C."""
+    from .mef.server import MefServer
+    from .mef.service import MefService
+    cfg, store = _load(config_path, port=port, listen=listen)
+    _setup_logging(cfg.log_level, cfg.log_file)
+    server = MefServer(cfg, MefService(cfg, store))
+    try:
+        server.bind()
+    except RspfError as exc:
+        _fail(exc)
+
+    def stop(*_a: Any) -> None:
+        server.shutdown(timeout=0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    server.shutdown()
+    log.info("MEF stopped")
+
+
+@mef.group("enrolee")
+def mef_enrolee() -> None:
+    """Register, list, show, revoke and import enrolees."""
+
+
+@mef_enrolee.command("add")
+@config_option
+@click.option("--kpm-id", required=True, help="KpmID: the psk_identity of the bootstrap key.")
+@click.option("--kpm-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File with Kpm as hex (mode 0600); see 'rspf keygen'.")
+@click.option("--enrolee-id", required=True, help="CSE-ID (/id-mn) or AE-ID (Cmy-sensor) to provision.")
+@click.option("--node-id", required=True, help="The device's M2M-Node-ID.")
+@click.option("--registrar-cse-id", required=True, help="SP-relative CSE-ID of the registrar, e.g. /id-in.")
+@click.option("--registrar-uri", required=True, help="URI of the registrar's CSEBase.")
+@click.option("--target", "targets", multiple=True, help="Extra Enrolment Target and SUIDs, e.g. /id-in:22,23.")
+@click.option("--rm-uri", default=None, help="Remote management server to instruct during the exchange.")
+@click.option("--expiry-seconds", type=int, default=None, help="Lifetime of this enrolee's Enrolment Keys.")
+@click.option("--valid-until", default=None, help="No enrolment after this ISO 8601 date-time.")
+def enrolee_add(config_path: Path, kpm_id: str, kpm_file: Path, enrolee_id: str, node_id: str,
+                registrar_cse_id: str, registrar_uri: str, targets: tuple[str, ...], rm_uri: str | None,
+                expiry_seconds: int | None, valid_until: str | None) -> None:
+    """Register one enrolee (its Kpm is read from a file and never printed)."""
+    from .fileutil import read_key_file
+    from .mef.admin import enrolee_from_fields
+    cfg, store = _load(config_path)
+    try:
+        kpm = read_key_file(kpm_file, "Kpm file")
+        rec, kpm = enrolee_from_fields({
+            "kpm_id": kpm_id, "kpm": kpm.reveal().hex(), "enrolee_id": enrolee_id, "node_id": node_id,
+            "registrar_cse_id": registrar_cse_id, "registrar_uri": registrar_uri, "targets": ";".join(targets),
+            "rm_uri": rm_uri, "enrolment_expiry_seconds": expiry_seconds, "valid_until": valid_until,
+        }, sp_id=cfg.sp_id)
+        store.add_enrolee(rec, kpm)
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"added enrolee {rec.enrolee_id} (KpmID {rec.kpm_id})")
+
+
+@mef_enrolee.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def enrolee_list(config_path: Path, as_json: bool) -> None:
+    """List enrolees (never their keys)."""
+    _cfg, store = _load(config_path)
+    rows = [r.public_dict() for r in store.list_enrolees()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'KpmID':40} {'Enrolee-ID':24} {'Node-ID':24} {'state':8} last enrolled")
+    for r in rows:
+        state = "revoked" if r["revoked"] else "active"
+        click.echo(f"{r['kpmID']:40} {r['enroleeID']:24} {r['nodeID']:24} {state:8} {r['lastEnrolled'] or '-'}")
+    click.echo(f"{len(rows)} enrolee(s)")
+
+
+@mef_enrolee.command("show")
+@config_option
+@click.argument("kpm_id")
+def enrolee_show(config_path: Path, kpm_id: str) -> None:
+    """Show one enrolee (everything but Kpm)."""
+    _cfg, store = _load(config_path)
+    rec = store.get_enrolee(kpm_id)
+    if rec is None:
+        _fail(ConfigError(f"no enrolee has the KpmID {kpm_id}"))
+    click.echo(json.dumps(rec.public_dict(), indent=2))
+
+
+@mef_enrolee.command("revoke")
+@config_option
+@click.argument("kpm_id")
+def enrolee_revoke(config_path: Path, kpm_id: str) -> None:
+    """Revoke an enrolee: no new enrolment, and its Enrolment Keys stop being served."""
+    _cfg, store = _load(config_path)
+    try:
+        store.revoke_enrolee(kpm_id)
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"revoked {kpm_id}")
+
+
+@mef_enrolee.command("import")
+@config_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def enrolee_import(config_path: Path, file: Path) -> None:
+    """Import a manufacturing batch (CSV with a header row, or a JSON list). All rows or none."""
+    from .mef.admin import import_enrolees
+    cfg, store = _load(config_path)
+    try:
+        written, errors = import_enrolees(store, file, sp_id=cfg.sp_id,
+                                          progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
+    except RspfError as exc:
+        _fail(exc)
+    if errors:
+        for e in errors[:50]:
+            click.echo(f"{file}:{e.line}: {e.message}" if e.line else f"{file}: {e.message}", err=True)
+        if len(errors) > 50:
+            click.echo(f"... and {len(errors) - 50} more bad rows", err=True)
+        click.echo(f"error: {len(errors)} bad row(s); nothing was imported", err=True)
+        sys.exit(2)
+    click.echo(f"imported {written} enrolee(s) from {file}")
+
+
+@mef.group("target")
+def mef_target() -> None:
+    """Register the credentials Enrolment Targets use to fetch keys from the MEF."""
+
+
+@mef_target.command("add")
+@config_option
+@click.option("--psk-identity", required=True, help="The psk_identity the Target presents to the MEF.")
+@click.option("--psk-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--target-id", required=True, help="The Target's CSE-ID (/id-in) or absolute ID.")
+def target_add(config_path: Path, psk_identity: str, psk_file: Path, target_id: str) -> None:
+    from .fileutil import read_key_file
+    from .mef.admin import ABS_ID_RE, CSE_ID_RE, PSK_ID_RE
+    from .mef.store import TargetRecord
+    _cfg, store = _load(config_path)
+    if not PSK_ID_RE.fullmatch(psk_identity):
+        _fail(ConfigError("--psk-identity must be 1 to 128 printable ASCII characters without spaces"))
+    if not (CSE_ID_RE.fullmatch(target_id) or ABS_ID_RE.fullmatch(target_id)):
+        _fail(ConfigError("--target-id must be a CSE-ID such as /id-in or an absolute ID //sp/id-in"))
+    try:
+        store.add_target(TargetRecord(psk_identity, target_id), read_key_file(psk_file, "Target PSK file"))
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"added Enrolment Target {target_id} (psk_identity {psk_identity})")
+
+
+@mef_target.command("list")
+@config_option
+def target_list(config_path: Path) -> None:
+    _cfg, store = _load(config_path)
+    for t in store.list_targets():
+        click.echo(f"{t.psk_identity:40} {t.target_id:32} {'revoked' if t.revoked else 'active'}")
+
+
+@mef_target.command("revoke")
+@config_option
+@click.argument("psk_identity")
+def target_revoke(config_path: Path, psk_identity: str) -> None:
+    _cfg, store = _load(config_path)
+    try:
+        store.revoke_target(psk_identity)
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"revoked Target credential {psk_identity}")
+
+
+# -------------------------------------------------------------------------------------------- Enrolee
+enrolee_options = [
+    click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT."),
+    click.option("--mef-fqdn", required=True, help="The MEF-FQDN (TLS SNI; the KeID suffix)."),
+    click.option("--kpm-id", required=True),
+    click.option("--kpm-file", required=True, type=click.Path(dir_okay=False, path_type=Path)),
+    click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Encrypted enrolment store (created 0600)."),
+]
+
+
+def _with(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str = "",
+             **kw: Any):
+    from .enrolee import Enrolee, EnroleeConfig
+    from .fileutil import read_key_file
+    host, port = _hostport(mef_addr)
+    try:
+        kpm = read_key_file(kpm_file, "Kpm file")
+    except RspfError as exc:
+        _fail(exc)
+    return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), kpm_id=kpm_id, kpm=kpm,
+                                 node_id=node_id, store_path=store_path, **kw))
+
+
+@main.command()
+@_with(enrolee_options)
+@click.option("--node-id", required=True, help="This device's M2M-Node-ID.")
+@click.option("--location", default=None, help="Geographical location to report (optional).")
+@click.option("--force", is_flag=True, help="Enrol even if the stored profile is still valid.")
+@click.option("--renew-before", default=86400, show_default=True, type=click.IntRange(0),
+              help="Re-enrol when the profile expires within this many seconds.")
+@click.option("--no-remote-management", is_flag=True, help="Tell the MEF this device cannot follow RM instructions.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str,
+          location: str | None, force: bool, renew_before: int, no_remote_management: bool, as_json: bool,
+          verbose: bool) -> None:
+    """Enrol with the MEF (or reuse a stored, still-valid enrolment) and store the securityProfile."""
+    _setup_logging("DEBUG" if verbose else "INFO")
+    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, location=location,
+                 renew_before_seconds=renew_before, remote_management=not no_remote_management)
+    try:
+        if force:
+            enrolment, renewed = e.enrol(), True
+        else:
+            enrolment, renewed = e.ensure()
+    except RspfError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({"enrolled": renewed, **enrolment.summary()}, indent=2))
+    else:
+        p = enrolment.profile
+        click.echo(f"{'enrolled' if renewed else 'stored enrolment still valid'}: {p['enroleeType']} {p['enroleeID']}")
+        click.echo(f"  KeID       {enrolment.ke_id}")
+        click.echo(f"  registrar  {p['registrar']['cseID']} at {p['registrar']['cseBaseURI']}")
+        click.echo(f"  expires    {p['expiry']}")
+        click.echo(f"  stored in  {store_path} (encrypted, 0600)")
+
+
+@main.command("show-enrolment")
+@_with(enrolee_options)
+def show_enrolment(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path) -> None:
+    """Print the stored enrolment with its keys redacted."""
+    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path)
+    try:
+        enrolment = e.load()
+    except RspfError as exc:
+        _fail(exc)
+    if enrolment is None:
+        _fail(ConfigError(f"{store_path} holds no enrolment"))
+    click.echo(json.dumps(enrolment.summary(), indent=2))
+
+
+# ------------------------------------------------------------------------------------ Enrolment Target
+@main.command("fetch-credentials")
+@click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT.")
+@click.option("--mef-fqdn", required=True)
+@click.option("--psk-identity", required=True, help="This Target's credential identity at the MEF.")
+@click.option("--psk-file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--origin", required=True, help="This Target's CSE-ID (X-M2M-Origin), e.g. /id-in.")
+@click.option("--key-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the fetched key here (hex, 0600). It is never printed.")
+@click.argument("ke_id")
+@click.argument("suid", type=int)
+def fetch_credentials(mef_addr: str, mef_fqdn: str, psk_identity: str, psk_file: Path, origin: str,
+                      key_out: Path | None, ke_id: str, suid: int) -> None:
+    """As an Enrolment Target, fetch the usage-constrained key for KE_ID and SUID from the MEF."""
+    from .fileutil import read_key_file, write_private
+    from .target import fetch_credentials as fetch
+    host, port = _hostport(mef_addr)
+    try:
+        result = fetch(host, port, mef_fqdn, psk_identity, read_key_file(psk_file, "Target PSK file"), origin,
+                       ke_id, suid)
+    except RspfError as exc:
+        _fail(exc)
+    if key_out:
+        write_private(key_out, result.key.reveal().hex().encode() + b"\n")
+    click.echo(json.dumps({"enroleeID": result.enrolee_id, "lifetime": result.lifetime,
+                           "keyWrittenTo": str(key_out) if key_out else None}, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
