@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -13,6 +17,7 @@ from .errors import BadRequest, RemoteError
 from .secret import Secret
 from .tls import PskClient
 
+log = logging.getLogger(__name__)
 _default_client: PskClient | None = None
 
 
@@ -51,3 +56,76 @@ def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, ps
     if len(key) != 32 or not isinstance(enrolee_id, str) or not isinstance(lifetime, str):
         raise BadRequest("the MEF's fetchCredentials response is malformed")
     return FetchedCredential(Secret(key, "usage-constrained key"), enrolee_id, lifetime)
+
+
+class KeyCache:
+    """Keys an Enrolment Target fetched from the MEF, by KeID, kept for their lifetime.
+
+    ``lookup`` is safe to call from many threads (and from inside a TLS-PSK callback): one fetch per KeID
+    at a time; refusals are remembered for ``negative_ttl`` seconds so an unknown KeID cannot make every
+    handshake hit the MEF.
+    """
+
+    def __init__(self, *, mef_host: str, mef_port: int, mef_fqdn: str, psk_identity: str, psk: Secret,
+                 origin: str, suid: int = keys.SUID_RSPF_SAEF, negative_ttl: float = 10.0,
+                 timeout: float = 10.0, tls_client: PskClient | None = None) -> None:
+        self.mef_host, self.mef_port, self.mef_fqdn = mef_host, mef_port, mef_fqdn.lower()
+        self._psk_identity, self._psk = psk_identity, psk
+        self.origin, self.suid = origin, suid
+        self.negative_ttl, self.timeout = negative_ttl, timeout
+        self._tls = tls_client or PskClient()
+        self._lock = threading.Lock()
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._entries: dict[str, tuple[FetchedCredential, float]] = {}
+        self._refused: dict[str, float] = {}
+        self.fetches = 0
+
+    def __repr__(self) -> str:
+        return f"<KeyCache mef={self.mef_fqdn} entries={len(self._entries)}>"
+
+    def is_mef_key_id(self, identity: str) -> bool:
+        try:
+            _rel, fqdn = keys.parse_ke_id(identity)
+        except BadRequest:
+            return False
+        return fqdn.lower() == self.mef_fqdn
+
+    def cached(self, ke_id: str) -> FetchedCredential | None:
+        entry = self._entries.get(ke_id)
+        if entry and entry[1] > time.time():
+            return entry[0]
+        return None
+
+    def lookup(self, ke_id: str) -> tuple[FetchedCredential | None, bool]:
+        """(credential, fetched_now). None when the MEF refuses or is unreachable."""
+        if not self.is_mef_key_id(ke_id):
+            return None, False
+        ke_id = keys.normalise_ke_id(ke_id)
+        hit = self.cached(ke_id)
+        if hit:
+            return hit, False
+        with self._lock:
+            lock = self._fetch_locks.setdefault(ke_id, threading.Lock())
+        with lock:
+            hit = self.cached(ke_id)
+            if hit:
+                return hit, False
+            if self._refused.get(ke_id, 0) > time.time():
+                return None, False
+            try:
+                cred = fetch_credentials(self.mef_host, self.mef_port, self.mef_fqdn, self._psk_identity, self._psk,
+                                         self.origin, ke_id, self.suid, tls_client=self._tls, timeout=self.timeout)
+            except Exception as exc:  # refused or unreachable: no key, no handshake
+                log.info("MEF did not give the key of KeID %s: %s", ke_id, exc)
+                self._refused[ke_id] = time.time() + self.negative_ttl
+                return None, False
+            self.fetches += 1
+            try:
+                expires = dt.datetime.strptime(cred.lifetime, "%Y%m%dT%H%M%S").replace(
+                    tzinfo=dt.timezone.utc).timestamp()
+            except ValueError:
+                expires = time.time() + 300
+            self._entries[ke_id] = (cred, expires)
+            with self._lock:
+                self._fetch_locks.pop(ke_id, None)
+            return cred, True
