@@ -396,5 +396,49 @@ def fetch_credentials(mef_addr: str, mef_fqdn: str, psk_identity: str, psk_file:
                            "keyWrittenTo": str(key_out) if key_out else None}, indent=2))
 
 
+# ------------------------------------------------------------------------------------------ ACME plugin
+@main.group()
+def acme() -> None:
+    """Install and configure the SEC CSF plugin of the ACME CSE."""
+
+
+@acme.command("install")
+@click.option("--base-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="ACME base directory (holds acme.ini and plugins/).")
+@click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT.")
+@click.option("--mef-fqdn", required=True)
+@click.option("--enrol/--no-enrol", default=True, show_default=True, help="Enrol this CSE at start-up.")
+@click.option("--kpm-id", default=None)
+@click.option("--kpm-file", default=None, help="Kpm file (hex, 0600); relative to the base directory or absolute.")
+@click.option("--node-id", default=None)
+@click.option("--mef-psk-identity", default=None, help="Target credential at the MEF (default: the KpmID).")
+@click.option("--mef-psk-file", default=None)
+@click.option("--secure-listen", default="127.0.0.1", show_default=True)
+@click.option("--secure-port", required=True, type=click.IntRange(1, 65535))
+@click.option("--enforcement/--no-enforcement", default=False, show_default=True)
+@click.option("--ssar", default="rspf-enrolled", show_default=True)
+@click.option("--create-subscription/--no-create-subscription", default=True, show_default=True)
+@click.option("--allowed-app-ids", default="*", show_default=True)
+@click.option("--secure-registrar/--plain-registrar", default=True, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing [rspf] section (the old acme.ini is kept).")
+def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_id: str | None,
+                 kpm_file: str | None, node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None,
+                 secure_listen: str, secure_port: int, enforcement: bool, ssar: str, create_subscription: bool,
+                 allowed_app_ids: str, secure_registrar: bool, force: bool) -> None:
+    """Put the plugin loader into BASE_DIR/plugins/ and write the [rspf] section of BASE_DIR/acme.ini."""
+    from .acme.install import install
+    _hostport(mef_addr)
+    try:
+        done = install(base_dir, mef=mef_addr, mef_fqdn=mef_fqdn, enrol=enrol, kpm_id=kpm_id, kpm_file=kpm_file,
+                       node_id=node_id, mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
+                       secure_listen=secure_listen, secure_port=secure_port, enforcement=enforcement, ssar=ssar,
+                       create_subscription=create_subscription, allowed_app_ids=allowed_app_ids,
+                       secure_registrar=secure_registrar, force=force)
+    except RspfError as exc:
+        _fail(exc)
+    for d in done:
+        click.echo(d)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -266,6 +266,34 @@ class TlsConnection:
     def cipher(self) -> str:
         return self._conn.get_cipher_name() or ""
 
+    def peer_certificate_id(self) -> str | None:
+        """The oneM2M ID a verified client certificate names (mutual TLS), or None.
+
+        Project decision (docs/acme-plugin.md): a subjectAltName URI holding an absolute oneM2M ID
+        ``//sp/cse-id`` or ``//sp/cse-id/ae-id`` names ``/cse-id`` or ``ae-id``; otherwise the subject CN.
+        """
+        cert = self._conn.get_peer_certificate()
+        if cert is None:
+            return None
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        c = cert.to_cryptography()
+        try:
+            uris = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        for uri in uris:
+            if uri.startswith("//"):
+                parts = uri[2:].split("/")
+                if len(parts) == 2 and parts[1]:
+                    return "/" + parts[1]
+                if len(parts) == 3 and parts[2]:
+                    return parts[2]
+        cns = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cns[0].value) if cns else None
+
     def export_keying_material(self, label: str, length: int) -> Secret:
         """RFC 5705 exporter, no context value (what ``openssl s_client -keymatexport`` computes)."""
         return Secret(self._conn.export_keying_material(label.encode("ascii"), length, None), "exporter output")

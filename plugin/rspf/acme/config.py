@@ -1,0 +1,158 @@
+"""The ``[rspf]`` section of ``acme.ini``: one typed object, validated at start-up.
+
+Every key is documented in docs/acme-plugin.md. A wrong or missing value stops the CSE with a message
+naming the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..keys import check_fqdn
+
+SECTION = "rspf"
+_CSE_ID = re.compile(r"/[A-Za-z0-9.~-]+")
+_RN = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+
+
+@dataclass(frozen=True)
+class AcmePluginConfig:
+    mef_host: str
+    mef_port: int
+    mef_fqdn: str
+    enrol: bool
+    kpm_id: str | None
+    kpm_file: Path | None
+    node_id: str | None
+    profile_store: Path
+    renew_before_seconds: int
+    startup_retry_seconds: float
+    mef_psk_identity: str | None
+    mef_psk_file: Path | None
+    secure_listen: str
+    secure_port: int
+    cert_file: Path | None
+    key_file: Path | None
+    ca_file: Path | None
+    enforcement: bool
+    ssar: str
+    create_subscription: bool
+    allowed_app_ids: tuple[str, ...]
+    secure_registrar: bool
+    location: str | None
+
+    @property
+    def fetch_identity(self) -> tuple[str, Path]:
+        """The credential this CSE uses towards the MEF as Enrolment Target."""
+        if self.mef_psk_identity and self.mef_psk_file:
+            return self.mef_psk_identity, self.mef_psk_file
+        assert self.kpm_id and self.kpm_file
+        return self.kpm_id, self.kpm_file
+
+
+def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.ini") -> AcmePluginConfig | None:
+    """Parse ``[rspf]``; None when the section is absent or ``enable = false``."""
+    if not parser.has_section(SECTION):
+        return None
+    sec = parser[SECTION]
+
+    def err(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source} [{SECTION}] {key}: {why}")
+
+    def get(key: str, default: str | None = None, required: bool = False) -> str | None:
+        v = sec.get(key, fallback=None)
+        if v is not None:
+            v = v.strip()
+        if not v:
+            if required:
+                raise err(key, "is required")
+            return default
+        return v
+
+    def flag(key: str, default: bool) -> bool:
+        v = get(key)
+        if v is None:
+            return default
+        if v.lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.lower() in ("0", "false", "no", "off"):
+            return False
+        raise err(key, f"must be true or false, not {v!r}")
+
+    def number(key: str, default: float, lo: float, hi: float, integer: bool = True) -> float:
+        v = get(key)
+        if v is None:
+            return default
+        try:
+            n = int(v) if integer else float(v)
+        except ValueError:
+            raise err(key, f"must be a number, not {v!r}") from None
+        if not lo <= n <= hi:
+            raise err(key, f"must be between {lo:g} and {hi:g}")
+        return n
+
+    def path(key: str, default: str | None = None, required: bool = False, must_exist: bool = True) -> Path | None:
+        v = get(key, default, required)
+        if v is None:
+            return None
+        p = Path(v)
+        p = p if p.is_absolute() else base_dir / p
+        if must_exist and not p.is_file():
+            raise err(key, f"the file {p} does not exist")
+        return p
+
+    if not flag("enable", True):
+        return None
+    mef = get("mefAddress", required=True)
+    assert mef is not None
+    host, sep, port = mef.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise err("mefAddress", f"must be HOST:PORT, not {mef!r}")
+    fqdn = get("mefFQDN", required=True)
+    try:
+        check_fqdn(fqdn or "")
+    except Exception:
+        raise err("mefFQDN", f"{fqdn!r} is not a valid FQDN") from None
+    enrol = flag("enrol", True)
+    kpm_id = get("kpmID", required=enrol)
+    kpm_file = path("kpmFile", required=enrol)
+    node_id = get("nodeID", required=enrol)
+    mef_psk_identity = get("mefPskIdentity")
+    mef_psk_file = path("mefPskFile")
+    if bool(mef_psk_identity) != bool(mef_psk_file):
+        raise err("mefPskIdentity" if not mef_psk_identity else "mefPskFile", "mefPskIdentity and mefPskFile go together")
+    if not (mef_psk_identity or kpm_id):
+        raise err("mefPskIdentity", "is required when the CSE does not enrol (it authenticates this CSE to the MEF)")
+    secure_port = int(number("securePort", 0, 1, 65535))
+    if "securePort" not in sec:
+        raise err("securePort", "is required (the TLS-PSK / mutual TLS listener)")
+    cert, key, ca = path("certFile"), path("keyFile"), path("caFile")
+    if (cert is None) != (key is None) or (ca is not None and cert is None):
+        raise err("certFile", "certFile and keyFile go together, and caFile needs them")
+    ssar = get("ssar", "rspf-enrolled")
+    assert ssar is not None
+    if not _RN.fullmatch(ssar):
+        raise err("ssar", "must be a resource name (letters, digits, '.', '_', '~', '-')")
+    apps = tuple(a.strip() for a in (get("allowedAppIDs", "*") or "*").split(",") if a.strip())
+    for a in apps:
+        if a[0] not in "*RN":
+            raise err("allowedAppIDs", f"{a!r} must start with '*', 'R' or 'N' (TS-0001 §9.6.29)")
+    mode = (get("enforcement", "off") or "off").lower()
+    if mode not in ("off", "on"):
+        raise err("enforcement", "must be off or on")
+    return AcmePluginConfig(
+        mef_host=host.strip("[]"), mef_port=int(port), mef_fqdn=(fqdn or "").lower(), enrol=enrol, kpm_id=kpm_id,
+        kpm_file=kpm_file, node_id=node_id,
+        profile_store=path("profileStore", "data/rspf-profile.store", must_exist=False),  # type: ignore[arg-type]
+        renew_before_seconds=int(number("renewBeforeSeconds", 86400, 0, 10 ** 8)),
+        startup_retry_seconds=number("startupRetrySeconds", 60, 0, 3600, integer=False),
+        mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
+        secure_listen=get("secureListen", "127.0.0.1") or "127.0.0.1", secure_port=secure_port,
+        cert_file=cert, key_file=key, ca_file=ca, enforcement=mode == "on", ssar=ssar,
+        create_subscription=flag("createSubscription", True), allowed_app_ids=apps,
+        secure_registrar=flag("secureRegistrar", True), location=get("location"),
+    )

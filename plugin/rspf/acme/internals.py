@@ -1,0 +1,177 @@
+"""Every touch of ACME internals made by the plugin (besides the resource types in resources.py).
+
+Guarded by a check of the ACME version: an upgrade breaks loudly here, in one place.
+
+* :func:`apply_profile` sets the CSE-ID, SP-ID and registrar from the securityProfile and re-runs ACME's
+  own validation of those settings so its derived runtime constants follow;
+* :func:`wrap_ae_registration` wraps ``RegistrationManager.handleAERegistration`` (the AE registration
+  check of TS-0001 §10.2.2.2);
+* :func:`wrap_wsgi` puts a WSGI middleware in front of ACME's Flask app (Flask's documented pattern);
+* :func:`route_registrar_over_psk` sends the CSE's own requests to its registrar over TLS-PSK.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import acmecse
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ACME = ("2026.5.", "2026.05.")
+
+
+def acme_version() -> str:
+    from acmecse.etc.Constants import Constants
+
+    return str(Constants.version)
+
+
+def check_version() -> None:
+    version = acme_version()
+    if not version.startswith(SUPPORTED_ACME):
+        raise RuntimeError(
+            f"onem2m-rspf supports ACME 2026.5.x; this is ACME {version} ({acmecse.__file__}). "
+            "Check rspf/acme/internals.py and rspf/acme/resources.py against the new release."
+        )
+
+
+# --------------------------------------------------------------------------------------- config
+def apply_profile(config: Any, profile: dict[str, Any], secure_registrar: bool) -> None:
+    """Make ACME use the provisioned CSE-ID, SP-ID and registrar (seed CR 0055 §9.3)."""
+    from acmecse.runtime.configurations.CSEConfiguration import CSEConfiguration
+
+    if profile["enroleeType"] != "CSE":
+        raise RuntimeError("the securityProfile provisions an AE, not a CSE")
+    config.cse_cseID = profile["enroleeID"]
+    config.cse_serviceProviderID = profile["spID"]
+    CSEConfiguration().validateConfiguration(config)
+    if secure_registrar:
+        reg = config.cse_registrars.get(profile["spID"])
+        if reg is None:
+            from acmecse.etc.Types import CSERegistrar
+
+            reg = CSERegistrar()
+        parts = urlsplit(profile["registrar"]["cseBaseURI"])
+        reg.address = f"{parts.scheme}://{parts.netloc}"
+        path = parts.path.strip("/")
+        root = "/".join(path.split("/")[:-1])
+        reg.root = f"/{root}" if root else ""
+        reg.resourceName = path.split("/")[-1] if path else reg.resourceName
+        reg.cseID = profile["registrar"]["cseID"]
+        reg.spID = profile["spID"]
+        reg.originator = profile["enroleeID"]
+        reg.reInit()
+        config.cse_registrars = {profile["spID"]: reg, **{k: v for k, v in config.cse_registrars.items()
+                                                          if k != profile["spID"]}}
+
+
+# ----------------------------------------------------------------------------------- registration
+def wrap_ae_registration(check: Callable[[Any, str], None]) -> None:
+    """Call ``check(ae, originator)`` before ACME's own AE registration; ``check`` raises to refuse."""
+    from acmecse.services.RegistrationManager import RegistrationManager
+
+    original = RegistrationManager.handleAERegistration
+    if getattr(original, "_rspf_wrapped", False):
+        return
+
+    def handleAERegistration(self: Any, ae: Any, originator: str, parentResource: Any) -> str:
+        check(ae, originator)
+        return original(self, ae, originator, parentResource)
+
+    handleAERegistration._rspf_wrapped = True  # type: ignore[attr-defined]
+    handleAERegistration._rspf_original = original  # type: ignore[attr-defined]
+    RegistrationManager.handleAERegistration = handleAERegistration  # type: ignore[method-assign]
+
+
+def current_environ() -> dict[str, Any] | None:
+    """The WSGI environ of the HTTP request being handled in this thread, if any."""
+    import flask
+
+    if not flask.has_request_context():
+        return None
+    return flask.request.environ
+
+
+def cse_id() -> str:
+    from acmecse.etc.Constants import RuntimeConstants as RC
+
+    return RC.cseCsi
+
+
+def acme_error(rsc: int, message: str) -> Exception:
+    from acmecse.etc import ResponseStatusCodes as R
+
+    cls = {
+        4103: R.ORIGINATOR_HAS_NO_PRIVILEGE,
+        4107: R.SECURITY_ASSOCIATION_REQUIRED,
+        4126: R.APP_RULE_VALIDATION_FAILED,
+        4128: R.SERVICE_SUBSCRIPTION_NOT_ESTABLISHED,
+        4000: R.BAD_REQUEST,
+    }[rsc]
+    return cls(message)
+
+
+def other_bindings_enabled(config: Any) -> list[str]:
+    names = []
+    for attr, name in (("mqtt_enable", "MQTT"), ("coap_enable", "CoAP"), ("websocket_enable", "WebSocket")):
+        if getattr(config, attr, False):
+            names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------------------------------- WSGI
+def flask_app(http_server: Any) -> Any:
+    app = getattr(http_server, "flaskApp", None)
+    if app is None:
+        raise RuntimeError("ACME's HTTP server has no Flask app yet; the plugin must start after the bindings")
+    return app
+
+
+def wrap_wsgi(http_server: Any, middleware: Callable[[Callable], Callable]) -> Any:
+    app = flask_app(http_server)
+    if not getattr(app.wsgi_app, "_rspf_wrapped", False):
+        wrapped = middleware(app.wsgi_app)
+        wrapped._rspf_wrapped = True
+        app.wsgi_app = wrapped
+    return app
+
+
+# ------------------------------------------------------------------------------------------- Mcc
+class _Response:
+    """The part of ``requests.Response`` that ACME's HttpServer.sendHttpRequest reads."""
+
+    def __init__(self, status: int, headers: dict[str, str], content: bytes) -> None:
+        from requests.structures import CaseInsensitiveDict
+
+        self.status_code = status
+        self.headers = CaseInsensitiveDict(headers)
+        self.content = content
+
+
+def route_registrar_over_psk(base_url: str, send: Callable[[str, str, bytes | None, dict, float | None], tuple]) -> None:
+    """Requests ACME sends to URLs under ``base_url`` go through ``send`` (TLS-PSK) instead of ``requests``.
+
+    ``send(method, url, body, headers, timeout) -> (status, headers, body)``.
+    """
+    from acmecse.plugins.bindings.HttpServer import HttpServer
+
+    table = HttpServer.operation2method
+    for op, fn in list(table.items()):
+        original = getattr(fn, "_rspf_original", fn)
+        method = {"post": "POST", "get": "GET", "put": "PUT", "delete": "DELETE"}.get(original.__name__, "POST")
+
+        def routed(url: str, data: Any = None, headers: Any = None, verify: Any = None, timeout: Any = None,
+                   _original: Callable = original, _method: str = method, **kw: Any) -> Any:
+            if url.startswith(base_url):
+                body = data.encode() if isinstance(data, str) else data
+                status, hdrs, content = send(_method, url, body, dict(headers or {}), timeout)
+                return _Response(status, hdrs, content)
+            return _original(url, data=data, headers=headers, verify=verify, timeout=timeout, **kw)
+
+        routed._rspf_original = original  # type: ignore[attr-defined]
+        routed.__name__ = original.__name__
+        table[op] = routed

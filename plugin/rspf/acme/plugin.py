@@ -1,0 +1,357 @@
+"""The SEC CSF plugin for the ACME CSE.
+
+Loaded by ACME from ``<baseDir>/plugins/`` through a one-line shim written by ``rspf acme install``::
+
+    from rspf.acme.plugin import RspfSecurityPlugin
+
+Configured in the ``[rspf]`` section of ``acme.ini`` (docs/acme-plugin.md). What it does:
+
+* at start-up, enrols the CSE with the MEF (or reuses a valid stored securityProfile) and applies the
+  profile (CSE-ID, SP-ID, registrar); renews it in the background before it expires;
+* serves ACME's oneM2M HTTP API on a second, secure listener (TLS-PSK 1.2/1.3, optionally certificates);
+  an Enrolee presents its KeID as psk_identity and the CSE, as Enrolment Target, fetches the matching
+  key from the MEF (SUID 22) and caches it for its lifetime;
+* binds every request on that listener to the authenticated credential (no acting as another AE);
+* checks AE registration against <serviceSubscribedNode>/<serviceSubscribedAppRule> (TS-0001 §10.2.2.2)
+  and records enrolled credentials in the configured rule (TS-0003 §8.3.1.2 NOTE 3/4);
+* with ``enforcement = on`` refuses AE registration that did not come over the secure listener (4107);
+* registers this CSE with its registrar over TLS-PSK with the provisioned credential (Mcc).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop
+
+from .. import keys
+from ..enrolee import Enrolee, EnroleeConfig, Enrolment
+from ..errors import ConfigError, RspfError
+from ..fileutil import read_key_file
+from ..secret import Secret
+from ..target import KeyCache
+from ..tls import PskClient, PskServer, TlsConnection
+from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
+from . import internals
+from .config import AcmePluginConfig, load
+
+log = logging.getLogger("rspf.acme")
+
+
+def _acme_log(level: str, message: str) -> None:
+    """Log through ACME's logger as well (its log files are what operators read)."""
+    try:
+        from acmecse.runtime.Logging import Logging as L
+
+        {"info": L.log, "warn": L.logWarn, "error": L.logErr}[level](f"[rspf] {message}")
+    except Exception:  # pragma: no cover - logging must never break the CSE
+        pass
+    getattr(log, {"warn": "warning"}.get(level, level))(message)
+
+
+@plugin(property="rspfSecurity", priority=10, tags=["security"])
+@requires(httpServer="acmecse.plugins.bindings.HttpServer")
+class RspfSecurityPlugin:
+    httpServer: Any = None
+
+    def __init__(self) -> None:
+        self.config: AcmePluginConfig | None = None
+        self.enrolee: Enrolee | None = None
+        self.enrolment: Enrolment | None = None
+        self.keycache: KeyCache | None = None
+        self.listener: SecureWsgiServer | None = None
+        self._recorded: set[str] = set()
+        self._record_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._registrar_client = PskClient()
+
+    # ------------------------------------------------------------------------------- lifecycle
+    @init
+    def init(self) -> None:
+        internals.check_version()
+        # Headless ACME ignores SIGINT and skips its graceful shutdown on SIGTERM: make SIGTERM graceful.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_a: sys.exit(0))
+        from . import resources
+
+        resources.install_resource_types()
+
+    @configure
+    def configure(self, config: Any) -> None:
+        from acmecse.runtime.Configuration import ConfigurationError
+
+        try:
+            self.config = load(config.configParser, Path(config.baseDirectory), "acme.ini")
+            if self.config is None:
+                _acme_log("info", "no [rspf] section (or enable = false): the plugin is inactive")
+                return
+            if self.config.enforcement and (others := internals.other_bindings_enabled(config)):
+                raise ConfigError(f"acme.ini [rspf] enforcement: 'on' needs the {', '.join(others)} binding(s) "
+                                  "disabled (they bypass the secure listener)")
+            self._setup_keys()
+            if self.config.enrol:
+                self.enrolment = self._enrol_at_startup()
+                internals.apply_profile(config, self.enrolment.profile, self.config.secure_registrar)
+                _acme_log("info", f"CSE-ID {self.enrolment.enrolee_id} from the securityProfile "
+                                  f"(KeID {self.enrolment.ke_id}, expires {self.enrolment.profile['expiry']})")
+        except RspfError as exc:
+            raise ConfigurationError(f"[rspf] {exc}") from None
+
+    @start
+    def start(self) -> None:
+        if self.config is None:
+            return
+        from . import resources
+
+        internals.wrap_ae_registration(self._check_ae_registration)
+        app = internals.wrap_wsgi(self.httpServer, self._middleware)
+        if self.config.create_subscription:
+            resources.ensure_subscription(internals.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
+        if self.enrolment is not None and self.config.secure_registrar:
+            base = self.enrolment.profile["registrar"]["cseBaseURI"]
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(base)
+            internals.route_registrar_over_psk(f"{parts.scheme}://{parts.netloc}", self._send_to_registrar)
+        psk = PskServer(self._psk_lookup)
+        if self.config.cert_file:
+            self._add_certificates(psk)
+        self.listener = SecureWsgiServer(app, psk, self._resolve, host=self.config.secure_listen,
+                                         port=self.config.secure_port)
+        self.listener.start()
+        _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
+                          f"{self.config.secure_listen}:{self.listener.port}; enforcement "
+                          f"{'on' if self.config.enforcement else 'off'}")
+        if self.enrolee is not None:
+            self._renewer = threading.Thread(target=self._renew_loop, name="rspf-renew", daemon=True)
+            self._renewer.start()
+
+    @stop
+    def stop(self) -> None:
+        self._stop.set()
+        if self.listener:
+            self.listener.stop()
+
+    # ------------------------------------------------------------------------------- enrolment
+    def _setup_keys(self) -> None:
+        c = self.config
+        assert c is not None
+        ident, path = c.fetch_identity
+        fetch_key = read_key_file(path, "MEF credential file")
+        self.keycache = KeyCache(mef_host=c.mef_host, mef_port=c.mef_port, mef_fqdn=c.mef_fqdn,
+                                 psk_identity=ident, psk=fetch_key, origin="/unset")
+        if c.enrol:
+            assert c.kpm_id and c.kpm_file and c.node_id
+            self.enrolee = Enrolee(EnroleeConfig(
+                mef_host=c.mef_host, mef_port=c.mef_port, mef_fqdn=c.mef_fqdn, kpm_id=c.kpm_id,
+                kpm=read_key_file(c.kpm_file, "Kpm file"), node_id=c.node_id, store_path=c.profile_store,
+                location=c.location, renew_before_seconds=c.renew_before_seconds))
+
+    def _enrol_at_startup(self) -> Enrolment:
+        """A valid stored profile is reused; otherwise enrol, retrying with backoff while the MEF is down."""
+        assert self.enrolee is not None and self.config is not None
+        try:
+            stored = self.enrolee.load()
+        except RspfError as exc:
+            _acme_log("warn", f"stored securityProfile unusable ({exc}); enrolling again")
+            stored = None
+        if stored is not None and not stored.needs_renewal(self.config.renew_before_seconds):
+            _acme_log("info", f"using the stored securityProfile (KeID {stored.ke_id})")
+            return stored
+        deadline = time.monotonic() + self.config.startup_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                enrolment = self.enrolee.enrol()
+                _acme_log("info", f"enrolled with MEF {self.config.mef_fqdn}: KeID {enrolment.ke_id}")
+                return enrolment
+            except RspfError as exc:
+                if stored is not None and stored.expiry.timestamp() > time.time():
+                    _acme_log("warn", f"MEF unreachable or refused ({exc}); keeping the stored securityProfile "
+                                      f"until {stored.profile['expiry']} and renewing in the background")
+                    return stored
+                if time.monotonic() + delay > deadline:
+                    raise RspfError(f"could not enrol with the MEF at {self.config.mef_host}:{self.config.mef_port}"
+                                    f" within {self.config.startup_retry_seconds:g} s and no valid securityProfile "
+                                    f"is stored: {exc}") from None
+                _acme_log("warn", f"MEF unreachable or refused ({exc}); retrying in {delay:.1f} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _renew_loop(self) -> None:
+        assert self.enrolee is not None and self.config is not None
+        delay = 1.0
+        while not self._stop.is_set():
+            current = self.enrolment
+            if current is None or current.needs_renewal(self.config.renew_before_seconds):
+                try:
+                    fresh = self.enrolee.enrol()
+                    if current is not None and fresh.enrolee_id != current.enrolee_id:
+                        _acme_log("warn", "the renewed securityProfile names another CSE-ID; it applies at restart")
+                    self.enrolment = fresh
+                    _acme_log("info", f"securityProfile renewed: KeID {fresh.ke_id}, expires {fresh.profile['expiry']}")
+                    delay = 1.0
+                except RspfError as exc:
+                    _acme_log("warn", f"securityProfile renewal failed ({exc}); retrying in {delay:.0f} s")
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, 300.0)
+                    continue
+            assert self.enrolment is not None
+            margin = min(self.config.renew_before_seconds,
+                         (self.enrolment.expiry - self.enrolment.issued_at).total_seconds() / 2)
+            wait = self.enrolment.expiry.timestamp() - margin - time.time()
+            self._stop.wait(max(1.0, min(wait, 3600.0)))
+
+    # ------------------------------------------------------------------- secure listener: keys
+    def _psk_lookup(self, identity: str) -> Secret | None:
+        assert self.keycache is not None
+        self.keycache.origin = internals.cse_id()
+        cred, _fetched = self.keycache.lookup(identity)
+        return cred.key if cred else None
+
+    def _resolve(self, tls: TlsConnection) -> PeerCredential | None:
+        assert self.keycache is not None
+        ident = tls.psk_identity
+        if ident is None:
+            return self._certificate_credential(tls)
+        cred = self.keycache.cached(keys.normalise_ke_id(ident))
+        if cred is None:
+            return None
+        peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, keys.normalise_ke_id(ident)),
+                              cred.enrolee_id)
+        self._record_enrolled(peer)
+        return peer
+
+    def _record_enrolled(self, peer: PeerCredential) -> None:
+        """TS-0003 §8.3.1.2 NOTE 3/4: Credential-ID -> applicableCredIDs, Enrolee-ID -> allowedAEs."""
+        assert self.config is not None
+        if peer.enrolee_id is None or peer.enrolee_id.startswith("/"):
+            return  # CSEs register as <remoteCSE>; SSARs govern AEs
+        with self._record_lock:
+            if peer.credential_id in self._recorded:
+                return
+            from . import resources
+
+            try:
+                resources.add_to_rule(self.config.ssar, peer.credential_id, peer.enrolee_id)
+                self._recorded.add(peer.credential_id)
+                _acme_log("info", f"recorded {peer.credential_id} / {peer.enrolee_id} in <serviceSubscribedAppRule> "
+                                  f"{self.config.ssar}")
+            except Exception as exc:
+                _acme_log("warn", f"could not record {peer.credential_id} in rule {self.config.ssar}: {exc}")
+
+    def _add_certificates(self, psk: PskServer) -> None:
+        from OpenSSL import SSL
+
+        c = self.config
+        assert c is not None and c.cert_file and c.key_file
+        ctx = psk.context
+        ctx.use_certificate_chain_file(str(c.cert_file))
+        ctx.use_privatekey_file(str(c.key_file))
+        if c.ca_file:
+            ctx.load_verify_locations(str(c.ca_file))
+            ctx.set_verify(SSL.VERIFY_PEER, lambda *a: a[-1] == 1)
+        ctx.set_cipher_list(b"ECDHE-ECDSA-AES128-CBC-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                            + b"ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES128-CBC-SHA256")
+
+    def _certificate_credential(self, tls: TlsConnection) -> PeerCredential | None:
+        subject_id = tls.peer_certificate_id()
+        if not subject_id:
+            return None
+        type_id = 32 if subject_id.startswith("/") else 33
+        value = subject_id.lstrip("/")
+        try:
+            cred_id = keys.credential_id(type_id, value)
+        except RspfError:
+            return None
+        return PeerCredential("certificate", subject_id, cred_id, subject_id)
+
+    # -------------------------------------------------------------- request checks (TS-0001)
+    def _middleware(self, app: Any) -> Any:
+        plugin = self
+
+        def middleware(environ: dict[str, Any], start_response: Any) -> Any:
+            cred: PeerCredential | None = environ.get(ENVIRON_KEY)
+            if cred is not None:
+                origin = environ.get("HTTP_X_M2M_ORIGIN", "")
+                if not plugin._origin_allowed(cred, origin):
+                    return _onem2m_error(start_response, 4103, environ,
+                                         f"the originator {origin or '(none)'} is not the identity bound to this "
+                                         "secure connection")
+            return app(environ, start_response)
+
+        return middleware
+
+    @staticmethod
+    def _origin_allowed(cred: PeerCredential, origin: str) -> bool:
+        bound = cred.enrolee_id
+        if not bound:
+            return False
+        if bound.startswith("/"):  # a CSE: its own ID, or IDs it forwards for (its AEs)
+            return origin == bound or origin.startswith(bound + "/")
+        return origin in (bound, f"{internals.cse_id()}/{bound}")
+
+    def _check_ae_registration(self, ae: Any, originator: str) -> None:
+        """TS-0001 §10.2.2.2 / TS-0004 §7.3.2.7 for registrations on the secure listener."""
+        from . import resources
+
+        assert self.config is not None
+        environ = internals.current_environ()
+        cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
+        if cred is None:
+            if self.config.enforcement and environ is not None:
+                raise internals.acme_error(4107, "AE registration needs a security association: register over the "
+                                                 "CSE's secure (TLS-PSK / mutual TLS) listener")
+            return
+        stem = originator or ""
+        svsn = resources.find_service_subscribed_node(internals.cse_id())
+        if svsn is None:
+            raise internals.acme_error(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
+                                             "subscription is established for this CSE")
+        app_id = ae.get("api") if hasattr(ae, "get") else None
+        for rule in resources.rules_of(svsn):
+            if resources.rule_allows(rule, cred.credential_id, app_id or "", stem):
+                return
+        raise internals.acme_error(4126, f"no <serviceSubscribedAppRule> allows credential {cred.credential_id} with "
+                                         f"App-ID {app_id} and AE-ID-Stem {stem}")
+
+    # ------------------------------------------------------------------------------- Mcc
+    def _send_to_registrar(self, method: str, url: str, body: bytes | None, headers: dict,
+                           timeout: float | None) -> tuple[int, dict[str, str], bytes]:
+        from urllib.parse import urlsplit
+
+        from .. import wire
+
+        enrolment = self.enrolment
+        assert enrolment is not None
+        parts = urlsplit(url)
+        tls = self._registrar_client.connect(parts.hostname or "", parts.port or 443, enrolment.ke_id,
+                                             enrolment.registrar_key, timeout=timeout or 15.0)
+        try:
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            hdrs = {k.lower(): str(v) for k, v in headers.items()}
+            hdrs["host"] = parts.netloc
+            hdrs["connection"] = "close"
+            tls.sendall(wire.render_request(wire.HttpRequest(method, target, hdrs, body or b"")))
+            resp = wire.read_response(tls.makefile())
+        finally:
+            tls.close()
+        return resp.status, resp.headers, resp.body
+
+
+def _onem2m_error(start_response: Any, rsc: int, environ: dict[str, Any], message: str) -> list[bytes]:
+    status = {4103: "403 Forbidden", 4107: "403 Forbidden"}.get(rsc, "400 Bad Request")
+    body = json.dumps({"m2m:dbg": message}).encode()
+    headers = [("Content-Type", "application/json"), ("X-M2M-RSC", str(rsc)), ("Content-Length", str(len(body)))]
+    if ri := environ.get("HTTP_X_M2M_RI"):
+        headers.append(("X-M2M-RI", ri))
+    start_response(status, headers)
+    return [body]
