@@ -396,6 +396,53 @@ def fetch_credentials(mef_addr: str, mef_fqdn: str, psk_identity: str, psk_file:
                            "keyWrittenTo": str(key_out) if key_out else None}, indent=2))
 
 
+# ------------------------------------------------------------------------------------------------- AE
+@main.group()
+def ae() -> None:
+    """Use a provisioned credential as an AE."""
+
+
+@ae.command("register")
+@_with(enrolee_options)
+@click.option("--node-id", required=True, help="This device's M2M-Node-ID.")
+@click.option("--app-id", required=True, help="App-ID (api), e.g. Nmy-app.")
+@click.option("--rn", default=None, help="Resource name of the <AE> (default: the AE-ID).")
+@click.option("--container", default=None, help="Also create this <container> under the AE and retrieve it.")
+@click.option("--renew-before", default=86400, show_default=True, type=click.IntRange(0))
+@click.option("--json", "as_json", is_flag=True)
+def ae_register(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str,
+                app_id: str, rn: str | None, container: str | None, renew_before: int, as_json: bool) -> None:
+    """Enrol with the MEF (or reuse the stored enrolment), then register with the CSE over TLS-PSK."""
+    from .ae import SecureAE
+    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, renew_before_seconds=renew_before)
+    out: dict[str, Any] = {}
+    try:
+        enrolment, renewed = e.ensure()
+        out["enrolment"] = {"enrolled": renewed, "keID": enrolment.ke_id, "aeID": enrolment.enrolee_id,
+                            "registrar": enrolment.profile["registrar"]["cseBaseURI"]}
+        if not as_json:
+            click.echo(f"{'enrolled' if renewed else 'stored enrolment still valid'}: AE-ID {enrolment.enrolee_id}, "
+                       f"KeID {enrolment.ke_id}")
+        secure = SecureAE(enrolment)
+        with secure.session() as cse:
+            created = cse.register(app_id, rn)
+            out["ae"] = created.get("m2m:ae", created)
+            if not as_json:
+                click.echo(f"registered <AE> {out['ae'].get('rn')} (aei {out['ae'].get('aei')}) at "
+                           f"{secure.host}:{secure.port}{secure.csebase} over TLS-PSK")
+            if container:
+                ae_rn = out["ae"].get("rn")
+                cse.create_container(container, ae_rn)
+                got = cse.retrieve(f"{ae_rn}/{container}")
+                out["container"] = got.get("m2m:cnt", got)
+                if not as_json:
+                    click.echo(f"created and retrieved <container> {ae_rn}/{container} (ri {out['container'].get('ri')})")
+    except RspfError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+
+
 # ------------------------------------------------------------------------------------------ ACME plugin
 @main.group()
 def acme() -> None:
@@ -438,6 +485,19 @@ def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_
         _fail(exc)
     for d in done:
         click.echo(d)
+
+
+@main.command()
+@click.option("--workdir", default="run/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the deployment's files and logs go (replaced on each run).")
+def demo(workdir: Path) -> None:
+    """Run a complete local deployment on loopback: MEF + ACME CSE with the plugin + an AE."""
+    from .demo import main as run_demo
+    try:
+        sys.exit(run_demo(workdir))
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

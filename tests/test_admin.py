@@ -1,0 +1,299 @@
+"""rspf.mef.admin: field validation of enrolee registrations and all-or-nothing batch import."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+
+import pytest
+
+from rspf.errors import BadRequest
+from rspf.mef.admin import FIELDS, enrolee_from_fields, import_enrolees, parse_targets
+from rspf.mef.store import TargetGrant, TargetRecord
+from rspf.secret import Secret
+
+SP_ID = "//sp.example.com"
+KPM_HEX = "a1" * 32
+HEADER = "kpm_id,kpm,enrolee_id,node_id,registrar_cse_id,registrar_uri,targets,rm_uri,enrolment_expiry_seconds," \
+         "valid_until"
+
+
+def fields(n: int = 1, **kw):
+    row = {"kpm_id": f"dev{n}@mef.example.com", "kpm": KPM_HEX, "enrolee_id": f"/id-mn{n}",
+           "node_id": f"urn:dev:ops:{n:03d}", "registrar_cse_id": "/id-in",
+           "registrar_uri": "https://in.example.com:8443/cse-in"}
+    row.update(kw)
+    return row
+
+
+def csv_line(row: dict) -> str:
+    """One CSV record (quoted where needed, e.g. targets '/id-x:22,23')."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow([row.get(f, "") for f in HEADER.split(",")])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# enrolee_from_fields
+
+
+def test_good_fields_minimal():
+    rec, kpm = enrolee_from_fields(fields(), sp_id=SP_ID)
+    assert rec.kpm_id == "dev1@mef.example.com"
+    assert rec.enrolee_id == "/id-mn1" and rec.enrolee_type == "CSE"
+    assert rec.node_id == "urn:dev:ops:001"
+    assert rec.registrar_cse_id == "/id-in"
+    assert rec.registrar_uri == "https://in.example.com:8443/cse-in"
+    assert rec.targets == [] and rec.rm_uri is None
+    assert rec.enrolment_expiry_seconds is None and rec.valid_until is None
+    assert kpm == Secret(bytes.fromhex(KPM_HEX))
+    assert KPM_HEX not in repr(kpm)
+
+
+def test_good_fields_full():
+    rec, kpm = enrolee_from_fields(fields(
+        enrolee_id="Cmy-sensor", kpm=" " + KPM_HEX.upper() + "\n", targets="/id-x:23,22,22; //sp.example.com/id-y:24",
+        rm_uri="https://dm.example.com", enrolment_expiry_seconds="3600", valid_until="2027-12-31T00:00:00Z",
+    ), sp_id=SP_ID)
+    assert rec.enrolee_type == "AE"
+    assert kpm == Secret(bytes.fromhex(KPM_HEX))
+    assert rec.targets == [TargetGrant("/id-x", (22, 23)), TargetGrant("//sp.example.com/id-y", (24,))]
+    assert rec.rm_uri == "https://dm.example.com"
+    assert rec.enrolment_expiry_seconds == 3600
+    assert rec.valid_until == dt.datetime(2027, 12, 31, tzinfo=dt.timezone.utc)
+
+
+def test_naive_valid_until_is_utc_and_int_expiry_accepted():
+    rec, _ = enrolee_from_fields(fields(valid_until="2027-06-01T12:00:00", enrolment_expiry_seconds=60), sp_id=SP_ID)
+    assert rec.valid_until == dt.datetime(2027, 6, 1, 12, tzinfo=dt.timezone.utc)
+    assert rec.enrolment_expiry_seconds == 60
+
+
+def test_targets_as_json_list():
+    grants = parse_targets([{"id": "/id-x", "suids": [24, 23]}])
+    assert grants == [TargetGrant("/id-x", (23, 24))]
+    assert parse_targets("") == [] and parse_targets(None) == [] and parse_targets(" ; ") == []
+
+
+BAD_FIELDS = [
+    # (field, bad value, the field name the message must contain)
+    ("kpm_id", "has space", "kpm_id"),
+    ("kpm_id", "x" * 129, "kpm_id"),
+    ("kpm_id", 12, "kpm_id"),
+    ("kpm", "zz" * 32, "kpm"),
+    ("kpm", "ab" * 15, "kpm"),
+    ("kpm", "ab" * 65, "kpm"),
+    ("kpm", 1234, "kpm"),
+    ("enrolee_id", "id-mn1", "enrolee_id"),
+    ("enrolee_id", "Xsensor", "enrolee_id"),
+    ("enrolee_id", "/id mn", "enrolee_id"),
+    ("node_id", "has space", "node_id"),
+    ("node_id", "n" * 257, "node_id"),
+    ("registrar_cse_id", "id-in", "registrar_cse_id"),
+    ("registrar_cse_id", "/id~in", "registrar_cse_id"),
+    ("registrar_uri", "ftp://in.example.com", "registrar_uri"),
+    ("registrar_uri", "in.example.com", "registrar_uri"),
+    ("targets", "id-x:22", "target"),
+    ("targets", "/id-x:abc", "target"),
+    ("targets", "/id-x", "target"),
+    ("targets", 5, "targets"),
+    ("targets", [{"id": "/id-x"}], "target"),
+    ("rm_uri", "dm.example.com", "rm_uri"),
+    ("rm_uri", 7, "rm_uri"),
+    ("enrolment_expiry_seconds", "soon", "enrolment_expiry_seconds"),
+    ("enrolment_expiry_seconds", "59", "enrolment_expiry_seconds"),
+    ("enrolment_expiry_seconds", 3.5, "enrolment_expiry_seconds"),
+    ("valid_until", "31/12/2027", "valid_until"),
+    ("valid_until", {"y": 2027}, "valid_until"),
+    ("surprise", "x", "surprise"),
+]
+
+
+@pytest.mark.parametrize("name, value, named", BAD_FIELDS)
+def test_each_bad_field_is_named(name, value, named):
+    with pytest.raises(BadRequest) as info:
+        enrolee_from_fields(fields(**{name: value}), sp_id=SP_ID)
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri"])
+@pytest.mark.parametrize("missing", ["absent", "empty", "none"])
+def test_each_required_field_is_named(name, missing):
+    row = fields()
+    if missing == "absent":
+        del row[name]
+    else:
+        row[name] = "" if missing == "empty" else None
+    with pytest.raises(BadRequest, match=f"^{name} is required"):
+        enrolee_from_fields(row, sp_id=SP_ID)
+
+
+def test_bad_kpm_is_never_echoed():
+    bad = "SECRET" + "ab" * 31
+    with pytest.raises(BadRequest) as info:
+        enrolee_from_fields(fields(kpm=bad), sp_id=SP_ID)
+    assert bad not in str(info.value) and "ab" * 31 not in str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG mef/admin.py parse_targets: a bad SUID in targets gives keys.encode_suid's "
+                                       "'99 is not an m2m:suid value', which names neither the field nor the target")
+@pytest.mark.parametrize("targets", ["/id-x:99", [{"id": "/id-x", "suids": ["22"]}]])
+def test_bad_target_suid_is_named(targets):
+    with pytest.raises(BadRequest) as info:
+        enrolee_from_fields(fields(targets=targets), sp_id=SP_ID)
+    assert "target" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# import_enrolees
+
+
+def write_csv(tmp_path, rows: list[str], name="batch.csv"):
+    path = tmp_path / name
+    path.write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_csv_import_good_file(store, tmp_path):
+    rows = [csv_line(fields(i)) for i in range(1, 6)]
+    rows[2] = csv_line(fields(3, targets="/id-x:22,23;/id-y:24", rm_uri="https://dm.example.com",
+                              enrolment_expiry_seconds=600, valid_until="2030-01-01T00:00:00Z"))
+    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert (n, errors) == (5, [])
+    assert store.count_enrolees() == 5
+    e3 = store.get_enrolee("dev3@mef.example.com")
+    assert e3.targets == [TargetGrant("/id-x", (22, 23)), TargetGrant("/id-y", (24,))]
+    assert e3.enrolment_expiry_seconds == 600 and e3.rm_uri == "https://dm.example.com"
+    assert store.enrolee_psk("dev5@mef.example.com") == Secret(bytes.fromhex(KPM_HEX))
+
+
+def test_csv_import_with_bom_crlf_and_only_required_columns(store, tmp_path):
+    path = tmp_path / "b.csv"
+    head = "kpm_id,kpm,enrolee_id,node_id,registrar_cse_id,registrar_uri"
+    lines = [head] + [",".join(fields(i)[c] for c in head.split(",")) for i in (1, 2)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert import_enrolees(store, path, sp_id=SP_ID) == (2, [])
+
+
+def test_json_import_good_file(store, tmp_path):
+    rows = [fields(i) for i in range(1, 4)]
+    rows[0]["targets"] = [{"id": "/id-x", "suids": [23]}]
+    rows[1]["enrolment_expiry_seconds"] = 120
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(rows))
+    assert import_enrolees(store, path, sp_id=SP_ID) == (3, [])
+    assert store.get_enrolee("dev1@mef.example.com").targets == [TargetGrant("/id-x", (23,))]
+    assert store.get_enrolee("dev2@mef.example.com").enrolment_expiry_seconds == 120
+
+
+def test_csv_three_bad_rows_import_nothing_and_report_exact_lines(store, tmp_path):
+    rows = [csv_line(fields(i)) for i in range(1, 9)]    # file lines 2..9
+    rows[1] = csv_line(fields(2, kpm="nothex"))           # line 3
+    rows[4] = csv_line(fields(5, enrolee_id="bad-id"))    # line 6
+    rows[7] = csv_line(fields(8, registrar_uri="x"))      # line 9
+    path = write_csv(tmp_path, rows)
+    n, errors = import_enrolees(store, path, sp_id=SP_ID)
+    assert n == 0
+    assert [e.line for e in errors] == [3, 6, 9]
+    assert "kpm" in errors[0].message
+    assert "enrolee_id" in errors[1].message
+    assert "registrar_uri" in errors[2].message
+    assert store.count_enrolees() == 0
+    # line numbers really are the file's: those lines hold the bad rows
+    file_lines = path.read_text().splitlines()
+    assert "nothex" in file_lines[3 - 1] and "bad-id" in file_lines[6 - 1] and ",x," in file_lines[9 - 1]
+
+
+def test_csv_line_numbers_count_blank_lines(store, tmp_path):
+    rows = [csv_line(fields(1)), "", csv_line(fields(2, node_id="a b")), "", "", csv_line(fields(3, kpm="00"))]
+    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert n == 0 and [e.line for e in errors] == [4, 7]
+
+
+def test_csv_short_and_long_rows(store, tmp_path):
+    rows = [csv_line(fields(1)), "dev2,abc", csv_line(fields(3)) + ",extra,columns"]
+    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert n == 0
+    assert [e.line for e in errors] == [3, 4]
+    assert "required" in errors[0].message and "columns" in errors[1].message
+
+
+@pytest.mark.xfail(strict=True, reason="BUG mef/admin.py read_rows: csv.reader.line_num is the LAST line of a "
+                                       "record, so a quoted multi-line field is reported one line too far")
+def test_csv_multiline_record_reports_its_first_line(store, tmp_path):
+    rows = [csv_line(fields(1)), csv_line(fields(2, node_id="two\nlines")), csv_line(fields(3))]
+    assert rows[1].count("\n") == 1  # the record for line 3 spans lines 3 and 4
+    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert n == 0 and [e.line for e in errors] == [3]
+
+
+def test_json_three_bad_rows_import_nothing_and_report_positions(store, tmp_path):
+    rows: list = [fields(i) for i in range(1, 8)]
+    rows[1]["kpm"] = "ab"                   # 2
+    rows[3] = "not an object"              # 4
+    rows[6]["unknown_column"] = 1           # 7
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(rows, indent=2))
+    n, errors = import_enrolees(store, path, sp_id=SP_ID)
+    assert n == 0
+    assert [e.line for e in errors] == [2, 4, 7]
+    assert "unknown_column" in errors[2].message
+    assert store.count_enrolees() == 0
+
+
+def test_duplicates_within_the_file(store, tmp_path):
+    rows = [csv_line(fields(i)) for i in range(1, 5)]
+    rows.append(csv_line(fields(9, kpm_id="dev2@mef.example.com")))    # line 6: KpmID of line 3
+    rows.append(csv_line(fields(10, enrolee_id="/id-mn4")))            # line 7: Enrolee-ID of line 5
+    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert n == 0
+    assert [(e.line, "line 3" in e.message) for e in errors][0] == (6, True)
+    assert errors[1].line == 7 and "line 5" in errors[1].message and "enrolee_id" in errors[1].message
+    assert len(errors) == 2
+    assert store.count_enrolees() == 0
+
+
+def test_already_registered_kpm_id_enrolee_id_and_target_identity(store, tmp_path):
+    rec, kpm = enrolee_from_fields(fields(1), sp_id=SP_ID)
+    store.add_enrolee(rec, kpm)
+    store.add_target(TargetRecord("in@sp.example.com", "/id-in"), Secret(b"t" * 32))
+    rows = [csv_line(fields(2)),
+            csv_line(fields(3, kpm_id="dev1@mef.example.com")),   # line 3: KpmID already registered
+            csv_line(fields(4, enrolee_id="/id-mn1")),            # line 4: Enrolee-ID already registered
+            csv_line(fields(5, kpm_id="in@sp.example.com")),      # line 5: a Target's PSK identity
+            csv_line(fields(6))]
+    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert n == 0
+    assert [e.line for e in errors] == [3, 4, 5]
+    assert all("already registered" in e.message for e in errors)
+    assert [e.kpm_id for e in store.list_enrolees()] == ["dev1@mef.example.com"]
+
+
+def test_empty_files(store, tmp_path):
+    only_header = tmp_path / "h.csv"
+    only_header.write_text(HEADER + "\n")
+    n, errors = import_enrolees(store, only_header, sp_id=SP_ID)
+    assert n == 0 and len(errors) == 1 and "no enrolees" in errors[0].message
+    empty_list = tmp_path / "e.json"
+    empty_list.write_text("[]")
+    assert import_enrolees(store, empty_list, sp_id=SP_ID)[0] == 0
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("a.csv", "", "empty"),
+    ("b.csv", "kpm_id,kpm,enrolee_id\nx,y,z\n", "lacks column"),
+    ("c.json", "{not json", "not valid JSON"),
+    ("d.json", '{"kpm_id": "x"}', "JSON list"),
+])
+def test_unusable_files(store, tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(BadRequest, match=match):
+        import_enrolees(store, path, sp_id=SP_ID)
+    assert store.count_enrolees() == 0
+
+
+def test_fields_constant_matches_the_csv_header():
+    assert tuple(HEADER.split(",")) == FIELDS
