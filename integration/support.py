@@ -222,6 +222,30 @@ class MefHome:
         assert self.targets[name].target_id == target_id
         return self.targets[name]
 
+    def import_batch(self, prefix: str, count: int) -> list[EnroleeInfo]:
+        """Register ``count`` enrolees with one ``mef enrolee import`` (CSV); their Kpm files are written 0600."""
+        import csv
+        import secrets as _secrets
+
+        rows, infos = [], []
+        for i in range(1, count + 1):
+            name = f"{prefix}{i}"
+            kpm = _secrets.token_hex(32)
+            info = EnroleeInfo(kpm_id=f"{name}@{FQDN}", kpm_file=write_private(self.root / f"{name}.kpm", kpm + "\n"),
+                               enrolee_id=f"/id-{name}", node_id=f"urn:dev:ops:{name}",
+                               store=self.root / f"{name}.store")
+            rows.append({"kpm_id": info.kpm_id, "kpm": kpm, "enrolee_id": info.enrolee_id, "node_id": info.node_id,
+                         "registrar_cse_id": REGISTRAR, "registrar_uri": REGISTRAR_URI})
+            infos.append(info)
+            self.enrolees[name] = info
+        path = self.root / f"{prefix}-batch.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        self.cli.ok("mef", "enrolee", "import", "-c", self.config, path)
+        return infos
+
     def build_default(self) -> MefHome:
         """init; enrolee dev1 (/id-mn1, urn:dev:ops:001, registrar /id-in); Target /id-in."""
         self.init()

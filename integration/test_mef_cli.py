@@ -72,216 +72,219 @@ def assert_refused(res, rsc: int, text: str | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------- happy path
-def test_full_enrolment_reuse_force_and_target_fetch(mef: MefHome) -> None:
-    dev1 = mef.enrolees["dev1"]
-    assert mef.show(dev1.kpm_id)["lastEnrolled"] is None
+def test_full_enrolment_reuse_force_and_target_fetch(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    assert home.show(dev.kpm_id)["lastEnrolled"] is None
 
-    first = enrol_ok(mef)
+    first = enrol_ok(home, dev)
     assert first["enrolled"] is True
     assert first["profile"]["credential"]["key"] == "<redacted>"
     assert first["profile"]["credential"]["keyID"] == first["keID"]
-    assert first["profile"]["enroleeID"] == "/id-mn1"
+    assert first["profile"]["enroleeID"] == dev.enrolee_id
+    assert first["profile"]["nodeID"] == dev.node_id
     assert first["profile"]["registrar"] == {"cseID": "/id-in", "cseBaseURI": "https://127.0.0.1:8443/cse-in",
                                              "fqdn": REGISTRAR_FQDN}
-    assert dev1.store.is_file()
-    assert mode(dev1.store) == 0o600
-    enrolled_at = mef.show(dev1.kpm_id)["lastEnrolled"]
+    assert dev.store.is_file()
+    assert mode(dev.store) == 0o600
+    enrolled_at = home.show(dev.kpm_id)["lastEnrolled"]
     assert enrolled_at is not None
 
     # the stored enrolment, opened in-process, matches what the CLI reported
-    enrolment = mef.load_enrolment(dev1)
+    enrolment = home.load_enrolment(dev)
     assert enrolment is not None and enrolment.ke_id == first["keID"]
     registrar_key = enrolment.registrar_key.reveal()
     assert len(registrar_key) == 32
     assert registrar_key == keys.derive_usage_constrained_key(enrolment.enrolment_key, 22, REGISTRAR_FQDN).reveal()
 
     # the registrar (Enrolment Target /id-in) fetches the same key from the MEF
-    assert fetched_key(mef, first["keID"]) == registrar_key
+    assert fetched_key(home, first["keID"]) == registrar_key
 
     # a second run reuses the stored, still valid enrolment without contacting the MEF
-    again = mef.enrol(dev1, as_json=False)
+    again = home.enrol(dev, as_json=False)
     assert again.rc == 0, str(again)
     assert "stored enrolment still valid" in again.stdout
     assert first["keID"] in again.stdout
-    assert mef.load_enrolment(dev1).ke_id == first["keID"]
-    again_json = enrol_ok(mef)
+    assert home.load_enrolment(dev).ke_id == first["keID"]
+    again_json = enrol_ok(home, dev)
     assert again_json["enrolled"] is False and again_json["keID"] == first["keID"]
-    assert mef.show(dev1.kpm_id)["lastEnrolled"] == enrolled_at
+    assert home.show(dev.kpm_id)["lastEnrolled"] == enrolled_at
 
-    # --force enrols again: a new KeID, a new registrar key, both served to the Target
-    forced = enrol_ok(mef, "dev1", "--force")
+    # --force enrols again: a new KeID, a new registrar key, served to the Target
+    forced = enrol_ok(home, dev, "--force")
     assert forced["enrolled"] is True
     assert forced["keID"] != first["keID"]
-    renewed = mef.load_enrolment(dev1)
+    renewed = home.load_enrolment(dev)
     assert renewed.ke_id == forced["keID"]
     assert renewed.registrar_key.reveal() != registrar_key
-    assert fetched_key(mef, forced["keID"]) == renewed.registrar_key.reveal()
-    assert mode(dev1.store) == 0o600
+    assert fetched_key(home, forced["keID"]) == renewed.registrar_key.reveal()
+    assert mode(dev.store) == 0o600
 
     # show-enrolment prints the stored enrolment with the key redacted
-    shown = mef.cli("show-enrolment", "--mef", mef.address, "--mef-fqdn", FQDN, "--kpm-id", dev1.kpm_id,
-                    "--kpm-file", dev1.kpm_file, "--store", dev1.store)
+    shown = home.cli("show-enrolment", "--mef", home.address, "--mef-fqdn", FQDN, "--kpm-id", dev.kpm_id,
+                     "--kpm-file", dev.kpm_file, "--store", dev.store)
     assert shown.rc == 0, str(shown)
     assert shown.json()["keID"] == forced["keID"]
     assert shown.json()["profile"]["credential"]["key"] == "<redacted>"
 
 
-def test_extra_target_gets_its_own_usage_constrained_keys(mef: MefHome) -> None:
-    mef.add_target("x", "/id-x")
-    dev2 = mef.add_enrolee("dev2", "--target", "/id-x:22,23")
-    data = enrol_ok(mef, "dev2")
-    ke = mef.load_enrolment(dev2).enrolment_key
+def test_extra_target_gets_its_own_usage_constrained_keys(home: MefHome) -> None:
+    x = home.target("x", "/id-x")
+    dev = new_enrolee(home, "--target", "/id-x:22,23")
+    data = enrol_ok(home, dev)
+    ke = home.load_enrolment(dev).enrolment_key
     for suid in (22, 23):
         expected = keys.derive_usage_constrained_key(ke, suid, "id-x.sp.example.com").reveal()
-        assert fetched_key(mef, data["keID"], suid, target="x") == expected
+        assert fetched_key(home, data["keID"], suid, target="x") == expected
     # /id-x has no grant for 24; the registrar /id-in only for 22
-    out = mef.root / "nope.hex"
-    assert_refused(mef.fetch(mef.targets["x"], data["keID"], 24, key_out=out), 4103)
-    assert_refused(mef.fetch(mef.targets["in"], data["keID"], 23, key_out=out), 4103)
+    out = home.root / f"nope-{dev.kpm_id}.hex"
+    assert_refused(home.fetch(x, data["keID"], 24, key_out=out), 4103)
+    assert_refused(home.fetch(home.targets["in"], data["keID"], 23, key_out=out), 4103)
     assert not out.exists()
 
 
-def test_remote_management_instruction(mef: MefHome) -> None:
-    rm = mef.add_enrolee("rm1", "--rm-uri", "https://dm.example.com")
-    data = enrol_ok(mef, "rm1")
+def test_remote_management_instruction(home: MefHome) -> None:
+    dev = new_enrolee(home, "--rm-uri", "https://dm.example.com")
+    data = enrol_ok(home, dev)
     assert data["instructions"] == [{"instructionType": "remoteManagementServer", "uri": "https://dm.example.com"}]
     assert data["profile"]["remoteManagementURI"] == "https://dm.example.com"
+    assert home.load_enrolment(dev).instructions == data["instructions"]
     # a device that cannot follow RM instructions is not instructed, but still enrolled
-    plain = enrol_ok(mef, "rm1", "--force", "--no-remote-management")
+    plain = enrol_ok(home, dev, "--force", "--no-remote-management")
     assert plain["instructions"] == []
-    assert mef.load_enrolment(rm).ke_id == plain["keID"]
+    assert home.load_enrolment(dev).ke_id == plain["keID"]
 
 
-def test_valid_until_caps_the_profile_expiry(mef: MefHome) -> None:
+def test_valid_until_caps_the_profile_expiry(home: MefHome) -> None:
     until = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)).replace(microsecond=0)
-    mef.add_enrolee("cap", "--valid-until", until.isoformat())
-    data = enrol_ok(mef, "cap")
+    dev = new_enrolee(home, "--valid-until", until.isoformat())
+    data = enrol_ok(home, dev)
     assert data["profile"]["expiry"] == profile.format_timestamp(until)
 
 
 # ------------------------------------------------------------------------------------- negative cases
-def test_wrong_kpm_fails_the_handshake(mef: MefHome) -> None:
-    dev1 = mef.enrolees["dev1"]
-    wrong = mef.keygen("wrong.kpm")
-    res = mef.enrol(dev1, kpm_file=wrong)
+def test_wrong_kpm_fails_the_handshake(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    wrong = home.keygen(f"wrong-{dev.kpm_id}.kpm")
+    log_before = len(home.log_text())
+    res = home.enrol(dev, kpm_file=wrong)
     assert res.rc == 1, str(res)
     assert TLS_REFUSED in res.stderr
-    assert not dev1.store.exists()
-    assert mef.show(dev1.kpm_id)["lastEnrolled"] is None
-    assert "TLS handshake from" in mef.log_text()
+    assert not dev.store.exists()
+    assert home.show(dev.kpm_id)["lastEnrolled"] is None
+    assert "TLS handshake from" in home.log_text()[log_before:]
 
 
-def test_unknown_kpm_id_fails_the_handshake(mef: MefHome) -> None:
-    dev1 = mef.enrolees["dev1"]
-    res = mef.enrol(dev1, kpm_id=f"nobody@{FQDN}")
+def test_unknown_kpm_id_fails_the_handshake(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    res = home.enrol(dev, kpm_id=f"nobody@{FQDN}")
     assert res.rc == 1, str(res)
     assert TLS_REFUSED in res.stderr and "nobody@" in res.stderr
-    assert not dev1.store.exists()
-    assert mef.show(dev1.kpm_id)["lastEnrolled"] is None
+    assert not dev.store.exists()
+    assert home.show(dev.kpm_id)["lastEnrolled"] is None
 
 
-def test_a_target_credential_cannot_enrol(mef: MefHome) -> None:
-    """The Target's psk_identity authenticates, but it is no enrolee: the MEF refuses the profile."""
-    target = mef.targets["in"]
-    store = mef.root / "target-as-enrolee.store"
-    res = mef.cli("enrol", "--mef", mef.address, "--mef-fqdn", FQDN, "--kpm-id", target.psk_identity,
-                  "--kpm-file", target.psk_file, "--node-id", "urn:dev:ops:001", "--store", store)
-    assert res.rc == 1, str(res)
+def test_a_target_credential_cannot_enrol(home: MefHome) -> None:
+    """The Target's psk_identity authenticates, but it is no enrolee: the MEF refuses the profile (4103)."""
+    target = home.targets["in"]
+    store = home.root / "target-as-enrolee.store"
+    res = home.cli("enrol", "--mef", home.address, "--mef-fqdn", FQDN, "--kpm-id", target.psk_identity,
+                   "--kpm-file", target.psk_file, "--node-id", "urn:dev:ops:001", "--store", store)
+    assert_refused(res, 4103)
     assert not store.exists()
 
 
-def test_revoked_enrolee_cannot_enrol_and_its_keys_are_gone(mef: MefHome) -> None:
-    dev1 = mef.enrolees["dev1"]
-    data = enrol_ok(mef)
-    before = dev1.store.read_bytes()
-    last = mef.show(dev1.kpm_id)["lastEnrolled"]
-    fetched_key(mef, data["keID"])  # served before the revocation
+def test_revoked_enrolee_cannot_enrol_and_its_keys_are_gone(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev)
+    before = dev.store.read_bytes()
+    last = home.show(dev.kpm_id)["lastEnrolled"]
+    fetched_key(home, data["keID"])  # served before the revocation
 
-    mef.revoke(dev1.kpm_id)
-    res = mef.enrol(dev1, "--force")
+    home.revoke(dev.kpm_id)
+    res = home.enrol(dev, "--force")
     assert res.rc == 1, str(res)
     assert TLS_REFUSED in res.stderr
-    assert dev1.store.read_bytes() == before, "a failed enrolment changed the store"
-    shown = mef.show(dev1.kpm_id)
+    assert dev.store.read_bytes() == before, "a failed enrolment changed the store"
+    shown = home.show(dev.kpm_id)
     assert shown["revoked"] is True and shown["lastEnrolled"] == last
 
-    out = mef.root / "revoked.hex"
-    assert_refused(mef.fetch(mef.targets["in"], data["keID"], key_out=out), 4004)
+    out = home.root / f"revoked-{dev.kpm_id}.hex"
+    assert_refused(home.fetch(home.targets["in"], data["keID"], key_out=out), 4004)
     assert not out.exists()
 
 
-def test_wrong_node_id_is_refused(mef: MefHome) -> None:
-    dev1 = mef.enrolees["dev1"]
-    res = mef.enrol(dev1, node_id="urn:dev:ops:999")
+def test_wrong_node_id_is_refused(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    res = home.enrol(dev, node_id="urn:dev:ops:999")
     assert_refused(res, 4103, "M2M-Node-ID")
-    assert not dev1.store.exists()
-    assert mef.show(dev1.kpm_id)["lastEnrolled"] is None
+    assert not dev.store.exists()
+    assert home.show(dev.kpm_id)["lastEnrolled"] is None
 
 
-def test_target_not_authorized_for_suid(mef: MefHome) -> None:
-    data = enrol_ok(mef)
-    out = mef.root / "k23.hex"
-    assert_refused(mef.fetch(mef.targets["in"], data["keID"], 23, key_out=out), 4103, "not an authorized")
+def test_target_not_authorized_for_suid(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev)
+    out = home.root / f"k23-{dev.kpm_id}.hex"
+    assert_refused(home.fetch(home.targets["in"], data["keID"], 23, key_out=out), 4103, "not an authorized")
     assert not out.exists()
     # a registered Target that is not among this enrolee's Targets at all
-    mef.add_target("y", "/id-y")
-    assert_refused(mef.fetch(mef.targets["y"], data["keID"], 22, key_out=out), 4103, "not an authorized")
+    y = home.target("y", "/id-y")
+    assert_refused(home.fetch(y, data["keID"], 22, key_out=out), 4103, "not an authorized")
     assert not out.exists()
 
 
-def test_originator_spoofing_is_refused(mef: MefHome) -> None:
+def test_originator_spoofing_is_refused(home: MefHome) -> None:
     # /id-x is a registered Target with a grant; /id-in must not obtain /id-x's key by claiming to be it
-    mef.add_target("x", "/id-x")
-    mef.add_enrolee("dev2", "--target", "/id-x:22,23")
-    data = enrol_ok(mef, "dev2")
-    out = mef.root / "spoof.hex"
+    home.target("x", "/id-x")
+    dev = new_enrolee(home, "--target", "/id-x:22,23")
+    data = enrol_ok(home, dev)
+    out = home.root / f"spoof-{dev.kpm_id}.hex"
     for origin in ("/id-x", "//sp.example.com/id-x"):
-        res = mef.fetch(mef.targets["in"], data["keID"], 23, origin=origin, key_out=out)
+        res = home.fetch(home.targets["in"], data["keID"], 23, origin=origin, key_out=out)
         assert_refused(res, 4103, "originator")
     assert not out.exists()
     # the genuine /id-x gets it
-    fetched_key(mef, data["keID"], 23, target="x")
+    fetched_key(home, data["keID"], 23, target="x")
 
 
-def test_unknown_ke_id_is_not_found(mef: MefHome) -> None:
-    enrol_ok(mef)
-    out = mef.root / "unknown.hex"
-    assert_refused(mef.fetch(mef.targets["in"], f"{secrets.token_hex(16)}@{FQDN}", key_out=out), 4004)
-    assert_refused(mef.fetch(mef.targets["in"], f"{secrets.token_hex(16)}@other-mef.example.com", key_out=out), 4004)
+def test_unknown_ke_id_is_not_found(home: MefHome) -> None:
+    out = home.root / "unknown.hex"
+    assert_refused(home.fetch(home.targets["in"], f"{secrets.token_hex(16)}@{FQDN}", key_out=out), 4004)
+    assert_refused(home.fetch(home.targets["in"], f"{secrets.token_hex(16)}@other-mef.example.com", key_out=out),
+                   4004)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("ke_id", ["0123@mef.example.com", "not-a-keid", "g" * 32 + "@mef.example.com",
-                                   "00112233445566778899aabbccddeeff@bad_fqdn!"])
-def test_malformed_ke_id_is_a_usage_error(mef: MefHome, ke_id: str) -> None:
-    out = mef.root / "malformed.hex"
-    res = mef.fetch(mef.targets["in"], ke_id, key_out=out)
-    assert res.rc == 2, str(res)
-    assert "KeID" in res.stderr or "FQDN" in res.stderr, str(res)
-    assert not out.exists()
-    assert "fetched" not in mef.log_text()
-
-
-def test_invalid_suid_is_a_usage_error(mef: MefHome) -> None:
-    data = enrol_ok(mef)
-    res = mef.fetch(mef.targets["in"], data["keID"], 99)
+def test_malformed_ke_id_or_suid_is_a_usage_error(home: MefHome) -> None:
+    """The CLI refuses a malformed KeID / SUID itself (exit 2) and sends nothing; raw requests: test_raw_requests."""
+    out = home.root / "malformed.hex"
+    log_before = len(home.log_text())
+    for ke_id in ("0123@mef.example.com", "not-a-keid", "g" * 32 + "@mef.example.com",
+                  "00112233445566778899aabbccddeeff@bad_fqdn!"):
+        res = home.fetch(home.targets["in"], ke_id, key_out=out)
+        assert res.rc == 2, str(res)
+        assert "KeID" in res.stderr or "FQDN" in res.stderr, str(res)
+    res = home.fetch(home.targets["in"], f"{secrets.token_hex(16)}@{FQDN}", 99, key_out=out)
     assert res.rc == 2, str(res)
     assert "m2m:suid" in res.stderr
+    assert not out.exists()
+    assert "fetchCredentials" not in home.log_text()[log_before:]
+    assert "refused with" not in home.log_text()[log_before:]
 
 
-def test_enrolee_past_valid_until_cannot_enrol(mef: MefHome) -> None:
-    old = mef.add_enrolee("old", "--valid-until", "2020-01-01T00:00:00Z")
-    res = mef.enrol(old)
+def test_enrolee_past_valid_until_cannot_enrol(home: MefHome) -> None:
+    dev = new_enrolee(home, "--valid-until", "2020-01-01T00:00:00Z")
+    res = home.enrol(dev)
     assert res.rc == 1, str(res)
     assert TLS_REFUSED in res.stderr
-    assert not old.store.exists()
-    assert mef.show(old.kpm_id)["lastEnrolled"] is None
+    assert not dev.store.exists()
+    assert home.show(dev.kpm_id)["lastEnrolled"] is None
 
 
 # -------------------------------------------------------------------------------------- persistence
 def test_keys_survive_a_mef_restart(mef: MefHome) -> None:
     dev1 = mef.enrolees["dev1"]
-    data = enrol_ok(mef)
+    data = enrol_ok(mef, dev1)
     key_before = fetched_key(mef, data["keID"])
 
     rc = mef.stop()
@@ -292,17 +295,16 @@ def test_keys_survive_a_mef_restart(mef: MefHome) -> None:
 
     assert fetched_key(mef, data["keID"]) == key_before
     assert mef.load_enrolment(dev1).registrar_key.reveal() == key_before
-    reuse = enrol_ok(mef)
+    reuse = enrol_ok(mef, dev1)
     assert reuse["enrolled"] is False and reuse["keID"] == data["keID"]
-    forced = enrol_ok(mef, "dev1", "--force")
+    forced = enrol_ok(mef, dev1, "--force")
     assert forced["keID"] != data["keID"]
     assert fetched_key(mef, forced["keID"]) == mef.load_enrolment(dev1).registrar_key.reveal()
 
 
 # ------------------------------------------------------------------------------------------ renewal
-def _age_stored_enrolment(mef: MefHome, name: str, seconds: int) -> Enrolment:
+def _age_stored_enrolment(mef: MefHome, info: EnroleeInfo, seconds: int) -> Enrolment:
     """Move the stored profile's issuedAt/expiry ``seconds`` into the past (as if that much time passed)."""
-    info = mef.enrolees[name]
     client = enrolee_client(mef, info)
     current = client.load()
     assert current is not None
@@ -321,23 +323,23 @@ def _lifetime(data: dict) -> float:
     return (profile.parse_timestamp(p["expiry"]) - profile.parse_timestamp(p["issuedAt"])).total_seconds()
 
 
-def test_re_enrolment_near_expiry(mef: MefHome) -> None:
-    mef.add_enrolee("short", "--expiry-seconds", "120")
-    first = enrol_ok(mef, "short", "--renew-before", "100")
+def test_re_enrolment_near_expiry(home: MefHome) -> None:
+    dev = new_enrolee(home, "--expiry-seconds", "120")
+    first = enrol_ok(home, dev, "--renew-before", "100")
     assert first["enrolled"] is True
     assert _lifetime(first) == 120
 
     # immediately afterwards the profile still has ~120 s to live: outside a 100 s renewal window
-    second = enrol_ok(mef, "short", "--renew-before", "100")
+    second = enrol_ok(home, dev, "--renew-before", "100")
     assert second["enrolled"] is False and second["keID"] == first["keID"]
 
     # 70 s later only ~50 s are left: inside the window -> a new enrolment and a new KeID
-    _age_stored_enrolment(mef, "short", 70)
-    third = enrol_ok(mef, "short", "--renew-before", "100")
+    _age_stored_enrolment(home, dev, 70)
+    third = enrol_ok(home, dev, "--renew-before", "100")
     assert third["enrolled"] is True
     assert third["keID"] != first["keID"]
     assert _lifetime(third) == 120
-    assert fetched_key(mef, third["keID"]) == mef.load_enrolment(mef.enrolees["short"]).registrar_key.reveal()
+    assert fetched_key(home, third["keID"]) == home.load_enrolment(dev).registrar_key.reveal()
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -345,10 +347,10 @@ def test_re_enrolment_near_expiry(mef: MefHome) -> None:
     "profile lifetime (min(renew_before, lifetime/2)), so 'rspf enrol --renew-before 100' does not re-enrol a "
     "120 s profile that expires within 90 s, contrary to the option's help 'Re-enrol when the profile expires "
     "within this many seconds'"))
-def test_re_enrolment_honours_renew_before_beyond_half_the_lifetime(mef: MefHome) -> None:
-    mef.add_enrolee("short", "--expiry-seconds", "120")
-    first = enrol_ok(mef, "short", "--renew-before", "100")
-    _age_stored_enrolment(mef, "short", 30)  # ~90 s left, inside the 100 s window
-    second = enrol_ok(mef, "short", "--renew-before", "100")
+def test_re_enrolment_honours_renew_before_beyond_half_the_lifetime(home: MefHome) -> None:
+    dev = new_enrolee(home, "--expiry-seconds", "120")
+    first = enrol_ok(home, dev, "--renew-before", "100")
+    _age_stored_enrolment(home, dev, 30)  # ~90 s left, inside the 100 s window
+    second = enrol_ok(home, dev, "--renew-before", "100")
     assert second["enrolled"] is True, "the profile expires within --renew-before seconds but was kept"
     assert second["keID"] != first["keID"]

@@ -137,8 +137,6 @@ def test_bad_kpm_is_never_echoed():
     assert bad not in str(info.value) and "ab" * 31 not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG mef/admin.py parse_targets: a bad SUID in targets gives keys.encode_suid's "
-                                       "'99 is not an m2m:suid value', which names neither the field nor the target")
 @pytest.mark.parametrize("targets", ["/id-x:99", [{"id": "/id-x", "suids": ["22"]}]])
 def test_bad_target_suid_is_named(targets):
     with pytest.raises(BadRequest) as info:
@@ -220,10 +218,11 @@ def test_csv_short_and_long_rows(store, tmp_path):
     assert "required" in errors[0].message and "columns" in errors[1].message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG mef/admin.py read_rows: csv.reader.line_num is the LAST line of a "
-                                       "record, so a quoted multi-line field is reported one line too far")
 def test_csv_multiline_record_reports_its_first_line(store, tmp_path):
-    rows = [csv_line(fields(1)), csv_line(fields(2, node_id="two\nlines")), csv_line(fields(3))]
+    multi = io.StringIO()
+    csv.writer(multi, lineterminator="", quoting=csv.QUOTE_ALL).writerow(
+        [fields(2, node_id="two\nlines").get(f, "") for f in HEADER.split(",")])
+    rows = [csv_line(fields(1)), multi.getvalue(), csv_line(fields(3))]
     assert rows[1].count("\n") == 1  # the record for line 3 spans lines 3 and 4
     n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
     assert n == 0 and [e.line for e in errors] == [3]

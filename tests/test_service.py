@@ -399,6 +399,16 @@ def test_originator_mismatch_is_access_denied(service, enrolee, origin):
     assert info.value.rsc == 4103
 
 
+@pytest.mark.parametrize("psk_id, origin, suid", [(IN_PSK_ID, "/id-x", "23"), (X_PSK_ID, "/id-in", "22"),
+                                                  (X_PSK_ID, "//sp.example.com/id-in", "22")])
+def test_originator_naming_another_authorized_target_is_access_denied(service, enrolee, psk_id, origin, suid):
+    """Each claimed originator IS authorized for that SUID: only the TLS identity check can refuse it."""
+    enrolled(service, enrolee)
+    with pytest.raises(AccessDenied) as info:
+        fetch(service, service.open_session(psk_id, None), suid=suid, originator=origin)
+    assert info.value.rsc == 4103
+
+
 def test_unknown_ke_id_is_not_found(service, enrolee):
     enrolled(service, enrolee)
     with pytest.raises(NotFound) as info:
@@ -410,6 +420,16 @@ def test_not_yet_committed_ke_id_is_not_found(service, enrolee):
     enrolee_session(service, enrolee)  # handshake only, no profile, no exchange
     with pytest.raises(NotFound):
         fetch(service, service.open_session(IN_PSK_ID, None))
+
+
+def test_ke_id_of_another_mef_is_not_found_even_if_stored(service, store, enrolee):
+    """A key stored under another MEF-FQDN (shared or migrated database) is not served by this MEF."""
+    foreign = KE_ID.split("@")[0] + "@mef.other.example"
+    now = dt.datetime.now(dt.timezone.utc)
+    store.put_enrolment_key(foreign, enrolee.kpm_id, KE, now, now + dt.timedelta(hours=1))
+    with pytest.raises(NotFound) as info:
+        fetch(service, service.open_session(IN_PSK_ID, None), ke_id=foreign)
+    assert info.value.rsc == 4004
 
 
 def test_ke_id_of_another_mef_is_not_found(service, enrolee):

@@ -54,7 +54,11 @@ def validate(profile: Any) -> dict[str, Any]:
             f"the securityProfile is invalid at {where}: it breaks the schema rule '{first.validator}'"
             + (f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else "")
         )
-    if parse_timestamp(profile["expiry"]) <= parse_timestamp(profile["issuedAt"]):
+    try:
+        issued, expiry = parse_timestamp(profile["issuedAt"]), parse_timestamp(profile["expiry"])
+    except ValueError:
+        raise ProfileInvalid("the securityProfile has a timestamp that is not a real date") from None
+    if expiry <= issued:
         raise ProfileInvalid("the securityProfile expires before it was issued")
     return profile
 

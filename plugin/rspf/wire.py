@@ -18,6 +18,8 @@ DEFAULT_MAX_BODY = 64 * 1024
 SUPPORTED_RVI = ("2a", "3", "4", "5")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _RI = re.compile(r"^[\x21-\x7e]{1,256}$")
+_DIGITS = re.compile(r"[0-9]{1,12}")
+_HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
 
 OPERATIONS = {"POST": "CREATE", "GET": "RETRIEVE", "PUT": "UPDATE", "DELETE": "DELETE"}
 
@@ -55,12 +57,15 @@ class HttpResponse:
         return self.headers.get(name.lower())
 
     def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
+        try:
+            return json.loads(self.body) if self.body else None
+        except RecursionError:
+            raise ValueError("the JSON body is nested too deeply") from None
 
     @property
     def rsc(self) -> int | None:
         v = self.header("x-m2m-rsc")
-        return int(v) if v and v.isdigit() else None
+        return int(v) if v and _DIGITS.fullmatch(v) else None
 
 
 def _read_head(reader: BinaryIO) -> list[bytes] | None:
@@ -73,8 +78,10 @@ def _read_head(reader: BinaryIO) -> list[bytes] | None:
                 return None  # clean EOF between messages
             raise BadRequest("the connection closed in the middle of an HTTP header")
         total += len(line)
-        if total > MAX_HEADER_BYTES or not line.endswith(b"\n"):
+        if total > MAX_HEADER_BYTES:
             raise BadRequest(f"the HTTP header block is longer than {MAX_HEADER_BYTES} bytes")
+        if not line.endswith(b"\n"):
+            raise BadRequest("the connection closed in the middle of an HTTP header line")
         line = line.rstrip(b"\r\n")
         if not line:
             if not lines:
@@ -112,7 +119,7 @@ def _read_body(reader: BinaryIO, headers: dict[str, str], max_body: int) -> byte
     cl = headers.get("content-length")
     if cl is None:
         return b""
-    if not cl.isdigit():
+    if not _DIGITS.fullmatch(cl):
         raise BadRequest("Content-Length is not a number")
     n = int(cl)
     if n > max_body:
@@ -127,11 +134,10 @@ def _read_chunked(reader: BinaryIO, max_body: int) -> bytes:
     out = bytearray()
     while True:
         line = reader.readline(1024)
-        size_txt = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_txt, 16)
-        except ValueError:
-            raise BadRequest("a malformed chunk size") from None
+        size_txt = line.split(b";", 1)[0].strip().decode("latin-1")
+        if not _HEX.fullmatch(size_txt):
+            raise BadRequest("a malformed chunk size")
+        size = int(size_txt, 16)
         if size == 0:
             while reader.readline(MAX_HEADER_BYTES).strip():
                 pass
@@ -163,7 +169,7 @@ def read_response(reader: BinaryIO, max_body: int = 4 * 1024 * 1024) -> HttpResp
     if lines is None:
         raise ConnectionError("the server closed the connection without an answer")
     parts = lines[0].decode("latin-1").split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not re.fullmatch(r"[0-9]{3}", parts[1]):
         raise ConnectionError("the server sent a malformed HTTP status line")
     headers = _parse_headers(lines[1:])
     if "content-length" not in headers and "transfer-encoding" not in headers:
@@ -246,6 +252,8 @@ def to_primitive(req: HttpRequest) -> Primitive:
             content = json.loads(req.body)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("the body is not valid JSON") from None
+        except RecursionError:
+            raise BadRequest("the JSON body is nested too deeply") from None
     return Primitive(op, req.path, origin, ri, rvi, content)
 
 

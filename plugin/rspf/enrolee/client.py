@@ -203,6 +203,8 @@ class Enrolee:
             return None
         try:
             doc = json.loads(path.read_text())
+            if not isinstance(doc, dict):
+                raise StoreError(f"{path} is not an enrolment store")
             if doc.get("format") != STORE_FORMAT or doc.get("kpmID") != self.config.kpm_id:
                 raise StoreError(f"{path} is not an enrolment store for KpmID {self.config.kpm_id}")
             plain = self._sealer(base64.b64decode(doc["salt"])).open(

@@ -72,7 +72,11 @@ def parse_targets(value: Any) -> list[TargetGrant]:
         if not (CSE_ID_RE.fullmatch(tid) or ABS_ID_RE.fullmatch(tid)):
             raise BadRequest(f"target {tid!r} must be an SP-relative CSE-ID (/id-in) or an absolute ID (//sp/id-in)")
         for s in suids:
-            keys.encode_suid(s)
+            try:
+                keys.encode_suid(s)
+            except BadRequest:
+                raise BadRequest(f"targets: {tid!r} has SUID {s!r}, which is not an m2m:suid value "
+                                 "(TS-0004 Table 6.3.4.2.39-1)") from None
         grants.append(TargetGrant(tid, tuple(sorted(set(suids)))))
     return grants
 
@@ -170,11 +174,18 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     missing = [f for f in REQUIRED if f not in reader.fieldnames]
     if missing:
         raise BadRequest(f"{path}: the CSV header lacks column(s) {', '.join(missing)}")
+    physical = text.splitlines()
+    end = reader.line_num  # last physical line consumed so far (the header)
     for row in reader:
+        # a record may span lines (quoted newlines) and blank lines are skipped: report where it starts
+        line = end + 1
+        while line <= len(physical) and not physical[line - 1].strip():
+            line += 1
+        end = reader.line_num
         if None in row:
-            yield reader.line_num, {"__extra_columns__": row[None]}
+            yield line, {"__extra_columns__": row[None]}
             continue
-        yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
+        yield line, {k: v for k, v in row.items() if v not in (None, "")}
 
 
 def import_enrolees(store: MefStore, path: Path, *, sp_id: str,

@@ -160,6 +160,17 @@ class MefStore:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has schema version {row[0]}; this MEF reads {SCHEMA_VERSION}")
+            # A sealed check value proves at open time that the master key is the one the data was sealed with.
+            check = db.execute("SELECT value FROM meta WHERE name='key_check'").fetchone()
+            if check is None:
+                db.execute("INSERT INTO meta VALUES ('key_check', ?)",
+                           (self._sealer.seal(b"onem2m-rspf key check", b"meta:key_check").hex(),))
+            else:
+                try:
+                    self._sealer.open(bytes.fromhex(check[0]), b"meta:key_check")
+                except StoreError:
+                    raise StoreError(f"the master key {key_path} does not open the database {self.path} "
+                                     "(wrong or replaced key file)") from None
 
     # -- plumbing -------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:

@@ -1,0 +1,111 @@
+"""Interoperability with an independent TLS-PSK client: ``openssl s_client`` against the real MEF.
+
+openssl derives EXPORTER-oneM2M-Bootstrap itself (-keymatexport) and, on that same session, POSTs
+/securityProfile. The profile the MEF returns must name KeID = hex(first 16 bytes)@MEF-FQDN and carry the
+registrar key HMAC-derived from the last 32 bytes (Ke), i.e. both ends computed the same exporter output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import subprocess
+
+import pytest
+
+from rspf import keys
+from rspf.secret import Secret
+
+from .support import FQDN, HOST, REGISTRAR_FQDN, EnroleeInfo, MefHome, read_hex
+
+KEYING_RE = re.compile(r"Keying material:\s*([0-9A-Fa-f]+)")
+VERSIONS = {"1.2": ["-tls1_2", "-cipher", "PSK-AES128-CBC-SHA256"], "1.3": ["-tls1_3"]}
+
+
+def sp_request(enrolee: EnroleeInfo) -> bytes:
+    body = json.dumps({"rspf:spReq": {"nodeID": enrolee.node_id}}).encode()
+    head = (f"POST /securityProfile HTTP/1.1\r\nHost: {FQDN}\r\nX-M2M-Origin: {enrolee.kpm_id}\r\n"
+            f"X-M2M-RI: openssl-1\r\nX-M2M-RVI: 3\r\nContent-Type: application/json\r\nAccept: application/json\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def s_client(openssl_bin: str, mef: MefHome, enrolee: EnroleeInfo, version: str, psk_hex: str,
+             ) -> subprocess.CompletedProcess:
+    argv = [openssl_bin, "s_client", "-connect", f"{HOST}:{mef.port}", "-psk", psk_hex,
+            "-psk_identity", enrolee.kpm_id, *VERSIONS[version],
+            "-keymatexport", keys.EXPORTER_LABEL_BOOTSTRAP, "-keymatexportlen", str(keys.EXPORTER_LENGTH),
+            "-servername", FQDN, "-ign_eof"]
+    return subprocess.run(argv, input=sp_request(enrolee), capture_output=True, timeout=30)
+
+
+def http_response(out: bytes) -> tuple[int, dict[str, str], bytes]:
+    start = out.find(b"HTTP/1.1 ")
+    assert start >= 0, f"no HTTP response in the openssl output:\n{out.decode(errors='replace')}"
+    end = out.index(b"\r\n\r\n", start)
+    lines = out[start:end].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    n = int(headers["content-length"])
+    body = out[end + 4:end + 4 + n]
+    assert len(body) == n
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_openssl_s_client_enrols_and_agrees_on_the_exporter(openssl_bin: str, module_mef: MefHome,
+                                                          version: str) -> None:
+    mef = module_mef
+    enrolee = mef.add_enrolee(f"ossl{version.replace('.', '')}")
+    proc = s_client(openssl_bin, mef, enrolee, version, enrolee.kpm_hex)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    proto = {"1.2": b"TLSv1.2", "1.3": b"TLSv1.3"}[version]
+    assert proto in out
+    if version == "1.2":
+        assert b"PSK-AES128-CBC-SHA256" in out
+
+    found = KEYING_RE.findall(out.decode(errors="replace"))
+    assert len(found) == 1, out.decode(errors="replace")
+    exported = bytes.fromhex(found[0])
+    assert len(exported) == 48
+    relative_ke_id, ke = exported[:16], Secret(exported[16:], "Ke")
+
+    status, headers, body = http_response(out)
+    assert (status, headers.get("x-m2m-rsc"), headers.get("x-m2m-ri")) == (201, "2001", "openssl-1")
+    prof = json.loads(body)["rspf:secp"]
+    assert prof["credential"]["keyID"] == f"{relative_ke_id.hex()}@{FQDN}"
+    assert prof["credential"]["suid"] == 22
+    expected = keys.derive_usage_constrained_key(ke, 22, "id-in.sp.example.com").reveal()
+    assert REGISTRAR_FQDN == "id-in.sp.example.com"
+    assert base64.b64decode(prof["credential"]["key"]) == expected
+
+    # the MEF stored that Ke under that KeID: the registrar Target gets the same key
+    out_file = mef.root / f"ossl-{version}.hex"
+    res = mef.fetch(mef.targets["in"], prof["credential"]["keyID"], key_out=out_file)
+    assert res.rc == 0, str(res)
+    assert bytes.fromhex(read_hex(out_file)) == expected
+    assert mef.show(enrolee.kpm_id)["lastEnrolled"] is not None
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_openssl_s_client_with_a_wrong_key_fails(openssl_bin: str, module_mef: MefHome, version: str) -> None:
+    mef = module_mef
+    enrolee = mef.add_enrolee(f"osslbad{version.replace('.', '')}")
+    proc = s_client(openssl_bin, mef, enrolee, version, secrets.token_hex(32))
+    assert proc.returncode != 0
+    assert b"HTTP/1.1" not in proc.stdout  # (openssl may still print its own, useless, keying material)
+    assert b"alert" in proc.stderr, proc.stderr.decode(errors="replace")
+    assert mef.show(enrolee.kpm_id)["lastEnrolled"] is None
+
+
+def test_openssl_s_client_unknown_identity_fails(openssl_bin: str, module_mef: MefHome) -> None:
+    mef = module_mef
+    ghost = EnroleeInfo(f"ghost@{FQDN}", mef.root / "none", "/id-ghost", "urn:ghost", mef.root / "none.store")
+    proc = s_client(openssl_bin, mef, ghost, "1.2", secrets.token_hex(32))
+    assert proc.returncode != 0
+    assert b"HTTP/1.1" not in proc.stdout

@@ -1,0 +1,638 @@
+"""Three oneM2M resource types ACME 2026.5 lacks, installed into the running CSE at start-up.
+
+* ``<m2mServiceSubscriptionProfile>`` -- ty 11, ``m2m:mssp``, child of the CSEBase; children svsn, sub
+  (TS-0001 §9.6.19, TS-0004 §7.4.19);
+* ``<serviceSubscribedNode>`` -- ty 20, ``m2m:svsn``, child of an mssp; ``ni`` nodeID (M), ``csi`` CSE-ID,
+  ``di`` deviceIdentifier, ``rlk`` ruleLinks, ``nrq`` niddRequired; ruleLinks without CSE-ID is a
+  BAD_REQUEST (TS-0001 §9.6.20, TS-0004 §7.4.20);
+* ``<serviceSubscribedAppRule>`` -- ty 19, ``m2m:asar``, child of the CSEBase; ``apci`` applicableCredIDs,
+  ``aai`` allowedApp-IDs (each entry starts with ``*``, ``R`` or ``N``, else BAD_REQUEST), ``aae``
+  allowedAEs, ``ari`` allowedRole-IDs (TS-0001 §9.6.29, TS-0004 §7.4.29).
+
+They are ordinary ACME resources afterwards: CREATE/RETRIEVE/UPDATE/DELETE/discovery through the normal
+request path, attribute validation from attribute policies, ACP / creator based access control, expiration,
+<subscription> children and notifications, and they are listed in the CSEBase's ``srt``. All three are
+IN-CSE types: on an MN/ASN-CSE a CREATE is refused with OPERATION_NOT_ALLOWED (TS-0004 §7.3.3.3).
+
+Every touch of ACME internals needed for that lives in :func:`install_resource_types` and the helpers it
+calls (see "ACME surgery" below); the other functions read and write the resources through ACME's
+Dispatcher like any internal CSE component does.
+
+Helpers for the AE registration check (TS-0001 §10.2.2.2) and the RSPF rule update (TS-0003 §8.3.1.2):
+:func:`find_service_subscribed_node`, :func:`rules_of`, :func:`rule_allows`, :func:`matches`,
+:func:`add_to_rule`, :func:`ensure_subscription`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
+
+__all__ = [
+    "ASAR", "MSSP", "SVSN", "SUPPORTED_ACME",
+    "acme_version", "check_acme_version", "install_resource_types",
+    "find_service_subscribed_node", "rules_of", "rule_allows", "matches",
+    "add_to_rule", "ensure_subscription", "resolve_local",
+]
+
+#: The ACME releases this module's surgery was written and tested against (``acmecse`` 2026.5.x).
+SUPPORTED_ACME = (2026, 5)
+
+MSSP = 11  #: resource type of <m2mServiceSubscriptionProfile>
+ASAR = 19  #: resource type of <serviceSubscribedAppRule>
+SVSN = 20  #: resource type of <serviceSubscribedNode>
+
+# ACME ResourceTypes member name, numeric type, type short name, full name
+_TYPES: tuple[tuple[str, int, str, str], ...] = (
+    ("MSSP", MSSP, "m2m:mssp", "M2MServiceSubscriptionProfile"),
+    ("ASAR", ASAR, "m2m:asar", "ServiceSubscribedAppRule"),
+    ("SVSN", SVSN, "m2m:svsn", "ServiceSubscribedNode"),
+)
+_OWN_TYS = frozenset((MSSP, ASAR, SVSN))
+
+# Universal and common attributes of all three types (TS-0004 Tables 7.4.19.1-2, 7.4.20.1-2, 7.4.29.1-2).
+_COMMON = ["rn", "ty", "ri", "pi", "ct", "lt", "et", "lbl", "acpi", "daci"]
+_ATTRIBUTES = {
+    "MSSP": _COMMON,
+    "SVSN": _COMMON + ["ni", "csi", "di", "rlk", "nrq"],
+    "ASAR": _COMMON + ["apci", "aai", "aae", "ari"],
+}
+# Allowed child types; <transaction> is not implemented by ACME 2026.5, so it is left out.
+_CHILDREN = {
+    "MSSP": ["SVSN", "SUB"],
+    "SVSN": ["SUB"],
+    "ASAR": ["SUB"],
+}
+_CSEBASE_CHILDREN = ["MSSP", "ASAR"]
+
+# Resource specific attributes in ACME's attribute-policy format (the format of its ``*.ap`` files).
+# Short names from TS-0004 Table 8.2.3-1 (CSE-ID is ``csi``, nodeID ``ni``, deviceIdentifier ``di``).
+# ``rlk`` and the SSAR lists use cardinality "01" (not ACME's "01L") because an *empty* list is meaningful
+# there: an empty ruleLinks means "no AE may register" (TS-0001 §9.6.20), an empty apci/aai/aae matches
+# nothing, which is not the same as the attribute being absent (absent apci = no security association).
+_POLICIES: dict[str, dict[str, Any]] = {
+    # <serviceSubscribedNode>
+    "ni": {"rtypes": ["SVSN"], "lname": "nodeID", "type": "string", "car": "1", "oc": "M", "ou": "NP"},
+    "csi": {"rtypes": ["SVSN"], "lname": "CSE-ID", "type": "ID", "car": "01", "oc": "O", "ou": "NP"},
+    "di": {"rtypes": ["SVSN"], "lname": "deviceIdentifier", "type": "list", "ltype": "string", "car": "01L",
+           "oc": "O", "ou": "NP"},
+    "rlk": {"rtypes": ["SVSN"], "lname": "ruleLinks", "type": "list", "ltype": "anyURI", "car": "01",
+            "oc": "O", "ou": "O"},
+    "nrq": {"rtypes": ["SVSN"], "lname": "niddRequired", "type": "boolean", "car": "01", "oc": "O", "ou": "O"},
+    # <serviceSubscribedAppRule>
+    "apci": {"rtypes": ["ASAR"], "lname": "applicableCredIDs", "type": "list", "ltype": "ID", "car": "01",
+             "oc": "O", "ou": "O"},
+    "aai": {"rtypes": ["ASAR"], "lname": "allowedApp-IDs", "type": "list", "ltype": "ID", "car": "01",
+            "oc": "O", "ou": "O"},
+    "aae": {"rtypes": ["ASAR"], "lname": "allowedAEs", "type": "list", "ltype": "ID", "car": "01",
+            "oc": "O", "ou": "O"},
+    "ari": {"rtypes": ["ASAR"], "lname": "allowedRole-IDs", "type": "list", "ltype": "string", "car": "01",
+            "oc": "O", "ou": "O"},
+}
+for _p in _POLICIES.values():
+    _p.setdefault("ns", "m2m")
+    _p.setdefault("od", "O")
+    _p.setdefault("annc", "NA")  # none of the three types is announceable
+del _p
+
+# TS-0004 Table 6.3.4.2.1-1 long names, added to ACME's m2m:resourceType enumeration (filterCriteria ty, chty).
+_ENUM_NAMES = {MSSP: "m2mServiceSubscriptionProfile", ASAR: "serviceSubscribedAppRule", SVSN: "serviceSubscribedNode"}
+
+_PATCH_MARK = "_rspf_resources_patch"
+_install_lock = threading.Lock()
+_rule_lock = threading.Lock()
+_classes: dict[str, type] = {}
+
+
+# ================================================================================ version guard
+def acme_version() -> str:
+    """The installed ``acmecse`` distribution version (e.g. ``2026.5.3``)."""
+    try:
+        return metadata.version("acmecse")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source checkout
+        from acmecse.etc.Constants import Constants
+
+        return str(Constants.version)
+
+
+def check_acme_version() -> None:
+    """Raise RuntimeError unless the ACME in this interpreter is 2026.5.x."""
+    version = acme_version()
+    m = re.match(r"(\d+)\.0*(\d+)\.", version)
+    if not m or (int(m.group(1)), int(m.group(2))) != SUPPORTED_ACME:
+        import acmecse
+
+        raise RuntimeError(
+            f"rspf.acme.resources supports ACME (acmecse) 2026.5.x only; this is acmecse {version} "
+            f"({acmecse.__file__}). The resource-type surgery (ResourceTypes enum, Factory class map, "
+            "attribute policies, Storage CSE-ID lookups) must be re-checked against the new release."
+        )
+
+
+# ============================================================================ wildcard matching
+def matches(pattern: str | None, value: str | None) -> bool:
+    """TS-0001 §9.6.29 pattern match: ``*`` matches any run of characters (also none), anywhere.
+
+    ``"*"`` matches everything, ``"C123*X"`` every value that starts with ``C123`` and ends with ``X``,
+    ``"C*"`` also the bare ``"C"``. Every other character matches itself (case-sensitive); there are
+    no other metacharacters.
+    """
+    if pattern is None or value is None:
+        return False
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return pattern == value
+    head, *middle, tail = parts
+    if len(value) < len(head) + len(tail) or not value.startswith(head) or not value.endswith(tail):
+        return False
+    pos, end = len(head), len(value) - len(tail)
+    for part in middle:  # leftmost placement of each middle part is optimal for a '*'-only language
+        if not part:
+            continue
+        found = value.find(part, pos, end)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
+
+
+def _any_match(patterns: Iterable[str] | None, value: str | None) -> bool:
+    return any(matches(p, value) for p in (patterns or ()) if isinstance(p, str))
+
+
+# ==================================================================================== ACME surgery
+def install_resource_types() -> None:
+    """Teach the running ACME the types mssp (11), asar (19) and svsn (20). Idempotent.
+
+    Call it from a plugin's ``@init`` (or ``@configure``/``@validate``): that is before ACME imports its
+    resource type definitions (``Importer.importResourcePolicies`` -> ``Factory.initResources``) and its
+    attribute policies (``Importer.importPolicies``), and before ``init.as`` creates the CSEBase, so the
+    CSEBase's ``srt`` lists the new types. Later calls are no-ops once installed; a *first* call after ACME
+    has already built its resource tables raises RuntimeError (the tables are not rebuilt under load).
+
+    What it changes, all in memory, nothing on disk:
+
+    1. ``ResourceTypes`` (IntEnum) gets members MSSP=11, ASAR=19, SVSN=20;
+    2. ``Factory.initResources`` is wrapped: before it runs, ResourceDescriptions for the three types are
+       put into ``Types.resourceTypeDetails`` (type names ``m2m:mssp`` etc., attributes, child types) and
+       MSSP/ASAR are added to the CSEBase's child types, so ACME's own code derives the name mappings,
+       the creatable/updatable lists and ``srt``; ``Factory.resourceClassMapping`` becomes a property that
+       adds our resource classes to the class map ACME assigns there;
+    3. ``Importer.assignAttributePolicies`` is wrapped: before it runs, the attribute policies of the new
+       attributes are parsed with ACME's own ``.ap`` parser and registered with the Validator, and 11/19/20
+       are added to the ``m2m:resourceType`` enumeration (filterCriteria ``ty``, ACP ``chty``);
+    4. ``Storage.retrieveResource(csi=...)`` and ``Storage.searchByFragment({'csi': ...})`` skip svsn
+       resources: ACME looks up <CSEBase>/<remoteCSE> by the ``csi`` field, which svsn shares;
+    5. ``Importer.importScripts`` is wrapped: afterwards a CSEBase created by an older run (persistent
+       database) gets the new types added to its ``srt``.
+    """
+    check_acme_version()
+    with _install_lock:
+        from acmecse.runtime.Factory import Factory
+
+        if getattr(Factory.initResources, _PATCH_MARK, False):
+            return  # already installed (this process)
+        if Factory().__dict__.get("resourceClassMapping"):
+            raise RuntimeError(
+                "install_resource_types() was called after ACME built its resource type tables; call it from "
+                "a plugin's @init (before Importer.importResourcePolicies)"
+            )
+        _extend_resource_types_enum()
+        _patch_factory()
+        _patch_importer()
+        _patch_storage()
+
+
+def _mark(fn: Any, original: Any) -> Any:
+    setattr(fn, _PATCH_MARK, True)
+    fn._rspf_original = original
+    fn.__name__ = getattr(original, "__name__", fn.__name__)
+    fn.__doc__ = getattr(original, "__doc__", None)
+    return fn
+
+
+def _extend_resource_types_enum() -> None:
+    """Add MSSP/ASAR/SVSN members to ACME's ResourceTypes IntEnum (Python 3.11+ enum internals)."""
+    from acmecse.etc.Types import ResourceTypes
+
+    for name, value, _tn, _fn in _TYPES:
+        existing = ResourceTypes._value2member_map_.get(value)
+        if existing is not None:
+            if existing.name != name:
+                raise RuntimeError(f"ACME already defines resource type {value} as {existing.name}")
+            continue
+        member = int.__new__(ResourceTypes, value)
+        member._name_ = name
+        member._value_ = value
+        member.__objclass__ = ResourceTypes  # type: ignore[attr-defined]
+        member._sort_order_ = len(ResourceTypes._member_names_)  # type: ignore[attr-defined]
+        ResourceTypes._member_map_[name] = member
+        ResourceTypes._member_names_.append(name)  # type: ignore[attr-defined]
+        ResourceTypes._value2member_map_[value] = member
+        type.__setattr__(ResourceTypes, name, member)  # EnumType.__setattr__ refuses member names
+
+
+def _resource_classes() -> dict[str, type]:
+    """Our Resource subclasses (built lazily: importing ACME's Resource needs a configured ACME)."""
+    if _classes:
+        return _classes
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.ResponseStatusCodes import BAD_REQUEST, OPERATION_NOT_ALLOWED
+    from acmecse.etc.Types import CSEType
+    from acmecse.resources.Resource import Resource
+
+    class _InCseOnly(Resource):
+        def activate(self, parentResource: Any, originator: str) -> None:
+            if RC.cseType != CSEType.IN:
+                raise OPERATION_NOT_ALLOWED(
+                    f"<{self.typeShortname}> is only applicable to an IN-CSE (TS-0004 Table 6.3.4.2.1-1)")
+            super().activate(parentResource, originator)
+
+    class M2MServiceSubscriptionProfile(_InCseOnly):
+        """<m2mServiceSubscriptionProfile> (ty 11): common attributes only; children svsn and sub."""
+
+    class ServiceSubscribedNode(_InCseOnly):
+        """<serviceSubscribedNode> (ty 20)."""
+
+        def validate(self, originator: str | None = None, dct: Any = None, parentResource: Any = None) -> None:
+            super().validate(originator, dct, parentResource)
+            # TS-0004 §7.4.20.2.1/.3: ruleLinks present but CSE-ID absent -> BAD_REQUEST (create and update)
+            if self.rlk is not None and not self.csi:
+                raise BAD_REQUEST("ruleLinks (rlk) requires the CSE-ID (csi) attribute")
+
+    class ServiceSubscribedAppRule(_InCseOnly):
+        """<serviceSubscribedAppRule> (ty 19)."""
+
+        def validate(self, originator: str | None = None, dct: Any = None, parentResource: Any = None) -> None:
+            super().validate(originator, dct, parentResource)
+            # TS-0004 §7.4.29.2.1/.3: every allowedApp-IDs pattern starts with '*', 'R' or 'N'
+            for pattern in self.aai or []:
+                if not isinstance(pattern, str) or pattern[:1] not in ("*", "R", "N"):
+                    raise BAD_REQUEST(f"allowedApp-IDs (aai) entry {pattern!r} must start with '*', 'R' or 'N'")
+
+    _classes.update(MSSP=M2MServiceSubscriptionProfile, SVSN=ServiceSubscribedNode, ASAR=ServiceSubscribedAppRule)
+    return _classes
+
+
+def _class_map_entries() -> dict[Any, tuple[type, Any]]:
+    from acmecse.etc.Types import ResourceTypes
+
+    out: dict[Any, tuple[type, Any]] = {}
+    for name, cls in _resource_classes().items():
+        out[ResourceTypes[name]] = (cls, lambda dct, tySN, create, _cls=cls: _cls(dct, create=create))
+    return out
+
+
+def _register_descriptions() -> None:
+    """Put our ResourceDescriptions into Types.resourceTypeDetails (ACME re-reads its .rtp on every import)."""
+    from acmecse.etc.Types import ResourceDescription, ResourceTypes, resourceTypeDetails
+
+    for name, value, type_name, full_name in _TYPES:
+        ty = ResourceTypes[name]
+        resourceTypeDetails[ty] = ResourceDescription(
+            type=ty, typeName=type_name, fullName=full_name,
+            attributes=list(_ATTRIBUTES[name]),
+            childResourceTypes=[ResourceTypes[c] for c in _CHILDREN[name]],
+        )
+    cse = resourceTypeDetails.get(ResourceTypes.CSEBase)
+    if cse is None:  # pragma: no cover - ACME always defines the CSEBase
+        raise RuntimeError("ACME's resource type definitions have no CSEBase")
+    if cse.childResourceTypes is None:
+        cse.childResourceTypes = []
+    for c in _CSEBASE_CHILDREN:
+        if ResourceTypes[c] not in cse.childResourceTypes:
+            cse.childResourceTypes.append(ResourceTypes[c])
+
+
+def _patch_factory() -> None:
+    from acmecse.etc import Types
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.Types import CSEType, ResourceTypes
+    from acmecse.runtime.Factory import Factory
+
+    # ACME assigns a fresh dict literal to self.resourceClassMapping inside initResources() and then derives
+    # everything (class attributes, attribute lists, child types, factories) from it; a data descriptor
+    # lets ACME's own loop do that for our classes too.
+    key = "_rspf_resourceClassMapping"
+
+    def _get(self: Any) -> dict:
+        return self.__dict__.setdefault(key, {})
+
+    def _set(self: Any, value: dict) -> None:
+        mapping = dict(value)
+        for ty, entry in _class_map_entries().items():
+            mapping.setdefault(ty, entry)
+        self.__dict__[key] = mapping
+
+    Factory.resourceClassMapping = property(_get, _set, doc="ACME's class map plus rspf's mssp/asar/svsn")
+
+    original = Factory.initResources
+
+    def initResources(self: Any) -> bool:
+        _register_descriptions()
+        ok = original(self)
+        if ok and RC.cseType != CSEType.IN:
+            # IN-CSE only types: not "supported" on an MN/ASN (creation is refused there as well)
+            Types._resourceTypesSupportedResourceTypes[:] = [
+                t for t in Types._resourceTypesSupportedResourceTypes if int(t) not in _OWN_TYS]
+        return ok
+
+    Factory.initResources = _mark(initResources, original)  # type: ignore[method-assign]
+    # ResourceTypes has to know the new members before the first initResources(): checked here once more
+    for name, value, _tn, _fn in _TYPES:
+        assert ResourceTypes[name] == value
+
+
+def _inject_policies(importer: Any) -> None:
+    """Register our attribute policies (parsed by ACME's own .ap parser) and extend m2m:resourceType."""
+    from acmecse.etc.Types import ResourceTypes
+
+    validator = importer.validator
+    # Importer deep-copies each parsed policy, so every policy of etype m2m:resourceType (filterCriteria ty,
+    # request ty, ACP chty, childResourceRef typ, ...) has its own copy of the enumeration values.
+    enums = [importer._enumValues.get("m2m:resourceType")]
+    enums += [p.evalues for p in validator.getAllAttributePolicies().values() if p.etype == "m2m:resourceType"]
+    for enum in enums:
+        if isinstance(enum, dict):
+            for value, long_name in _ENUM_NAMES.items():
+                enum.setdefault(value, long_name)
+    for sname, definition in _POLICIES.items():
+        policy = importer._parseAttribute(dict(definition), "rspf.acme.resources", sname=sname)
+        if policy is None:
+            raise RuntimeError(f"ACME refused the attribute policy for {sname}; see the ACME log")
+        for rtype in policy.rtypes:
+            if validator.getAttributePolicy(rtype, sname, specific=True) is None:
+                validator.addAttributePolicy(rtype, sname, policy)
+    # sanity: every attribute of our types must have a policy now (common ones come from ACME's ALL policies)
+    for name, attrs in _ATTRIBUTES.items():
+        for sname in attrs:
+            if validator.getAttributePolicy(ResourceTypes[name], sname) is None:
+                raise RuntimeError(f"no ACME attribute policy for {name}.{sname}")
+
+
+def _ensure_srt() -> None:
+    """A CSEBase created before the types were installed (persistent DB) lists them in srt afterwards."""
+    from acmecse.etc.Types import ResourceTypes
+    from acmecse.resources.CSEBase import getCSE
+
+    cse = getCSE()
+    if cse is None:
+        return
+    wanted = [int(t) for t in ResourceTypes.supportedResourceTypes()]
+    srt = list(cse.srt or [])
+    missing = [t for t in wanted if int(t) in _OWN_TYS and int(t) not in srt]
+    extra = [t for t in srt if int(t) in _OWN_TYS and int(t) not in wanted]
+    if missing or extra:
+        cse.setAttribute("srt", sorted([t for t in srt if t not in extra] + missing))
+        cse.dbUpdate()
+
+
+def _patch_importer() -> None:
+    from acmecse.runtime.Importer import Importer
+
+    original_assign = Importer.assignAttributePolicies
+
+    def assignAttributePolicies(self: Any) -> bool:
+        _inject_policies(self)
+        return original_assign(self)
+
+    Importer.assignAttributePolicies = _mark(assignAttributePolicies, original_assign)  # type: ignore[method-assign]
+
+    original_scripts = Importer.importScripts
+
+    def importScripts(self: Any) -> bool:
+        ok = original_scripts(self)
+        if ok:
+            _ensure_srt()
+        return ok
+
+    Importer.importScripts = _mark(importScripts, original_scripts)  # type: ignore[method-assign]
+
+
+def _patch_storage() -> None:
+    from acmecse.etc.ResponseStatusCodes import INTERNAL_SERVER_ERROR, NOT_FOUND
+    from acmecse.runtime.Storage import Storage
+
+    original_retrieve = Storage.retrieveResource
+
+    def retrieveResource(self: Any, ri: str | None = None, csi: str | None = None, srn: str | None = None,
+                         aei: str | None = None) -> Any:
+        if csi and not ri and not srn:
+            # ACME: "get the CSE by its csi" -- CSEBase/remoteCSE only, never a serviceSubscribedNode
+            docs = [d for d in self.db.searchResources(csi=csi) if d.get("ty") not in _OWN_TYS]
+            if len(docs) == 1:
+                return self.factory.resourceFromDict(docs[0])
+            if not docs:
+                raise NOT_FOUND("resource not found")
+            raise INTERNAL_SERVER_ERROR("database inconsistency")
+        return original_retrieve(self, ri=ri, csi=csi, srn=srn, aei=aei)
+
+    Storage.retrieveResource = _mark(retrieveResource, original_retrieve)  # type: ignore[method-assign]
+
+    original_search = Storage.searchByFragment
+
+    def searchByFragment(self: Any, dct: dict, filter: Any = None) -> list:  # noqa: A002 - ACME's name
+        if isinstance(dct, dict) and "csi" in dct and "ty" not in dct:
+            inner = filter
+
+            def filter(doc: Any) -> bool:  # noqa: A001
+                return doc.get("ty") not in _OWN_TYS and (inner is None or inner(doc))
+
+        return original_search(self, dct, filter)
+
+    Storage.searchByFragment = _mark(searchByFragment, original_search)  # type: ignore[method-assign]
+
+
+# ==================================================================================== lookups
+def _dispatcher() -> Any:
+    from acmecse.runtime import CSE
+
+    if CSE.dispatcher is None:  # pragma: no cover
+        raise RuntimeError("ACME is not running")
+    return CSE.dispatcher
+
+
+def _norm_cse_id(value: str | None) -> str | None:
+    """CSE-ID in SP-relative form ``/id``: ``id`` -> ``/id``; ``//<own SP>/id`` -> ``/id``."""
+    if not value or not isinstance(value, str):
+        return None
+    from acmecse.etc.Constants import RuntimeConstants as RC
+
+    v = value.strip().rstrip("/")
+    if v.startswith("//"):
+        sp = RC.cseSPid or ""
+        if sp and v.startswith(sp + "/"):
+            v = v[len(sp):]
+        else:
+            return v  # another SP's CSE: keep the absolute form
+    return v if v.startswith("/") else "/" + v
+
+
+def find_service_subscribed_node(cse_id: str) -> Any | None:
+    """The <serviceSubscribedNode> whose CSE-ID (``csi``) is ``cse_id``, or None.
+
+    CSE-IDs are compared in SP-relative form: ``id-in``, ``/id-in`` and ``//<this SP>/id-in`` are the same
+    CSE (the attribute is stored exactly as it was written, with or without the leading slash). With more
+    than one match the oldest (by creationTime, then resource ID) wins.
+    """
+    from acmecse.etc.Types import ResourceTypes
+
+    want = _norm_cse_id(cse_id)
+    if want is None:
+        return None
+    found = [r for r in _dispatcher().retrieveResourcesByType(ResourceTypes.SVSN) if _norm_cse_id(r.csi) == want]
+    if not found:
+        return None
+    found.sort(key=lambda r: (r.ct or "", r.ri or ""))
+    return found[0]
+
+
+def resolve_local(link: str) -> Any | None:
+    """The local resource a oneM2M ID names, or None.
+
+    Accepts an unstructured resource ID (``asar123``), a CSE-relative structured path (``cse-in/rule``),
+    SP-relative and absolute forms of either (``/id-in/asar123``, ``//sp/id-in/cse-in/rule``, ``-/rule``),
+    and as a convenience a bare resource name of a direct child of the CSEBase (``rule``).
+    IDs of other CSEs and URLs give None.
+    """
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.IDUtils import localResourceID
+    from acmecse.etc.ResponseStatusCodes import ResponseException
+
+    if not link or not isinstance(link, str) or "://" in link:
+        return None
+    local = localResourceID(link.strip())
+    if not local:
+        return None
+    disp = _dispatcher()
+    candidates = [local]
+    if "/" not in local and local != RC.cseRn:
+        candidates.append(f"{RC.cseRn}/{local}")
+    for candidate in candidates:
+        try:
+            return disp.retrieveResource(candidate)
+        except ResponseException:
+            continue
+    return None
+
+
+def rules_of(svsn: Any) -> list[Any]:
+    """The <serviceSubscribedAppRule> resources the node's ruleLinks point at, in link order.
+
+    Links may be resource IDs or structured paths (see :func:`resolve_local`); links to missing, remote or
+    non-asar resources are skipped, duplicates returned once. No ruleLinks (or an empty list) gives [].
+    """
+    if svsn is None:
+        return []
+    links = svsn.rlk if hasattr(svsn, "rlk") else (svsn.get("rlk") if isinstance(svsn, dict) else None)
+    rules: list[Any] = []
+    seen: set[str] = set()
+    for link in links or []:
+        res = resolve_local(link)
+        if res is None or res.ty != ASAR or res.ri in seen:
+            continue
+        seen.add(res.ri)
+        rules.append(res)
+    return rules
+
+
+def rule_allows(rule: Any, credential_id: str | None, app_id: str, ae_id_stem: str | None) -> bool:
+    """TS-0001 §10.2.2.2 step 003 against one <serviceSubscribedAppRule>.
+
+    * Credential-ID: matches an ``apci`` pattern; without ``apci`` the rule applies only to a registration
+      *without* security association (``credential_id`` None or empty);
+    * App-ID: matches an ``aai`` pattern (no ``aai``: no App-ID is allowed);
+    * AE-ID-Stem: matches an ``aae`` pattern (no ``aae``: none allowed). An absent From is ``""`` and
+      matches only ``*``; the bare ``C``/``S`` of a fresh registration matches ``C*``/``S*``.
+    """
+    apci = rule.apci if hasattr(rule, "apci") else rule.get("apci")
+    aai = rule.aai if hasattr(rule, "aai") else rule.get("aai")
+    aae = rule.aae if hasattr(rule, "aae") else rule.get("aae")
+    if apci is None:
+        if credential_id:
+            return False
+    elif not credential_id or not _any_match(apci, credential_id):
+        return False
+    return _any_match(aai, app_id or "") and _any_match(aae, ae_id_stem or "")
+
+
+# ==================================================================================== updates
+def _cse_originator() -> str:
+    from acmecse.etc.Constants import RuntimeConstants as RC
+
+    return RC.cseOriginator
+
+
+def add_to_rule(rule_ri: str, credential_id: str | None, ae_id_stem: str | None) -> None:
+    """Append ``credential_id`` to the rule's ``apci`` and ``ae_id_stem`` to its ``aae`` (TS-0003 §8.3.1.2).
+
+    ``rule_ri`` is anything :func:`resolve_local` accepts (resource ID, structured path, or the resource
+    name of an asar under the CSEBase). Values already present (exact string) are not added again; nothing
+    to add means no UPDATE. The UPDATE runs through ACME's Dispatcher.updateLocalResource as the CSE's
+    admin originator, i.e. with attribute validation, lastModifiedTime and <subscription> notifications.
+    A module-level lock serialises the read-modify-write of concurrent callers in this process.
+
+    Raises LookupError if there is no such local rule, ValueError if it is not a <serviceSubscribedAppRule>
+    (and ACME's ResponseException if ACME refuses the update).
+    """
+    with _rule_lock:
+        rule = resolve_local(rule_ri)
+        if rule is None:
+            raise LookupError(f"no local <serviceSubscribedAppRule> {rule_ri!r}")
+        if rule.ty != ASAR:
+            raise ValueError(f"{rule_ri!r} is a resource of type {int(rule.ty)}, not a <serviceSubscribedAppRule>")
+        update: dict[str, list[str]] = {}
+        for attr, value in (("apci", credential_id), ("aae", ae_id_stem)):
+            if not value:
+                continue
+            current = list(rule[attr] or [])
+            if value not in current:
+                update[attr] = current + [value]
+        if update:
+            _dispatcher().updateLocalResource(rule, {"m2m:asar": update}, originator=_cse_originator())
+
+
+def ensure_subscription(cse_id: str, ssar: str, allowed_app_ids: Iterable[str] = ("*",),
+                        node_id: str | None = None) -> Any:
+    """Make sure AE registrations on ``cse_id`` can be checked against the rule named ``ssar``.
+
+    Idempotent; creates, as the CSE's admin originator, whatever is missing of:
+
+    * ``<CSEBase>/<ssar>``: a <serviceSubscribedAppRule> with ``aai = allowed_app_ids`` and no ``apci`` /
+      ``aae`` (so it allows nothing until :func:`add_to_rule` records enrolled credentials);
+    * a <serviceSubscribedNode> for ``cse_id`` (``ni = node_id`` or the CSE-ID without its slash), in a new
+      <m2mServiceSubscriptionProfile> ``rspf-mssp`` -- unless a node for that CSE-ID already exists;
+    * a ruleLink from that node to the rule (appended to an existing node's ruleLinks).
+
+    An existing rule is left as it is (its aai is not changed). Returns the rule resource.
+    """
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.Types import ResourceTypes
+
+    disp = _dispatcher()
+    origin = _cse_originator()
+    with _rule_lock:
+        rule = resolve_local(f"{RC.cseRn}/{ssar}")
+        if rule is None:
+            rule, *_ = disp.createResourceFromDict({"m2m:asar": {"rn": ssar, "aai": list(allowed_app_ids)}},
+                                                  RC.cseRi, ResourceTypes.ASAR, origin)
+        elif rule.ty != ASAR:
+            raise ValueError(f"{RC.cseRn}/{ssar} exists and is not a <serviceSubscribedAppRule>")
+        svsn = find_service_subscribed_node(cse_id)
+        if svsn is None:
+            mssp = resolve_local(f"{RC.cseRn}/rspf-mssp")
+            if mssp is None:
+                mssp, *_ = disp.createResourceFromDict({"m2m:mssp": {"rn": "rspf-mssp"}}, RC.cseRi,
+                                                       ResourceTypes.MSSP, origin)
+            elif mssp.ty != MSSP:
+                raise ValueError(f"{RC.cseRn}/rspf-mssp exists and is not an <m2mServiceSubscriptionProfile>")
+            ni = node_id or (cse_id.lstrip("/") or cse_id)
+            disp.createResourceFromDict({"m2m:svsn": {"ni": ni, "csi": cse_id, "rlk": [rule.ri]}}, mssp.ri,
+                                        ResourceTypes.SVSN, origin)
+        elif rule.ri not in {r.ri for r in rules_of(svsn)}:
+            disp.updateLocalResource(svsn, {"m2m:svsn": {"rlk": list(svsn.rlk or []) + [rule.ri]}},
+                                     originator=origin)
+        return rule
