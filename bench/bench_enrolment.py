@@ -283,7 +283,10 @@ class LoadGenerator:
         start_at = time.time() + 0.3  # every client starts at the same moment
         for pipe in self.pipes:
             pipe.send((kind, start_at, seconds))
-        results = [pipe.recv() for pipe in self.pipes]
+        try:
+            results = [pipe.recv() for pipe in self.pipes]
+        except (EOFError, OSError):
+            raise RuntimeError("a client process died; see its traceback above") from None
         done = sum(r["done"] for r in results)
         elapsed = max(r["elapsed"] for r in results)
         errors: dict[str, int] = {}
@@ -391,7 +394,9 @@ def main() -> int:
         print(f"setup: MEF home {home}, {args.enrolees} enrolees imported, MEF pid {mef.pid} port {mef_port}, "
               f"bare pid {bare.pid} port {bare_port}, {args.clients} client processes "
               f"({time.monotonic() - t_setup:.1f} s)")
-        print(f"MEF log_level = \"warning\" (set for the benchmark so that logging does not dominate)")
+        print("MEF log_level = \"warning\" (set for the benchmark so that logging does not dominate)")
+        print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+              f"(the machine is shared: other work skews every figure)")
         print(f"{OpenSSL.SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, pyOpenSSL {OpenSSL.__version__}, "
               f"cryptography {cryptography.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
 
@@ -413,10 +418,11 @@ def main() -> int:
                 rounds.append(r)
                 d = max(r["done"], 1)
                 print(f"{n + 1:>5} {kind:<5} {r['done']:>6} {r['elapsed']:>6.1f} {r['rate']:>8.1f} "
-                      f"{sum(r['errors'].values()):>6} {pct(r['lat'], 0.5) * 1e3:>7.1f} {pct(r['lat'], 0.95) * 1e3:>7.1f} "
+                      f"{sum(r['errors'].values()):>6} {pct(r['lat'], 0.5) * 1e3:>7.1f} "
+                      f"{pct(r['lat'], 0.95) * 1e3:>7.1f} "
                       f"{r['server_cpu'] * 1e3 / d:>13.2f} {r['client_cpu'] * 1e3 / d:>13.2f}")
                 if mef.poll() is not None or bare.poll() is not None:
-                    raise RuntimeError("a server exited during the run; see its stderr above")
+                    raise RuntimeError("a server exited during the run; see its stderr below")
 
         def summary(kind: str) -> dict:
             rs = [r for r in rounds if r["kind"] == kind]

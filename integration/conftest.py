@@ -14,12 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import RSPF, Cli, CliResult, MefHome, run_cli  # noqa: F401  (re-exported for tests)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not RSPF.exists():
-        raise pytest.UsageError(f"the rspf CLI is not installed next to {RSPF.parent}/python")
+from .support import Cli, CliResult, MefHome, run_cli  # noqa: F401  (re-exported for tests)
 
 
 @pytest.fixture

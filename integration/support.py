@@ -59,6 +59,7 @@ class Cli:
 
     def __call__(self, *args: Any, timeout: float = CLI_TIMEOUT) -> CliResult:
         argv = [str(a) for a in args]
+        assert RSPF.exists(), f"{RSPF} is missing: install the project into this venv (pip install .)"
         proc = subprocess.run([str(RSPF), *argv], cwd=self.cwd, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
         res = CliResult(argv, proc.returncode, proc.stdout, proc.stderr)

@@ -247,6 +247,52 @@ def test_originator_spoofing_is_refused(home: MefHome) -> None:
     fetched_key(home, data["keID"], 23, target="x")
 
 
+def test_ke_id_is_matched_case_insensitively(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev)
+    rel, fqdn = data["keID"].split("@")
+    expected = home.load_enrolment(dev).registrar_key.reveal()
+    for variant in (f"{rel.upper()}@{fqdn}", f"{rel}@{fqdn.upper()}"):
+        out = home.root / f"case-{secrets.token_hex(4)}.hex"
+        res = home.fetch(home.targets["in"], variant, key_out=out)
+        assert res.rc == 0, str(res)
+        assert bytes.fromhex(read_hex(out)) == expected
+
+
+def test_location_is_reported_in_the_profile(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev, "--location", "48.85,2.35")
+    assert data["profile"]["location"] == "48.85,2.35"
+
+
+def test_kpm_file_readable_by_others_is_refused_locally(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    os.chmod(dev.kpm_file, 0o644)
+    res = home.enrol(dev)
+    assert res.rc == 2, str(res)
+    assert "readable by group or others" in res.stderr and "chmod 600" in res.stderr
+    assert not dev.store.exists()
+    assert home.show(dev.kpm_id)["lastEnrolled"] is None
+
+
+def test_duplicate_registrations_are_refused(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    before = home.list_enrolees()
+    for kpm_id in (dev.kpm_id, home.targets["in"].psk_identity):
+        res = home.cli("mef", "enrolee", "add", "-c", home.config, "--kpm-id", kpm_id, "--kpm-file", dev.kpm_file,
+                       "--enrolee-id", "/id-dup", "--node-id", "urn:dup", "--registrar-cse-id", "/id-in",
+                       "--registrar-uri", "https://127.0.0.1:8443/cse-in")
+        assert res.rc == 2, str(res)
+        assert "already registered" in res.stderr
+    res = home.cli("mef", "target", "add", "-c", home.config, "--psk-identity", dev.kpm_id, "--psk-file",
+                   dev.kpm_file, "--target-id", "/id-dup")
+    assert res.rc == 2 and "already registered" in res.stderr, str(res)
+    assert home.list_enrolees() == before
+    for cmd in ("show", "revoke"):
+        res = home.cli("mef", "enrolee", cmd, "-c", home.config, f"nobody@{FQDN}")
+        assert res.rc == 2 and "no enrolee has the KpmID" in res.stderr, str(res)
+
+
 def test_unknown_ke_id_is_not_found(home: MefHome) -> None:
     out = home.root / "unknown.hex"
     assert_refused(home.fetch(home.targets["in"], f"{secrets.token_hex(16)}@{FQDN}", key_out=out), 4004)

@@ -18,7 +18,7 @@ import pytest
 from rspf import keys
 from rspf.secret import Secret
 
-from .support import FQDN, HOST, REGISTRAR_FQDN, EnroleeInfo, MefHome, read_hex
+from .support import FQDN, HOST, EnroleeInfo, MefHome, read_hex
 
 KEYING_RE = re.compile(r"Keying material:\s*([0-9A-Fa-f]+)")
 VERSIONS = {"1.2": ["-tls1_2", "-cipher", "PSK-AES128-CBC-SHA256"], "1.3": ["-tls1_3"]}
@@ -81,7 +81,6 @@ def test_openssl_s_client_enrols_and_agrees_on_the_exporter(openssl_bin: str, mo
     assert prof["credential"]["keyID"] == f"{relative_ke_id.hex()}@{FQDN}"
     assert prof["credential"]["suid"] == 22
     expected = keys.derive_usage_constrained_key(ke, 22, "id-in.sp.example.com").reveal()
-    assert REGISTRAR_FQDN == "id-in.sp.example.com"
     assert base64.b64decode(prof["credential"]["key"]) == expected
 
     # the MEF stored that Ke under that KeID: the registrar Target gets the same key
@@ -109,3 +108,15 @@ def test_openssl_s_client_unknown_identity_fails(openssl_bin: str, module_mef: M
     proc = s_client(openssl_bin, mef, ghost, "1.2", secrets.token_hex(32))
     assert proc.returncode != 0
     assert b"HTTP/1.1" not in proc.stdout
+
+
+def test_tls_min_version_is_enforced(openssl_bin: str, mef_home: MefHome) -> None:
+    mef_home.set_config("tls_min_version", '"1.3"')
+    mef_home.start()
+    dev1 = mef_home.enrolees["dev1"]
+    old = s_client(openssl_bin, mef_home, dev1, "1.2", dev1.kpm_hex)
+    assert old.returncode != 0 and b"HTTP/1.1" not in old.stdout
+    assert mef_home.show(dev1.kpm_id)["lastEnrolled"] is None
+    new = s_client(openssl_bin, mef_home, dev1, "1.3", dev1.kpm_hex)
+    assert new.returncode == 0, new.stderr.decode(errors="replace")
+    assert http_response(new.stdout)[0] == 201

@@ -57,6 +57,7 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 60.0
 
 
 def acme_ini(cse_type: str, cse_id: str, cse_name: str, http_port: int) -> str:
+    """A minimal headless acme.ini; ``cse_id`` without the leading slash (ACME adds it)."""
     return f"""[basic.config]
 cseType={cse_type}
 cseID={cse_id}
@@ -139,7 +140,7 @@ def main(workdir: Path) -> int:
 
         step(3, "IN-CSE: ACME with the SEC CSF plugin")
         base = workdir / "in-cse"
-        (base / "acme.ini").write_text(acme_ini("IN", "/id-in", "cse-in", http_port))
+        (base / "acme.ini").write_text(acme_ini("IN", "id-in", "cse-in", http_port))
         out = run([rspf, "acme", "install", "--base-dir", str(base), "--mef", f"127.0.0.1:{mef_port}",
                    "--mef-fqdn", MEF_FQDN, "--no-enrol", "--mef-psk-identity", "id-in@sp.example.com",
                    "--mef-psk-file", "mef-target.psk", "--secure-port", str(secure_port), "--enforcement",
@@ -147,8 +148,10 @@ def main(workdir: Path) -> int:
         for line in out.stdout.splitlines():
             print("  " + line)
         cse = procs.start("ACME IN-CSE", [acmecse, "--headless", "-dir", str(base)], base / "acme.out")
-        wait_http(f"http://127.0.0.1:{http_port}/cse-in", cse, "the IN-CSE")
+        # The secure listener opens in the plugin's @start, after ACME's own bindings and UIs: only then is
+        # it safe to send HTTP requests (a request during ACME's start-up can break its web UI plugin).
         wait_port(secure_port, cse, "the IN-CSE secure listener")
+        wait_http(f"http://127.0.0.1:{http_port}/cse-in", cse, "the IN-CSE")
         print(f"  IN-CSE is up (pid {cse.pid}): plain HTTP 127.0.0.1:{http_port}, TLS-PSK 127.0.0.1:{secure_port}")
 
         step(4, "AE: enrol with the MEF, register with the IN-CSE over TLS-PSK, create and read a container")

@@ -316,7 +316,7 @@ class RspfSecurityPlugin:
         if svsn is None:
             raise internals.acme_error(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
                                              "subscription is established for this CSE")
-        app_id = ae.get("api") if hasattr(ae, "get") else None
+        app_id = ae.api  # ACME resources answer None for an absent attribute
         for rule in resources.rules_of(svsn):
             if resources.rule_allows(rule, cred.credential_id, app_id or "", stem):
                 return

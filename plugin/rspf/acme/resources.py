@@ -32,10 +32,20 @@ from importlib import metadata
 from typing import Any
 
 __all__ = [
-    "ASAR", "MSSP", "SVSN", "SUPPORTED_ACME",
-    "acme_version", "check_acme_version", "install_resource_types",
-    "find_service_subscribed_node", "rules_of", "rule_allows", "matches",
-    "add_to_rule", "ensure_subscription", "resolve_local",
+    "ASAR",
+    "MSSP",
+    "SUPPORTED_ACME",
+    "SVSN",
+    "acme_version",
+    "add_to_rule",
+    "check_acme_version",
+    "ensure_subscription",
+    "find_service_subscribed_node",
+    "install_resource_types",
+    "matches",
+    "resolve_local",
+    "rule_allows",
+    "rules_of",
 ]
 
 #: The ACME releases this module's surgery was written and tested against (``acmecse`` 2026.5.x).
@@ -188,6 +198,13 @@ def install_resource_types() -> None:
        resources: ACME looks up <CSEBase>/<remoteCSE> by the ``csi`` field, which svsn shares;
     5. ``Importer.importScripts`` is wrapped: afterwards a CSEBase created by an older run (persistent
        database) gets the new types added to its ``srt``.
+
+    Why in memory and not as files in ``<baseDir>/init/``: ACME reads ``*.rtp`` (resource types) only from
+    its own package directory (``cse.resourcesPath``), so the types must be injected anyway; an ``*.ap`` in
+    ``<baseDir>/init/`` would work for the attribute policies (parsed after ACME's own, once the enum knows
+    the type names) but leaves files in the operator's directory; and an ``*.ep`` cannot extend
+    ``m2m:resourceType`` -- a same-named enumeration replaces ACME's, and the policies parsed before it
+    keep their own deep copies of the values.
     """
     check_acme_version()
     with _install_lock:
@@ -233,6 +250,9 @@ def _extend_resource_types_enum() -> None:
         ResourceTypes._member_names_.append(name)  # type: ignore[attr-defined]
         ResourceTypes._value2member_map_[value] = member
         type.__setattr__(ResourceTypes, name, member)  # EnumType.__setattr__ refuses member names
+        if not (ResourceTypes(value) is member and ResourceTypes[name] is member and member in list(ResourceTypes)
+                and ResourceTypes.has(value) and ResourceTypes.to(name) is member):
+            raise RuntimeError(f"could not add {name}={value} to ACME's ResourceTypes on this Python version")
 
 
 def _resource_classes() -> dict[str, type]:
@@ -310,7 +330,7 @@ def _register_descriptions() -> None:
 def _patch_factory() -> None:
     from acmecse.etc import Types
     from acmecse.etc.Constants import RuntimeConstants as RC
-    from acmecse.etc.Types import CSEType, ResourceTypes
+    from acmecse.etc.Types import CSEType
     from acmecse.runtime.Factory import Factory
 
     # ACME assigns a fresh dict literal to self.resourceClassMapping inside initResources() and then derives
@@ -341,9 +361,6 @@ def _patch_factory() -> None:
         return ok
 
     Factory.initResources = _mark(initResources, original)  # type: ignore[method-assign]
-    # ResourceTypes has to know the new members before the first initResources(): checked here once more
-    for name, value, _tn, _fn in _TYPES:
-        assert ResourceTypes[name] == value
 
 
 def _inject_policies(importer: Any) -> None:
@@ -434,13 +451,15 @@ def _patch_storage() -> None:
 
     original_search = Storage.searchByFragment
 
-    def searchByFragment(self: Any, dct: dict, filter: Any = None) -> list:  # noqa: A002 - ACME's name
+    def searchByFragment(self: Any, dct: dict, filter: Any = None) -> list:  # ACME's parameter name
         if isinstance(dct, dict) and "csi" in dct and "ty" not in dct:
+            # ACME: "try whether there is a CSE or CSR" with this csi -- not a serviceSubscribedNode
             inner = filter
 
-            def filter(doc: Any) -> bool:  # noqa: A001
+            def not_a_node(doc: Any) -> bool:
                 return doc.get("ty") not in _OWN_TYS and (inner is None or inner(doc))
 
+            return original_search(self, dct, not_a_node)
         return original_search(self, dct, filter)
 
     Storage.searchByFragment = _mark(searchByFragment, original_search)  # type: ignore[method-assign]
