@@ -59,7 +59,7 @@ class Cli:
 
     def __call__(self, *args: Any, timeout: float = CLI_TIMEOUT) -> CliResult:
         argv = [str(a) for a in args]
-        assert RSPF.exists(), f"{RSPF} is missing: install the project into this venv (pip install .)"
+        wait_for_cli()
         proc = subprocess.run([str(RSPF), *argv], cwd=self.cwd, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
         res = CliResult(argv, proc.returncode, proc.stdout, proc.stderr)
@@ -73,6 +73,14 @@ class Cli:
 
     def all_output(self) -> str:
         return "\n".join(r.output for r in self.results)
+
+
+def wait_for_cli(timeout: float = 30.0) -> None:
+    """The console script, waiting a little while a concurrent ``pip install --force-reinstall`` replaces it."""
+    deadline = time.monotonic() + timeout
+    while not RSPF.exists():
+        assert time.monotonic() < deadline, f"{RSPF} is missing: install the project into this venv (pip install .)"
+        time.sleep(0.2)
 
 
 def run_cli(*args: Any, cwd: Path | None = None, timeout: float = CLI_TIMEOUT) -> CliResult:
@@ -259,6 +267,7 @@ class MefHome:
         assert self.proc is None or self.proc.poll() is not None, "the MEF is already running"
         last_error = ""
         for _attempt in range(3):  # another process may grab the free port between picking and binding
+            wait_for_cli()
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             with open(self.log_path, "ab") as log, open(self.root / "mef.stdout", "ab") as out:
                 self.proc = subprocess.Popen([str(RSPF), "mef", "serve", "-c", str(self.config),

@@ -6,7 +6,6 @@ Every negative case checks the exit code, the RSC or message, and that nothing c
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import itertools
 import os

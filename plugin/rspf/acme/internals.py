@@ -2,8 +2,8 @@
 
 Guarded by a check of the ACME version: an upgrade breaks loudly here, in one place.
 
-* :func:`apply_profile` sets the CSE-ID, SP-ID and registrar from the securityProfile and re-runs ACME's
-  own validation of those settings so its derived runtime constants follow;
+* :func:`apply_identity` / :func:`apply_registrar` set the CSE-ID, SP-ID and registrar from the
+  securityProfile (re-running ACME's own validation so its derived runtime constants follow);
 * :func:`wrap_ae_registration` wraps ``RegistrationManager.handleAERegistration`` (the AE registration
   check of TS-0001 §10.2.2.2);
 * :func:`wrap_wsgi` puts a WSGI middleware in front of ACME's Flask app (Flask's documented pattern);
@@ -40,33 +40,34 @@ def check_version() -> None:
 
 
 # --------------------------------------------------------------------------------------- config
-def apply_profile(config: Any, profile: dict[str, Any], secure_registrar: bool) -> None:
-    """Make ACME use the provisioned CSE-ID, SP-ID and registrar (seed CR 0055 §9.3)."""
+def apply_identity(config: Any, profile: dict[str, Any]) -> None:
+    """Make ACME use the provisioned CSE-ID and SP-ID (seed CR 0055 §9.3). Call from ``@configure``."""
     from acmecse.runtime.configurations.CSEConfiguration import CSEConfiguration
 
     if profile["enroleeType"] != "CSE":
         raise RuntimeError("the securityProfile provisions an AE, not a CSE")
     config.cse_cseID = profile["enroleeID"]
     config.cse_serviceProviderID = profile["spID"]
-    CSEConfiguration().validateConfiguration(config)
-    if secure_registrar:
-        reg = config.cse_registrars.get(profile["spID"])
-        if reg is None:
-            from acmecse.etc.Types import CSERegistrar
+    CSEConfiguration().validateConfiguration(config)  # recomputes ACME's derived runtime constants
 
-            reg = CSERegistrar()
-        parts = urlsplit(profile["registrar"]["cseBaseURI"])
-        reg.address = f"{parts.scheme}://{parts.netloc}"
-        path = parts.path.strip("/")
-        root = "/".join(path.split("/")[:-1])
-        reg.root = f"/{root}" if root else ""
-        reg.resourceName = path.split("/")[-1] if path else reg.resourceName
-        reg.cseID = profile["registrar"]["cseID"]
-        reg.spID = profile["spID"]
-        reg.originator = profile["enroleeID"]
-        reg.reInit()
-        config.cse_registrars = {profile["spID"]: reg, **{k: v for k, v in config.cse_registrars.items()
-                                                          if k != profile["spID"]}}
+
+def apply_registrar(config: Any, profile: dict[str, Any]) -> None:
+    """Make ACME register with the provisioned registrar. Call from ``@validate``: ACME's RemoteCSEManager
+    re-reads ``[cse.registrar]`` in its own ``@configure``, which runs after ours."""
+    from acmecse.etc.Types import CSERegistrar
+
+    reg = CSERegistrar()
+    parts = urlsplit(profile["registrar"]["cseBaseURI"])
+    reg.address = f"{parts.scheme}://{parts.netloc}"
+    path = parts.path.strip("/")
+    root = "/".join(path.split("/")[:-1])
+    reg.root = f"/{root}" if root else ""
+    reg.resourceName = path.split("/")[-1] if path else ""
+    reg.cseID = profile["registrar"]["cseID"]
+    reg.spID = profile["spID"]
+    reg.originator = profile["enroleeID"]
+    reg.serialization = "json"
+    config.cse_registrars[profile["spID"]] = reg
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -87,6 +88,26 @@ def wrap_ae_registration(check: Callable[[Any, str], None]) -> None:
     RegistrationManager.handleAERegistration = handleAERegistration  # type: ignore[method-assign]
 
 
+def wrap_csr_access(allowed: Callable[[str], bool]) -> None:
+    """Let a CSE register (CREATE <remoteCSE>) when ``allowed(originator)`` says its credential proves it,
+    in addition to ACME's ``[cse.registration] allowedCSROriginators``."""
+    from acmecse.etc.Types import Permission, ResourceTypes
+    from acmecse.services.SecurityManager import SecurityManager
+
+    original = SecurityManager.hasAccess
+    if getattr(original, "_rspf_wrapped", False):
+        return
+
+    def hasAccess(self: Any, originator: str, resource: Any, requestedPermission: Any, ty: Any = None,
+                  parentResource: Any = None, request: Any = None, resultResource: Any = None) -> bool:
+        if ty == ResourceTypes.CSR and requestedPermission == Permission.CREATE and allowed(originator):
+            return True
+        return original(self, originator, resource, requestedPermission, ty, parentResource, request, resultResource)
+
+    hasAccess._rspf_wrapped = True  # type: ignore[attr-defined]
+    SecurityManager.hasAccess = hasAccess  # type: ignore[method-assign]
+
+
 def current_environ() -> dict[str, Any] | None:
     """The WSGI environ of the HTTP request being handled in this thread, if any."""
     import flask
@@ -100,6 +121,13 @@ def cse_id() -> str:
     from acmecse.etc.Constants import RuntimeConstants as RC
 
     return RC.cseCsi
+
+
+def is_in_cse() -> bool:
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.Types import CSEType
+
+    return RC.cseType == CSEType.IN
 
 
 def acme_error(rsc: int, message: str) -> Exception:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop
+from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
 from .. import keys
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment
@@ -99,11 +99,18 @@ class RspfSecurityPlugin:
             self._setup_keys()
             if self.config.enrol:
                 self.enrolment = self._enrol_at_startup()
-                internals.apply_profile(config, self.enrolment.profile, self.config.secure_registrar)
+                internals.apply_identity(config, self.enrolment.profile)
                 _acme_log("info", f"CSE-ID {self.enrolment.enrolee_id} from the securityProfile "
                                   f"(KeID {self.enrolment.ke_id}, expires {self.enrolment.profile['expiry']})")
         except RspfError as exc:
             raise ConfigurationError(f"[rspf] {exc}") from None
+
+    @validate
+    def validate(self, config: Any) -> None:
+        if self.config is not None and self.enrolment is not None and self.config.secure_registrar:
+            internals.apply_registrar(config, self.enrolment.profile)
+            reg = self.enrolment.profile["registrar"]
+            _acme_log("info", f"registrar {reg['cseID']} at {reg['cseBaseURI']} (Mcc over TLS-PSK)")
 
     @start
     def start(self) -> None:
@@ -112,9 +119,12 @@ class RspfSecurityPlugin:
         from . import resources
 
         internals.wrap_ae_registration(self._check_ae_registration)
+        internals.wrap_csr_access(self._csr_proven)
         app = internals.wrap_wsgi(self.httpServer, self._middleware)
-        if self.config.create_subscription:
+        if self.config.create_subscription and internals.is_in_cse():
             resources.ensure_subscription(internals.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
+        elif self.config.create_subscription:
+            _acme_log("info", "not an IN-CSE: service subscriptions live on the IN-CSE; none created here")
         if self.enrolment is not None and self.config.secure_registrar:
             base = self.enrolment.profile["registrar"]["cseBaseURI"]
             from urllib.parse import urlsplit
@@ -298,6 +308,13 @@ class RspfSecurityPlugin:
         if bound.startswith("/"):  # a CSE: its own ID, or IDs it forwards for (its AEs)
             return origin == bound or origin.startswith(bound + "/")
         return origin in (bound, f"{internals.cse_id()}/{bound}")
+
+    def _csr_proven(self, originator: str) -> bool:
+        """A CSE whose MEF-provisioned key authenticated this connection may register as that CSE."""
+        environ = internals.current_environ()
+        cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
+        return bool(cred and cred.kind == "psk" and cred.enrolee_id and cred.enrolee_id.startswith("/")
+                    and originator == cred.enrolee_id)
 
     def _check_ae_registration(self, ae: Any, originator: str) -> None:
         """TS-0001 §10.2.2.2 / TS-0004 §7.3.2.7 for registrations on the secure listener."""
