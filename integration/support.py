@@ -284,6 +284,13 @@ class MefHome:
         raise AssertionError(f"the MEF did not become ready on {self.address}; its log:\n{last_error}")
 
     def _wait_ready(self, timeout: float) -> bool:
+        """Connect loop with a deadline. The probe runs a TLS-PSK handshake with an unknown identity: once the
+        MEF refuses it, its accept loop and a connection thread have run (a bare TCP connect only proves the
+        socket listens)."""
+        from rspf.errors import TlsError
+        from rspf.secret import Secret
+        from rspf.tls import PskClient
+
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -291,9 +298,16 @@ class MefHome:
                 return False
             try:
                 with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return True
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            try:
+                PskClient().connect(HOST, self.port, "readiness-probe", Secret(bytes(32)), timeout=5).close()
+            except TlsError as exc:
+                if "cannot connect" in str(exc):
+                    continue
+            return True
         return False
 
     def stop(self) -> int | None:

@@ -73,10 +73,56 @@ def test_start_up_refusals(mef_home: MefHome) -> None:
 
 def test_sigterm_stops_the_mef_and_closes_the_port(mef: MefHome) -> None:
     port = mef.port
+    assert mef.enrol(mef.enrolees["dev1"]).rc == 0
     assert mef.stop() == 0
-    assert "MEF stopped" in mef.log_text()
-    res = mef.enrol(mef.enrolees["dev1"])
+    assert "MEF stopped" in mef.log_text() and "Traceback" not in mef.log_text()
+    res = mef.enrol(mef.enrolees["dev1"], "--force")
     assert res.rc == 1 and f"cannot connect to 127.0.0.1:{port}" in res.stderr, str(res)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "plugin bug: the SIGTERM handler of 'rspf mef serve' (rspf/cli.py stop -> MefServer.shutdown(timeout=0)) "
+    "joins connection threads from inside the signal handler; when the signal lands while the accept loop is "
+    "in Thread.start() of a new connection, join() raises 'RuntimeError: cannot join thread before it is "
+    "started' and the MEF dies with a traceback and exit status 1 (the handler also takes the non-reentrant "
+    "MefServer._lock, which the interrupted accept loop may hold: a possible self-deadlock)"))
+def test_sigterm_during_connection_churn_exits_cleanly(mef_home: MefHome) -> None:
+    import socket
+    import threading
+
+    outcomes = []
+    for _round in range(12):  # the race is timing dependent: stop at the first bad exit
+        mef_home.start()
+        churn = threading.Event()
+
+        def connect_loop() -> None:
+            while not churn.is_set():
+                try:
+                    socket.create_connection((HOST, mef_home.port), timeout=1).close()
+                except OSError:
+                    pass
+
+        workers = [threading.Thread(target=connect_loop) for _ in range(4)]
+        for w in workers:
+            w.start()
+        try:
+            time.sleep(0.3)  # let connections pour in before the signal
+            os.kill(mef_home.proc.pid, signal.SIGTERM)
+            try:
+                rc = mef_home.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                rc = "hung"
+        finally:
+            churn.set()
+            for w in workers:
+                w.join()
+            mef_home.stop()
+        outcomes.append(rc)
+        if rc != 0:
+            break
+    log = mef_home.log_text()
+    assert outcomes == [0] * 12, f"exit statuses after SIGTERM: {outcomes}"
+    assert "Traceback" not in log, log[-3000:]
 
 
 @pytest.mark.xfail(strict=True, reason=(

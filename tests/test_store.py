@@ -170,7 +170,7 @@ def test_revoke_enrolee(store):
     assert store.enrolee_psk(rec(1).kpm_id) is None
     assert store.get_enrolee(rec(1).kpm_id).revoked is True
     assert store.get_enrolment_key("11" * 16 + "@mef.example.com") is None
-    rows = store._db().execute("SELECT count(*) FROM enrolment_keys WHERE kpm_id=?", (rec(1).kpm_id,)).fetchone()
+    rows = store._one("SELECT count(*) FROM enrolment_keys WHERE kpm_id=?", (rec(1).kpm_id,))
     assert rows[0] == 0  # removed, not just hidden
     # the other enrolee is unaffected
     assert store.enrolee_psk(rec(2).kpm_id) == kpm(2)
@@ -221,7 +221,7 @@ def test_enrolment_key_really_expired_now(store):
 
 def test_enrolment_key_needs_a_registered_enrolee(store):
     now = dt.datetime.now(UTC)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreError, match="no enrolee"):
         store.put_enrolment_key("ff" * 16 + "@x.example", "nobody", KE_MARK, now, now + dt.timedelta(hours=1))
 
 
@@ -322,8 +322,8 @@ def test_sealed_rows_cannot_be_swapped(store):
     """The AAD binds each sealed Kpm to its KpmID: copying one row's blob to another is detected."""
     store.add_enrolee(rec(1), kpm(1))
     store.add_enrolee(rec(2), kpm(2))
-    db = store._db()
-    blob = db.execute("SELECT kpm FROM enrolees WHERE kpm_id=?", (rec(1).kpm_id,)).fetchone()[0]
-    db.execute("UPDATE enrolees SET kpm=? WHERE kpm_id=?", (blob, rec(2).kpm_id))
+    with store._borrow() as db:
+        blob = db.execute("SELECT kpm FROM enrolees WHERE kpm_id=?", (rec(1).kpm_id,)).fetchone()[0]
+        db.execute("UPDATE enrolees SET kpm=? WHERE kpm_id=?", (blob, rec(2).kpm_id))
     with pytest.raises(StoreError):
         store.enrolee_psk(rec(2).kpm_id)

@@ -46,7 +46,9 @@ def _validator() -> jsonschema.protocols.Validator:
 
 def validate(profile: Any) -> dict[str, Any]:
     """Return ``profile`` if it satisfies the schema and its dates make sense; else raise ProfileInvalid."""
-    errors = sorted(_validator().iter_errors(profile), key=lambda e: list(e.absolute_path))
+    validator = _validator()
+    errors = [] if validator.is_valid(profile) else sorted(validator.iter_errors(profile),
+                                                          key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]
         where = "/".join(str(p) for p in first.absolute_path) or "(top level)"

@@ -111,11 +111,11 @@ class MefServer:
 
     def _serve_session(self, tls: TlsConnection) -> None:
         identity = tls.psk_identity
-        exporter = None
-        if identity is not None and self.service.store.get_enrolee(identity) is not None:
-            exporter = tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH)
+        if identity is None:
+            return
         try:
-            session = self.service.open_session(identity, exporter)
+            session = self.service.open_session(
+                identity, lambda: tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
         except RspfError as exc:
             log.info("session from %s refused: %s", tls.peer, exc)
             return

@@ -18,6 +18,7 @@ import datetime as dt
 import enum
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -101,9 +102,14 @@ class MefService:
             return self.config.sp_id + registrar_cse_id + "/" + any_id
         raise BadRequest(f"{any_id!r} is neither an SP-relative nor an absolute ID")
 
-    def open_session(self, psk_identity: str, exporter_output: Secret | None) -> Session:
+    def open_session(self, psk_identity: str,
+                     exporter_output: Secret | Callable[[], Secret] | None) -> Session:
+        """Start a session for an authenticated psk_identity. ``exporter_output`` (or a function computing it,
+        called only for an Enrolee) is the session's ``EXPORTER-oneM2M-Bootstrap`` output."""
         enrolee = self.store.get_enrolee(psk_identity)
         if enrolee is not None:
+            if callable(exporter_output):
+                exporter_output = exporter_output()
             if exporter_output is None:
                 raise RspfError("an enrolee session needs the exporter output")
             material = keys.split_exporter_output(exporter_output)

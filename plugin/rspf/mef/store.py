@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,7 +130,8 @@ class EnrolmentKeyRecord:
 
 
 class MefStore:
-    """SQLite store. Thread-safe: one connection per thread, WAL journal, short transactions."""
+    """SQLite store. Thread-safe: a pool of connections (each used by one thread at a time), WAL journal,
+    short transactions serialized by one write lock."""
 
     def __init__(self, database: Path, master_key_file: Path, *, create: bool = True) -> None:
         self.path = Path(database)
@@ -145,15 +148,15 @@ class MefStore:
                 "without it the stored keys cannot be opened"
             )
         self._sealer = Sealer(master, b"mef store")
-        self._local = threading.local()
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         check_private(self.path, "MEF database")
-        with self._write_lock:
-            self._db().executescript(_DDL)  # executescript commits by itself: run it outside a transaction
+        with self._write_lock, self._borrow() as db:
+            db.executescript(_DDL)  # executescript commits by itself: run it outside a transaction
         with self._tx() as db:
             row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             if row is None:
@@ -173,40 +176,51 @@ class MefStore:
                                      "(wrong or replaced key file)") from None
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._local.db = db
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
         return db
 
-    class _Tx:
-        def __init__(self, store: MefStore) -> None:
-            self.store = store
+    @contextmanager
+    def _borrow(self) -> Iterator[sqlite3.Connection]:
+        """A pooled connection for this thread's exclusive use until the block ends."""
+        try:
+            db = self._pool.get_nowait()
+        except queue.Empty:
+            db = self._connect()
+        try:
+            yield db
+        finally:
+            self._pool.put(db)
 
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._write_lock.acquire()
-            self.db = self.store._db()
-            self.db.execute("BEGIN IMMEDIATE")
-            return self.db
+    def _one(self, sql: str, params: tuple = ()) -> tuple | None:
+        with self._borrow() as db:
+            return db.execute(sql, params).fetchone()
 
-        def __exit__(self, et, ev, tb) -> None:
+    def _all(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._borrow() as db:
+            return db.execute(sql, params).fetchall()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception)."""
+        with self._write_lock, self._borrow() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute("COMMIT" if et is None else "ROLLBACK")
-            finally:
-                self.store._write_lock.release()
-
-    def _tx(self) -> MefStore._Tx:
-        return MefStore._Tx(self)
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
 
     # -- enrolees -------------------------------------------------------------------------------
     def add_enrolees(self, items: Iterable[tuple[EnroleeRecord, Secret]]) -> int:
@@ -253,24 +267,22 @@ class MefStore:
         )
 
     def get_enrolee(self, kpm_id: str) -> EnroleeRecord | None:
-        row = self._db().execute(f"SELECT {self._ENROLEE_COLS} FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()
+        row = self._one(f"SELECT {self._ENROLEE_COLS} FROM enrolees WHERE kpm_id=?", (kpm_id,))
         return self._enrolee(row) if row else None
 
     def has_enrolee_id(self, enrolee_id: str) -> bool:
-        return self._db().execute("SELECT 1 FROM enrolees WHERE enrolee_id=?", (enrolee_id,)).fetchone() is not None
+        return self._one("SELECT 1 FROM enrolees WHERE enrolee_id=?", (enrolee_id,)) is not None
 
     def list_enrolees(self) -> list[EnroleeRecord]:
-        rows = self._db().execute(f"SELECT {self._ENROLEE_COLS} FROM enrolees ORDER BY kpm_id").fetchall()
+        rows = self._all(f"SELECT {self._ENROLEE_COLS} FROM enrolees ORDER BY kpm_id")
         return [self._enrolee(r) for r in rows]
 
     def count_enrolees(self) -> int:
-        return self._db().execute("SELECT count(*) FROM enrolees").fetchone()[0]
+        return self._one("SELECT count(*) FROM enrolees")[0]
 
     def enrolee_psk(self, kpm_id: str, now: dt.datetime | None = None) -> Secret | None:
         """Kpm of an enrolee that may enrol now (exists, not revoked, not past valid_until)."""
-        row = self._db().execute(
-            "SELECT kpm, revoked, valid_until FROM enrolees WHERE kpm_id=?", (kpm_id,)
-        ).fetchone()
+        row = self._one("SELECT kpm, revoked, valid_until FROM enrolees WHERE kpm_id=?", (kpm_id,))
         if row is None or row[1]:
             return None
         until = _from_ts(row[2])
@@ -297,19 +309,15 @@ class MefStore:
             )
 
     def get_target(self, psk_identity: str) -> TargetRecord | None:
-        row = self._db().execute(
-            "SELECT psk_identity, target_id, revoked, created FROM targets WHERE psk_identity=?", (psk_identity,)
-        ).fetchone()
+        row = self._one("SELECT psk_identity, target_id, revoked, created FROM targets WHERE psk_identity=?", (psk_identity,))
         return TargetRecord(row[0], row[1], bool(row[2]), _from_ts(row[3])) if row else None
 
     def list_targets(self) -> list[TargetRecord]:
-        rows = self._db().execute(
-            "SELECT psk_identity, target_id, revoked, created FROM targets ORDER BY psk_identity"
-        ).fetchall()
+        rows = self._all("SELECT psk_identity, target_id, revoked, created FROM targets ORDER BY psk_identity")
         return [TargetRecord(r[0], r[1], bool(r[2]), _from_ts(r[3])) for r in rows]
 
     def target_psk(self, psk_identity: str) -> Secret | None:
-        row = self._db().execute("SELECT psk, revoked FROM targets WHERE psk_identity=?", (psk_identity,)).fetchone()
+        row = self._one("SELECT psk, revoked FROM targets WHERE psk_identity=?", (psk_identity,))
         if row is None or row[1]:
             return None
         return Secret(self._sealer.open(row[0], b"target:" + psk_identity.encode()), "target PSK")
@@ -322,21 +330,21 @@ class MefStore:
     # -- enrolment keys -------------------------------------------------------------------------
     def put_enrolment_key(self, ke_id: str, kpm_id: str, ke: Secret, created: dt.datetime,
                           expires: dt.datetime) -> None:
+        sealed = self._sealer.seal(ke.reveal(), b"ke:" + ke_id.encode())
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM enrolment_keys WHERE ke_id=?", (ke_id,)).fetchone():
-                raise Conflict("this KeID is already in use")  # 2^-128 chance; never overwrite a key
-            db.execute(
-                "INSERT INTO enrolment_keys (ke_id, kpm_id, ke, created, expires) VALUES (?,?,?,?,?)",
-                (ke_id, kpm_id, self._sealer.seal(ke.reveal(), b"ke:" + ke_id.encode()), _ts(created), _ts(expires)),
-            )
+            try:
+                db.execute("INSERT INTO enrolment_keys (ke_id, kpm_id, ke, created, expires) VALUES (?,?,?,?,?)",
+                           (ke_id, kpm_id, sealed, _ts(created), _ts(expires)))
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc):
+                    raise Conflict("this KeID is already in use") from None  # 2^-128 chance; never overwrite a key
+                raise StoreError(f"no enrolee has the KpmID {kpm_id}") from None
             db.execute("UPDATE enrolees SET last_enrolled=? WHERE kpm_id=?", (_ts(created), kpm_id))
 
     def get_enrolment_key(self, ke_id: str, now: dt.datetime | None = None) -> EnrolmentKeyRecord | None:
         """A live (unexpired, enrolee not revoked) Enrolment Key, or None."""
-        row = self._db().execute(
-            "SELECT k.ke_id, k.kpm_id, k.ke, k.created, k.expires, e.revoked FROM enrolment_keys k"
-            " JOIN enrolees e ON e.kpm_id = k.kpm_id WHERE k.ke_id=?", (ke_id,)
-        ).fetchone()
+        row = self._one("SELECT k.ke_id, k.kpm_id, k.ke, k.created, k.expires, e.revoked FROM enrolment_keys k"
+            " JOIN enrolees e ON e.kpm_id = k.kpm_id WHERE k.ke_id=?", (ke_id,))
         if row is None or row[5]:
             return None
         expires = _from_ts(row[4])
