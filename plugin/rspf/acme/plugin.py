@@ -86,8 +86,6 @@ class RspfSecurityPlugin:
 
     @configure
     def configure(self, config: Any) -> None:
-        from acmecse.runtime.Configuration import ConfigurationError
-
         try:
             self.config = load(config.configParser, Path(config.baseDirectory), "acme.ini")
             if self.config is None:
@@ -103,7 +101,10 @@ class RspfSecurityPlugin:
                 _acme_log("info", f"CSE-ID {self.enrolment.enrolee_id} from the securityProfile "
                                   f"(KeID {self.enrolment.ke_id}, expires {self.enrolment.profile['expiry']})")
         except RspfError as exc:
-            raise ConfigurationError(f"[rspf] {exc}") from None
+            # ACME ends a failed start-up with exit status 0 (its main() returns None); stop with status 1 so
+            # that supervisors and scripts see the failure. SystemExit passes ACME's `except Exception`.
+            _acme_log("error", f"start-up stopped: {exc}")
+            raise SystemExit(f"[rspf] {exc}") from None
 
     @validate
     def validate(self, config: Any) -> None:

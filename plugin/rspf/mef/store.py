@@ -282,13 +282,18 @@ class MefStore:
 
     def enrolee_psk(self, kpm_id: str, now: dt.datetime | None = None) -> Secret | None:
         """Kpm of an enrolee that may enrol now (exists, not revoked, not past valid_until)."""
-        row = self._one("SELECT kpm, revoked, valid_until FROM enrolees WHERE kpm_id=?", (kpm_id,))
-        if row is None or row[1]:
+        found = self.enrolee_and_psk(kpm_id, now)
+        return found[1] if found else None
+
+    def enrolee_and_psk(self, kpm_id: str, now: dt.datetime | None = None) -> tuple[EnroleeRecord, Secret] | None:
+        """The record and Kpm of an enrolee that may enrol now, in one query (the handshake's hot path)."""
+        row = self._one(f"SELECT {self._ENROLEE_COLS}, kpm FROM enrolees WHERE kpm_id=?", (kpm_id,))
+        if row is None:
             return None
-        until = _from_ts(row[2])
-        if until is not None and (now or utcnow()) >= until:
+        rec = self._enrolee(row)
+        if rec.revoked or (rec.valid_until is not None and (now or utcnow()) >= rec.valid_until):
             return None
-        return Secret(self._sealer.open(row[0], b"kpm:" + kpm_id.encode()), "Kpm")
+        return rec, Secret(self._sealer.open(row[-1], b"kpm:" + kpm_id.encode()), "Kpm")
 
     def revoke_enrolee(self, kpm_id: str) -> None:
         """Revoke an enrolee and every Enrolment Key it holds (fetchCredentials then answers NOT_FOUND)."""
