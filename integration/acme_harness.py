@@ -157,7 +157,7 @@ class AcmeCse:
     def ini(self) -> Path:
         return self.base / "acme.ini"
 
-    def install(self, mef: MefHome, *options: Any, cli: Cli | None = None) -> None:
+    def install(self, mef: MefHome, *options: Any, cli: Cli | None = None, extra_ini: str = "") -> None:
         """Write a headless acme.ini (``cseID`` without its slash) and run ``rspf acme install``."""
         self.ini.write_text(
             "[basic.config]\n"
@@ -165,7 +165,7 @@ class AcmeCse:
             f"networkInterface={HOST}\ncseHost={HOST}\nhttpPort={self.http_port}\n"
             "logLevel=debug\ndatabaseType=memory\n\n"
             "[textui]\nstartWithTUI=false\n\n"
-            "[logging]\nenableFileLogging=true\nlevel=debug\n")
+            "[logging]\nenableFileLogging=true\nlevel=debug\n" + (f"\n{extra_ini.strip()}\n" if extra_ini else ""))
         (cli or mef.cli).ok("acme", "install", "--base-dir", self.base, "--mef", mef.address, "--mef-fqdn", FQDN,
                             "--secure-port", self.secure_port, *options)
 

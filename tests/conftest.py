@@ -48,7 +48,7 @@ def kpm_for(n: int = 1) -> Secret:
 def build_profile(ke: Secret = KE, ke_id: str = KE_ID, *, issued: dt.datetime | None = None,
                   lifetime: dt.timedelta = dt.timedelta(days=30), **overrides: Any) -> dict[str, Any]:
     """A securityProfile built the way MefService.provision_profile builds one."""
-    issued = issued or dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    issued = issued or dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     fqdn = keys.target_fqdn(SP_ID + "/id-in")
     key = keys.derive_usage_constrained_key(ke, keys.SUID_RSPF_SAEF, fqdn)
     body: dict[str, Any] = {

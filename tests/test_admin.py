@@ -62,12 +62,12 @@ def test_good_fields_full():
     assert rec.targets == [TargetGrant("/id-x", (22, 23)), TargetGrant("//sp.example.com/id-y", (24,))]
     assert rec.rm_uri == "https://dm.example.com"
     assert rec.enrolment_expiry_seconds == 3600
-    assert rec.valid_until == dt.datetime(2027, 12, 31, tzinfo=dt.timezone.utc)
+    assert rec.valid_until == dt.datetime(2027, 12, 31, tzinfo=dt.UTC)
 
 
 def test_naive_valid_until_is_utc_and_int_expiry_accepted():
     rec, _ = enrolee_from_fields(fields(valid_until="2027-06-01T12:00:00", enrolment_expiry_seconds=60), sp_id=SP_ID)
-    assert rec.valid_until == dt.datetime(2027, 6, 1, 12, tzinfo=dt.timezone.utc)
+    assert rec.valid_until == dt.datetime(2027, 6, 1, 12, tzinfo=dt.UTC)
     assert rec.enrolment_expiry_seconds == 60
 
 

@@ -14,7 +14,7 @@ from rspf.enrolee.client import Enrolee, EnroleeConfig, Enrolment
 from rspf.errors import StoreError
 from rspf.secret import Secret
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 MEF_FQDN = "mef.example.com"
 EXPORTER = bytes(range(48))
 KE = Secret(EXPORTER[16:], "Ke")

@@ -424,7 +424,7 @@ def test_derived_secrets_never_show_their_bytes():
     ]
     for s in secrets:
         raw = s.reveal()
-        for text in (repr(s), str(s), f"{s}", f"{s!r}", f"{s:>80}", "%s" % s, "{}".format(s), repr([s])):
+        for text in (repr(s), str(s), f"{s}", f"{s!r}", f"{s:>80}", "%s" % s, f"{s}", repr([s])):
             assert not _leaks(text, raw), text
             assert "redacted" in text
 

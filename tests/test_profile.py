@@ -169,7 +169,7 @@ def test_impossible_date_is_profile_invalid(make_profile, name, value):
 
 
 def test_timestamps_round_trip():
-    when = dt.datetime(2026, 11, 27, 4, 13, 4, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 11, 27, 4, 13, 4, tzinfo=dt.UTC)
     assert profile.format_timestamp(when) == "20261127T041304"
     assert profile.parse_timestamp("20261127T041304") == when
     # a non-UTC datetime is converted, not just relabelled

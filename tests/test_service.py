@@ -140,7 +140,7 @@ def test_provision_profile(service, store, enrolee):
 
 
 def test_profile_honours_per_enrolee_expiry_and_valid_until(service, store, make_enrolee):
-    until = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(minutes=10)
+    until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(minutes=10)
     rec, kpm = make_enrolee(3, enrolment_expiry_seconds=7200, valid_until=until)
     store.add_enrolee(rec, kpm)
     p = service.provision_profile(enrolee_session(service, rec), {"rspf:spReq": {"nodeID": rec.node_id}}).content
@@ -425,7 +425,7 @@ def test_not_yet_committed_ke_id_is_not_found(service, enrolee):
 def test_ke_id_of_another_mef_is_not_found_even_if_stored(service, store, enrolee):
     """A key stored under another MEF-FQDN (shared or migrated database) is not served by this MEF."""
     foreign = KE_ID.split("@")[0] + "@mef.other.example"
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     store.put_enrolment_key(foreign, enrolee.kpm_id, KE, now, now + dt.timedelta(hours=1))
     with pytest.raises(NotFound) as info:
         fetch(service, service.open_session(IN_PSK_ID, None), ke_id=foreign)
@@ -452,7 +452,7 @@ def test_malformed_ke_id_or_suid_is_bad_request(service, enrolee, ke_id, suid):
 
 
 @pytest.mark.parametrize("path", ["/fetchCredentials", "/fetchCredentials/", f"/fetchCredentials/{KE_ID}",
-                                  f"/fetchCredentials/{KE_ID}/22/x", f"/fetchCredentials//22"])
+                                  f"/fetchCredentials/{KE_ID}/22/x", "/fetchCredentials//22"])
 def test_malformed_fetch_path_is_bad_request(service, enrolee, path):
     with pytest.raises(BadRequest):
         service.handle(service.open_session(IN_PSK_ID, None), "RETRIEVE", path, "/id-in", None)
@@ -477,7 +477,7 @@ def test_revoked_enrolee_is_not_found(service, store, enrolee):
 
 def test_expired_ke_is_not_found(service, store, enrolee):
     s = enrolee_session(service, enrolee)
-    s.created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(hours=2)  # 1 h lifetime
+    s.created = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=2)  # 1 h lifetime
     service.provision_profile(s, {"rspf:spReq": {"nodeID": enrolee.node_id}})
     with pytest.raises(NotFound):
         fetch(service, service.open_session(IN_PSK_ID, None))

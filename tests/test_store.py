@@ -14,7 +14,7 @@ from rspf.fileutil import new_key_file
 from rspf.mef.store import EnroleeRecord, MefStore, TargetGrant, TargetRecord
 from rspf.secret import Secret
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 #: distinctive key values, easy to find in raw file bytes if they were ever stored in the clear
 KPM_MARK = Secret(b"KPM-MARKER-do-not-store-0123456!", "Kpm")
 PSK_MARK = Secret(b"TARGET-PSK-MARKER-never-in-db-42", "psk")

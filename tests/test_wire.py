@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rspf import wire
-from rspf.errors import (RSC, BadRequest, NotFound, UnsupportedMediaType, VersionNotSupported)
+from rspf.errors import RSC, BadRequest, NotFound, UnsupportedMediaType, VersionNotSupported
 
 GOOD_HEADERS = (
     b"Host: mef.example.com\r\n"

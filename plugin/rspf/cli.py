@@ -436,7 +436,8 @@ def ae_register(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store
                 got = cse.retrieve(f"{ae_rn}/{container}")
                 out["container"] = got.get("m2m:cnt", got)
                 if not as_json:
-                    click.echo(f"created and retrieved <container> {ae_rn}/{container} (ri {out['container'].get('ri')})")
+                    ri = out["container"].get("ri")
+                    click.echo(f"created and retrieved <container> {ae_rn}/{container} (ri {ri})")
     except RspfError as exc:
         _fail(exc)
     if as_json:

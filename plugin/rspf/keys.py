@@ -39,7 +39,8 @@ CRED_TYPE_KPSAID = 12
 VALID_CRED_TYPES = frozenset({10, 11, 12, 13, 14, 15, 16, 30, 31, 32, 33, 34, 41, 42, 43, 44, 45, 51, 52, 53, 54, 55})
 
 _CRED_VALUE_RE = re.compile(r"^[A-Za-z0-9._@-]+$")
-_FQDN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FQDN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _KEID_RE = re.compile(r"^([0-9A-Fa-f]{32})@(.+)$")
 
 

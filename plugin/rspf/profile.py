@@ -79,11 +79,11 @@ def validate(profile: Any) -> dict[str, Any]:
 
 
 def parse_timestamp(value: str) -> dt.datetime:
-    return dt.datetime.strptime(value, TIMESTAMP_FMT).replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.strptime(value, TIMESTAMP_FMT).replace(tzinfo=dt.UTC)
 
 
 def format_timestamp(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime(TIMESTAMP_FMT)
+    return when.astimezone(dt.UTC).strftime(TIMESTAMP_FMT)
 
 
 def redacted(profile: dict[str, Any]) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class KeyCache:
             self.fetches += 1
             try:
                 expires = dt.datetime.strptime(cred.lifetime, "%Y%m%dT%H%M%S").replace(
-                    tzinfo=dt.timezone.utc).timestamp()
+                    tzinfo=dt.UTC).timestamp()
             except ValueError:
                 expires = time.time() + 300
             self._entries[ke_id] = (cred, expires)

@@ -124,7 +124,8 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
     mef_psk_identity = get("mefPskIdentity")
     mef_psk_file = path("mefPskFile")
     if bool(mef_psk_identity) != bool(mef_psk_file):
-        raise err("mefPskIdentity" if not mef_psk_identity else "mefPskFile", "mefPskIdentity and mefPskFile go together")
+        raise err("mefPskIdentity" if not mef_psk_identity else "mefPskFile",
+                  "mefPskIdentity and mefPskFile go together")
     if not (mef_psk_identity or kpm_id):
         raise err("mefPskIdentity", "is required when the CSE does not enrol (it authenticates this CSE to the MEF)")
     secure_port = int(number("securePort", 0, 1, 65535))

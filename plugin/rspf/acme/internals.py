@@ -180,7 +180,10 @@ class _Response:
         self.content = content
 
 
-def route_registrar_over_psk(base_url: str, send: Callable[[str, str, bytes | None, dict, float | None], tuple]) -> None:
+Sender = Callable[[str, str, bytes | None, dict, float | None], tuple]
+
+
+def route_registrar_over_psk(base_url: str, send: Sender) -> None:
     """Requests ACME sends to URLs under ``base_url`` go through ``send`` (TLS-PSK) instead of ``requests``.
 
     ``send(method, url, body, headers, timeout) -> (status, headers, body)``.

@@ -310,7 +310,7 @@ def _register_descriptions() -> None:
     """Put our ResourceDescriptions into Types.resourceTypeDetails (ACME re-reads its .rtp on every import)."""
     from acmecse.etc.Types import ResourceDescription, ResourceTypes, resourceTypeDetails
 
-    for name, value, type_name, full_name in _TYPES:
+    for name, _value, type_name, full_name in _TYPES:
         ty = ResourceTypes[name]
         resourceTypeDetails[ty] = ResourceDescription(
             type=ty, typeName=type_name, fullName=full_name,

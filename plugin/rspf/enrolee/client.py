@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from .. import keys, profile
 from ..client import OneM2MClient
 from ..errors import BadRequest, ProfileInvalid, RemoteError, StoreError
@@ -83,7 +82,7 @@ class Enrolment:
         return self.profile["enroleeID"]
 
     def needs_renewal(self, renew_before_seconds: int, now: dt.datetime | None = None) -> bool:
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         lifetime = (self.expiry - self.issued_at).total_seconds()
         margin = min(renew_before_seconds, lifetime / 2)
         return now >= self.expiry - dt.timedelta(seconds=margin)
@@ -93,7 +92,8 @@ class Enrolment:
         return {"keID": self.ke_id, "profile": profile.redacted(self.profile), "instructions": self.instructions}
 
     def __repr__(self) -> str:
-        return f"<Enrolment ke_id={self.ke_id} enrolee={self.profile.get('enroleeID')} expiry={self.profile.get('expiry')}>"
+        p = self.profile
+        return f"<Enrolment ke_id={self.ke_id} enrolee={p.get('enroleeID')} expiry={p.get('expiry')}>"
 
 
 class Enrolee:

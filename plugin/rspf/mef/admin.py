@@ -141,7 +141,7 @@ def enrolee_from_fields(row: dict[str, Any], *, sp_id: str) -> tuple[EnroleeReco
         except ValueError:
             raise BadRequest("valid_until must be an ISO 8601 date-time, e.g. 2027-12-31T00:00:00Z") from None
         if valid_until.tzinfo is None:
-            valid_until = valid_until.replace(tzinfo=dt.timezone.utc)
+            valid_until = valid_until.replace(tzinfo=dt.UTC)
     rec = EnroleeRecord(kpm_id=kpm_id, enrolee_id=enrolee_id, node_id=node_id, registrar_cse_id=registrar,
                         registrar_uri=uri, targets=targets, rm_uri=rm_uri, enrolment_expiry_seconds=expiry,
                         valid_until=valid_until)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+
 from .. import keys, wire
 from ..errors import RSC, RspfError, TlsError
 from ..tls import PskServer, TlsConnection

@@ -62,11 +62,11 @@ CREATE INDEX IF NOT EXISTS keys_by_enrolee ON enrolment_keys(kpm_id);
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _ts(when: dt.datetime | None) -> str | None:
-    return when.astimezone(dt.timezone.utc).isoformat() if when else None
+    return when.astimezone(dt.UTC).isoformat() if when else None
 
 
 def _from_ts(text: str | None) -> dt.datetime | None:
@@ -314,7 +314,8 @@ class MefStore:
             )
 
     def get_target(self, psk_identity: str) -> TargetRecord | None:
-        row = self._one("SELECT psk_identity, target_id, revoked, created FROM targets WHERE psk_identity=?", (psk_identity,))
+        row = self._one("SELECT psk_identity, target_id, revoked, created FROM targets WHERE psk_identity=?",
+                        (psk_identity,))
         return TargetRecord(row[0], row[1], bool(row[2]), _from_ts(row[3])) if row else None
 
     def list_targets(self) -> list[TargetRecord]:
