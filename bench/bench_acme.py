@@ -4,6 +4,7 @@
 Run from the project root with the project's venv (the installed ``rspf`` package is what is measured):
 
     .venv/bin/python bench/bench_acme.py [--aes N] [--rounds R] [--retrieves M] [--steady-rounds S]
+                                         [--plain-server waitress|werkzeug] [--keep]
 
 What runs (each its own OS process, everything on 127.0.0.1):
 
@@ -11,7 +12,9 @@ What runs (each its own OS process, everything on 127.0.0.1):
   N x R (+1) AE enrolees imported from a CSV batch;
 * ``acmecse --headless``: ACME with ``databaseType=memory``, ``logLevel=warning``, and the plugin installed
   by ``rspf acme install --no-enrol --no-enforcement`` (enforcement OFF, so the plain port still accepts
-  AE registrations for the comparison);
+  AE registrations for the comparison). ACME's plain HTTP port is served by waitress (``[http.wsgi]
+  enable=true``) by default, because ACME's built-in Werkzeug server answers every response with
+  ``Connection: close`` and so has no keep-alive for B; ``--plain-server werkzeug`` measures that one;
 * this process: ONE sequential client (no concurrency).
 
 Before any timing, every AE enrols with the MEF through the library (``Enrolee.enrol``); that is not timed.
@@ -271,7 +274,7 @@ def retrieve_rule(http_port: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--aes", type=int, default=40, help="AE registrations of each kind per round (default 40)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of A, plain and secure alternating (default 3)")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of A, plain and secure alternating (default 4)")
     ap.add_argument("--retrieves", type=int, default=300, help="RETRIEVEs of each kind per B round (default 300)")
     ap.add_argument("--steady-rounds", type=int, default=5, help="rounds of B, alternating (default 5)")
     ap.add_argument("--plain-server", choices=("waitress", "werkzeug"), default="waitress",
@@ -301,7 +304,8 @@ def main() -> int:
         print(f"setup: MEF pid {mef_pid} :{mef_port}, ACME IN-CSE pid {cse_pid} plain :{http_port} "
               f"TLS-PSK :{secure_port}, {n_secure} AE enrolees imported ({t_setup:.1f} s)")
         print(f"config: ACME databaseType=memory, logLevel=warning, plain HTTP server {args.plain_server}"
-              f"{' ([http.wsgi] enable=true)' if args.plain_server == 'waitress' else ' (Werkzeug dev server)'}; plugin "
+              f"{' ([http.wsgi] enable=true)' if args.plain_server == 'waitress' else ' (Werkzeug dev server)'}; "
+              "plugin "
               "enforcement=off, allowedAppIDs=Nbench*; MEF log_level=\"warning\"")
         t0 = time.monotonic()
         enrolments = enrol_all(rows, mef_port, home)
@@ -354,7 +358,8 @@ def main() -> int:
                 "rate": len(tot) / sum(tot),
             }
         ratio_a = a["secure"]["median"] / a["plain"]["median"]
-        pair_a = statistics.median(s / p for s, p in zip(a["secure"]["round_medians"], a["plain"]["round_medians"]))
+        pair_a = statistics.median(
+            s / p for s, p in zip(a["secure"]["round_medians"], a["plain"]["round_medians"], strict=True))
         print(f"  TLS as negotiated: {b.last_tls[0]} {b.last_tls[1]}")
         for kind in ("plain", "secure"):
             x = a[kind]
@@ -362,10 +367,11 @@ def main() -> int:
                   f"registration ({x['rate']:.1f} registrations/s sequential); connect {ms(x['connect'])} ms + "
                   f"request {ms(x['request'])} ms (medians); CPU/registration: ACME {ms(x['cse_cpu'])} ms, MEF "
                   f"{ms(x['mef_cpu'])} ms, client {ms(x['cli_cpu'])} ms")
-        print(f"  ratio secure/plain (median latency) = {ratio_a:.2f}  [mean {a['secure']['mean'] / a['plain']['mean']:.2f}"
+        sec, pl = a["secure"], a["plain"]
+        print(f"  ratio secure/plain (median latency) = {ratio_a:.2f}  [mean {sec['mean'] / pl['mean']:.2f}"
               f", per-round pairs median {pair_a:.2f}, rate plain/secure {a['plain']['rate'] / a['secure']['rate']:.2f}"
               f", ACME CPU {a['secure']['cse_cpu'] / a['plain']['cse_cpu']:.2f}, ACME+MEF CPU "
-              f"{(a['secure']['cse_cpu'] + a['secure']['mef_cpu']) / max(a['plain']['cse_cpu'] + a['plain']['mef_cpu'], 1e-9):.2f}]")
+              f"{(sec['cse_cpu'] + sec['mef_cpu']) / max(pl['cse_cpu'] + pl['mef_cpu'], 1e-9):.2f}]")
         print(f"  A target secure <= {TARGET_A:g} x plain: {'TARGET MET' if ratio_a <= TARGET_A else 'TARGET MISSED'}")
 
         # sanity: every secure registration went through the SSAR update
@@ -373,9 +379,23 @@ def main() -> int:
         n_sec = 1 + args.aes * args.rounds
         print(f"  check: <serviceSubscribedAppRule> rspf-enrolled has {len(rule.get('apci') or [])} applicableCredIDs "
               f"and {len(rule.get('aae') or [])} allowedAEs (expected {n_sec} each: warm-up + measured)")
+        # breakdown (not a target): the same handshake again, now that the CSE holds these keys
+        again = []
+        for e in measured[:args.aes]:
+            t0 = time.perf_counter()
+            conn_tls = b.tls.connect("127.0.0.1", secure_port, e.ke_id, e.registrar_key)
+            again.append(time.perf_counter() - t0)
+            conn_tls.close()
+        again_median = statistics.median(again)
+        print(f"  breakdown: TLS-PSK connect with a KeID the CSE already holds: median {ms(again_median)} ms"
+              f" ({len(again)} connections) vs {ms(a['secure']['connect'])} ms at first contact, so fetching the key"
+              f" from the MEF inside the handshake adds about {ms(a['secure']['connect'] - again_median)} ms."
+              f" The SSAR check + update and CREATE <AE> fall in the 'request' part "
+              f"({ms(a['secure']['request'])} ms vs {ms(a['plain']['request'])} ms plain)")
 
         # ---- B: steady state ------------------------------------------------------------------------
-        print(f"\nB. steady state: RETRIEVE of the AE's own <container>, {args.steady_rounds} rounds x {args.retrieves} "
+        print(f"\nB. steady state: RETRIEVE of the AE's own <container>, {args.steady_rounds} rounds x "
+              f"{args.retrieves} "
               "of each kind, each kind on ONE established connection")
         sae = SecureAE(steady_ae, tls_client=b.tls)
         ctx: dict = {}
@@ -386,8 +406,8 @@ def main() -> int:
             ctx["secure_path"] = f"{steady_ae.enrolee_id}/data"
             plain_origin = "Cplainsteady"
             conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=15)
-            st, rsc, data = b.plain.request(conn, "POST", f"/{CSE_NAME}", plain_origin,
-                                            {"m2m:ae": {"rn": plain_origin, "api": APP_ID, "rr": False, "srv": ["3"]}}, 2)
+            ae_body = {"m2m:ae": {"rn": plain_origin, "api": APP_ID, "rr": False, "srv": ["3"]}}
+            st, rsc, data = b.plain.request(conn, "POST", f"/{CSE_NAME}", plain_origin, ae_body, 2)
             if rsc != "2001":
                 raise RuntimeError(f"plain registration for B: HTTP {st} RSC {rsc} {data[:200]!r}")
             st, rsc, data = b.plain.request(conn, "POST", f"/{CSE_NAME}/{plain_origin}", plain_origin,
@@ -422,7 +442,8 @@ def main() -> int:
                         "cli_cpu": statistics.fmean(res["cli_cpu"] for res in steady[kind])}
         ratio_b = bs["secure"]["median"] / bs["plain"]["median"]
         ratio_b_mean = bs["secure"]["mean"] / bs["plain"]["mean"]
-        pair_b = statistics.median(s / p for s, p in zip(bs["secure"]["round_medians"], bs["plain"]["round_medians"]))
+        pair_b = statistics.median(
+            s / p for s, p in zip(bs["secure"]["round_medians"], bs["plain"]["round_medians"], strict=True))
         if same_plain and plain_closes == 0:
             print("  plain: the one keep-alive HTTP/1.1 connection was reused for every RETRIEVE")
         else:
@@ -439,7 +460,8 @@ def main() -> int:
               f"{'TARGET MET' if ratio_b <= TARGET_B else 'TARGET MISSED'}")
 
         print("\nSUMMARY")
-        print(f"  A first-contact registration: plain {ms(a['plain']['median'])} ms, secure {ms(a['secure']['median'])} ms"
+        print(f"  A first-contact registration: plain {ms(a['plain']['median'])} ms, secure "
+              f"{ms(a['secure']['median'])} ms"
               f" (medians) -> {ratio_a:.2f}x (target <= {TARGET_A:g}x): "
               f"{'TARGET MET' if ratio_a <= TARGET_A else 'TARGET MISSED'}")
         print(f"  B steady-state RETRIEVE:      plain {ms(bs['plain']['median'])} ms, secure "

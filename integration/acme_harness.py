@@ -144,6 +144,7 @@ class AcmeCse:
         self.http_port = free_port()
         self.secure_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.enrolee: EnroleeInfo | None = None  # the CSE's own enrolee at the MEF, when it enrols
         self.starts = 0
         self._ri = 0
 
@@ -201,7 +202,11 @@ class AcmeCse:
                                          start_new_session=True)
         self.starts += 1
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()  # never leave a half-started CSE behind
+                raise
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         assert self.proc is not None

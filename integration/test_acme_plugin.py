@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -68,6 +69,7 @@ def mef_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MefHo
 
 @pytest.fixture(scope="module")
 def mef(mef_target: tuple[MefHome, TargetInfo]) -> MefHome:
+    """The module's running MEF (in this module it replaces conftest's function-scoped ``mef``)."""
     return mef_target[0]
 
 
@@ -105,11 +107,11 @@ def enrol(mef: MefHome, info: EnroleeInfo) -> Enrolment:
 def register(enrolment: Enrolment, app_id: str = APP_ID, *, origin: str | None = None,
              rn: str | None = None) -> Resp:
     """CREATE <AE> over TLS-PSK with the enrolment's KeID and registrar key (as ``origin``, default its AE-ID)."""
-    p = enrolment.profile["registrar"]["cseBaseURI"]
-    port, csebase = int(p.split(":")[2].split("/")[0]), "/" + p.split("/", 3)[3]
-    ae_id = origin or enrolment.enrolee_id
-    return secure_request(port, enrolment.ke_id, enrolment.registrar_key, "POST", csebase,
-                          ae_body(rn or enrolment.enrolee_id, app_id), origin=ae_id, ty=TY_AE)
+    uri = urlsplit(enrolment.profile["registrar"]["cseBaseURI"])
+    assert uri.hostname == HOST and uri.port
+    return secure_request(uri.port, enrolment.ke_id, enrolment.registrar_key, "POST", uri.path,
+                          ae_body(rn or enrolment.enrolee_id, app_id), origin=origin or enrolment.enrolee_id,
+                          ty=TY_AE)
 
 
 def assert_handshake_refused(port: int, identity: str, key: Secret) -> None:
@@ -311,62 +313,74 @@ class TestRefusals:
         assert in_cse.get("Cplainae").pc("m2m:ae")["api"] == "Nplain"
 
 
-class TestNoServiceSubscription:
-    @pytest.fixture(scope="class")
-    def cse(self, tmp_path_factory: pytest.TempPathFactory,
-            mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
-        mef, target = mef_target
-        cse = start_in_cse(tmp_path_factory.mktemp("acme-nosub"), "in-nosub", mef, target,
-                           "--no-create-subscription")
-        try:
-            yield cse
-        finally:
-            cse.stop()
+@pytest.fixture(scope="class")
+def nosub_cse(tmp_path_factory: pytest.TempPathFactory,
+              mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
+    mef, target = mef_target
+    cse = start_in_cse(tmp_path_factory.mktemp("acme-nosub"), "in-nosub", mef, target,
+                       "--no-create-subscription")
+    try:
+        yield cse
+    finally:
+        cse.stop()
 
-    def test_registration_without_service_subscription_is_4128(self, mef: MefHome, cse: AcmeCse) -> None:
-        assert cse.rspf_value("createSubscription") == "false"
-        assert cse.get(SSAR).rsc == 4004
-        assert cse.discover("fu=1&ty=20") == []
-        enrolment = enrol(mef, add_ae(mef, cse, "nosub"))
+
+class TestNoServiceSubscription:
+    def test_registration_without_service_subscription_is_4128(self, mef: MefHome, nosub_cse: AcmeCse) -> None:
+        assert nosub_cse.rspf_value("createSubscription") == "false"
+        assert nosub_cse.get(SSAR).rsc == 4004
+        assert nosub_cse.discover("fu=1&ty=20") == []
+        enrolment = enrol(mef, add_ae(mef, nosub_cse, "nosub"))
         res = register(enrolment)
         assert res.rsc == 4128, str(res)
-        assert cse.get("Cnosub").rsc == 4004
+        assert nosub_cse.get("Cnosub").rsc == 4004
 
         # control: once the operator establishes the subscription, the same credential registers
+        cse = nosub_cse
         rule = cse.request("POST", "/cse-in", {"m2m:asar": {"rn": "ops-rule", "apci": [cred_id(enrolment.ke_id)],
                                                             "aai": [APP_ID], "aae": ["Cnosub"]}}, ty=TY_ASAR)
         assert rule.rsc == 2001, str(rule)
         mssp = cse.request("POST", "/cse-in", {"m2m:mssp": {"rn": "ops-mssp"}}, ty=TY_MSSP)
         assert mssp.rsc == 2001, str(mssp)
         node = cse.request("POST", "/cse-in/ops-mssp", {"m2m:svsn": {"ni": "in-node", "csi": IN_CSE_ID,
-                                                                    "rlk": [rule.pc("m2m:asar")["ri"]]}}, ty=TY_SVSN)
+                                                                      "rlk": [rule.pc("m2m:asar")["ri"]]}}, ty=TY_SVSN)
         assert node.rsc == 2001, str(node)
         res = register(enrolment)
         assert res.rsc == 2001, str(res)
 
 
-class TestEnforcement:
-    @pytest.fixture(scope="class")
-    def cse(self, tmp_path_factory: pytest.TempPathFactory,
+@pytest.fixture(scope="class")
+def enf_cse(tmp_path_factory: pytest.TempPathFactory,
             mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
-        mef, target = mef_target
-        cse = start_in_cse(tmp_path_factory.mktemp("acme-enf"), "in-enf", mef, target, "--enforcement")
-        try:
-            yield cse
-        finally:
-            cse.stop()
+    mef, target = mef_target
+    cse = start_in_cse(tmp_path_factory.mktemp("acme-enf"), "in-enf", mef, target, "--enforcement")
+    try:
+        yield cse
+    finally:
+        cse.stop()
 
-    def test_plain_port_registration_is_4107(self, cse: AcmeCse) -> None:
-        assert cse.rspf_value("enforcement") == "on"
-        res = cse.request("POST", "/cse-in", ae_body("Cplainenf", "Nplain"), origin="Cplainenf", ty=TY_AE)
+
+class TestEnforcement:
+    def test_plain_port_registration_is_4107(self, enf_cse: AcmeCse) -> None:
+        assert enf_cse.rspf_value("enforcement") == "on"
+        res = enf_cse.request("POST", "/cse-in", ae_body("Cplainenf", "Nplain"), origin="Cplainenf", ty=TY_AE)
         assert res.rsc == 4107, str(res)
-        assert cse.get("Cplainenf").rsc == 4004
+        assert enf_cse.get("Cplainenf").rsc == 4004
 
-    def test_secure_registration_still_works_under_enforcement(self, mef: MefHome, cse: AcmeCse) -> None:
-        enrolment = enrol(mef, add_ae(mef, cse, "enfsecure"))
+    def test_secure_registration_still_works_under_enforcement(self, mef: MefHome, enf_cse: AcmeCse) -> None:
+        enrolment = enrol(mef, add_ae(mef, enf_cse, "enfsecure"))
         res = register(enrolment, "Nanything")
         assert res.rsc == 2001, str(res)
-        assert cse.get("Cenfsecure").rsc == 2000
+        assert enf_cse.get("Cenfsecure").rsc == 2000
+
+
+@pytest.fixture(scope="class")
+def mef2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MefHome]:
+    home, _target = new_mef(tmp_path_factory.mktemp("mef-down"))
+    try:
+        yield home
+    finally:
+        home.stop()
 
 
 class TestMefDownAtStart:
@@ -374,14 +388,6 @@ class TestMefDownAtStart:
     a valid stored profile -> the CSE starts and serves."""
 
     RETRY = 3
-
-    @pytest.fixture(scope="class")
-    def mef2(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MefHome]:
-        home, _target = new_mef(tmp_path_factory.mktemp("mef-down"))
-        try:
-            yield home
-        finally:
-            home.stop()
 
     def mn(self, root: Path, mef2: MefHome, name: str) -> AcmeCse:
         info = mef2.add_enrolee(name, enrolee_id=f"/id-{name}", registrar=IN_CSE_ID,
@@ -425,25 +431,26 @@ class TestMefDownAtStart:
 
 
 # ============================================================================== 3. 50 concurrent AEs
+@pytest.fixture(scope="class")
+def load_cse(tmp_path_factory: pytest.TempPathFactory,
+             mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
+    mef, target = mef_target
+    cse = start_in_cse(tmp_path_factory.mktemp("acme-load"), "in-load", mef, target)
+    try:
+        yield cse
+    finally:
+        cse.stop()
+
+
 class TestConcurrentRegistration:
     COUNT = 50
 
-    @pytest.fixture(scope="class")
-    def cse(self, tmp_path_factory: pytest.TempPathFactory,
-            mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
-        mef, target = mef_target
-        cse = start_in_cse(tmp_path_factory.mktemp("acme-load"), "in-load", mef, target)
-        try:
-            yield cse
-        finally:
-            cse.stop()
-
-    def test_50_aes_register_concurrently_and_none_is_lost(self, mef: MefHome, cse: AcmeCse) -> None:
-        infos = import_ae_batch(mef, "load", self.COUNT, cse.secure_uri)
+    def test_50_aes_register_concurrently_and_none_is_lost(self, mef: MefHome, load_cse: AcmeCse) -> None:
+        infos = import_ae_batch(mef, "load", self.COUNT, load_cse.secure_uri)
         with ThreadPoolExecutor(max_workers=10) as pool:
             enrolments = list(pool.map(lambda i: enrol(mef, i), infos))
         assert len({e.ke_id for e in enrolments}) == self.COUNT
-        assert cse.ssar(SSAR).get("apci") in (None, [])
+        assert load_cse.ssar(SSAR).get("apci") in (None, [])
 
         barrier = threading.Barrier(self.COUNT)
 
@@ -456,60 +463,63 @@ class TestConcurrentRegistration:
             results = list(pool.map(one, enrolments))
         assert [rsc for _id, rsc in results] == [2001] * self.COUNT, results
 
-        rule = cse.ssar(SSAR)
+        rule = load_cse.ssar(SSAR)
         expected_creds = {cred_id(e.ke_id) for e in enrolments}
         expected_aes = {e.enrolee_id for e in enrolments}
         assert len(rule["apci"]) == self.COUNT and set(rule["apci"]) == expected_creds, rule["apci"]
         assert len(rule["aae"]) == self.COUNT and set(rule["aae"]) == expected_aes, rule["aae"]
-        assert sorted(cse.discover("fu=1&ty=2")) == sorted(f"cse-in/{a}" for a in expected_aes)
+        aes = [u for u in load_cse.discover("fu=1&ty=2") if u != "cse-in/CAdmin"]  # ACME's own admin AE aside
+        assert sorted(aes) == sorted(f"cse-in/{a}" for a in expected_aes)
 
 
 # ============================================================================== 4./5. Mcc and secrecy
-class TestMccAndProfileSecrecy:
-    @pytest.fixture(scope="class")
-    def mn(self, tmp_path_factory: pytest.TempPathFactory, mef: MefHome, in_cse: AcmeCse) -> Iterator[AcmeCse]:
-        info = mef.add_enrolee("mn1", enrolee_id="/id-mn", node_id="urn:dev:ops:mn1", registrar=IN_CSE_ID,
-                               registrar_uri=in_cse.secure_uri)
-        cse = AcmeCse(tmp_path_factory.mktemp("acme-mn"), "mn", cse_type="MN", cse_id="id-mn-placeholder",
-                      cse_name="cse-mn")
-        cse.install(mef, "--kpm-id", info.kpm_id, "--kpm-file", info.kpm_file, "--node-id", info.node_id,
-                    extra_ini="[http]\nenableManagementEndpoint=true")
-        cse.kpm_id, cse.kpm_file, cse.node_id = info.kpm_id, info.kpm_file, info.node_id  # type: ignore[attr-defined]
-        cse.start()
-        try:
-            yield cse
-        finally:
-            cse.stop()
+@pytest.fixture(scope="class")
+def mn_cse(tmp_path_factory: pytest.TempPathFactory, mef: MefHome, in_cse: AcmeCse) -> Iterator[AcmeCse]:
+    info = mef.add_enrolee("mn1", enrolee_id="/id-mn", node_id="urn:dev:ops:mn1", registrar=IN_CSE_ID,
+                           registrar_uri=in_cse.secure_uri)
+    cse = AcmeCse(tmp_path_factory.mktemp("acme-mn"), "mn", cse_type="MN", cse_id="id-mn-placeholder",
+                  cse_name="cse-mn")
+    cse.install(mef, "--kpm-id", info.kpm_id, "--kpm-file", info.kpm_file, "--node-id", info.node_id,
+                extra_ini="[http]\nenableManagementEndpoint=true")
+    cse.enrolee = info
+    cse.start()
+    try:
+        yield cse
+    finally:
+        cse.stop()
 
-    def test_mn_registers_with_the_in_over_tls_psk_with_its_provisioned_cse_id(self, mn: AcmeCse,
+
+class TestMccAndProfileSecrecy:
+    def test_mn_registers_with_the_in_over_tls_psk_with_its_provisioned_cse_id(self, mn_cse: AcmeCse,
                                                                                 in_cse: AcmeCse) -> None:
-        assert "cseID=id-mn-placeholder" in mn.ini.read_text()
-        uris = wait_until(lambda: (u := in_cse.discover("fu=1&ty=16")) and "cse-in/id-mn" in u and u,
-                          45, "the MN's <remoteCSE> at the IN-CSE")
-        assert "cse-in/id-mn" in uris and "cse-in/id-mn-placeholder" not in uris, uris
+        assert "cseID=id-mn-placeholder" in mn_cse.ini.read_text()
+        wait_until(lambda: "cse-in/id-mn" in in_cse.discover("fu=1&ty=16"), 45, "the MN's <remoteCSE> at the IN")
+        uris = in_cse.discover("fu=1&ty=16")
+        assert uris == ["cse-in/id-mn"], uris  # not the placeholder CSE-ID of the MN's acme.ini
         csr = in_cse.get("id-mn").pc("m2m:csr")
         assert csr["csi"] == "/id-mn", csr
-        assert mn.get("/cse-mn").pc("m2m:cb")["csi"] == "/id-mn"
-        log = mn.log_text()
+        assert mn_cse.get("/cse-mn").pc("m2m:cb")["csi"] == "/id-mn"
+        log = mn_cse.log_text()
         assert "CSE-ID /id-mn from the securityProfile" in log
         assert f"registrar {IN_CSE_ID} at {in_cse.secure_uri} (Mcc over TLS-PSK)" in log
 
-    def test_security_profile_is_never_exposed(self, mef: MefHome, mn: AcmeCse, in_cse: AcmeCse) -> None:
+    def test_security_profile_is_never_exposed(self, mef: MefHome, mn_cse: AcmeCse, in_cse: AcmeCse) -> None:
         wait_until(lambda: "cse-in/id-mn" in in_cse.discover("fu=1&ty=16"), 45, "the MN's <remoteCSE>")
+        info = mn_cse.enrolee
+        assert info is not None
         enrolment = Enrolee(EnroleeConfig(
-            mef_host=HOST, mef_port=mef.port, mef_fqdn=FQDN, kpm_id=mn.kpm_id,  # type: ignore[attr-defined]
-            kpm=read_key_file(mn.kpm_file), node_id=mn.node_id,  # type: ignore[attr-defined]
-            store_path=mn.base / "data" / "rspf-profile.store")).load()
+            mef_host=HOST, mef_port=mef.port, mef_fqdn=FQDN, kpm_id=info.kpm_id, kpm=read_key_file(info.kpm_file),
+            node_id=info.node_id, store_path=mn_cse.base / "data" / "rspf-profile.store")).load()
         assert enrolment is not None and enrolment.enrolee_id == "/id-mn"
         registrar_key = enrolment.registrar_key.reveal()
         assert base64.b64encode(registrar_key).decode() == enrolment.profile["credential"]["key"]
         secret_values = {"registrar key": registrar_key, "Ke": enrolment.enrolment_key.reveal(),
-                         "Kpm": read_key_file(mn.kpm_file).reveal()}  # type: ignore[attr-defined]
+                         "Kpm": read_key_file(info.kpm_file).reveal()}
         needles = {f"{label} ({form})": text for label, value in secret_values.items()
                    for form, text in key_forms(value).items()}
 
         bodies: dict[str, bytes] = {}
-        for cse in (mn, in_cse):
+        for cse in (mn_cse, in_cse):
             base = f"/{cse.cse_name}"
             everything = cse.discover("fu=1")
             assert everything, f"discovery on {cse.name} found nothing"
@@ -520,11 +530,11 @@ class TestMccAndProfileSecrecy:
             for name in ("rspf", "rspf-profile", "rspf-profile.store", "securityProfile", "secp", "rspf:secp",
                          "profile", "credential", "data", "keys", SSAR, "rspf-mssp"):
                 bodies[f"{cse.name} {base}/{name}"] = cse.get(f"{base}/{name}").raw
-        assert any(b'"csi": "/id-mn"' in b or b'"/id-mn"' in b for b in bodies.values())  # the bodies are real
-        mgmt = mn.get("/__mgmt__/config")
-        if mgmt.status == 200:  # ACME's management endpoint dumps its configuration
-            bodies["mn /__mgmt__/config"] = mgmt.raw
-        logs = {str(p): p.read_text(errors="replace") for cse in (mn, in_cse) for p in cse.log_files()}
+        assert any(b'"/id-mn"' in raw for raw in bodies.values()), "the bodies read carry no resources"
+        mgmt = mn_cse.get("/__mgmt__/config")  # ACME's management endpoint (enabled on the MN) dumps its config
+        assert mgmt.status == 200 and b"id-mn" in mgmt.raw, str(mgmt)
+        bodies["mn /__mgmt__/config"] = mgmt.raw
+        logs = {str(p): p.read_text(errors="replace") for cse in (mn_cse, in_cse) for p in cse.log_files()}
         assert any(enrolment.ke_id in text for text in logs.values()), "the logs read are not the CSEs' logs"
 
         leaks = [f"{needle} in {where}" for where, raw in bodies.items() for needle, text in needles.items()

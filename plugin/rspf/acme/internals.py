@@ -46,8 +46,11 @@ def apply_identity(config: Any, profile: dict[str, Any]) -> None:
 
     if profile["enroleeType"] != "CSE":
         raise RuntimeError("the securityProfile provisions an AE, not a CSE")
+    old_id = config.cse_cseID
     config.cse_cseID = profile["enroleeID"]
     config.cse_serviceProviderID = profile["spID"]
+    if config.cse_resourceID == old_id.lstrip("/"):  # ACME's default: resourceID follows the CSE-ID
+        config.cse_resourceID = profile["enroleeID"].lstrip("/")
     CSEConfiguration().validateConfiguration(config)  # recomputes ACME's derived runtime constants
 
 
