@@ -130,7 +130,7 @@ def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
         _fail(exc)
 
     def stop(*_a: Any) -> None:
-        server.shutdown(timeout=0)
+        server.request_stop()  # only a flag: the serving thread does the shutdown below
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -325,7 +325,8 @@ def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_pa
 @click.option("--location", default=None, help="Geographical location to report (optional).")
 @click.option("--force", is_flag=True, help="Enrol even if the stored profile is still valid.")
 @click.option("--renew-before", default=86400, show_default=True, type=click.IntRange(0),
-              help="Re-enrol when the profile expires within this many seconds.")
+              help="Re-enrol when the profile expires within this many seconds "
+                   "(at most half the profile's lifetime).")
 @click.option("--no-remote-management", is_flag=True, help="Tell the MEF this device cannot follow RM instructions.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)

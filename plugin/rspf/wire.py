@@ -98,7 +98,7 @@ def _parse_headers(lines: list[bytes]) -> dict[str, str]:
         except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
             raise BadRequest("an HTTP header is not text") from None
         name, sep, value = text.partition(":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.fullmatch(name):
             raise BadRequest("a malformed HTTP header line")
         key = name.lower()
         value = value.strip()
@@ -157,7 +157,7 @@ def read_request(reader: BinaryIO, max_body: int = DEFAULT_MAX_BODY) -> HttpRequ
     if lines is None:
         return None
     parts = lines[0].decode("latin-1").split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not _TOKEN.match(parts[0]):
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not _TOKEN.fullmatch(parts[0]):
         raise BadRequest("a malformed HTTP request line")
     headers = _parse_headers(lines[1:])
     body = _read_body(reader, headers, max_body)
@@ -186,12 +186,17 @@ _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden", 404
             415: "Unsupported Media Type", 500: "Internal Server Error", 501: "Not Implemented"}
 
 
+def _safe_header(value: str) -> bool:
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
 def render_response(resp: HttpResponse) -> bytes:
     head = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
     hdrs = dict(resp.headers)
     hdrs["content-length"] = str(len(resp.body))
     for k, v in hdrs.items():
-        head.append(f"{_canon(k)}: {v}")
+        if _safe_header(str(v)):  # a control character would split the header block: drop the header
+            head.append(f"{_canon(k)}: {v}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body
 
 
@@ -233,7 +238,7 @@ def to_primitive(req: HttpRequest) -> Primitive:
     if op is None:
         raise BadRequest(f"the HTTP method {req.method} has no oneM2M operation")
     ri = req.header("x-m2m-ri")
-    if not ri or not _RI.match(ri):
+    if not ri or not _RI.fullmatch(ri):
         raise BadRequest("the X-M2M-RI header (request identifier) is missing or malformed")
     rvi = req.header("x-m2m-rvi")
     if not rvi:
@@ -260,9 +265,9 @@ def to_primitive(req: HttpRequest) -> Primitive:
 def onem2m_response(rsc: RSC, content: Any = None, *, request_id: str | None = None, rvi: str | None = None,
                     close: bool = False, http_status: int | None = None) -> HttpResponse:
     headers = {"x-m2m-rsc": str(int(rsc))}
-    if request_id:
+    if request_id and _RI.fullmatch(request_id):  # never echo a raw, unvalidated value (header injection)
         headers["x-m2m-ri"] = request_id
-    if rvi:
+    if rvi and rvi in SUPPORTED_RVI:
         headers["x-m2m-rvi"] = rvi
     body = b""
     if content is not None:

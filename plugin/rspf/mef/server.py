@@ -29,6 +29,7 @@ class MefServer:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stop = threading.Event()
         self._threads: set[threading.Thread] = set()
+        self._sessions: set[TlsConnection] = set()
         self._lock = threading.Lock()
 
     @property
@@ -81,12 +82,25 @@ class MefServer:
         t.start()
         return t
 
+    def request_stop(self) -> None:
+        """Ask the accept loop to end. Safe in a signal handler: it only sets a flag."""
+        self._stop.set()
+
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close open sessions (idle keep-alive readers wake up at once), and wait up to
+        ``timeout`` seconds in total for the connection threads. Call from the thread that serves."""
+        import time
+
         self._stop.set()
         with self._lock:
             threads = list(self._threads)
+            sessions = list(self._sessions)
+        for tls in sessions:
+            tls.interrupt()
+        deadline = time.monotonic() + timeout
         for t in threads:
-            t.join(timeout)
+            if t.ident is not None:  # started
+                t.join(max(0.0, deadline - time.monotonic()))
 
     # -- one connection -------------------------------------------------------------------------
     def _run_connection(self, sock: socket.socket) -> None:
@@ -99,9 +113,13 @@ class MefServer:
             except TlsError as exc:
                 log.info("TLS handshake from %s refused: %s", tls.peer, exc)
                 return
+            with self._lock:
+                self._sessions.add(tls)
             try:
                 self._serve_session(tls)
             finally:
+                with self._lock:
+                    self._sessions.discard(tls)
                 tls.close()
         except Exception:  # a bug must not kill the server; log it without request data
             log.exception("unexpected error while serving a connection")
