@@ -472,6 +472,45 @@ class TestConcurrentRegistration:
         assert sorted(aes) == sorted(f"cse-in/{a}" for a in expected_aes)
 
 
+@pytest.fixture(scope="class")
+def shard_cse(tmp_path_factory: pytest.TempPathFactory,
+              mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
+    mef, target = mef_target
+    cse = start_in_cse(tmp_path_factory.mktemp("acme-shard"), "in-shard", mef, target, "--ssar-shard-size", 3)
+    try:
+        yield cse
+    finally:
+        cse.stop()
+
+
+class TestRuleSeries:
+    """Recorded credentials spread over <ssar>, <ssar>-2, ... of ssarShardSize entries each."""
+
+    def test_seven_aes_fill_three_rules_and_all_register(self, mef: MefHome, shard_cse: AcmeCse) -> None:
+        assert shard_cse.rspf_value("ssarShardSize") == "3"
+        infos = import_ae_batch(mef, "shard", 7, shard_cse.secure_uri)
+        enrolments = [enrol(mef, i) for i in infos]
+        barrier = threading.Barrier(len(enrolments))
+
+        def one(enrolment: Enrolment) -> int | None:
+            barrier.wait(30)
+            return register(enrolment, "Nshard").rsc
+
+        with ThreadPoolExecutor(max_workers=len(enrolments)) as pool:
+            assert list(pool.map(one, enrolments)) == [2001] * 7
+        rules = [shard_cse.ssar(name) for name in (SSAR, f"{SSAR}-2", f"{SSAR}-3")]
+        assert [len(r["apci"]) for r in rules] == [3, 3, 1]
+        assert [len(r["aae"]) for r in rules] == [3, 3, 1]
+        assert all(r.get("aai") == rules[0].get("aai") for r in rules)  # the series keeps the App-ID rule
+        creds = [c for r in rules for c in r["apci"]]
+        assert sorted(creds) == sorted(cred_id(e.ke_id) for e in enrolments)  # none lost, none twice
+        assert shard_cse.get(f"{SSAR}-4").rsc == 4004
+        node_uris = shard_cse.discover("fu=1&ty=20")
+        assert len(node_uris) == 1
+        node = shard_cse.get(node_uris[0].split("/", 1)[1]).pc("m2m:svsn")
+        assert {r["ri"] for r in rules} <= set(node["rlk"])
+
+
 # ============================================================================== 4./5. Mcc and secrecy
 @pytest.fixture(scope="class")
 def mn_cse(tmp_path_factory: pytest.TempPathFactory, mef: MefHome, in_cse: AcmeCse) -> Iterator[AcmeCse]:

@@ -466,14 +466,16 @@ def acme() -> None:
 @click.option("--secure-port", required=True, type=click.IntRange(1, 65535))
 @click.option("--enforcement/--no-enforcement", default=False, show_default=True)
 @click.option("--ssar", default="rspf-enrolled", show_default=True)
+@click.option("--ssar-shard-size", default=256, show_default=True, type=click.IntRange(1, 100000),
+              help="Entries per <serviceSubscribedAppRule> before recording moves on to <ssar>-2, ...")
 @click.option("--create-subscription/--no-create-subscription", default=True, show_default=True)
 @click.option("--allowed-app-ids", default="*", show_default=True)
 @click.option("--secure-registrar/--plain-registrar", default=True, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing [rspf] section (the old acme.ini is kept).")
 def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_id: str | None,
                  kpm_file: str | None, node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None,
-                 secure_listen: str, secure_port: int, enforcement: bool, ssar: str, create_subscription: bool,
-                 allowed_app_ids: str, secure_registrar: bool, force: bool) -> None:
+                 secure_listen: str, secure_port: int, enforcement: bool, ssar: str, ssar_shard_size: int,
+                 create_subscription: bool, allowed_app_ids: str, secure_registrar: bool, force: bool) -> None:
     """Put the plugin loader into BASE_DIR/plugins/ and write the [rspf] section of BASE_DIR/acme.ini."""
     from .acme.install import install
     _hostport(mef_addr)
@@ -482,7 +484,7 @@ def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_
                        node_id=node_id, mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
                        secure_listen=secure_listen, secure_port=secure_port, enforcement=enforcement, ssar=ssar,
                        create_subscription=create_subscription, allowed_app_ids=allowed_app_ids,
-                       secure_registrar=secure_registrar, force=force)
+                       secure_registrar=secure_registrar, force=force, ssar_shard_size=ssar_shard_size)
     except RspfError as exc:
         _fail(exc)
     for d in done:

@@ -42,9 +42,14 @@ def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, ps
     tls = tls_client.connect(host, port, psk_identity, psk, server_name=mef_fqdn, timeout=timeout)
     client = OneM2MClient(tls, origin, host=mef_fqdn)
     try:
-        data = client.call("GET", f"/fetchCredentials/{quote(ke_id, safe='@')}/{suid}")
+        return request_credentials(client, ke_id, suid)
     finally:
         client.close()
+
+
+def request_credentials(client: OneM2MClient, ke_id: str, suid: int) -> FetchedCredential:
+    """The fetchCredentials request on an open, authenticated connection to the MEF."""
+    data = client.call("GET", f"/fetchCredentials/{quote(ke_id, safe='@')}/{suid}")
     rsp = data.get("rspf:fcRsp") if isinstance(data, dict) else None
     if not isinstance(rsp, dict) or rsp.get("status") is not True:
         raise RemoteError(5000, "the MEF sent a malformed fetchCredentials response")
@@ -78,10 +83,48 @@ class KeyCache:
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, tuple[FetchedCredential, float]] = {}
         self._refused: dict[str, float] = {}
+        self._idle: list[OneM2MClient] = []  # kept-alive authenticated connections to the MEF
         self.fetches = 0
 
     def __repr__(self) -> str:
         return f"<KeyCache mef={self.mef_fqdn} entries={len(self._entries)}>"
+
+    def _fetch(self, ke_id: str) -> FetchedCredential:
+        """fetchCredentials on a kept-alive connection (one handshake saved per first contact); a reused
+        connection the MEF has meanwhile closed is replaced once."""
+        for attempt in (1, 2):
+            with self._lock:
+                client = self._idle.pop() if self._idle else None
+            reused = client is not None
+            if client is None:
+                tls = self._tls.connect(self.mef_host, self.mef_port, self._psk_identity, self._psk,
+                                        server_name=self.mef_fqdn, timeout=self.timeout)
+                client = OneM2MClient(tls, self.origin, host=self.mef_fqdn)
+            client.originator = self.origin
+            try:
+                cred = request_credentials(client, ke_id, self.suid)
+            except (ConnectionError, TimeoutError, OSError):
+                client.close()
+                if reused and attempt == 1:
+                    continue
+                raise
+            except Exception:
+                client.close()
+                raise
+            with self._lock:
+                if len(self._idle) < 4:
+                    self._idle.append(client)
+                    client = None
+            if client is not None:
+                client.close()
+            return cred
+        raise ConnectionError("the MEF closed the connection")  # pragma: no cover - loop always returns
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
 
     def is_mef_key_id(self, identity: str) -> bool:
         try:
@@ -113,8 +156,7 @@ class KeyCache:
             if self._refused.get(ke_id, 0) > time.time():
                 return None, False
             try:
-                cred = fetch_credentials(self.mef_host, self.mef_port, self.mef_fqdn, self._psk_identity, self._psk,
-                                         self.origin, ke_id, self.suid, tls_client=self._tls, timeout=self.timeout)
+                cred = self._fetch(ke_id)
             except Exception as exc:  # refused or unreachable: no key, no handshake
                 log.info("MEF did not give the key of KeID %s: %s", ke_id, exc)
                 self._refused[ke_id] = time.time() + self.negative_ttl

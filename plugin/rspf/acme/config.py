@@ -40,6 +40,7 @@ class AcmePluginConfig:
     ca_file: Path | None
     enforcement: bool
     ssar: str
+    ssar_shard_size: int
     create_subscription: bool
     allowed_app_ids: tuple[str, ...]
     secure_registrar: bool
@@ -154,6 +155,7 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
         secure_listen=get("secureListen", "127.0.0.1") or "127.0.0.1", secure_port=secure_port,
         cert_file=cert, key_file=key, ca_file=ca, enforcement=mode == "on", ssar=ssar,
+        ssar_shard_size=int(number("ssarShardSize", 256, 1, 100000)),
         create_subscription=flag("createSubscription", True), allowed_app_ids=apps,
         secure_registrar=flag("secureRegistrar", True), location=get("location"),
     )

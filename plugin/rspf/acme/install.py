@@ -43,6 +43,7 @@ enforcement={enforcement}
 # The <serviceSubscribedAppRule> (resource name under the CSEBase) that receives enrolled credentials,
 # created at start-up together with the <m2mServiceSubscriptionProfile>/<serviceSubscribedNode> if missing.
 ssar={ssar}
+ssarShardSize={ssar_shard_size}
 createSubscription={create_subscription}
 allowedAppIDs={allowed_app_ids}
 # Register with the registrar over TLS-PSK with the provisioned credential.
@@ -53,7 +54,7 @@ secureRegistrar={secure_registrar}
 def install(base_dir: Path, *, mef: str, mef_fqdn: str, enrol: bool, kpm_id: str | None, kpm_file: str | None,
             node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None, secure_listen: str,
             secure_port: int, enforcement: bool, ssar: str, create_subscription: bool, allowed_app_ids: str,
-            secure_registrar: bool, force: bool = False) -> list[str]:
+            secure_registrar: bool, force: bool = False, ssar_shard_size: int = 256) -> list[str]:
     """Write the shim and the [rspf] section; returns what was done. Never loses an existing acme.ini."""
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
@@ -78,7 +79,8 @@ def install(base_dir: Path, *, mef: str, mef_fqdn: str, enrol: bool, kpm_id: str
         kpm_file_line=line("kpmFile", kpm_file), node_id_line=line("nodeID", node_id),
         mef_psk_identity_line=line("mefPskIdentity", mef_psk_identity),
         mef_psk_file_line=line("mefPskFile", mef_psk_file), secure_listen=secure_listen, secure_port=secure_port,
-        enforcement="on" if enforcement else "off", ssar=ssar, create_subscription=str(create_subscription).lower(),
+        enforcement="on" if enforcement else "off", ssar=ssar, ssar_shard_size=ssar_shard_size,
+        create_subscription=str(create_subscription).lower(),
         allowed_app_ids=allowed_app_ids, secure_registrar=str(secure_registrar).lower())
     if ini.exists():
         backup = ini.with_name("acme.ini.before-rspf")

@@ -252,10 +252,11 @@ class RspfSecurityPlugin:
             from . import resources
 
             try:
-                resources.add_to_rule(self.config.ssar, peer.credential_id, peer.enrolee_id)
+                rule = resources.record_enrolled(internals.cse_id(), self.config.ssar, peer.credential_id,
+                                                 peer.enrolee_id, self.config.ssar_shard_size)
                 self._recorded.add(peer.credential_id)
                 _acme_log("info", f"recorded {peer.credential_id} / {peer.enrolee_id} in <serviceSubscribedAppRule> "
-                                  f"{self.config.ssar}")
+                                  f"{rule}")
             except Exception as exc:
                 _acme_log("warn", f"could not record {peer.credential_id} in rule {self.config.ssar}: {exc}")
 
