@@ -502,11 +502,34 @@ def find_service_subscribed_node(cse_id: str) -> Any | None:
     want = _norm_cse_id(cse_id)
     if want is None:
         return None
+    # ACME finds resources by type with a scan of all resources, by resource ID directly: remember the
+    # node's ID and re-check it (it may have been deleted or changed) before trusting it.
+    cached = _by_ri(_svsn_cache.get(want))
+    if cached is not None and cached.ty == SVSN and _norm_cse_id(cached.csi) == want:
+        return cached
     found = [r for r in _dispatcher().retrieveResourcesByType(ResourceTypes.SVSN) if _norm_cse_id(r.csi) == want]
     if not found:
+        _svsn_cache.pop(want, None)
         return None
     found.sort(key=lambda r: (r.ct or "", r.ri or ""))
+    _svsn_cache[want] = found[0].ri
     return found[0]
+
+
+_svsn_cache: dict[str, str] = {}   # SP-relative CSE-ID -> resource ID of its <serviceSubscribedNode>
+_series_cache: dict[str, list[str]] = {}  # rule name -> resource IDs of the rule series <name>, <name>-2, ...
+
+
+def _by_ri(ri: str | None) -> Any | None:
+    """A local resource by its resource ID (a direct lookup in ACME's storage), or None."""
+    from acmecse.etc.ResponseStatusCodes import ResponseException
+
+    if not ri:
+        return None
+    try:
+        return _dispatcher().retrieveLocalResource(ri)
+    except ResponseException:
+        return None
 
 
 def resolve_local(link: str) -> Any | None:
@@ -641,9 +664,11 @@ def record_enrolled(cse_id: str, ssar: str, credential_id: str, ae_id_stem: str,
     from acmecse.etc.Types import ResourceTypes
 
     with _rule_lock:
-        series = [_rule(f"{RC.cseRn}/{ssar}")]
-        while (nxt := resolve_local(f"{RC.cseRn}/{ssar}-{len(series) + 1}")) is not None and nxt.ty == ASAR:
-            series.append(nxt)
+        series = [r for r in (_by_ri(ri) for ri in _series_cache.get(ssar, [])) if r is not None and r.ty == ASAR]
+        if not series or series[0].rn != ssar:  # first call, or the series changed: look it up by name
+            series = [_rule(f"{RC.cseRn}/{ssar}")]
+            while (nxt := resolve_local(f"{RC.cseRn}/{ssar}-{len(series) + 1}")) is not None and nxt.ty == ASAR:
+                series.append(nxt)
         for rule in series:
             if credential_id in (rule.apci or []) and ae_id_stem in (rule.aae or []):
                 return rule.rn
@@ -656,12 +681,18 @@ def record_enrolled(cse_id: str, ssar: str, credential_id: str, ae_id_stem: str,
             if base.ari is not None:
                 attrs["ari"] = list(base.ari)
             disp = _dispatcher()
-            target, *_ = disp.createResourceFromDict({"m2m:asar": attrs}, RC.cseRi, ResourceTypes.ASAR,
-                                                     _cse_originator())
+            try:
+                target, *_ = disp.createResourceFromDict({"m2m:asar": attrs}, RC.cseRi, ResourceTypes.ASAR,
+                                                         _cse_originator())
+            except Exception:
+                _series_cache.pop(ssar, None)  # e.g. someone else created that name: look the series up again
+                raise
             svsn = find_service_subscribed_node(cse_id)
             if svsn is not None:
                 disp.updateLocalResource(svsn, {"m2m:svsn": {"rlk": list(svsn.rlk or []) + [target.ri]}},
                                          originator=_cse_originator())
+            series.append(target)
+        _series_cache[ssar] = [r.ri for r in series]
         _append(target, credential_id, ae_id_stem)
         return target.rn
 
