@@ -170,7 +170,11 @@ def matches(pattern: str | None, value: str | None) -> bool:
 
 
 def _any_match(patterns: Iterable[str] | None, value: str | None) -> bool:
-    return any(matches(p, value) for p in (patterns or ()) if isinstance(p, str))
+    if not patterns or value is None:
+        return False
+    if value in patterns:  # exact entries (recorded credentials, AE-IDs) are the common case: no scan
+        return True
+    return any(matches(p, value) for p in patterns if isinstance(p, str) and "*" in p)
 
 
 # ==================================================================================== ACME surgery
