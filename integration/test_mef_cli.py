@@ -154,7 +154,7 @@ def test_remote_management_instruction(home: MefHome) -> None:
 
 
 def test_valid_until_caps_the_profile_expiry(home: MefHome) -> None:
-    until = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)).replace(microsecond=0)
+    until = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).replace(microsecond=0)
     dev = new_enrolee(home, "--valid-until", until.isoformat())
     data = enrol_ok(home, dev)
     assert data["profile"]["expiry"] == profile.format_timestamp(until)

@@ -8,8 +8,6 @@ import stat
 import subprocess
 import time
 
-import pytest
-
 from rspf.errors import TlsError
 from rspf.secret import Secret
 from rspf.tls import PskClient, TlsConnection

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,3 +102,11 @@ def make_enrolee():
     def make(n: int = 1, **overrides: Any) -> tuple[EnroleeRecord, Secret]:
         return enrolee_record(n, **overrides), kpm_for(n)
     return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the repository root on sys.path, so unit tests can share small test-only helpers with
+    integration/ (integration.pki). It holds no ``rspf`` package: the installed one is still under test."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)

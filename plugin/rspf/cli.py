@@ -464,6 +464,9 @@ def acme() -> None:
 @click.option("--mef-psk-file", default=None)
 @click.option("--secure-listen", default="127.0.0.1", show_default=True)
 @click.option("--secure-port", required=True, type=click.IntRange(1, 65535))
+@click.option("--cert-file", default=None, help="Server certificate chain (PEM) for mutual TLS.")
+@click.option("--key-file", default=None, help="Its private key (PEM).")
+@click.option("--ca-file", default=None, help="CA whose client certificates are accepted (mutual TLS).")
 @click.option("--enforcement/--no-enforcement", default=False, show_default=True)
 @click.option("--ssar", default="rspf-enrolled", show_default=True)
 @click.option("--ssar-shard-size", default=256, show_default=True, type=click.IntRange(1, 100000),
@@ -474,7 +477,8 @@ def acme() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing [rspf] section (the old acme.ini is kept).")
 def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_id: str | None,
                  kpm_file: str | None, node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None,
-                 secure_listen: str, secure_port: int, enforcement: bool, ssar: str, ssar_shard_size: int,
+                 secure_listen: str, secure_port: int, cert_file: str | None, key_file: str | None,
+                 ca_file: str | None, enforcement: bool, ssar: str, ssar_shard_size: int,
                  create_subscription: bool, allowed_app_ids: str, secure_registrar: bool, force: bool) -> None:
     """Put the plugin loader into BASE_DIR/plugins/ and write the [rspf] section of BASE_DIR/acme.ini."""
     from .acme.install import install
@@ -484,7 +488,8 @@ def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_
                        node_id=node_id, mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
                        secure_listen=secure_listen, secure_port=secure_port, enforcement=enforcement, ssar=ssar,
                        create_subscription=create_subscription, allowed_app_ids=allowed_app_ids,
-                       secure_registrar=secure_registrar, force=force, ssar_shard_size=ssar_shard_size)
+                       secure_registrar=secure_registrar, force=force, ssar_shard_size=ssar_shard_size,
+                       cert_file=cert_file, key_file=key_file, ca_file=ca_file)
     except RspfError as exc:
         _fail(exc)
     for d in done:

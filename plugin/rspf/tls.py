@@ -17,6 +17,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
@@ -34,6 +35,8 @@ TLS12_PSK_CIPHERS = (
     "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA256"
 )
 MANDATED_TLS12_CIPHER = "PSK-AES128-CBC-SHA256"
+#: Certificate suites (TS-0003 §10.2.3 mandates ECDHE-ECDSA-AES128-CBC-SHA256; GCM and RSA as extras).
+CERT_CIPHERS = "ECDHE-ECDSA-AES128-CBC-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
 #: TLS 1.3 external PSK through OpenSSL's old-style callbacks needs a SHA-256 suite.
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
 
@@ -111,6 +114,25 @@ class PskServer:
             "unsigned int (*)(SSL *, const char *, unsigned char *, unsigned int)", self._on_psk
         )
         _lib.SSL_CTX_set_psk_server_callback(self.context._context, self._callback)
+
+    def use_certificates(self, cert_chain: str | Path, private_key: str | Path, ca_file: str | Path | None) -> None:
+        """Also accept certificate-based handshakes on this context (mutual TLS when ``ca_file`` is given).
+
+        A client that offers a PSK still gets the PSK handshake; one that does not is asked for a
+        certificate issued by ``ca_file``, which OpenSSL verifies (TS-0003 §10.2.3 suites first). A client
+        without a certificate completes no PSK and presents no certificate: it has no credential.
+        """
+        ctx = self.context
+        try:
+            ctx.use_certificate_chain_file(str(cert_chain))
+            ctx.use_privatekey_file(str(private_key))
+            ctx.check_privatekey()
+            if ca_file:
+                ctx.load_verify_locations(str(ca_file))
+                ctx.set_verify(SSL.VERIFY_PEER, lambda _conn, _cert, _errno, _depth, ok: bool(ok))
+        except SSL.Error as exc:
+            raise TlsError(f"cannot use the certificate files: {_describe(exc)}") from None
+        ctx.set_cipher_list((CERT_CIPHERS + ":" + TLS12_PSK_CIPHERS).encode())
 
     def _on_psk(self, ssl_ptr: Any, identity_ptr: Any, psk_out: Any, max_len: int) -> int:
         try:

@@ -38,6 +38,9 @@ startupRetrySeconds=60
 # Secure Mca/Mcc listener (TLS-PSK 1.2 + 1.3; add certFile/keyFile/caFile for mutual TLS).
 secureListen={secure_listen}
 securePort={secure_port}
+{cert_file_line}
+{key_file_line}
+{ca_file_line}
 # on: AE registration on the plain port is refused with 4107.
 enforcement={enforcement}
 # The <serviceSubscribedAppRule> (resource name under the CSEBase) that receives enrolled credentials,
@@ -54,7 +57,8 @@ secureRegistrar={secure_registrar}
 def install(base_dir: Path, *, mef: str, mef_fqdn: str, enrol: bool, kpm_id: str | None, kpm_file: str | None,
             node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None, secure_listen: str,
             secure_port: int, enforcement: bool, ssar: str, create_subscription: bool, allowed_app_ids: str,
-            secure_registrar: bool, force: bool = False, ssar_shard_size: int = 256) -> list[str]:
+            secure_registrar: bool, force: bool = False, ssar_shard_size: int = 256,
+            cert_file: str | None = None, key_file: str | None = None, ca_file: str | None = None) -> list[str]:
     """Write the shim and the [rspf] section; returns what was done. Never loses an existing acme.ini."""
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
@@ -79,6 +83,8 @@ def install(base_dir: Path, *, mef: str, mef_fqdn: str, enrol: bool, kpm_id: str
         kpm_file_line=line("kpmFile", kpm_file), node_id_line=line("nodeID", node_id),
         mef_psk_identity_line=line("mefPskIdentity", mef_psk_identity),
         mef_psk_file_line=line("mefPskFile", mef_psk_file), secure_listen=secure_listen, secure_port=secure_port,
+        cert_file_line=line("certFile", cert_file), key_file_line=line("keyFile", key_file),
+        ca_file_line=line("caFile", ca_file),
         enforcement="on" if enforcement else "off", ssar=ssar, ssar_shard_size=ssar_shard_size,
         create_subscription=str(create_subscription).lower(),
         allowed_app_ids=allowed_app_ids, secure_registrar=str(secure_registrar).lower())

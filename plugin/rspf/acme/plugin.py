@@ -134,7 +134,8 @@ class RspfSecurityPlugin:
             internals.route_registrar_over_psk(f"{parts.scheme}://{parts.netloc}", self._send_to_registrar)
         psk = PskServer(self._psk_lookup)
         if self.config.cert_file:
-            self._add_certificates(psk)
+            c = self.config
+            psk.use_certificates(c.cert_file, c.key_file, c.ca_file)
         self.listener = SecureWsgiServer(app, psk, self._resolve, host=self.config.secure_listen,
                                          port=self.config.secure_port)
         self.listener.start()
@@ -259,20 +260,6 @@ class RspfSecurityPlugin:
                                   f"{rule}")
             except Exception as exc:
                 _acme_log("warn", f"could not record {peer.credential_id} in rule {self.config.ssar}: {exc}")
-
-    def _add_certificates(self, psk: PskServer) -> None:
-        from OpenSSL import SSL
-
-        c = self.config
-        assert c is not None and c.cert_file and c.key_file
-        ctx = psk.context
-        ctx.use_certificate_chain_file(str(c.cert_file))
-        ctx.use_privatekey_file(str(c.key_file))
-        if c.ca_file:
-            ctx.load_verify_locations(str(c.ca_file))
-            ctx.set_verify(SSL.VERIFY_PEER, lambda *a: a[-1] == 1)
-        ctx.set_cipher_list(b"ECDHE-ECDSA-AES128-CBC-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-                            + b"ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES128-CBC-SHA256")
 
     def _certificate_credential(self, tls: TlsConnection) -> PeerCredential | None:
         subject_id = tls.peer_certificate_id()
