@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 from . import wire
-from .errors import BadRequest, RspfError, TlsError
+from .httpserver import TlsHttpServer
 from .tls import PskServer, TlsConnection
 
 log = logging.getLogger(__name__)
@@ -39,106 +37,34 @@ class PeerCredential:
 Resolver = Callable[[TlsConnection], PeerCredential | None]
 
 
-class SecureWsgiServer:
+class SecureWsgiServer(TlsHttpServer):
+    name = "secure-listener"
+
     def __init__(self, app: Any, psk: PskServer, resolve: Resolver, *, host: str, port: int,
                  max_body: int = 4 * 1024 * 1024, handshake_timeout: float = 10.0, idle_timeout: float = 60.0,
-                 max_connections: int = 256, server_name: str = "rspf-secure") -> None:
+                 max_connections: int = 256) -> None:
+        super().__init__(psk, host=host, port=port, max_body=max_body, handshake_timeout=handshake_timeout,
+                         idle_timeout=idle_timeout, max_connections=max_connections)
         self.app = app
-        self.psk = psk
         self.resolve = resolve
-        self.host, self.port = host, port
-        self.max_body = max_body
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self.server_name = server_name
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._stop = threading.Event()
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise RspfError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        sock.listen(512)
-        sock.settimeout(0.5)
-        self._sock = sock
-        self.port = sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, name="rspf-secure-accept", daemon=True)
-        self._thread.start()
+        self.start_background()
         log.info("secure listener on %s:%d (TLS-PSK and certificates)", self.host, self.port)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(2)
+        self.shutdown(timeout=2.0)
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not self._slots.acquire(blocking=False):
-                conn.close()
-                continue
-            threading.Thread(target=self._connection, args=(conn,), name="rspf-secure", daemon=True).start()
-        self._sock.close()
+    def open_session(self, tls: TlsConnection) -> PeerCredential | None:
+        cred = self.resolve(tls)
+        if cred is None:
+            log.info("secure listener: no usable credential from %s; closing", tls.peer)
+        return cred
 
-    def _connection(self, sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(None)
-            tls = self.psk.wrap(sock, self.handshake_timeout)
-            try:
-                tls.handshake()
-            except TlsError as exc:
-                log.info("secure listener: handshake from %s refused: %s", tls.peer, exc)
-                return
-            try:
-                cred = self.resolve(tls)
-                if cred is None:
-                    log.info("secure listener: no usable credential from %s; closing", tls.peer)
-                    return
-                tls.set_timeout(self.idle_timeout)
-                self._serve(tls, cred)
-            finally:
-                tls.close()
-        except Exception:
-            log.exception("secure listener: unexpected error on a connection")
-        finally:
-            self._slots.release()
-
-    def _serve(self, tls: TlsConnection, cred: PeerCredential) -> None:
-        reader = tls.makefile()
-        while not self._stop.is_set():
-            try:
-                req = wire.read_request(reader, self.max_body)
-            except BadRequest as exc:
-                tls.sendall(wire.render_response(wire.error_response(exc, close=True)))
-                return
-            except (TimeoutError, ConnectionError):
-                return
-            if req is None:
-                return
-            status, headers, body = self._call_app(req, tls, cred)
-            close = not req.keep_alive
-            if close:
-                headers["connection"] = "close"
-            try:
-                tls.sendall(wire.render_response(wire.HttpResponse(status, headers, body)))
-            except (TimeoutError, ConnectionError):
-                return
-            if close:
-                return
+    def respond(self, session: PeerCredential, tls: TlsConnection,
+                req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+        status, headers, body = self._call_app(req, tls, session)
+        return wire.HttpResponse(status, headers, body), False
 
     def _environ(self, req: wire.HttpRequest, tls: TlsConnection, cred: PeerCredential) -> dict[str, Any]:
         path, _, query = req.target.partition("?")
