@@ -117,6 +117,7 @@ def main(workdir: Path) -> int:
     (workdir / "in-cse").mkdir()
     (workdir / "ae").mkdir()
     mef_port, http_port, secure_port = free_port(), free_port(), free_port()
+    mn_http_port, mn_secure_port = free_port(), free_port()
     procs = Processes()
     try:
         step(1, "MEF: configuration, bootstrap credentials, enrolee registry")
@@ -124,6 +125,8 @@ def main(workdir: Path) -> int:
         run([rspf, "mef", "init", str(mef_cfg), "--fqdn", MEF_FQDN, "--sp-id", SP_ID, "--port", str(mef_port)])
         run([rspf, "keygen", str(workdir / "in-cse" / "mef-target.psk")])
         run([rspf, "keygen", str(workdir / "ae" / "sensor01.kpm")])
+        (workdir / "mn-cse").mkdir()
+        run([rspf, "keygen", str(workdir / "mn-cse" / "mn1.kpm")])
         run([rspf, "mef", "target", "add", "-c", str(mef_cfg), "--psk-identity", "id-in@sp.example.com",
              "--psk-file", str(workdir / "in-cse" / "mef-target.psk"), "--target-id", "/id-in"])
         print("  Enrolment Target /id-in registered (its PSK authenticates the IN-CSE to the MEF)")
@@ -132,6 +135,11 @@ def main(workdir: Path) -> int:
              "--node-id", "urn:dev:ops:sensor01", "--registrar-cse-id", "/id-in",
              "--registrar-uri", f"https://127.0.0.1:{secure_port}/cse-in"])
         print("  Enrolee sensor01@mef.example.com -> AE-ID Csensor01, registrar /id-in")
+        run([rspf, "mef", "enrolee", "add", "-c", str(mef_cfg), "--kpm-id", "mn1@mef.example.com",
+             "--kpm-file", str(workdir / "mn-cse" / "mn1.kpm"), "--enrolee-id", "/id-mn1",
+             "--node-id", "urn:dev:ops:gateway01", "--registrar-cse-id", "/id-in",
+             "--registrar-uri", f"https://127.0.0.1:{secure_port}/cse-in"])
+        print("  Enrolee mn1@mef.example.com -> CSE-ID /id-mn1 (an MN-CSE gateway), registrar /id-in")
 
         step(2, f"MEF: starting on 127.0.0.1:{mef_port} (TLS-PSK)")
         mef = procs.start("MEF", [rspf, "mef", "serve", "-c", str(mef_cfg)], workdir / "mef" / "mef.log")
@@ -184,10 +192,35 @@ def main(workdir: Path) -> int:
             return 1
         except urllib.error.HTTPError as exc:
             print(f"  refused: HTTP {exc.code}, X-M2M-RSC {exc.headers.get('X-M2M-RSC')}")
+        step(7, "MN-CSE: enrols at start-up, takes its CSE-ID from the securityProfile, registers with the "
+                "IN-CSE over TLS-PSK (Mcc)")
+        mn = workdir / "mn-cse"
+        (mn / "acme.ini").write_text(acme_ini("MN", "id-unprovisioned", "cse-mn", mn_http_port))
+        run([rspf, "acme", "install", "--base-dir", str(mn), "--mef", f"127.0.0.1:{mef_port}",
+             "--mef-fqdn", MEF_FQDN, "--kpm-id", "mn1@mef.example.com", "--kpm-file", "mn1.kpm",
+             "--node-id", "urn:dev:ops:gateway01", "--secure-port", str(mn_secure_port)])
+        mn_cse = procs.start("ACME MN-CSE", [acmecse, "--headless", "-dir", str(mn)], mn / "acme.out")
+        wait_port(mn_secure_port, mn_cse, "the MN-CSE secure listener")
+        print(f"  MN-CSE is up (pid {mn_cse.pid}); acme.ini said cseID=id-unprovisioned")
+        deadline = time.monotonic() + 30
+        remote: list[str] = []
+        while time.monotonic() < deadline and not remote:
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}/cse-in?fu=1&ty=16",
+                                         headers={"X-M2M-Origin": "CAdmin", "X-M2M-RI": "demo3", "X-M2M-RVI": "3",
+                                                  "Accept": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                remote = json.loads(resp.read()).get("m2m:uril", [])
+            if not remote:
+                time.sleep(0.25)
+        if not remote:
+            print("  UNEXPECTED: the MN-CSE did not register with the IN-CSE")
+            return 1
+        print(f"  the IN-CSE now has <remoteCSE> {remote[0]}: the MN registered as /id-mn1 over TLS-PSK")
+
         print("\nThe deployment worked end to end. Logs are in", workdir)
         return 0
     finally:
-        step(7, "stopping everything started here")
+        step(8, "stopping everything started here")
         procs.stop_all()
 
 
