@@ -1,4 +1,5 @@
-"""The README's main job (`rspf demo`) runs end to end: MEF + IN-CSE + AE + MN-CSE, and stops what it started."""
+"""The README's main job (`rspf demo`) runs end to end: MEF + IN-CSE + AE + MN-CSE, and stops the three
+servers it started."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "The deployment worked end to end" in out
     # every process it started was stopped by PID, cleanly
     stopped = [line for line in out.splitlines() if line.strip().startswith("stopped ")]
-    assert len(stopped) == 4 and all("exit 0" in line for line in stopped), stopped
+    assert len(stopped) == 3 and all("exit 0" in line for line in stopped), stopped
     for line in stopped:
         pid = int(line.split("pid ")[1].split(",")[0])
         try:
