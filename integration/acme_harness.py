@@ -158,8 +158,8 @@ class AcmeCse:
     def ini(self) -> Path:
         return self.base / "acme.ini"
 
-    def install(self, mef: MefHome, *options: Any, cli: Cli | None = None, extra_ini: str = "") -> None:
-        """Write a headless acme.ini (``cseID`` without its slash) and run ``rspf acme install``."""
+    def write_ini(self, extra_ini: str = "") -> None:
+        """Write a headless acme.ini (``cseID`` without its slash), without the plugin."""
         self.ini.write_text(
             "[basic.config]\n"
             f"cseType={self.cse_type}\ncseID={self.cse_id}\ncseName={self.cse_name}\nadminID={ADMIN}\n"
@@ -167,6 +167,10 @@ class AcmeCse:
             "logLevel=debug\ndatabaseType=memory\n\n"
             "[textui]\nstartWithTUI=false\n\n"
             "[logging]\nenableFileLogging=true\nlevel=debug\n" + (f"\n{extra_ini.strip()}\n" if extra_ini else ""))
+
+    def install(self, mef: MefHome, *options: Any, cli: Cli | None = None, extra_ini: str = "") -> None:
+        """Write the acme.ini and run ``rspf acme install`` (the plugin loader and the [rspf] section)."""
+        self.write_ini(extra_ini)
         (cli or mef.cli).ok("acme", "install", "--base-dir", self.base, "--mef", mef.address, "--mef-fqdn", FQDN,
                             "--secure-port", self.secure_port, *options)
 
@@ -211,7 +215,15 @@ class AcmeCse:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while True:  # 1. the secure listener (opened in the plugin's @start, after ACME's bindings)
+        while not self.has_plugin:  # 1'. without the plugin: ACME's own "CSE started" in its log file
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode} before it was ready")
+            if "CSE started" in self.log_text():
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: not started within {timeout:g} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        while self.has_plugin:  # 1. the secure listener (opened in the plugin's @start, after ACME's bindings)
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
                                      f"{self.log_tail()}")
@@ -236,6 +248,10 @@ class AcmeCse:
                 raise AssertionError(f"{self.name}: plain HTTP did not answer within {timeout:g} s:\n"
                                      f"{self.log_tail()}")
             time.sleep(0.2)
+
+    @property
+    def has_plugin(self) -> bool:
+        return (self.base / "plugins").is_dir()
 
     @property
     def running(self) -> bool:
