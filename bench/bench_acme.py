@@ -52,6 +52,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchutil import cpu_seconds, pct
+
 from rspf.demo import Processes, acme_ini, free_port, run, wait_http, wait_port
 
 TARGET_A = 3.0   # first-contact secure registration <= 3x the plain one
@@ -61,29 +63,11 @@ SP_ID = "//sp.bench.example.com"
 CSE_ID, CSE_NAME = "id-in", "cse-in"
 TARGET_IDENTITY = "id-in@sp.bench.example.com"
 APP_ID = "Nbench-app"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads) from /proc, in seconds."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def ms(x: float) -> str:
     return f"{x * 1000:.2f}"
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 class Plain:

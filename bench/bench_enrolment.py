@@ -46,44 +46,18 @@ import threading
 import time
 from pathlib import Path
 
+from benchutil import cpu_seconds, pct
+
+from rspf.demo import free_port, wait_port
+
 TARGET_RATIO = 0.5
 MEF_FQDN = "mef.bench.example.com"
 SP_ID = "//sp.bench.example.com"
 REGISTRAR_CSE_ID = "/id-in"
 REGISTRAR_URI = "https://127.0.0.1:8443/cse-in"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc, in seconds; 0.0 if unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
-
-
 def stop_process(proc: subprocess.Popen | None, what: str) -> None:
     """SIGTERM the process we started (by its PID), then SIGKILL it if it does not go."""
     if proc is None or proc.poll() is not None:
@@ -354,13 +328,6 @@ def start_servers(home: Path, mef_port: int, bare_port: int) -> tuple[subprocess
 
 
 # ------------------------------------------------------------------------------------------ report
-def pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[k]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each measured round (default 5)")
@@ -390,8 +357,8 @@ def main() -> int:
         t_setup = time.monotonic()
         enrolees = setup_mef(home, mef_port, args.enrolees)
         mef, bare = start_servers(home, mef_port, bare_port)
-        wait_listening(mef_port, mef, "rspf mef serve")
-        wait_listening(bare_port, bare, "the bare server")
+        wait_port(mef_port, mef, "rspf mef serve")
+        wait_port(bare_port, bare, "the bare server")
         load = LoadGenerator(args.clients, enrolees, mef_port, bare_port, str(home))
         print(f"setup: MEF home {home}, {args.enrolees} enrolees imported, MEF pid {mef.pid} port {mef_port}, "
               f"bare pid {bare.pid} port {bare_port}, {args.clients} client processes "
@@ -449,7 +416,8 @@ def main() -> int:
         print()
         bare_rounds = [r for r in rounds if r["kind"] == "bare"]
         full_rounds = [r for r in rounds if r["kind"] == "full"]
-        pair = statistics.median(fr["rate"] / br["rate"] for br, fr in zip(bare_rounds, full_rounds) if br["rate"])
+        pair = statistics.median(fr["rate"] / br["rate"]
+                                 for br, fr in zip(bare_rounds, full_rounds, strict=True) if br["rate"])
         cpu_ratio = (b["srv"] + b["cli"]) / (f["srv"] + f["cli"]) if f["srv"] + f["cli"] else 0.0
         srv_ratio = b["srv"] / f["srv"] if f["srv"] else 0.0
         print(f"ratio full/bare = {f['rate']:.1f} / {b['rate']:.1f} = {ratio:.3f}  (target >= {TARGET_RATIO})")

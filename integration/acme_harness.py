@@ -120,7 +120,7 @@ def ae_body(rn: str, api: str) -> dict[str, Any]:
     return {"m2m:ae": {"rn": rn, "api": api, "rr": False, "srv": ["3"]}}
 
 
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .acme_harness import wait_until
+from .support import free_port
 
 ACMECSE = Path(sys.executable).parent / "acmecse"
 HOST = "127.0.0.1"
@@ -132,23 +134,6 @@ SHIM = "from rspf_restest_plugin import RspfResTestPlugin  # noqa: F401\n"
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Any, timeout: float = POLL_TIMEOUT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def onem2m_time(delta: timedelta) -> str:
     return (datetime.now(UTC) + delta).strftime("%Y%m%dT%H%M%S")
 

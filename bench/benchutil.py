@@ -1,0 +1,25 @@
+"""Small measuring helpers shared by the benchmark scripts in bench/."""
+
+from __future__ import annotations
+
+import os
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc, in seconds; 0.0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of ``values``; NaN when empty."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
