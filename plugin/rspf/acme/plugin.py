@@ -217,9 +217,7 @@ class RspfSecurityPlugin:
                     delay = min(delay * 2, 300.0)
                     continue
             assert self.enrolment is not None
-            margin = min(self.config.renew_before_seconds,
-                         (self.enrolment.expiry - self.enrolment.issued_at).total_seconds() / 2)
-            wait = self.enrolment.expiry.timestamp() - margin - time.time()
+            wait = self.enrolment.renewal_due(self.config.renew_before_seconds).timestamp() - time.time()
             self._stop.wait(max(1.0, min(wait, 3600.0)))
 
     # ------------------------------------------------------------------- secure listener: keys

@@ -81,11 +81,14 @@ class Enrolment:
     def enrolee_id(self) -> str:
         return self.profile["enroleeID"]
 
-    def needs_renewal(self, renew_before_seconds: int, now: dt.datetime | None = None) -> bool:
-        now = now or dt.datetime.now(dt.UTC)
+    def renewal_due(self, renew_before_seconds: int) -> dt.datetime:
+        """When to renew: ``renew_before_seconds`` before expiry, but never in the first half of the lifetime
+        (so a short-lived profile is not renewed continuously)."""
         lifetime = (self.expiry - self.issued_at).total_seconds()
-        margin = min(renew_before_seconds, lifetime / 2)
-        return now >= self.expiry - dt.timedelta(seconds=margin)
+        return self.expiry - dt.timedelta(seconds=min(renew_before_seconds, lifetime / 2))
+
+    def needs_renewal(self, renew_before_seconds: int, now: dt.datetime | None = None) -> bool:
+        return (now or dt.datetime.now(dt.UTC)) >= self.renewal_due(renew_before_seconds)
 
     def summary(self) -> dict[str, Any]:
         """A printable view without any key."""
