@@ -28,10 +28,11 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
-from .. import keys
+from .. import keys, wire
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment
 from ..errors import ConfigError, RspfError
 from ..fileutil import read_key_file
@@ -72,6 +73,7 @@ class RspfSecurityPlugin:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._registrar_client = PskClient()
+        self._psk: PskServer | None = None
 
     # ------------------------------------------------------------------------------- lifecycle
     @init
@@ -95,6 +97,10 @@ class RspfSecurityPlugin:
                 raise ConfigError(f"acme.ini [rspf] enforcement: 'on' needs the {', '.join(others)} binding(s) "
                                   "disabled (they bypass the secure listener)")
             self._setup_keys()
+            self._psk = PskServer(self._psk_lookup)
+            c = self.config
+            if c.cert_file and c.key_file:
+                self._psk.use_certificates(c.cert_file, c.key_file, c.ca_file)  # bad files stop start-up here
             if self.config.enrol:
                 self.enrolment = self._enrol_at_startup()
                 internals.apply_identity(config, self.enrolment.profile)
@@ -127,16 +133,11 @@ class RspfSecurityPlugin:
         elif self.config.create_subscription:
             _acme_log("info", "not an IN-CSE: service subscriptions live on the IN-CSE; none created here")
         if self.enrolment is not None and self.config.secure_registrar:
-            base = self.enrolment.profile["registrar"]["cseBaseURI"]
-            from urllib.parse import urlsplit
-
-            parts = urlsplit(base)
+            parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
             internals.route_registrar_over_psk(f"{parts.scheme}://{parts.netloc}", self._send_to_registrar)
-        psk = PskServer(self._psk_lookup)
-        if self.config.cert_file:
-            c = self.config
-            psk.use_certificates(c.cert_file, c.key_file, c.ca_file)
-        self.listener = SecureWsgiServer(app, psk, self._resolve, host=self.config.secure_listen,
+        assert self.keycache is not None and self._psk is not None
+        self.keycache.origin = internals.cse_id()  # the Enrolment Target's ID at the MEF: known only now
+        self.listener = SecureWsgiServer(app, self._psk, self._resolve, host=self.config.secure_listen,
                                          port=self.config.secure_port)
         self.listener.start()
         _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
@@ -223,7 +224,6 @@ class RspfSecurityPlugin:
     # ------------------------------------------------------------------- secure listener: keys
     def _psk_lookup(self, identity: str) -> Secret | None:
         assert self.keycache is not None
-        self.keycache.origin = internals.cse_id()
         cred, _fetched = self.keycache.lookup(identity)
         return cred.key if cred else None
 
@@ -330,9 +330,6 @@ class RspfSecurityPlugin:
     # ------------------------------------------------------------------------------- Mcc
     def _send_to_registrar(self, method: str, url: str, body: bytes | None, headers: dict,
                            timeout: float | None) -> tuple[int, dict[str, str], bytes]:
-        from urllib.parse import urlsplit
-
-        from .. import wire
 
         enrolment = self.enrolment
         assert enrolment is not None
