@@ -215,17 +215,25 @@ class TestRefusals:
 
     def test_revoked_enrolee(self, mef: MefHome, mef_target: tuple[MefHome, TargetInfo], in_cse: AcmeCse,
                              tmp_path: Path) -> None:
-        """Revocation at the MEF stops every key the CSE has not fetched yet.
+        """Revocation at the MEF stops every key the CSE has not fetched yet, and a cached key once the cache
+        entry is older than keyCacheSeconds (documented in docs/acme-plugin.md).
 
-        Documented behaviour (docs/acme-plugin.md): a CSE caches a key it fetched until the key's lifetime
-        ends, so a CSE that already used a KeID keeps accepting it after the revocation. A KeID the CSE never
-        fetched, and any KeID at a CSE process started after the revocation, are refused.
+        in_cse keeps the default (300 s), so it still accepts the KeID it fetched; ``short`` uses 1 s, so it
+        asks the MEF again and refuses. A CSE process started after the revocation refuses both KeIDs.
         """
         target = mef_target[1]
         info = add_ae(mef, in_cse, "revoked")
         client = enrolee_client(mef, info)
         first = client.enrol()
         assert register(first).rsc == 2001                   # KeID #1 is now in in_cse's cache
+        short = AcmeCse(tmp_path, "in-short-cache")
+        short.install(mef, *in_cse_options(target, "--allowed-app-ids", APP_ID))
+        short.set_rspf("keyCacheSeconds", "1")
+        short.start()
+        # the short-cache CSE fetches (and caches) KeID #1 before the revocation: the handshake works
+        before = secure_request(short.secure_port, first.ke_id, first.registrar_key, "GET", "/cse-in",
+                                origin="Crevoked")
+        assert before.rsc is not None, str(before)  # a oneM2M answer: the handshake with KeID #1 succeeded
         second = client.enrol()                               # KeID #2: never presented to any CSE
         assert second.ke_id != first.ke_id
         # both keys are live at the MEF before the revocation (so what follows is caused by the revocation)
@@ -236,6 +244,18 @@ class TestRefusals:
         refused = mef.fetch(target, first.ke_id)
         assert refused.rc == 1 and "4004" in refused.output, str(refused)
 
+        def refused_at_short() -> bool:
+            try:
+                secure_request(short.secure_port, first.ke_id, first.registrar_key, "GET", "/cse-in",
+                               origin="Crevoked", timeout=5)
+            except TlsError:
+                return True
+            return False
+
+        try:
+            wait_until(refused_at_short, 15, "the short-cache CSE to refuse the revoked KeID")
+        finally:
+            short.stop()
         # a KeID the running CSE never fetched: refused
         assert_handshake_refused(in_cse.secure_port, second.ke_id, second.registrar_key)
         # the KeID it already fetched: still accepted (cached until the key's lifetime ends, documented)

@@ -68,16 +68,17 @@ class KeyCache:
 
     ``lookup`` is safe to call from many threads (and from inside a TLS-PSK callback): one fetch per KeID
     at a time; refusals are remembered for ``negative_ttl`` seconds so an unknown KeID cannot make every
-    handshake hit the MEF.
+    handshake hit the MEF. A key is kept until its lifetime ends or ``max_age`` seconds pass, whichever is
+    first: after ``max_age`` the MEF is asked again, so a revoked Enrolee loses access within that time.
     """
 
     def __init__(self, *, mef_host: str, mef_port: int, mef_fqdn: str, psk_identity: str, psk: Secret,
-                 origin: str, suid: int = keys.SUID_RSPF_SAEF, negative_ttl: float = 10.0,
+                 origin: str, suid: int = keys.SUID_RSPF_SAEF, negative_ttl: float = 10.0, max_age: float = 300.0,
                  timeout: float = 10.0, tls_client: PskClient | None = None) -> None:
         self.mef_host, self.mef_port, self.mef_fqdn = mef_host, mef_port, mef_fqdn.lower()
         self._psk_identity, self._psk = psk_identity, psk
         self.origin, self.suid = origin, suid
-        self.negative_ttl, self.timeout = negative_ttl, timeout
+        self.negative_ttl, self.timeout, self.max_age = negative_ttl, timeout, max_age
         self._tls = tls_client or PskClient()
         self._lock = threading.Lock()
         self._fetch_locks: dict[str, threading.Lock] = {}
@@ -166,8 +167,8 @@ class KeyCache:
                 expires = dt.datetime.strptime(cred.lifetime, "%Y%m%dT%H%M%S").replace(
                     tzinfo=dt.UTC).timestamp()
             except ValueError:
-                expires = time.time() + 300
-            self._entries[ke_id] = (cred, expires)
+                expires = time.time()
+            self._entries[ke_id] = (cred, min(expires, time.time() + self.max_age))
             with self._lock:
                 self._fetch_locks.pop(ke_id, None)
             return cred, True

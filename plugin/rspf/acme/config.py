@@ -30,6 +30,7 @@ class AcmePluginConfig:
     node_id: str | None
     profile_store: Path
     renew_before_seconds: int
+    key_cache_seconds: float
     startup_retry_seconds: float
     mef_psk_identity: str | None
     mef_psk_file: Path | None
@@ -151,6 +152,7 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         kpm_file=kpm_file, node_id=node_id,
         profile_store=path("profileStore", "data/rspf-profile.store", must_exist=False),  # type: ignore[arg-type]
         renew_before_seconds=int(number("renewBeforeSeconds", 86400, 0, 10 ** 8)),
+        key_cache_seconds=number("keyCacheSeconds", 300, 1, 10 ** 7, integer=False),
         startup_retry_seconds=number("startupRetrySeconds", 60, 0, 3600, integer=False),
         mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
         secure_listen=get("secureListen", "127.0.0.1") or "127.0.0.1", secure_port=secure_port,

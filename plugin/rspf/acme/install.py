@@ -32,6 +32,8 @@ enrol={enrol}
 profileStore=data/rspf-profile.store
 renewBeforeSeconds=86400
 startupRetrySeconds=60
+# Use a key fetched from the MEF this long before asking the MEF again (revocations take effect then).
+keyCacheSeconds=300
 # Credential this CSE uses towards the MEF as Enrolment Target (defaults to kpmID/kpmFile).
 {mef_psk_identity_line}
 {mef_psk_file_line}

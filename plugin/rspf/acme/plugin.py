@@ -160,7 +160,7 @@ class RspfSecurityPlugin:
         ident, path = c.fetch_identity
         fetch_key = read_key_file(path, "MEF credential file")
         self.keycache = KeyCache(mef_host=c.mef_host, mef_port=c.mef_port, mef_fqdn=c.mef_fqdn,
-                                 psk_identity=ident, psk=fetch_key, origin="/unset")
+                                 psk_identity=ident, psk=fetch_key, origin="/unset", max_age=c.key_cache_seconds)
         if c.enrol:
             assert c.kpm_id and c.kpm_file and c.node_id
             self.enrolee = Enrolee(EnroleeConfig(
