@@ -17,26 +17,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import acmecse
+from .resources import check_acme_version as check_version  # the one ACME version guard  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_ACME = ("2026.5.", "2026.05.")
-
-
-def acme_version() -> str:
-    from acmecse.etc.Constants import Constants
-
-    return str(Constants.version)
-
-
-def check_version() -> None:
-    version = acme_version()
-    if not version.startswith(SUPPORTED_ACME):
-        raise RuntimeError(
-            f"onem2m-rspf supports ACME 2026.5.x; this is ACME {version} ({acmecse.__file__}). "
-            "Check rspf/acme/internals.py and rspf/acme/resources.py against the new release."
-        )
 
 
 # --------------------------------------------------------------------------------------- config

@@ -40,7 +40,7 @@ from ..secret import Secret
 from ..target import KeyCache
 from ..tls import PskClient, PskServer, TlsConnection
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
-from . import internals
+from . import internals, resources
 from .config import AcmePluginConfig, load
 
 log = logging.getLogger("rspf.acme")
@@ -82,8 +82,6 @@ class RspfSecurityPlugin:
         # Headless ACME ignores SIGINT and skips its graceful shutdown on SIGTERM: make SIGTERM graceful.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_a: sys.exit(0))
-        from . import resources
-
         resources.install_resource_types()
 
     @configure
@@ -123,8 +121,6 @@ class RspfSecurityPlugin:
     def start(self) -> None:
         if self.config is None:
             return
-        from . import resources
-
         internals.wrap_ae_registration(self._check_ae_registration)
         internals.wrap_csr_access(self._csr_proven)
         app = internals.wrap_wsgi(self.httpServer, self._middleware)
@@ -232,11 +228,11 @@ class RspfSecurityPlugin:
         ident = tls.psk_identity
         if ident is None:
             return self._certificate_credential(tls)
-        cred = self.keycache.cached(keys.normalise_ke_id(ident))
+        ke_id = keys.normalise_ke_id(ident)  # the PSK lookup accepted it, so it is a KeID of our MEF
+        cred = self.keycache.cached(ke_id)
         if cred is None:
             return None
-        peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, keys.normalise_ke_id(ident)),
-                              cred.enrolee_id)
+        peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, ke_id), cred.enrolee_id)
         self._record_enrolled(peer)
         return peer
 
@@ -248,8 +244,6 @@ class RspfSecurityPlugin:
         with self._record_lock:
             if peer.credential_id in self._recorded:
                 return
-            from . import resources
-
             try:
                 rule = resources.record_enrolled(internals.cse_id(), self.config.ssar, peer.credential_id,
                                                  peer.enrolee_id, self.config.ssar_shard_size)
@@ -305,8 +299,6 @@ class RspfSecurityPlugin:
 
     def _check_ae_registration(self, ae: Any, originator: str) -> None:
         """TS-0001 §10.2.2.2 / TS-0004 §7.3.2.7 for registrations on the secure listener."""
-        from . import resources
-
         assert self.config is not None
         environ = internals.current_environ()
         cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None

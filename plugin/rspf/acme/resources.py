@@ -136,9 +136,10 @@ def check_acme_version() -> None:
         import acmecse
 
         raise RuntimeError(
-            f"rspf.acme.resources supports ACME (acmecse) 2026.5.x only; this is acmecse {version} "
-            f"({acmecse.__file__}). The resource-type surgery (ResourceTypes enum, Factory class map, "
-            "attribute policies, Storage CSE-ID lookups) must be re-checked against the new release."
+            f"the onem2m-rspf plugin supports ACME (acmecse) 2026.5.x only; this is acmecse {version} "
+            f"({acmecse.__file__}). What rspf/acme/resources.py and rspf/acme/internals.py change in ACME "
+            "(resource types, factory, policies, storage lookups, registration and access hooks, Mcc routing) "
+            "must be re-checked against the new release."
         )
 
 
