@@ -291,8 +291,9 @@ def target_revoke(config_path: Path, psk_identity: str) -> None:
 enrolee_options = [
     click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT."),
     click.option("--mef-fqdn", required=True, help="The MEF-FQDN (TLS SNI; the KeID suffix)."),
-    click.option("--kpm-id", required=True),
-    click.option("--kpm-file", required=True, type=click.Path(dir_okay=False, path_type=Path)),
+    click.option("--kpm-id", required=True, help="KpmID: the identifier of the pre-provisioned key."),
+    click.option("--kpm-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                 help="File holding Kpm as hex (mode 0600)."),
     click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
                  help="Encrypted enrolment store (created 0600)."),
 ]
@@ -328,8 +329,8 @@ def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_pa
               help="Re-enrol when the profile expires within this many seconds "
                    "(at most half the profile's lifetime).")
 @click.option("--no-remote-management", is_flag=True, help="Tell the MEF this device cannot follow RM instructions.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (keys redacted).")
+@click.option("-v", "--verbose", is_flag=True, help="Log the protocol steps (never key material).")
 def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str,
           location: str | None, force: bool, renew_before: int, no_remote_management: bool, as_json: bool,
           verbose: bool) -> None:
