@@ -601,3 +601,38 @@ class TestMccAndProfileSecrecy:
         leaks += [f"{needle} in {where}" for where, text in logs.items() for needle, value in needles.items()
                   if value in text]
         assert not leaks, leaks
+
+
+    def test_ae_at_the_mn_is_checked_against_rules_read_from_the_in(
+            self, mef: MefHome, in_cse: AcmeCse, mn_cse: AcmeCse) -> None:
+        """An AE registering at an MN-CSE registrar: the MN reads its <serviceSubscribedNode> and rules from the
+        IN-CSE over its TLS-PSK Mcc link (TS-0001 §10.2.2.2), allowed there because its MEF key proves it."""
+        wait_until(lambda: "cse-in/id-mn" in in_cse.discover("fu=1&ty=16"), 30, "the MN's registration")
+        ok = enrol(mef, mef.add_enrolee("mnae1", enrolee_id="Cmnae1", registrar="/id-mn",
+                                        registrar_uri=mn_cse.secure_uri))
+        res = register(ok, "Nmn-app")
+        assert res.rsc == 4128, str(res)           # no node for /id-mn at the IN-CSE yet
+
+        # the operator establishes the MN's service subscription at the IN-CSE
+        rule = in_cse.request("POST", "/cse-in", {"m2m:asar": {
+            "rn": "mn-rule", "apci": ["12-*@mef.example.com"], "aai": ["Nmn-app"], "aae": ["Cmnae*"]}}, ty=TY_ASAR)
+        assert rule.rsc == 2001, str(rule)
+        node = in_cse.request("POST", "/cse-in/rspf-mssp", {"m2m:svsn": {
+            "ni": "urn:dev:ops:mn1", "csi": "/id-mn", "rlk": [rule.pc("m2m:asar")["ri"]]}}, ty=TY_SVSN)
+        assert node.rsc == 2001, str(node)
+
+        res = register(ok, "Nmn-app")
+        assert res.rsc == 2001, str(res)
+        assert mn_cse.get("Cmnae1").rsc == 2000
+        other = enrol(mef, mef.add_enrolee("mnae2", enrolee_id="Cmnae2", registrar="/id-mn",
+                                           registrar_uri=mn_cse.secure_uri))
+        res = register(other, "Nsomething-else")  # the App-ID is not in the IN's rule
+        assert res.rsc == 4126, str(res)
+
+    def test_an_ae_cannot_read_the_in_cse_subscription_resources(self, mef: MefHome, in_cse: AcmeCse) -> None:
+        """What the IN-CSE opens to a proven CSE is not opened to an AE with a MEF key."""
+        enrolment = enrol(mef, add_ae(mef, in_cse, "nosy"))
+        assert register(enrolment).rsc == 2001
+        got = secure_request(in_cse.secure_port, enrolment.ke_id, enrolment.registrar_key, "GET",
+                             f"/cse-in/{SSAR}", origin="Cnosy")
+        assert got.rsc == 4103, str(got)

@@ -74,24 +74,30 @@ def wrap_ae_registration(check: Callable[[Any, str], None]) -> None:
     RegistrationManager.handleAERegistration = handleAERegistration  # type: ignore[method-assign]
 
 
-def wrap_csr_access(allowed: Callable[[str], bool]) -> None:
-    """Let a CSE register (CREATE <remoteCSE>) when ``allowed(originator)`` says its credential proves it,
-    in addition to ACME's ``[cse.registration] allowedCSROriginators``."""
-    from acmecse.etc.Types import Permission, ResourceTypes
+def wrap_access(extra: Callable[[str, Any, str, Any], bool]) -> None:
+    """Grant, in addition to ACME's own rules (ACPs, ``allowedCSROriginators``), what
+    ``extra(originator, resource, operation, ty)`` allows; ``operation`` is "create", "retrieve" or
+    "discover" (nothing else is ever widened)."""
+    from acmecse.etc.Types import Permission
     from acmecse.services.SecurityManager import SecurityManager
 
     original = SecurityManager.hasAccess
     if getattr(original, "_rspf_wrapped", False):
         return
+    names = {Permission.CREATE: "create", Permission.RETRIEVE: "retrieve", Permission.DISCOVERY: "discover"}
 
     def hasAccess(self: Any, originator: str, resource: Any, requestedPermission: Any, ty: Any = None,
                   parentResource: Any = None, request: Any = None, resultResource: Any = None) -> bool:
-        if ty == ResourceTypes.CSR and requestedPermission == Permission.CREATE and allowed(originator):
+        op = names.get(requestedPermission)
+        if op is not None and extra(originator, resource, op, ty):
             return True
         return original(self, originator, resource, requestedPermission, ty, parentResource, request, resultResource)
 
     hasAccess._rspf_wrapped = True  # type: ignore[attr-defined]
     SecurityManager.hasAccess = hasAccess  # type: ignore[method-assign]
+
+
+CSR_TYPE = 16  # <remoteCSE>
 
 
 def current_environ() -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
 from .. import keys, wire
+from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment
 from ..errors import ConfigError, RspfError
 from ..fileutil import read_key_file
@@ -122,7 +123,7 @@ class RspfSecurityPlugin:
         if self.config is None:
             return
         internals.wrap_ae_registration(self._check_ae_registration)
-        internals.wrap_csr_access(self._csr_proven)
+        internals.wrap_access(self._proven_cse_access)
         app = internals.wrap_wsgi(self.httpServer, self._middleware)
         if self.config.create_subscription and internals.is_in_cse():
             resources.ensure_subscription(internals.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
@@ -241,6 +242,8 @@ class RspfSecurityPlugin:
         assert self.config is not None
         if peer.enrolee_id is None or peer.enrolee_id.startswith("/"):
             return  # CSEs register as <remoteCSE>; SSARs govern AEs
+        if not internals.is_in_cse():
+            return  # only the IN-CSE hosts <serviceSubscribedAppRule> (TS-0004 Table 6.3.4.2.1-1)
         with self._record_lock:
             if peer.credential_id in self._recorded:
                 return
@@ -290,12 +293,28 @@ class RspfSecurityPlugin:
             return origin == bound or origin.startswith(bound + "/")
         return origin in (bound, f"{internals.cse_id()}/{bound}")
 
-    def _csr_proven(self, originator: str) -> bool:
-        """A CSE whose MEF-provisioned key authenticated this connection may register as that CSE."""
+    def _proven_cse_access(self, originator: str, resource: Any, operation: str, ty: Any) -> bool:
+        """What a CSE whose MEF-provisioned key authenticated this connection may do as that CSE:
+
+        * register (CREATE <remoteCSE>);
+        * read and discover its own service subscription: the <serviceSubscribedNode> whose CSE-ID is its
+          own and the rules it links (TS-0001 §10.2.2.2: a registrar that is not the IN-CSE retrieves them).
+        """
         environ = internals.current_environ()
         cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
-        return bool(cred and cred.kind == "psk" and cred.enrolee_id and cred.enrolee_id.startswith("/")
-                    and originator == cred.enrolee_id)
+        if not (cred and cred.kind == "psk" and cred.enrolee_id and cred.enrolee_id.startswith("/")
+                and originator == cred.enrolee_id):
+            return False
+        if operation == "create":
+            return ty == internals.CSR_TYPE
+        if resource is None or operation not in ("retrieve", "discover"):
+            return False
+        if resource.ty == resources.SVSN:
+            return resources.same_cse(resource.csi, originator)
+        if resource.ty == resources.ASAR:
+            node = resources.find_service_subscribed_node(originator)
+            return node is not None and resource.ri in {r.ri for r in resources.rules_of(node)}
+        return False
 
     def _check_ae_registration(self, ae: Any, originator: str) -> None:
         """TS-0001 §10.2.2.2 / TS-0004 §7.3.2.7 for registrations on the secure listener."""
@@ -308,16 +327,61 @@ class RspfSecurityPlugin:
                                                  "CSE's secure (TLS-PSK / mutual TLS) listener")
             return
         stem = originator or ""
-        svsn = resources.find_service_subscribed_node(internals.cse_id())
-        if svsn is None:
+        if internals.is_in_cse() or self.enrolment is None:
+            svsn = resources.find_service_subscribed_node(internals.cse_id())
+            rules = resources.rules_of(svsn) if svsn is not None else None
+        else:  # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
+            rules = self._remote_rules()
+        if rules is None:
             raise internals.acme_error(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
                                              "subscription is established for this CSE")
         app_id = ae.api  # ACME resources answer None for an absent attribute
-        for rule in resources.rules_of(svsn):
+        for rule in rules:
             if resources.rule_allows(rule, cred.credential_id, app_id or "", stem):
                 return
         raise internals.acme_error(4126, f"no <serviceSubscribedAppRule> allows credential {cred.credential_id} with "
                                          f"App-ID {app_id} and AE-ID-Stem {stem}")
+
+    def _remote_rules(self) -> list[dict[str, Any]] | None:
+        """This CSE's <serviceSubscribedNode> and linked rules, read from its registrar over TLS-PSK; None when
+        there is no node for it (or the registrar cannot be read, which is logged)."""
+        assert self.enrolment is not None
+        me = internals.cse_id()
+        parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
+        try:
+            tls = self._registrar_client.connect(parts.hostname or "", parts.port or 443, self.enrolment.ke_id,
+                                                 self.enrolment.registrar_key, timeout=10.0)
+        except RspfError as exc:
+            _acme_log("warn", f"cannot reach the registrar for the service subscription of {me}: {exc}")
+            return None
+        client = OneM2MClient(tls, me, host=parts.netloc)
+        try:
+            found = client.call("GET", f"{parts.path.rstrip('/')}?fu=1&ty={resources.SVSN}") or {}
+            nodes = [client.call("GET", _http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
+            nodes = sorted((n for n in nodes if resources.same_cse(n.get("csi"), me)),
+                           key=lambda n: (n.get("ct", ""), n.get("ri", "")))
+            if not nodes:
+                return None
+            rules = []
+            for link in nodes[0].get("rlk") or []:
+                try:
+                    rules.append(client.call("GET", _http_path(link)).get("m2m:asar", {}))
+                except RspfError:
+                    continue  # a link to a missing or unreadable rule is skipped, as for local rules
+            # The registrar sends its list attributes (m2m:listOfM2MID) SP-relative ("/id-in/C*"); the rule
+            # was written, and is matched, in the registrar's own CSE-relative form ("C*").
+            prefix = self.enrolment.profile["registrar"]["cseID"] + "/"
+            for rule in rules:
+                for attr in ("apci", "aai", "aae", "ari"):
+                    if isinstance(rule.get(attr), list):
+                        rule[attr] = [v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v
+                                      for v in rule[attr]]
+            return [r for r in rules if r]
+        except (RspfError, ConnectionError, TimeoutError) as exc:
+            _acme_log("warn", f"cannot read the service subscription of {me} from the registrar: {exc}")
+            return None
+        finally:
+            client.close()
 
     # ------------------------------------------------------------------------------- Mcc
     def _send_to_registrar(self, method: str, url: str, body: bytes | None, headers: dict,
@@ -338,6 +402,16 @@ class RspfSecurityPlugin:
         finally:
             tls.close()
         return resp.status, resp.headers, resp.body
+
+
+def _http_path(oid: str) -> str:
+    """HTTP path of a oneM2M ID (TS-0009): absolute ``//sp/x`` -> ``/_/sp/x``; SP-relative ``/cse/x`` ->
+    ``/~/cse/x``; CSE-relative ``x`` -> ``/x``."""
+    if oid.startswith("//"):
+        return "/_/" + oid[2:]
+    if oid.startswith("/"):
+        return "/~" + oid
+    return "/" + oid
 
 
 def _onem2m_error(start_response: Any, rsc: int, environ: dict[str, Any], message: str) -> list[bytes]:

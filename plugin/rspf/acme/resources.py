@@ -495,6 +495,12 @@ def _norm_cse_id(value: str | None) -> str | None:
     return v if v.startswith("/") else "/" + v
 
 
+def same_cse(a: str | None, b: str | None) -> bool:
+    """Whether two CSE-IDs (``id``, ``/id`` or ``//<this SP>/id``) name the same CSE."""
+    na = _norm_cse_id(a)
+    return na is not None and na == _norm_cse_id(b)
+
+
 def find_service_subscribed_node(cse_id: str) -> Any | None:
     """The <serviceSubscribedNode> whose CSE-ID (``csi``) is ``cse_id``, or None.
 
