@@ -16,10 +16,8 @@ Every process is started here with free loopback ports and stopped by its PID.
 from __future__ import annotations
 
 import base64
-import csv
 import http.client
 import json
-import secrets
 import socket
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from rspf.client import OneM2MClient
 from rspf.secret import Secret
 from rspf.tls import PskClient
 
-from .support import FQDN, HOST, Cli, EnroleeInfo, MefHome, TargetInfo, free_port, stop_process, write_private
+from .support import FQDN, HOST, Cli, EnroleeInfo, MefHome, TargetInfo, free_port, stop_process
 
 ACMECSE = Path(sys.executable).parent / "acmecse"
 ADMIN = "CAdmin"
@@ -58,24 +56,8 @@ def new_mef(root: Path) -> tuple[MefHome, TargetInfo]:
 
 def import_ae_batch(home: MefHome, prefix: str, count: int, registrar_uri: str) -> list[EnroleeInfo]:
     """``count`` AE enrolees ``C<prefix><i>`` registered with one ``rspf mef enrolee import`` (CSV)."""
-    rows, infos = [], []
-    for i in range(1, count + 1):
-        name = f"{prefix}{i:03d}"
-        kpm = secrets.token_hex(32)
-        info = EnroleeInfo(kpm_id=f"{name}@{FQDN}", kpm_file=write_private(home.root / f"{name}.kpm", kpm + "\n"),
-                           enrolee_id=f"C{name}", node_id=f"urn:dev:ops:{name}", store=home.root / f"{name}.store")
-        rows.append({"kpm_id": info.kpm_id, "kpm": kpm, "enrolee_id": info.enrolee_id, "node_id": info.node_id,
-                     "registrar_cse_id": IN_CSE_ID, "registrar_uri": registrar_uri})
-        infos.append(info)
-        home.enrolees[name] = info
-    path = home.root / f"{prefix}-batch.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    res = home.cli.ok("mef", "enrolee", "import", "-c", home.config, path)
-    assert f"imported {count} enrolee(s)" in res.stdout, str(res)
-    return infos
+    return home.import_batch(prefix, count, name="{prefix}{i:03d}", enrolee_id="C{name}", registrar=IN_CSE_ID,
+                             registrar_uri=registrar_uri)
 
 
 # ------------------------------------------------------------------------------------------ responses

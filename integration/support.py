@@ -231,28 +231,32 @@ class MefHome:
         assert self.targets[name].target_id == target_id
         return self.targets[name]
 
-    def import_batch(self, prefix: str, count: int) -> list[EnroleeInfo]:
-        """Register ``count`` enrolees with one ``mef enrolee import`` (CSV); their Kpm files are written 0600."""
+    def import_batch(self, prefix: str, count: int, *, enrolee_id: str = "/id-{name}", name: str = "{prefix}{i}",
+                     registrar: str = REGISTRAR, registrar_uri: str = REGISTRAR_URI) -> list[EnroleeInfo]:
+        """Register ``count`` enrolees with one ``mef enrolee import`` (CSV); their Kpm files are written 0600.
+
+        ``name`` and ``enrolee_id`` are format strings (``{prefix}``, ``{i}``; ``{name}``)."""
         import csv
         import secrets as _secrets
 
         rows, infos = [], []
         for i in range(1, count + 1):
-            name = f"{prefix}{i}"
+            n = name.format(prefix=prefix, i=i)
             kpm = _secrets.token_hex(32)
-            info = EnroleeInfo(kpm_id=f"{name}@{FQDN}", kpm_file=write_private(self.root / f"{name}.kpm", kpm + "\n"),
-                               enrolee_id=f"/id-{name}", node_id=f"urn:dev:ops:{name}",
-                               store=self.root / f"{name}.store")
+            info = EnroleeInfo(kpm_id=f"{n}@{FQDN}", kpm_file=write_private(self.root / f"{n}.kpm", kpm + "\n"),
+                               enrolee_id=enrolee_id.format(name=n), node_id=f"urn:dev:ops:{n}",
+                               store=self.root / f"{n}.store")
             rows.append({"kpm_id": info.kpm_id, "kpm": kpm, "enrolee_id": info.enrolee_id, "node_id": info.node_id,
-                         "registrar_cse_id": REGISTRAR, "registrar_uri": REGISTRAR_URI})
+                         "registrar_cse_id": registrar, "registrar_uri": registrar_uri})
             infos.append(info)
-            self.enrolees[name] = info
+            self.enrolees[n] = info
         path = self.root / f"{prefix}-batch.csv"
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        self.cli.ok("mef", "enrolee", "import", "-c", self.config, path)
+        res = self.cli.ok("mef", "enrolee", "import", "-c", self.config, path)
+        assert f"imported {count} enrolee(s)" in res.stdout, str(res)
         return infos
 
     def build_default(self) -> MefHome:

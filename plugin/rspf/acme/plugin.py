@@ -342,6 +342,13 @@ class RspfSecurityPlugin:
         raise internals.acme_error(4126, f"no <serviceSubscribedAppRule> allows credential {cred.credential_id} with "
                                          f"App-ID {app_id} and AE-ID-Stem {stem}")
 
+    def _connect_registrar(self, parts: Any, timeout: float) -> TlsConnection:
+        """TLS-PSK to the registrar at ``parts`` (a urlsplit result) with the provisioned KeID and key."""
+        enrolment = self.enrolment
+        assert enrolment is not None
+        return self._registrar_client.connect(parts.hostname or "", parts.port or 443, enrolment.ke_id,
+                                              enrolment.registrar_key, timeout=timeout)
+
     def _remote_rules(self) -> list[dict[str, Any]] | None:
         """This CSE's <serviceSubscribedNode> and linked rules, read from its registrar over TLS-PSK; None when
         there is no node for it (or the registrar cannot be read, which is logged)."""
@@ -349,8 +356,7 @@ class RspfSecurityPlugin:
         me = internals.cse_id()
         parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
         try:
-            tls = self._registrar_client.connect(parts.hostname or "", parts.port or 443, self.enrolment.ke_id,
-                                                 self.enrolment.registrar_key, timeout=10.0)
+            tls = self._connect_registrar(parts, 10.0)
         except RspfError as exc:
             _acme_log("warn", f"cannot reach the registrar for the service subscription of {me}: {exc}")
             return None
@@ -387,11 +393,8 @@ class RspfSecurityPlugin:
     def _send_to_registrar(self, method: str, url: str, body: bytes | None, headers: dict,
                            timeout: float | None) -> tuple[int, dict[str, str], bytes]:
 
-        enrolment = self.enrolment
-        assert enrolment is not None
         parts = urlsplit(url)
-        tls = self._registrar_client.connect(parts.hostname or "", parts.port or 443, enrolment.ke_id,
-                                             enrolment.registrar_key, timeout=timeout or 15.0)
+        tls = self._connect_registrar(parts, timeout or 15.0)
         try:
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             hdrs = {k.lower(): str(v) for k, v in headers.items()}
