@@ -390,7 +390,7 @@ def _peer_name(sock: socket.socket) -> str:
 
 def _describe(exc: Exception) -> str:
     """A short, key-free description of an OpenSSL error."""
-    args = getattr(exc, "args", ())
+    args: tuple[Any, ...] = tuple(getattr(exc, "args", ()))
     if args and isinstance(args[0], list) and args[0]:
         parts = []
         for item in args[0]:

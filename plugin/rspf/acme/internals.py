@@ -155,7 +155,7 @@ def wrap_wsgi(http_server: Any, middleware: Callable[[Callable], Callable]) -> A
     app = flask_app(http_server)
     if not getattr(app.wsgi_app, "_rspf_wrapped", False):
         wrapped = middleware(app.wsgi_app)
-        wrapped._rspf_wrapped = True
+        wrapped._rspf_wrapped = True  # type: ignore[attr-defined]
         app.wsgi_app = wrapped
     return app
 

@@ -68,16 +68,16 @@ def parse_targets(value: Any) -> list[TargetGrant]:
     else:
         raise BadRequest("targets must be text like /id-in:22 or a list")
     grants = []
-    for tid, suids in items:
+    for tid, suid_list in items:
         if not (CSE_ID_RE.fullmatch(tid) or ABS_ID_RE.fullmatch(tid)):
             raise BadRequest(f"target {tid!r} must be an SP-relative CSE-ID (/id-in) or an absolute ID (//sp/id-in)")
-        for s in suids:
+        for s in suid_list:
             try:
                 keys.encode_suid(s)
             except BadRequest:
                 raise BadRequest(f"targets: {tid!r} has SUID {s!r}, which is not an m2m:suid value "
                                  "(TS-0004 Table 6.3.4.2.39-1)") from None
-        grants.append(TargetGrant(tid, tuple(sorted(set(suids)))))
+        grants.append(TargetGrant(tid, tuple(sorted(set(suid_list)))))
     return grants
 
 

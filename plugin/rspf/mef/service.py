@@ -307,7 +307,8 @@ class MefService:
         }})
 
     def _authorized(self, enrolee: EnroleeRecord, target: str, suid: int) -> bool:
-        grants = [(self.absolute_id(enrolee.registrar_cse_id), (keys.SUID_RSPF_SAEF,))]
+        grants: list[tuple[str, tuple[int, ...]]] = [(self.absolute_id(enrolee.registrar_cse_id),
+                                                       (keys.SUID_RSPF_SAEF,))]
         grants += [(self.absolute_id(t.target_id), t.suids) for t in enrolee.targets]
         return any(t == target and suid in s for t, s in grants)
 

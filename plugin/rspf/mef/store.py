@@ -278,7 +278,8 @@ class MefStore:
         return [self._enrolee(r) for r in rows]
 
     def count_enrolees(self) -> int:
-        return self._one("SELECT count(*) FROM enrolees")[0]
+        row = self._one("SELECT count(*) FROM enrolees")
+        return int(row[0]) if row else 0
 
     def enrolee_psk(self, kpm_id: str, now: dt.datetime | None = None) -> Secret | None:
         """Kpm of an enrolee that may enrol now (exists, not revoked, not past valid_until)."""
