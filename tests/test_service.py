@@ -9,7 +9,8 @@ import pytest
 
 from rspf import keys, profile
 from rspf.errors import RSC, AccessDenied, BadRequest, NotFound, OperationNotAllowed, RspfError
-from rspf.mef.service import INSTRUCTION_END, INSTRUCTION_RM, MefService, Phase, Principal
+from rspf.mef.protocol import INSTRUCTION_END, INSTRUCTION_RM
+from rspf.mef.service import MefService, Phase, Principal
 from rspf.mef.store import TargetGrant, TargetRecord
 from rspf.secret import Secret
 

@@ -252,13 +252,14 @@ def mef_target() -> None:
 @click.option("--psk-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--target-id", required=True, help="The Target's CSE-ID (/id-in) or absolute ID.")
 def target_add(config_path: Path, psk_identity: str, psk_file: Path, target_id: str) -> None:
+    from . import ids
     from .fileutil import read_key_file
-    from .mef.admin import ABS_ID_RE, CSE_ID_RE, PSK_ID_RE
+    from .mef.admin import PSK_ID_RE
     from .mef.store import TargetRecord
     _cfg, store = _load(config_path)
     if not PSK_ID_RE.fullmatch(psk_identity):
         _fail(ConfigError("--psk-identity must be 1 to 128 printable ASCII characters without spaces"))
-    if not (CSE_ID_RE.fullmatch(target_id) or ABS_ID_RE.fullmatch(target_id)):
+    if not (ids.is_cse_id(target_id) or ids.is_absolute_id(target_id)):
         _fail(ConfigError("--target-id must be a CSE-ID such as /id-in or an absolute ID //sp/id-in"))
     try:
         store.add_target(TargetRecord(psk_identity, target_id), read_key_file(psk_file, "Target PSK file"))

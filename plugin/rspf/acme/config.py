@@ -7,16 +7,14 @@ naming the key.
 from __future__ import annotations
 
 import configparser
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import ids
 from ..errors import ConfigError
 from ..keys import check_fqdn
 
 SECTION = "rspf"
-_CSE_ID = re.compile(r"/[A-Za-z0-9.~-]+")
-_RN = re.compile(r"[A-Za-z0-9._~-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         raise err("certFile", "certFile and keyFile go together, and caFile needs them")
     ssar = get("ssar", "rspf-enrolled")
     assert ssar is not None
-    if not _RN.fullmatch(ssar):
+    if not ids.RESOURCE_NAME_RE.fullmatch(ssar):
         raise err("ssar", "must be a resource name (letters, digits, '.', '_', '~', '-')")
     apps = tuple(a.strip() for a in (get("allowedAppIDs", "*") or "*").split(",") if a.strip())
     for a in apps:

@@ -25,6 +25,7 @@ from .. import keys, profile
 from ..client import OneM2MClient
 from ..errors import BadRequest, ProfileInvalid, RemoteError, StoreError
 from ..fileutil import write_private
+from ..mef import protocol
 from ..sealing import Sealer
 from ..secret import Secret, constant_time_equal
 from ..tls import PskClient
@@ -115,10 +116,8 @@ class Enrolee:
             material = keys.split_exporter_output(
                 tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
             ke_id = keys.make_ke_id(material.relative_ke_id, c.mef_fqdn)
-            sp_req: dict[str, Any] = {"nodeID": c.node_id}
-            if c.location:
-                sp_req["location"] = c.location
-            data = client.call("POST", "/securityProfile", {"rspf:spReq": sp_req})
+            data = client.call("POST", protocol.PATH_SECURITY_PROFILE,
+                               protocol.ProfileRequest(c.node_id, c.location).to_body())
             prof = self._check_profile(data, ke_id, material.enrolment_key)
             instructions = self._exchange(client)
         finally:
@@ -150,25 +149,23 @@ class Enrolee:
 
     def _exchange(self, client: OneM2MClient) -> list[dict[str, Any]]:
         c = self.config
-        req = {"certificateEnrolment": False, "mafEnrolment": False, "remoteManagement": c.remote_management}
-        data = client.call("POST", "/enrolmentExchange", {"rspf:enrolReq": req})
+        data = client.call("POST", protocol.PATH_ENROLMENT_EXCHANGE,
+                           protocol.enrol_request({"remoteManagement": c.remote_management}))
         seen: list[dict[str, Any]] = []
-        for _ in range(16):  # bounded: a MEF cannot keep us in the exchange forever
-            rsp = data.get("rspf:enrolRsp") if isinstance(data, dict) else None
-            if not isinstance(rsp, dict) or not isinstance(rsp.get("instructionType"), str):
-                raise BadRequest("the MEF sent a malformed Enrolment Exchange response")
+        for _ in range(protocol.MAX_EXCHANGE_INSTRUCTIONS):  # a MEF cannot keep us in the exchange forever
+            rsp = protocol.parse_enrol_response(data)
             kind = rsp["instructionType"]
-            if kind == "endOfExchange":
+            if kind == protocol.INSTRUCTION_END:
                 return seen
             seen.append(rsp)
-            ok = kind == "remoteManagementServer" and c.remote_management
+            ok = kind == protocol.INSTRUCTION_RM and c.remote_management
             if ok:
                 log.info("MEF instructs contacting remote management server %s after enrolment", rsp.get("uri"))
             else:
                 log.warning("MEF instruction %s is not supported by this Enrolee", kind)
-            data = client.call("POST", "/enrolmentExchange",
-                               {"rspf:enrolAck": {"instructionType": kind, "success": ok}})
-        raise BadRequest("the MEF did not end the Enrolment Exchange after 16 instructions")
+            data = client.call("POST", protocol.PATH_ENROLMENT_EXCHANGE, protocol.enrol_ack(kind, ok))
+        raise BadRequest(f"the MEF did not end the Enrolment Exchange after {protocol.MAX_EXCHANGE_INSTRUCTIONS} "
+                         "instructions")
 
     def ensure(self, *, now: dt.datetime | None = None) -> tuple[Enrolment, bool]:
         """Return (enrolment, renewed): the stored one if valid and not near expiry, else a new one."""

@@ -16,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import keys
+from .. import ids, keys
 from ..errors import BadRequest
 from ..secret import Secret
 from .store import EnroleeRecord, MefStore, TargetGrant
 
-CSE_ID_RE = re.compile(r"/[A-Za-z0-9.~-]+")
-AE_ID_RE = re.compile(r"[CS][A-Za-z0-9.~-]*")
-ABS_ID_RE = re.compile(r"//[A-Za-z0-9.-]+(/[A-Za-z0-9.~-]+){1,2}")
 PSK_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 NODE_ID_RE = re.compile(r"[\x21-\x7e]{1,256}")
 URI_RE = re.compile(r"(https|http|coaps|mqtts)://[\x21-\x7e]{1,1000}")
@@ -69,7 +66,7 @@ def parse_targets(value: Any) -> list[TargetGrant]:
         raise BadRequest("targets must be text like /id-in:22 or a list")
     grants = []
     for tid, suid_list in items:
-        if not (CSE_ID_RE.fullmatch(tid) or ABS_ID_RE.fullmatch(tid)):
+        if not (ids.is_cse_id(tid) or ids.is_absolute_id(tid)):
             raise BadRequest(f"target {tid!r} must be an SP-relative CSE-ID (/id-in) or an absolute ID (//sp/id-in)")
         for s in suid_list:
             try:
@@ -104,13 +101,13 @@ def enrolee_from_fields(row: dict[str, Any], *, sp_id: str) -> tuple[EnroleeReco
         raise BadRequest("kpm_id must be 1 to 128 printable ASCII characters without spaces")
     kpm = parse_kpm(text("kpm"))
     enrolee_id = text("enrolee_id")
-    if not (CSE_ID_RE.fullmatch(enrolee_id) or AE_ID_RE.fullmatch(enrolee_id)):
+    if not (ids.is_cse_id(enrolee_id) or ids.is_ae_id(enrolee_id)):
         raise BadRequest("enrolee_id must be a CSE-ID (/id-mn) or an AE-ID starting with C or S (Cmy-sensor)")
     node_id = text("node_id")
     if not NODE_ID_RE.fullmatch(node_id):
         raise BadRequest("node_id must be 1 to 256 printable ASCII characters without spaces")
     registrar = text("registrar_cse_id")
-    if not CSE_ID_RE.fullmatch(registrar):
+    if not ids.is_cse_id(registrar):
         raise BadRequest("registrar_cse_id must be an SP-relative CSE-ID such as /id-in")
     try:
         keys.target_fqdn(sp_id + registrar)

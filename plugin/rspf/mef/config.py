@@ -6,16 +6,14 @@ key and the file.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import ids
 from ..errors import ConfigError
 from ..keys import check_fqdn
-
-_SP_ID = re.compile(r"^//[A-Za-z0-9.-]+$")
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class MefConfig:
         except Exception:
             raise err("fqdn", f"{fqdn!r} is not a valid FQDN") from None
         sp_id = get("sp_id", str, required=True)
-        if not _SP_ID.match(sp_id):
+        if not ids.SP_ID_RE.fullmatch(sp_id):
             raise err("sp_id", f"{sp_id!r} must look like //sp.example")
         port = get("port", int)
         if not 0 <= port <= 65535:

@@ -4,11 +4,8 @@ No sockets here. The transport (rspf.mef.server) authenticates a TLS-PSK connect
 :meth:`MefService.open_session` with the proven psk_identity and the exporter output, then hands each
 oneM2M request to :meth:`MefService.handle`.
 
-Resources (project-defined; TS-0032 is not available, see docs/mef-interface.md):
-
-* ``POST /securityProfile``          Enrolee: securityProfile provisioning (Msce, seed CR 0055)
-* ``POST /enrolmentExchange``        Enrolee: Enrolment Exchange (TS-0003 Tables 8.3.2.1-1..-4)
-* ``GET  /fetchCredentials/<KeID>/<SUID>``  Enrolment Target (Tables 8.3.2.1-5/-6)
+Resources and messages (project-defined; TS-0032 is not available): rspf.mef.protocol and
+docs/mef-interface.md.
 """
 
 from __future__ import annotations
@@ -17,23 +14,19 @@ import base64
 import datetime as dt
 import enum
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
-from .. import keys, profile
+from .. import ids, keys, profile
 from ..errors import RSC, AccessDenied, BadRequest, NotFound, OperationNotAllowed, RspfError
 from ..secret import Secret
+from . import protocol
 from .config import MefConfig
 from .store import EnroleeRecord, MefStore, utcnow
 
 log = logging.getLogger(__name__)
-
-_ID_RE = re.compile(r"^[A-Za-z0-9._~/-]{1,256}$")
-
 
 class Principal(enum.Enum):
     ENROLEE = "enrolee"
@@ -46,12 +39,6 @@ class Phase(enum.Enum):
     STARTED = "started"            # handshake done; Ke, KeID derived, nothing stored yet
     INSTRUCTED = "instructed"      # an instruction was sent; waiting for the Enrolee's acknowledgement
     ENDED = "ended"                # end of the exchange sent; the MEF closes the session
-
-
-INSTRUCTION_END = "endOfExchange"
-INSTRUCTION_CERT = "certificateEnrolment"
-INSTRUCTION_MAF = "mafEnrolment"
-INSTRUCTION_RM = "remoteManagementServer"
 
 
 @dataclass
@@ -102,13 +89,7 @@ class MefService:
 
     def absolute_id(self, any_id: str, registrar_cse_id: str | None = None) -> str:
         """Absolute form //sp/... of a CSE-ID (/id) or an AE-ID (C..., S... under its registrar)."""
-        if any_id.startswith("//"):
-            return any_id
-        if any_id.startswith("/"):
-            return self.config.sp_id + any_id
-        if registrar_cse_id:
-            return self.config.sp_id + registrar_cse_id + "/" + any_id
-        raise BadRequest(f"{any_id!r} is neither an SP-relative nor an absolute ID")
+        return ids.absolute_id(any_id, self.config.sp_id, registrar_cse_id)
 
     def open_session(self, psk_identity: str,
                      exporter_output: Secret | Callable[[], Secret] | None) -> Session:
@@ -135,15 +116,15 @@ class MefService:
     # -- dispatch -------------------------------------------------------------------------------
     def handle(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
         path = to.rstrip("/") or "/"
-        if path.startswith("/fetchCredentials/") or path == "/fetchCredentials":
+        if protocol.is_fetch_path(path):
             if operation != "RETRIEVE":
                 raise OperationNotAllowed("fetchCredentials accepts only RETRIEVE (HTTP GET)")
             return self.fetch_credentials(session, path, originator)
-        if path == "/securityProfile":
+        if path == protocol.PATH_SECURITY_PROFILE:
             if operation != "CREATE":
                 raise OperationNotAllowed("securityProfile accepts only CREATE (HTTP POST)")
             return self.provision_profile(session, content)
-        if path == "/enrolmentExchange":
+        if path == protocol.PATH_ENROLMENT_EXCHANGE:
             if operation != "CREATE":
                 raise OperationNotAllowed("enrolmentExchange accepts only CREATE (HTTP POST)")
             return self.enrolment_exchange(session, content)
@@ -185,16 +166,8 @@ class MefService:
 
     def provision_profile(self, session: Session, content: Any) -> Reply:
         rec = self._require_enrolee(session)
-        req = _element(content, "rspf:spReq")
-        node_id = req.get("nodeID")
-        if not isinstance(node_id, str) or not node_id or len(node_id) > 256:
-            raise BadRequest("rspf:spReq/nodeID (the M2M-Node-ID) is required and must be a string")
-        location = req.get("location")
-        if location is not None and (not isinstance(location, str) or len(location) > 256):
-            raise BadRequest("rspf:spReq/location must be a string of at most 256 characters")
-        unknown = set(req) - {"nodeID", "location"}
-        if unknown:
-            raise BadRequest(f"rspf:spReq has unknown element(s): {', '.join(sorted(unknown))}")
+        req = protocol.ProfileRequest.from_body(content)
+        node_id, location = req.node_id, req.location
         if node_id != rec.node_id:
             raise AccessDenied("the M2M-Node-ID in the request is not the one registered for this KpmID")
         key, fqdn = self.registrar_key(session)
@@ -225,63 +198,40 @@ class MefService:
 
     def enrolment_exchange(self, session: Session, content: Any) -> Reply:
         rec = self._require_enrolee(session)
-        if not isinstance(content, dict) or len(content) != 1:
-            raise BadRequest("the body must be one element: rspf:enrolReq or rspf:enrolAck")
-        (name, value), = content.items()
-        if name == "rspf:enrolReq":
+        name, value = protocol.exchange_message(content)
+        if name == protocol.ENROL_REQ:
             if session.phase is not Phase.STARTED:
                 raise OperationNotAllowed("the initial Enrolment Exchange request was already sent in this session")
-            req = _element(content, "rspf:enrolReq")
-            flags = {}
-            for key in ("certificateEnrolment", "mafEnrolment", "remoteManagement"):
-                v = req.get(key)
-                if not isinstance(v, bool):
-                    raise BadRequest(f"rspf:enrolReq/{key} must be true or false")
-                flags[key] = v
-            unknown = set(req) - set(flags)
-            if unknown:
-                raise BadRequest(f"rspf:enrolReq has unknown element(s): {', '.join(sorted(unknown))}")
+            flags = protocol.parse_enrol_request(value)
             # This MEF provisions no certificates and runs no MAF (not in this release): it never instructs
             # those. A remote management server is instructed when one is registered and the Enrolee is ready.
             if rec.rm_uri and flags["remoteManagement"]:
-                session.pending.append({"instructionType": INSTRUCTION_RM, "uri": rec.rm_uri})
+                session.pending.append({"instructionType": protocol.INSTRUCTION_RM, "uri": rec.rm_uri})
             elif rec.rm_uri:
                 log.info("enrolee %s is not prepared for remote management; not instructing it", rec.enrolee_id)
             return self._next_instruction(session)
-        if name == "rspf:enrolAck":
-            if session.phase is not Phase.INSTRUCTED:
-                raise OperationNotAllowed("there is no instruction to acknowledge")
-            ack = _element(content, "rspf:enrolAck")
-            expected = session.pending[0]["instructionType"]
-            if ack.get("instructionType") != expected or not isinstance(ack.get("success"), bool):
-                raise BadRequest(f"rspf:enrolAck must name instructionType {expected!r} and give success true/false")
-            session.pending.pop(0)
-            if not ack["success"]:
-                log.warning("enrolee %s reports that instruction %s failed", rec.enrolee_id, expected)
-            return self._next_instruction(session)
-        raise BadRequest("the body must be one element: rspf:enrolReq or rspf:enrolAck")
+        if session.phase is not Phase.INSTRUCTED:
+            raise OperationNotAllowed("there is no instruction to acknowledge")
+        expected = session.pending[0]["instructionType"]
+        success = protocol.parse_enrol_ack(value, expected)
+        session.pending.pop(0)
+        if not success:
+            log.warning("enrolee %s reports that instruction %s failed", rec.enrolee_id, expected)
+        return self._next_instruction(session)
 
     def _next_instruction(self, session: Session) -> Reply:
         if session.pending:
             session.phase = Phase.INSTRUCTED
-            return Reply(RSC.OK, {"rspf:enrolRsp": session.pending[0]})
+            return Reply(RSC.OK, protocol.enrol_response(session.pending[0]))
         self._commit(session)
         session.phase = Phase.ENDED
-        return Reply(RSC.OK, {"rspf:enrolRsp": {"instructionType": INSTRUCTION_END, "keyID": session.ke_id}},
-                     close=True)
+        assert session.ke_id is not None
+        return Reply(RSC.OK, protocol.end_of_exchange(session.ke_id), close=True)
 
     # -- target side ----------------------------------------------------------------------------
     def fetch_credentials(self, session: Session, path: str, originator: str) -> Reply:
-        parts = path.split("/")
-        if len(parts) != 4 or not parts[2] or not parts[3]:
-            raise BadRequest("the target must be /fetchCredentials/<KeID>/<SUID>")
-        ke_id_text, suid_text = unquote(parts[2]), unquote(parts[3])
-        if not re.fullmatch(r"[0-9]{1,3}", suid_text):
-            raise BadRequest("the SUID must be an m2m:suid number, e.g. 22")
-        suid = int(suid_text)
-        keys.encode_suid(suid)  # raises BadRequest for values outside m2m:suid
-        ke_id = keys.normalise_ke_id(ke_id_text)  # raises BadRequest
-        if not _ID_RE.fullmatch(originator):
+        ke_id, suid = protocol.parse_fetch_path(path)
+        if not ids.ORIGINATOR_RE.fullmatch(originator):
             raise BadRequest("the originator is not a CSE-ID or AE-ID")
         target = self.absolute_id(originator)
         if target != session.principal_id:
@@ -299,21 +249,11 @@ class MefService:
         kuc = keys.derive_usage_constrained_key(record.enrolment_key, suid, keys.target_fqdn(target))
         log.info("Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
                  enrolee.enrolee_id)
-        return Reply(RSC.OK, {"rspf:fcRsp": {
-            "status": True,
-            "credential": base64.b64encode(kuc.reveal()).decode(),
-            "enroleeID": enrolee.enrolee_id,
-            "lifetime": profile.format_timestamp(record.expires),
-        }})
+        return Reply(RSC.OK, protocol.fetch_response(kuc.reveal(), enrolee.enrolee_id,
+                                                     profile.format_timestamp(record.expires)))
 
     def _authorized(self, enrolee: EnroleeRecord, target: str, suid: int) -> bool:
         grants: list[tuple[str, tuple[int, ...]]] = [(self.absolute_id(enrolee.registrar_cse_id),
                                                        (keys.SUID_RSPF_SAEF,))]
         grants += [(self.absolute_id(t.target_id), t.suids) for t in enrolee.targets]
         return any(t == target and suid in s for t, s in grants)
-
-
-def _element(content: Any, name: str) -> dict[str, Any]:
-    if not isinstance(content, dict) or set(content) != {name} or not isinstance(content[name], dict):
-        raise BadRequest(f"the body must be a JSON object with the single element {name}")
-    return content[name]

@@ -1,0 +1,202 @@
+"""The MEF wire format, in one place: resource paths, element names, instructions, and the functions that
+build and check each message. Shared by the MEF (rspf.mef.service), the Enrolee (rspf.enrolee) and the
+Enrolment Target (rspf.target). Pure: no I/O.
+
+TS-0032 (the MEF interface specification) is not available to this project; the message names and shapes
+here are the project's decisions, documented in docs/mef-interface.md. The information they carry is that
+of TS-0003 Tables 8.3.2.1-1 to 8.3.2.1-6.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+from .. import keys
+from ..errors import BadRequest
+
+# Resources of the MEF (one oneM2M operation each)
+PATH_SECURITY_PROFILE = "/securityProfile"          # CREATE: securityProfile provisioning
+PATH_ENROLMENT_EXCHANGE = "/enrolmentExchange"      # CREATE: Enrolment Exchange request / acknowledgement
+PATH_FETCH_CREDENTIALS = "/fetchCredentials"        # RETRIEVE /fetchCredentials/<KeID>/<SUID>
+
+# Elements (JSON member names)
+SP_REQ = "rspf:spReq"
+ENROL_REQ = "rspf:enrolReq"
+ENROL_ACK = "rspf:enrolAck"
+ENROL_RSP = "rspf:enrolRsp"
+FC_RSP = "rspf:fcRsp"
+
+# Instruction types of the Enrolment Exchange (TS-0003 Table 8.3.2.1-2)
+INSTRUCTION_END = "endOfExchange"
+INSTRUCTION_CERT = "certificateEnrolment"
+INSTRUCTION_MAF = "mafEnrolment"
+INSTRUCTION_RM = "remoteManagementServer"
+
+#: The Enrolee's indications in the initial Enrolment Exchange request (TS-0003 Table 8.3.2.1-1)
+ENROL_FLAGS = ("certificateEnrolment", "mafEnrolment", "remoteManagement")
+
+MAX_EXCHANGE_INSTRUCTIONS = 16  # an Enrolee ends an exchange that goes on longer than this
+_SUID_TEXT = re.compile(r"[0-9]{1,3}")
+
+
+def element(content: Any, name: str) -> dict[str, Any]:
+    """The object inside a body that must be exactly ``{name: {...}}``."""
+    if not isinstance(content, dict) or set(content) != {name} or not isinstance(content[name], dict):
+        raise BadRequest(f"the body must be a JSON object with the single element {name}")
+    return content[name]
+
+
+# ------------------------------------------------------------------------------ securityProfile
+@dataclass(frozen=True)
+class ProfileRequest:
+    node_id: str
+    location: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        req: dict[str, Any] = {"nodeID": self.node_id}
+        if self.location:
+            req["location"] = self.location
+        return {SP_REQ: req}
+
+    @classmethod
+    def from_body(cls, content: Any) -> ProfileRequest:
+        req = element(content, SP_REQ)
+        node_id = req.get("nodeID")
+        if not isinstance(node_id, str) or not node_id or len(node_id) > 256:
+            raise BadRequest(f"{SP_REQ}/nodeID (the M2M-Node-ID) is required and must be a string")
+        location = req.get("location")
+        if location is not None and (not isinstance(location, str) or len(location) > 256):
+            raise BadRequest(f"{SP_REQ}/location must be a string of at most 256 characters")
+        unknown = set(req) - {"nodeID", "location"}
+        if unknown:
+            raise BadRequest(f"{SP_REQ} has unknown element(s): {', '.join(sorted(unknown))}")
+        return cls(node_id, location)
+
+
+# ------------------------------------------------------------------------------ Enrolment Exchange
+def enrol_request(flags: dict[str, bool]) -> dict[str, Any]:
+    return {ENROL_REQ: {name: bool(flags.get(name, False)) for name in ENROL_FLAGS}}
+
+
+def enrol_ack(instruction_type: str, success: bool) -> dict[str, Any]:
+    return {ENROL_ACK: {"instructionType": instruction_type, "success": success}}
+
+
+def exchange_message(content: Any) -> tuple[str, dict[str, Any]]:
+    """(element name, value) of an Enrolment Exchange message from an Enrolee: a request or an ack."""
+    if isinstance(content, dict) and len(content) == 1:
+        name = next(iter(content))
+        if name in (ENROL_REQ, ENROL_ACK):
+            return name, element(content, name)
+    raise BadRequest(f"the body must be one element: {ENROL_REQ} or {ENROL_ACK}")
+
+
+def parse_enrol_request(req: dict[str, Any]) -> dict[str, bool]:
+    flags = {}
+    for name in ENROL_FLAGS:
+        v = req.get(name)
+        if not isinstance(v, bool):
+            raise BadRequest(f"{ENROL_REQ}/{name} must be true or false")
+        flags[name] = v
+    unknown = set(req) - set(flags)
+    if unknown:
+        raise BadRequest(f"{ENROL_REQ} has unknown element(s): {', '.join(sorted(unknown))}")
+    return flags
+
+
+def parse_enrol_ack(ack: dict[str, Any], expected: str) -> bool:
+    """The ``success`` of an acknowledgement of instruction ``expected``."""
+    if ack.get("instructionType") != expected or not isinstance(ack.get("success"), bool):
+        raise BadRequest(f"{ENROL_ACK} must name instructionType {expected!r} and give success true/false")
+    return bool(ack["success"])
+
+
+def enrol_response(instruction: dict[str, Any]) -> dict[str, Any]:
+    return {ENROL_RSP: instruction}
+
+
+def end_of_exchange(ke_id: str) -> dict[str, Any]:
+    return enrol_response({"instructionType": INSTRUCTION_END, "keyID": ke_id})
+
+
+def parse_enrol_response(data: Any) -> dict[str, Any]:
+    """The instruction a MEF sent (its ``instructionType`` is a string)."""
+    rsp = data.get(ENROL_RSP) if isinstance(data, dict) else None
+    if not isinstance(rsp, dict) or not isinstance(rsp.get("instructionType"), str):
+        raise BadRequest("the MEF sent a malformed Enrolment Exchange response")
+    return rsp
+
+
+# ------------------------------------------------------------------------------ fetchCredentials
+def fetch_path(ke_id: str, suid: int) -> str:
+    keys.parse_ke_id(ke_id)
+    keys.encode_suid(suid)
+    return f"{PATH_FETCH_CREDENTIALS}/{quote(ke_id, safe='@')}/{suid}"
+
+
+def is_fetch_path(path: str) -> bool:
+    return path == PATH_FETCH_CREDENTIALS or path.startswith(PATH_FETCH_CREDENTIALS + "/")
+
+
+def parse_fetch_path(path: str) -> tuple[str, int]:
+    """(normalised KeID, SUID) of ``/fetchCredentials/<KeID>/<SUID>``; BadRequest otherwise."""
+    parts = path.split("/")
+    if len(parts) != 4 or "/" + parts[1] != PATH_FETCH_CREDENTIALS or not parts[2] or not parts[3]:
+        raise BadRequest(f"the target must be {PATH_FETCH_CREDENTIALS}/<KeID>/<SUID>")
+    ke_id_text, suid_text = unquote(parts[2]), unquote(parts[3])
+    if not _SUID_TEXT.fullmatch(suid_text):
+        raise BadRequest("the SUID must be an m2m:suid number, e.g. 22")
+    suid = int(suid_text)
+    keys.encode_suid(suid)  # raises BadRequest for values outside m2m:suid
+    return keys.normalise_ke_id(ke_id_text), suid
+
+
+@dataclass(frozen=True)
+class FetchedKey:
+    """What a fetchCredentials answer carries (TS-0003 Table 8.3.2.1-6). ``key`` is raw bytes: wrap it."""
+
+    key: bytes
+    enrolee_id: str
+    lifetime: str  # m2m:timestamp of expiry
+
+    def __repr__(self) -> str:
+        return f"FetchedKey(key=<redacted>, enrolee_id={self.enrolee_id!r}, lifetime={self.lifetime!r})"
+
+
+def fetch_response(key: bytes, enrolee_id: str, lifetime: str) -> dict[str, Any]:
+    return {FC_RSP: {"status": True, "credential": base64.b64encode(key).decode(), "enroleeID": enrolee_id,
+                     "lifetime": lifetime}}
+
+
+def fetch_error(message: str) -> dict[str, Any]:
+    return {FC_RSP: {"status": False, "errorString": message}}
+
+
+def parse_fetch_response(data: Any) -> FetchedKey:
+    rsp = data.get(FC_RSP) if isinstance(data, dict) else None
+    if not isinstance(rsp, dict) or rsp.get("status") is not True:
+        raise BadRequest("the MEF sent a malformed fetchCredentials response")
+    try:
+        key = base64.b64decode(rsp["credential"], validate=True)
+        enrolee_id, lifetime = rsp["enroleeID"], rsp["lifetime"]
+    except (KeyError, TypeError, binascii.Error):
+        raise BadRequest("the MEF's fetchCredentials response lacks credential, enroleeID or lifetime") from None
+    if len(key) != 32 or not isinstance(enrolee_id, str) or not isinstance(lifetime, str):
+        raise BadRequest("the MEF's fetchCredentials response is malformed")
+    return FetchedKey(key, enrolee_id, lifetime)
+
+
+def error_text(data: Any) -> str | None:
+    """The human-readable text of an error answer (``m2m:dbg``, or a fetchCredentials ``errorString``)."""
+    if isinstance(data, dict):
+        if isinstance(data.get("m2m:dbg"), str):
+            return data["m2m:dbg"]
+        inner = data.get(FC_RSP)
+        if isinstance(inner, dict) and isinstance(inner.get("errorString"), str):
+            return inner["errorString"]
+    return None
