@@ -125,12 +125,13 @@ class CertServer(TlsServer):
 
 
 class PskImpostor(TlsServer):
-    """A TLS-PSK server that knows ``identity`` with ``key`` (TLS ``version`` "1.2" or "1.3")."""
+    """A TLS-PSK server that knows ``identity`` (None: any identity) with ``key`` (TLS ``version`` "1.2" or
+    "1.3")."""
 
-    def __init__(self, identity: str, key: Secret, version: str = "1.3") -> None:
+    def __init__(self, identity: str | None, key: Secret, version: str = "1.3") -> None:
         super().__init__()
         # ``*_`` accepts whatever else the server context passes to its lookup (e.g. the peer address)
-        self._psk = PskServer(lambda ident, *_: key if ident == identity else None,
+        self._psk = PskServer(lambda ident, *_: key if identity in (None, ident) else None,
                               min_version=version, max_version=version)
 
     def _handshake(self, sock: socket.socket) -> Any:
