@@ -71,6 +71,8 @@ def check_psk_support() -> None:
     missing += [f"OpenSSL.SSL.Connection.{n}" for n in _REQUIRED_CONN if not hasattr(SSL.Connection, n)]
     if hasattr(_lib, "Cryptography_HAS_PSK") and not _lib.Cryptography_HAS_PSK:
         missing.append("PSK support in the OpenSSL that cryptography is built with")
+    if not hasattr(SSL.Connection(SSL.Context(SSL.TLS_METHOD), None), "_ssl"):
+        missing.append("OpenSSL.SSL.Connection._ssl (the SSL* that SSL_session_reused inspects)")
     if missing:
         raise TlsError(
             "the installed pyOpenSSL/cryptography no longer provide what TLS-PSK needs: "
@@ -293,6 +295,7 @@ class CertClient:
 
     def __init__(self, trust_anchor_file: str | Path, cert_file: str | Path, key_file: str | Path, *,
                  min_version: str = "1.2", max_version: str = "1.3") -> None:
+        check_psk_support()  # the verification messages use a private hook too
         self.trust_anchor_file = Path(trust_anchor_file)
         ctx = _context(min_version, max_version)
         try:
