@@ -40,9 +40,9 @@ def impostors(pki: Path, identity: str | None) -> dict[str, Callable[[], TlsServ
 MESSAGES = {
     "certificate only, TLS 1.3": r"answered with a certificate \(subject CN=impostor\) instead of proving the "
                                  r"pre-shared key for psk_identity '{ident}': it is not the expected {peer}",
-    "certificate suites only, TLS 1.2": r"did not complete a TLS-PSK handshake for psk_identity '{ident}'.*"
+    "certificate suites only, TLS 1.2": r"refused the TLS-PSK handshake for psk_identity '{ident}'.*"
                                         r"not proven to be {peer}",
-    "right identity, wrong key": r"did not complete a TLS-PSK handshake for psk_identity '{ident}'.*"
+    "right identity, wrong key": r"refused the TLS-PSK handshake for psk_identity '{ident}'.*"
                                  r"not proven to be {peer}",
 }
 KINDS = list(MESSAGES)

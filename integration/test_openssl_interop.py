@@ -150,7 +150,7 @@ def test_rspf_enrol_refuses_an_openssl_s_server_with_a_certificate_and_no_psk(
         stop_process(server)
     assert res.rc == 1, str(res)
     expected = {"1.3": "answered with a certificate (subject CN=impostor) instead of proving the pre-shared key",
-                "1.2": "did not complete a TLS-PSK handshake"}[version]
+                "1.2": "refused the TLS-PSK handshake"}[version]
     assert f"error: the server at {HOST}:{port} {expected} for psk_identity '{dev.kpm_id}'" in res.stderr, str(res)
     assert "nothing was sent to it" in res.stderr
     assert not store.exists()

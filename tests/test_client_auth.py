@@ -60,11 +60,11 @@ PSK_MESSAGES = {
     "certificate only, TLS 1.3": r"answered with a certificate \(subject CN=impostor\) instead of proving the "
                                  r"pre-shared key for psk_identity '{ident}': it is not the expected {peer}; "
                                  r"nothing was sent to it",
-    "certificate suites only, TLS 1.2": r"did not complete a TLS-PSK handshake for psk_identity '{ident}' .*"
+    "certificate suites only, TLS 1.2": r"refused the TLS-PSK handshake for psk_identity '{ident}' .*"
                                         r"offers no pre-shared-key cipher suite .*not proven to be {peer}",
-    "right identity, wrong key, TLS 1.3": r"did not complete a TLS-PSK handshake for psk_identity '{ident}' .*"
+    "right identity, wrong key, TLS 1.3": r"refused the TLS-PSK handshake for psk_identity '{ident}' .*"
                                           r"holds another key.*not proven to be {peer}",
-    "right identity, wrong key, TLS 1.2": r"did not complete a TLS-PSK handshake for psk_identity '{ident}' .*"
+    "right identity, wrong key, TLS 1.2": r"refused the TLS-PSK handshake for psk_identity '{ident}' .*"
                                           r"holds another key.*not proven to be {peer}",
 }
 KINDS = list(PSK_MESSAGES)

@@ -253,7 +253,7 @@ class PskClient:
                     f"pre-shared key for psk_identity {identity!r}: it is not the expected {expected}; "
                     "nothing was sent to it") from None
             raise TlsError(
-                f"the server at {where} did not complete a TLS-PSK handshake for psk_identity {identity!r} "
+                f"the server at {where} refused the TLS-PSK handshake for psk_identity {identity!r} "
                 f"({exc}). A server that does not know this identity, holds another key or offers no "
                 f"pre-shared-key cipher suite fails this way: it is not proven to be {expected}; nothing was "
                 "sent to it") from None
