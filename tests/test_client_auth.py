@@ -272,16 +272,21 @@ def test_cert_client_control_the_real_server_is_accepted(pki: Path, version: str
     assert server.handshakes == 1 and server.received == b"GET / HTTP/1.1\r\n\r\n"
 
 
-def test_cert_client_does_not_trust_the_system_store(pki: Path) -> None:
-    """The trust anchor is the only one: a certificate the system store might know is still refused."""
-    import ssl
-    system = ssl.get_default_verify_paths().cafile
-    if not system or not Path(system).exists():
-        pytest.skip("no system CA bundle on this machine")
-    client = tls.CertClient(system, pki / "ae.pem", pki / "ae.key")
+def test_cert_client_does_not_trust_the_system_store(pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trust anchor is the only one: with OpenSSL's default store pointed at the test CA (SSL_CERT_FILE),
+    a client anchored elsewhere still refuses the test CA's server; the control shows that a context that did
+    load the default store would have accepted it."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.pem"))
+    def client() -> tls.CertClient:
+        return tls.CertClient(pki / "self-signed.pem", pki / "ae.pem", pki / "ae.key")
+
     with CertServer(pki / "server.pem", pki / "server.key", "1.3") as server:
-        with pytest.raises(TlsError, match="does not verify to the trust anchor"):
-            client.connect("127.0.0.1", server.port, "localhost")
+        with pytest.raises(TlsError, match="does not verify to the trust anchor .*self-signed.pem"):
+            client().connect("127.0.0.1", server.port, "localhost")
+        trusting = client()
+        trusting.context.set_default_verify_paths()  # control: what trusting the default store would do
+        trusting.connect("127.0.0.1", server.port, "localhost").close()
+    assert server.handshakes == 1
 
 
 def test_cert_client_own_id_and_unusable_files(pki: Path, tmp_path: Path) -> None:
