@@ -1,8 +1,10 @@
-"""A throw-away PKI for mutual-TLS tests: a CA, a server certificate and client certificates naming oneM2M IDs."""
+"""A throw-away PKI for mutual-TLS tests: a CA, server certificates (the real one and impostors') and client
+certificates naming oneM2M IDs."""
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from pathlib import Path
 
 from cryptography import x509
@@ -15,11 +17,20 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, issuer_key, issuer_name, key, *, ca: bool = False, san: list | None = None):
+#: what the real server certificate names: the DNS name, the loopback address and the CSE-ID of the test IN-CSE
+SERVER_SAN = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+              x509.UniformResourceIdentifier("//sp.example.com/id-in")]
+OTHER_SAN = [x509.DNSName("other.example.com"), x509.UniformResourceIdentifier("//sp.example.com/id-other")]
+
+
+def _cert(subject: str, issuer_key, issuer_name, key, *, ca: bool = False, san: list | None = None,
+          expired: bool = False):
     now = dt.datetime.now(dt.UTC)
+    start, end = (now - dt.timedelta(days=2), now - dt.timedelta(days=1)) if expired else \
+        (now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+         .not_valid_before(start).not_valid_after(end)
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if san:
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
@@ -34,16 +45,22 @@ def _write(path: Path, cert, key=None) -> None:
 
 
 def make_pki(d: Path, clients: dict[str, str], *, rogue: dict[str, str] | None = None) -> Path:
-    """Write ca.pem, server.pem/.key (DNS localhost) and, per ``name -> SAN URI``, name.pem/.key signed by the
-    CA; ``rogue`` clients are signed by another CA. Returns ``d``."""
+    """Write ca.pem, server.pem/.key (:data:`SERVER_SAN`) and, per ``name -> SAN URI``, name.pem/.key signed by
+    the CA; ``rogue`` clients are signed by another CA. Impostor servers' certificates too: ``server-other-ca``
+    (the same names from another CA), ``server-other-name`` (this CA, :data:`OTHER_SAN`), ``server-expired``
+    (this CA, the same names, expired yesterday) and ``self-signed``. Returns ``d``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("test CA", ca_key, _name("test CA"), ca_key, ca=True)
     _write(d / "ca.pem", ca)
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    _write(d / "server.pem", _cert("localhost", ca_key, ca.subject, srv_key, san=[x509.DNSName("localhost")]),
-           srv_key)
     other_key = ec.generate_private_key(ec.SECP256R1())
     other = _cert("other CA", other_key, _name("other CA"), other_key, ca=True)
+    servers = {"server": (ca_key, ca, SERVER_SAN, False), "server-other-ca": (other_key, other, SERVER_SAN, False),
+               "server-other-name": (ca_key, ca, OTHER_SAN, False), "server-expired": (ca_key, ca, SERVER_SAN, True)}
+    for name, (issuer_key, issuer, san, expired) in servers.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(d / f"{name}.pem", _cert("localhost", issuer_key, issuer.subject, key, san=san, expired=expired), key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write(d / "self-signed.pem", _cert("impostor", key, _name("impostor"), key, san=SERVER_SAN), key)
     for group, (issuer_key, issuer) in ((clients, (ca_key, ca)), (rogue or {}, (other_key, other))):
         for name, uri in group.items():
             key = ec.generate_private_key(ec.SECP256R1())

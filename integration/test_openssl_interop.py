@@ -3,6 +3,7 @@
 openssl derives EXPORTER-oneM2M-Bootstrap itself (-keymatexport) and, on that same session, POSTs
 /securityProfile. The profile the MEF returns must name KeID = hex(first 16 bytes)@MEF-FQDN and carry the
 registrar key HMAC-derived from the last 32 bytes (Ke), i.e. both ends computed the same exporter output.
+The other way round, ``rspf enrol`` refuses an ``openssl s_server`` that has a certificate and no PSK.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import base64
 import json
 import re
 import secrets
+import socket
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from rspf import keys
 from rspf.secret import Secret
 
-from .support import FQDN, HOST, EnroleeInfo, MefHome, read_hex
+from .pki import make_pki
+from .support import FQDN, HOST, EnroleeInfo, MefHome, free_port, read_hex, stop_process
 
 KEYING_RE = re.compile(r"Keying material:\s*([0-9A-Fa-f]+)")
 VERSIONS = {"1.2": ["-tls1_2", "-cipher", "PSK-AES128-CBC-SHA256"], "1.3": ["-tls1_3"]}
@@ -120,3 +125,45 @@ def test_tls_min_version_is_enforced(openssl_bin: str, mef_home: MefHome) -> Non
     new = s_client(openssl_bin, mef_home, dev1, "1.3", dev1.kpm_hex)
     assert new.returncode == 0, new.stderr.decode(errors="replace")
     assert http_response(new.stdout)[0] == 201
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_rspf_enrol_refuses_an_openssl_s_server_with_a_certificate_and_no_psk(
+        openssl_bin: str, module_mef: MefHome, tmp_path: Path, version: str) -> None:
+    """An independent TLS server that has only a certificate (self-signed) and knows no Kpm: the Enrolee
+    must not complete the handshake, send its request or store anything."""
+    pki = make_pki(tmp_path, {})
+    port = free_port()
+    out = tmp_path / "s_server.out"
+    with open(out, "wb") as sink:
+        server = subprocess.Popen([openssl_bin, "s_server", "-accept", f"{HOST}:{port}", "-cert",
+                                   str(pki / "self-signed.pem"), "-key", str(pki / "self-signed.key"),
+                                   {"1.2": "-tls1_2", "1.3": "-tls1_3"}[version]],
+                                  stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(server, port)
+        dev = module_mef.enrolees["dev1"]
+        store = tmp_path / "dev1.store"
+        res = module_mef.cli("enrol", "--mef", f"{HOST}:{port}", "--mef-fqdn", FQDN, "--kpm-id", dev.kpm_id,
+                             "--kpm-file", dev.kpm_file, "--node-id", dev.node_id, "--store", store)
+    finally:
+        stop_process(server)
+    assert res.rc == 1, str(res)
+    expected = {"1.3": "answered with a certificate (subject CN=impostor) instead of proving the pre-shared key",
+                "1.2": "refused the TLS-PSK handshake"}[version]
+    assert f"error: the server at {HOST}:{port} {expected} for psk_identity '{dev.kpm_id}'" in res.stderr, str(res)
+    assert "nothing was sent to it" in res.stderr
+    assert not store.exists()
+    assert b"securityProfile" not in out.read_bytes()
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "openssl s_server exited"
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"openssl s_server did not listen on {port} within {timeout:g} s")

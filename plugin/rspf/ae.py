@@ -1,18 +1,24 @@
-"""An AE that uses its provisioned credential: enrol with the MEF, then talk to its registrar CSE over TLS-PSK.
+"""An AE that talks to its registrar CSE over an authenticated secure connection.
 
-::
+TLS-PSK with a provisioned credential (enrol with the MEF, then psk_identity = KeID, psk = registrar key)::
 
     from rspf.ae import SecureAE
     ae = SecureAE.from_enrolee(enrolee)          # enrols (or reuses a valid stored enrolment)
-    with ae.session() as cse:                     # TLS-PSK: psk_identity = KeID, psk = registrar key
+    with ae.session() as cse:
         cse.register("Nmy-app")                   # CREATE <AE> as the provisioned AE-ID
         cse.create_container("readings")
         cse.retrieve("readings")
+
+Mutual TLS with a certificate the operator issued (the AE-ID is the one the certificate names)::
+
+    from rspf.tls import CertClient
+    ae = SecureAE.with_certificate("https://cse.example.com:8443/cse-in", CertClient("ca.pem", "ae.pem", "ae.key"),
+                                   expected_peer="/id-in")
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,37 +26,75 @@ from urllib.parse import urlsplit
 from .client import OneM2MClient
 from .enrolee import Enrolee, Enrolment
 from .errors import BadRequest
-from .tls import PskClient
+from .tls import CertClient, PskClient, TlsConnection
 
 TY_AE = 2
 TY_CNT = 3
 
+#: Opens an authenticated connection to the registrar at (host, port).
+Connector = Callable[[str, int], TlsConnection]
+
+
+def parse_registrar_uri(uri: str) -> tuple[str, int, str]:
+    """``https://host:port/<CSEBase>`` -> (host, port, CSEBase path)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "https" or not parts.hostname:
+        raise BadRequest(f"the registrar's CSEBase URI {uri!r} must be https://host:port/<CSEBase>")
+    return parts.hostname, parts.port or 443, parts.path.rstrip("/") or "/"
+
 
 class SecureAE:
-    def __init__(self, enrolment: Enrolment, *, tls_client: PskClient | None = None, rvi: str = "3") -> None:
+    """An AE-ID, its registrar's CSEBase and how to open an authenticated connection there.
+
+    Build it with :meth:`from_enrolment` / :meth:`from_enrolee` (TLS-PSK) or :meth:`with_certificate`
+    (mutual TLS). Either way a connection opens only after the registrar proved who it is.
+    """
+
+    def __init__(self, registrar_uri: str, ae_id: str, connect: Connector, *, security: str, rvi: str = "3",
+                 enrolment: Enrolment | None = None) -> None:
+        self.host, self.port, self.csebase = parse_registrar_uri(registrar_uri)
+        self.ae_id = ae_id
+        self.security = security  # for messages: "TLS-PSK" or "mutual TLS"
+        self.rvi = rvi
+        self.enrolment = enrolment
+        self._connect = connect
+
+    @classmethod
+    def from_enrolment(cls, enrolment: Enrolment, *, tls_client: PskClient | None = None,
+                       rvi: str = "3") -> SecureAE:
+        """TLS-PSK with the registrar key of an AE's securityProfile (psk_identity = KeID)."""
         if enrolment.profile["enroleeType"] != "AE":
             raise BadRequest("this securityProfile provisions a CSE, not an AE")
-        self.enrolment = enrolment
-        self._tls = tls_client or PskClient()
-        self.rvi = rvi
-        parts = urlsplit(enrolment.profile["registrar"]["cseBaseURI"])
-        if parts.scheme != "https" or not parts.hostname:
-            raise BadRequest("the registrar's CSEBase URI must be https://host:port/<CSEBase>")
-        self.host, self.port = parts.hostname, parts.port or 443
-        self.csebase = parts.path.rstrip("/") or "/"
+        client = tls_client or PskClient()
+
+        def connect(host: str, port: int) -> TlsConnection:
+            return client.connect(host, port, enrolment.ke_id, enrolment.registrar_key)
+
+        return cls(enrolment.profile["registrar"]["cseBaseURI"], enrolment.enrolee_id, connect,
+                   security="TLS-PSK", rvi=rvi, enrolment=enrolment)
 
     @classmethod
     def from_enrolee(cls, enrolee: Enrolee, **kw: Any) -> SecureAE:
         enrolment, _renewed = enrolee.ensure()
-        return cls(enrolment, **kw)
+        return cls.from_enrolment(enrolment, **kw)
 
-    @property
-    def ae_id(self) -> str:
-        return self.enrolment.enrolee_id
+    @classmethod
+    def with_certificate(cls, registrar_uri: str, tls_client: CertClient, *, ae_id: str | None = None,
+                         expected_peer: str | None = None, rvi: str = "3") -> SecureAE:
+        """Mutual TLS: the registrar's certificate must chain to the client's trust anchor and name
+        ``expected_peer`` (default: the URI's host); the AE-ID defaults to the one this client's certificate names."""
+        ae_id = ae_id or tls_client.own_id
+        if not ae_id:
+            raise BadRequest("the client certificate names no AE-ID; give the AE-ID explicitly")
+
+        def connect(host: str, port: int) -> TlsConnection:
+            return tls_client.connect(host, port, expected_peer)
+
+        return cls(registrar_uri, ae_id, connect, security="mutual TLS", rvi=rvi)
 
     @contextmanager
     def session(self, originator: str | None = None) -> Iterator[CseSession]:
-        tls = self._tls.connect(self.host, self.port, self.enrolment.ke_id, self.enrolment.registrar_key)
+        tls = self._connect(self.host, self.port)
         client = OneM2MClient(tls, originator or self.ae_id, host=f"{self.host}:{self.port}", rvi=self.rvi)
         try:
             yield CseSession(client, self.csebase)

@@ -289,15 +289,19 @@ def target_revoke(config_path: Path, psk_identity: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- Enrolee
-enrolee_options = [
-    click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT."),
-    click.option("--mef-fqdn", required=True, help="The MEF-FQDN (TLS SNI; the KeID suffix)."),
-    click.option("--kpm-id", required=True, help="KpmID: the identifier of the pre-provisioned key."),
-    click.option("--kpm-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-                 help="File holding Kpm as hex (mode 0600)."),
-    click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-                 help="Encrypted enrolment store (created 0600)."),
-]
+def _enrolee_options(required: bool = True) -> list:
+    return [
+        click.option("--mef", "mef_addr", required=required, help="MEF address HOST:PORT."),
+        click.option("--mef-fqdn", required=required, help="The MEF-FQDN (TLS SNI; the KeID suffix)."),
+        click.option("--kpm-id", required=required, help="KpmID: the identifier of the pre-provisioned key."),
+        click.option("--kpm-file", required=required, type=click.Path(dir_okay=False, path_type=Path),
+                     help="File holding Kpm as hex (mode 0600)."),
+        click.option("--store", "store_path", required=required, type=click.Path(dir_okay=False, path_type=Path),
+                     help="Encrypted enrolment store (created 0600)."),
+    ]
+
+
+enrolee_options = _enrolee_options()
 
 
 def _with(options):
@@ -406,33 +410,74 @@ def ae() -> None:
 
 
 @ae.command("register")
-@_with(enrolee_options)
-@click.option("--node-id", required=True, help="This device's M2M-Node-ID.")
+@_with(_enrolee_options(required=False))
+@click.option("--node-id", default=None, help="This device's M2M-Node-ID (TLS-PSK mode).")
+@click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Mutual TLS: this AE's certificate chain (PEM) instead of enrolling with the MEF.")
+@click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Mutual TLS: the certificate's private key (PEM).")
+@click.option("--ca", "ca_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Mutual TLS: the trust anchor (PEM) the registrar's certificate must chain to.")
+@click.option("--registrar", "registrar_uri", default=None,
+              help="Mutual TLS: the registrar's CSEBase URI, https://HOST:PORT/<CSEBase>.")
+@click.option("--registrar-name", default=None,
+              help="Mutual TLS: what the registrar's certificate must name: its CSE-ID (/id-in, as a subjectAltName "
+                   "URI //sp/id-in), a DNS name or an IP address (default: the host of --registrar).")
+@click.option("--ae-id", default=None, help="Mutual TLS: the AE-ID (default: the one the certificate names).")
 @click.option("--app-id", required=True, help="App-ID (api), e.g. Nmy-app.")
 @click.option("--rn", default=None, help="Resource name of the <AE> (default: the AE-ID).")
 @click.option("--container", default=None, help="Also create this <container> under the AE and retrieve it.")
 @click.option("--renew-before", default=86400, show_default=True, type=click.IntRange(0))
 @click.option("--json", "as_json", is_flag=True)
-def ae_register(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str,
+def ae_register(mef_addr: str | None, mef_fqdn: str | None, kpm_id: str | None, kpm_file: Path | None,
+                store_path: Path | None, node_id: str | None, cert_file: Path | None, key_file: Path | None,
+                ca_file: Path | None, registrar_uri: str | None, registrar_name: str | None, ae_id: str | None,
                 app_id: str, rn: str | None, container: str | None, renew_before: int, as_json: bool) -> None:
-    """Enrol with the MEF (or reuse the stored enrolment), then register with the CSE over TLS-PSK."""
+    """Register an AE with its registrar CSE and (optionally) create and read a <container>.
+
+    TLS-PSK (the default): enrol with the MEF (or reuse the stored enrolment), then connect to the registrar
+    the securityProfile names. Mutual TLS (--cert, --key, --ca, --registrar): present a certificate; the
+    registrar must prove a certificate from --ca that names --registrar-name. Nothing is sent to a registrar
+    that did not prove who it is.
+    """
     from .ae import SecureAE
-    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, renew_before_seconds=renew_before)
+    psk_opts = {"--mef": mef_addr, "--mef-fqdn": mef_fqdn, "--kpm-id": kpm_id, "--kpm-file": kpm_file,
+                "--store": store_path, "--node-id": node_id}
+    cert_opts = {"--cert": cert_file, "--key": key_file, "--ca": ca_file, "--registrar": registrar_uri}
+    cert_only = {"--registrar-name": registrar_name, "--ae-id": ae_id}
     out: dict[str, Any] = {}
-    try:
-        enrolment, renewed = e.ensure()
+    if any(v is not None for v in (*cert_opts.values(), *cert_only.values())):
+        _require(cert_opts, "mutual TLS needs")
+        given = [k for k, v in psk_opts.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} enrol with the MEF for TLS-PSK; leave them out with --cert")
+        from .tls import CertClient
+        try:
+            secure = SecureAE.with_certificate(str(registrar_uri), CertClient(str(ca_file), str(cert_file),
+                                               str(key_file)), ae_id=ae_id, expected_peer=registrar_name)
+        except RspfError as exc:
+            _fail(exc)
+    else:
+        _require(psk_opts, "TLS-PSK needs (or give --cert, --key, --ca and --registrar for mutual TLS)")
+        assert mef_addr and mef_fqdn and kpm_id and kpm_file and store_path and node_id
+        e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, renew_before_seconds=renew_before)
+        try:
+            enrolment, renewed = e.ensure()
+            secure = SecureAE.from_enrolment(enrolment)
+        except RspfError as exc:
+            _fail(exc)
         out["enrolment"] = {"enrolled": renewed, "keID": enrolment.ke_id, "aeID": enrolment.enrolee_id,
                             "registrar": enrolment.profile["registrar"]["cseBaseURI"]}
         if not as_json:
             click.echo(f"{'enrolled' if renewed else 'stored enrolment still valid'}: AE-ID {enrolment.enrolee_id}, "
                        f"KeID {enrolment.ke_id}")
-        secure = SecureAE(enrolment)
+    try:
         with secure.session() as cse:
             created = cse.register(app_id, rn)
             out["ae"] = created.get("m2m:ae", created)
             if not as_json:
                 click.echo(f"registered <AE> {out['ae'].get('rn')} (aei {out['ae'].get('aei')}) at "
-                           f"{secure.host}:{secure.port}{secure.csebase} over TLS-PSK")
+                           f"{secure.host}:{secure.port}{secure.csebase} over {secure.security}")
             if container:
                 ae_rn = out["ae"].get("rn")
                 cse.create_container(container, ae_rn)
@@ -445,6 +490,12 @@ def ae_register(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store
         _fail(exc)
     if as_json:
         click.echo(json.dumps(out, indent=2))
+
+
+def _require(options: dict[str, Any], what: str) -> None:
+    missing = [k for k, v in options.items() if v is None]
+    if missing:
+        raise click.UsageError(f"{what} {', '.join(missing)}")
 
 
 # ------------------------------------------------------------------------------------------ ACME plugin

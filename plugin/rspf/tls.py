@@ -6,13 +6,20 @@ module drives through ``OpenSSL._util``: ``SSL_CTX_set_psk_server_callback`` and
 TLS 1.3 external PSK with a SHA-256 suite). These are private hooks: :func:`check_psk_support` fails
 loudly, naming what is missing, when a dependency upgrade removes one of them, and a unit test calls it.
 
-What the rest of the project sees: :class:`PskServer` / :class:`PskClient` (contexts),
-:class:`TlsConnection` (the authenticated peer identity, the RFC 5705 exporter, socket-like I/O).
+What the rest of the project sees: :class:`PskServer` / :class:`PskClient` (TLS-PSK contexts),
+:class:`CertClient` (the client side of mutual TLS), :class:`TlsConnection` (the authenticated peer identity,
+the RFC 5705 exporter, socket-like I/O).
+
+Clients authenticate the server before a byte of application data leaves them: a :class:`PskClient`
+handshake completes only when the server proved the pre-shared key (a TLS 1.2 PSK suite, or TLS 1.3 with the
+external PSK negotiated; a server certificate is refused), and a :class:`CertClient` handshake only when the
+server's chain verifies to the configured trust anchor and its certificate names the expected peer.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import socket
 import struct
@@ -20,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
@@ -48,6 +57,8 @@ _REQUIRED_LIB = (
     "SSL_CTX_set_psk_server_callback",
     "SSL_CTX_set_psk_client_callback",
     "SSL_CTX_use_psk_identity_hint",
+    "SSL_session_reused",
+    "X509_verify_cert_error_string",
 )
 _REQUIRED_CONN = ("export_keying_material", "_reverse_mapping", "set_tlsext_host_name")
 
@@ -60,6 +71,8 @@ def check_psk_support() -> None:
     missing += [f"OpenSSL.SSL.Connection.{n}" for n in _REQUIRED_CONN if not hasattr(SSL.Connection, n)]
     if hasattr(_lib, "Cryptography_HAS_PSK") and not _lib.Cryptography_HAS_PSK:
         missing.append("PSK support in the OpenSSL that cryptography is built with")
+    if not hasattr(SSL.Connection(SSL.Context(SSL.TLS_METHOD), None), "_ssl"):
+        missing.append("OpenSSL.SSL.Connection._ssl (the SSL* that SSL_session_reused inspects)")
     if missing:
         raise TlsError(
             "the installed pyOpenSSL/cryptography no longer provide what TLS-PSK needs: "
@@ -72,18 +85,23 @@ def _conn_of(ssl_ptr: Any) -> SSL.Connection | None:
     return SSL.Connection._reverse_mapping.get(ssl_ptr)
 
 
-def _base_context(min_version: str, max_version: str) -> SSL.Context:
-    check_psk_support()
+def _context(min_version: str, max_version: str) -> SSL.Context:
     if min_version not in VERSIONS or max_version not in VERSIONS:
         raise TlsError("TLS versions are '1.2' or '1.3'")
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(VERSIONS[min_version])
     ctx.set_max_proto_version(VERSIONS[max_version])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def _base_context(min_version: str, max_version: str) -> SSL.Context:
+    check_psk_support()
+    ctx = _context(min_version, max_version)
     ctx.set_cipher_list(TLS12_PSK_CIPHERS.encode())
     if hasattr(ctx, "set_ciphersuites"):
         ctx.set_ciphersuites(TLS13_CIPHERSUITES.encode())
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
 
 
@@ -165,12 +183,20 @@ class PskServer:
 
 
 class PskClient:
-    """Client-side TLS-PSK context; identity and key are given per connection to :meth:`connect`."""
+    """Client-side TLS-PSK context; identity and key are given per connection to :meth:`connect`.
+
+    A handshake completes only when the server proved the same pre-shared key. TLS 1.2 offers PSK suites
+    only. In TLS 1.3 a server that does not take the external PSK would authenticate with a certificate
+    instead: any server certificate is refused in the verification step, and after the handshake the
+    session must be PSK-authenticated (``SSL_session_reused`` for TLS 1.3 - tickets and the session cache
+    are off, so only the external PSK can set it - or a PSK suite for TLS 1.2, and no peer certificate).
+    """
 
     def __init__(self, *, min_version: str = "1.2", max_version: str = "1.3", ciphers: str | None = None) -> None:
         self.context = _base_context(min_version, max_version)
         if ciphers:
             self.context.set_cipher_list(ciphers.encode())
+        self.context.set_verify(SSL.VERIFY_PEER, _refuse_certificate)
         self._callback = _ffi.callback(
             "unsigned int (*)(SSL *, const char *, char *, unsigned int, unsigned char *, unsigned int)",
             self._on_psk,
@@ -206,31 +232,197 @@ class PskClient:
         server_name: str | None = None,
         timeout: float | None = 30.0,
     ) -> TlsConnection:
-        """Open TCP, run the TLS-PSK handshake with ``psk_identity = identity``; return the connection."""
+        """Open TCP, run the TLS-PSK handshake with ``psk_identity = identity``; return the connection.
+
+        Raises :class:`TlsError` - before any application data is sent - unless the server proved ``key``.
+        ``server_name`` (default ``host``) is sent as SNI and named in the error as the peer expected.
+        """
         if not identity or len(identity.encode("utf-8")) > MAX_PSK_IDENTITY:
             raise TlsError(f"a psk_identity is 1 to {MAX_PSK_IDENTITY} bytes")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise TlsError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = SSL.Connection(self.context, sock)
+        where, expected = f"{host}:{port}", server_name or host
+        tls = _open_client(self.context, host, port, server_name, timeout)
+        conn = tls._conn
         conn._rspf_client_cred = (identity, key)  # type: ignore[attr-defined]
-        sni = server_name or host
-        if sni and not _is_ip(sni):
-            conn.set_tlsext_host_name(sni.encode("idna"))
-        conn.set_connect_state()
-        tls = TlsConnection(conn, sock, timeout)
         try:
             tls.handshake()
         except TlsError as exc:
-            raise TlsError(f"{host}:{port} refused the TLS-PSK handshake for psk_identity {identity!r} "
-                           f"(unknown identity, wrong key or no common cipher suite): {exc}") from None
+            subject = getattr(conn, "_rspf_refused_certificate", None)
+            if subject is not None:
+                raise TlsError(
+                    f"the server at {where} answered with a certificate ({subject}) instead of proving the "
+                    f"pre-shared key for psk_identity {identity!r}: it is not the expected {expected}; "
+                    "nothing was sent to it") from None
+            raise TlsError(
+                f"the server at {where} refused the TLS-PSK handshake for psk_identity {identity!r} "
+                f"({exc}). A server that does not know this identity, holds another key or offers no "
+                f"pre-shared-key cipher suite fails this way: it is not proven to be {expected}; nothing was "
+                "sent to it") from None
         finally:
             conn._rspf_client_cred = None  # type: ignore[attr-defined]
+        if not _psk_negotiated(conn):
+            version, cipher = tls.version, tls.cipher
+            tls.close()
+            raise TlsError(
+                f"the server at {where} completed a {version} handshake ({cipher}) without proving the pre-shared "
+                f"key for psk_identity {identity!r}: it is not the expected {expected}; nothing was sent to it")
         tls.psk_identity = identity
         return tls
+
+
+def _refuse_certificate(conn: SSL.Connection, cert: Any, _errno: int, _depth: int, _ok: int) -> bool:
+    """Verify callback of a PSK client: a server that shows a certificate did not take the PSK."""
+    conn._rspf_refused_certificate = _subject(cert)  # type: ignore[attr-defined]
+    return False
+
+
+def _psk_negotiated(conn: SSL.Connection) -> bool:
+    """Whether an established session was authenticated by the external PSK (and by nothing else)."""
+    if conn.get_peer_certificate() is not None:
+        return False
+    if conn.get_protocol_version_name() == "TLSv1.3":
+        return bool(_lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
+    return "PSK" in (conn.get_cipher_name() or "").split("-")
+
+
+class CertClient:
+    """Client side of mutual TLS (TS-0003 §10.2.3 suites): presents ``cert_file`` / ``key_file``.
+
+    A handshake completes only when the server's chain verifies to ``trust_anchor_file`` (the system's
+    trust store is never consulted) and its certificate names the peer the caller expects
+    (:func:`certificate_names`); otherwise :meth:`connect` raises :class:`TlsError` before any application
+    data is sent. :attr:`own_id` is the oneM2M ID this client's own certificate names.
+    """
+
+    def __init__(self, trust_anchor_file: str | Path, cert_file: str | Path, key_file: str | Path, *,
+                 min_version: str = "1.2", max_version: str = "1.3") -> None:
+        check_psk_support()  # the verification messages use a private hook too
+        self.trust_anchor_file = Path(trust_anchor_file)
+        ctx = _context(min_version, max_version)
+        try:
+            ctx.load_verify_locations(str(trust_anchor_file))
+            ctx.use_certificate_chain_file(str(cert_file))
+            ctx.use_privatekey_file(str(key_file))
+            ctx.check_privatekey()
+            own = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+        except SSL.Error as exc:
+            raise TlsError(f"cannot use the certificate files: {_describe(exc)}") from None
+        except (OSError, ValueError) as exc:
+            raise TlsError(f"cannot use the certificate file {cert_file}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+        ctx.set_cipher_list(CERT_CIPHERS.encode())
+        ctx.set_verify(SSL.VERIFY_PEER, _note_verify_error)
+        self.context = ctx
+        self.own_id = certificate_onem2m_id(own)
+
+    def connect(self, host: str, port: int, expected_peer: str | None = None, *, server_name: str | None = None,
+                timeout: float | None = 30.0) -> TlsConnection:
+        """Open TCP and run the mutual-TLS handshake; ``expected_peer`` (default ``server_name`` or ``host``)
+        is what the server's certificate must name (see :func:`certificate_names`)."""
+        where, expected = f"{host}:{port}", expected_peer or server_name or host
+        tls = _open_client(self.context, host, port, server_name, timeout)
+        conn = tls._conn
+        try:
+            tls.handshake()
+        except TlsError as exc:
+            failure = getattr(conn, "_rspf_verify_error", None)
+            if failure is not None:
+                reason, depth, subject = failure
+                raise TlsError(
+                    f"the server at {where} presented a certificate ({subject}, chain depth {depth}) that does not "
+                    f"verify to the trust anchor {self.trust_anchor_file}: {reason}. It is not proven to be "
+                    f"{expected}; nothing was sent to it") from None
+            raise TlsError(f"the mutual-TLS handshake with {where} failed ({exc}); nothing was sent to it") from None
+        leaf = conn.get_peer_certificate()
+        cert = leaf.to_cryptography() if leaf is not None else None
+        if cert is None or not certificate_names(cert, expected):
+            tls.close()
+            named = ", ".join(_names_of(cert)) if cert is not None else "no certificate"
+            raise TlsError(
+                f"the server at {where} has a certificate from the trust anchor, but it names {named or 'nothing'}, "
+                f"not the expected {expected}; nothing was sent to it")
+        return tls
+
+
+def _note_verify_error(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    """Verify callback of a certificate client: OpenSSL decides; the first reason it gives is kept for the message."""
+    if not ok and getattr(conn, "_rspf_verify_error", None) is None:
+        reason = _ffi.string(_lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+        conn._rspf_verify_error = (reason, depth, _subject(cert))  # type: ignore[attr-defined]
+    return bool(ok)
+
+
+def _open_client(context: SSL.Context, host: str, port: int, server_name: str | None,
+                 timeout: float | None) -> TlsConnection:
+    """TCP connection to ``host:port`` wrapped for a client handshake (SNI = ``server_name`` or ``host``)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise TlsError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = SSL.Connection(context, sock)
+    sni = server_name or host
+    if sni and not _is_ip(sni):
+        conn.set_tlsext_host_name(sni.encode("idna"))
+    conn.set_connect_state()
+    return TlsConnection(conn, sock, timeout)
+
+
+def _subject(cert: Any) -> str:
+    try:
+        return "subject " + (cert.to_cryptography().subject.rfc4514_string() or "empty")
+    except Exception:
+        return "an unreadable certificate"
+
+
+def certificate_onem2m_id(cert: x509.Certificate) -> str | None:
+    """The oneM2M ID a certificate (``cryptography`` X.509) names, or None.
+
+    Project decision (docs/acme-plugin.md): a subjectAltName URI holding an absolute oneM2M ID
+    ``//sp/cse-id`` or ``//sp/cse-id/ae-id`` names ``/cse-id`` or ``ae-id``; otherwise the subject CN.
+    """
+    for uri in _san_values(cert, x509.UniformResourceIdentifier):
+        if uri.startswith("//"):
+            parts = uri[2:].split("/")
+            if len(parts) == 2 and parts[1]:
+                return "/" + parts[1]
+            if len(parts) == 3 and parts[2]:
+                return parts[2]
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else None
+
+
+def certificate_names(cert: x509.Certificate, expected: str) -> bool:
+    """Whether a server certificate names ``expected``.
+
+    * an IP address: one of its IP-address subjectAltNames;
+    * an absolute oneM2M ID ``//sp/cse-id``: one of its URI subjectAltNames, exactly;
+    * a CSE-ID ``/cse-id``: :func:`certificate_onem2m_id` (the ``//sp/cse-id`` URI form);
+    * anything else, a host name: one of its DNS subjectAltNames (case-insensitive, no wildcards).
+    """
+    if _is_ip(expected):
+        return ipaddress.ip_address(expected) in _san_values(cert, x509.IPAddress)
+    if expected.startswith("//"):
+        return expected in _san_values(cert, x509.UniformResourceIdentifier)
+    if expected.startswith("/"):
+        return certificate_onem2m_id(cert) == expected
+    return expected.rstrip(".").lower() in (d.lower() for d in _san_values(cert, x509.DNSName))
+
+
+def _san_values(cert: x509.Certificate, kind: Any) -> list[Any]:
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                    .get_values_for_type(kind))
+    except x509.ExtensionNotFound:
+        return []
+
+
+def _names_of(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [cert.subject.rfc4514_string()]
+    return [str(getattr(name, "value", name)) for name in san]
 
 
 def _is_ip(host: str) -> bool:
@@ -289,32 +481,9 @@ class TlsConnection:
         return self._conn.get_cipher_name() or ""
 
     def peer_certificate_id(self) -> str | None:
-        """The oneM2M ID a verified client certificate names (mutual TLS), or None.
-
-        Project decision (docs/acme-plugin.md): a subjectAltName URI holding an absolute oneM2M ID
-        ``//sp/cse-id`` or ``//sp/cse-id/ae-id`` names ``/cse-id`` or ``ae-id``; otherwise the subject CN.
-        """
+        """The oneM2M ID a verified peer certificate names (mutual TLS; :func:`certificate_onem2m_id`), or None."""
         cert = self._conn.get_peer_certificate()
-        if cert is None:
-            return None
-        from cryptography import x509
-        from cryptography.x509.oid import NameOID
-
-        c = cert.to_cryptography()
-        try:
-            uris = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-                x509.UniformResourceIdentifier)
-        except x509.ExtensionNotFound:
-            uris = []
-        for uri in uris:
-            if uri.startswith("//"):
-                parts = uri[2:].split("/")
-                if len(parts) == 2 and parts[1]:
-                    return "/" + parts[1]
-                if len(parts) == 3 and parts[2]:
-                    return parts[2]
-        cns = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(cns[0].value) if cns else None
+        return None if cert is None else certificate_onem2m_id(cert.to_cryptography())
 
     def export_keying_material(self, label: str, length: int) -> Secret:
         """RFC 5705 exporter, no context value (what ``openssl s_client -keymatexport`` computes)."""
