@@ -26,6 +26,7 @@ from urllib.parse import unquote
 
 from .. import keys, profile
 from ..errors import RSC, AccessDenied, BadRequest, NotFound, OperationNotAllowed, RspfError
+from ..ratelimit import RefusalLog
 from ..secret import Secret
 from .config import MefConfig
 from .store import EnroleeRecord, MefStore, utcnow
@@ -85,6 +86,7 @@ class MefService:
         self.config = config
         self.store = store
         self._handshake = threading.local()
+        self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
 
     # -- authentication -------------------------------------------------------------------------
     def psk_for(self, identity: str) -> Secret | None:
@@ -98,7 +100,11 @@ class MefService:
             self._handshake.found = (identity, found[0])
             return found[1]
         self._handshake.found = None
-        return self.store.target_psk(identity)
+        psk = self.store.target_psk(identity)
+        if psk is None:
+            self.refusals.refused("TLS-PSK identity %r refused: no Enrolee (KpmID) or Enrolment Target has it, or "
+                                  "it is revoked or expired", identity)
+        return psk
 
     def absolute_id(self, any_id: str, registrar_cse_id: str | None = None) -> str:
         """Absolute form //sp/... of a CSE-ID (/id) or an AE-ID (C..., S... under its registrar)."""
@@ -129,11 +135,23 @@ class MefService:
                            material.enrolment_key)
         target = self.store.get_target(psk_identity)
         if target is None:  # removed between handshake and now
+            self.refusals.refused("session of psk_identity %r refused: the credential is no longer registered",
+                                  psk_identity)
             raise AccessDenied("the presented credential is no longer registered")
         return Session(Principal.TARGET, psk_identity, self.absolute_id(target.target_id))
 
     # -- dispatch -------------------------------------------------------------------------------
     def handle(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
+        try:
+            return self._dispatch(session, operation, to, originator, content)
+        except RspfError as exc:
+            if exc.rsc is not RSC.INTERNAL_SERVER_ERROR:
+                self.refusals.refused("%s %r from %s (psk_identity %r, originator %r) refused with %d: %s",
+                                      operation, to[:200], session.principal_id, session.psk_identity,
+                                      originator[:100], int(exc.rsc), exc)
+            raise
+
+    def _dispatch(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
         path = to.rstrip("/") or "/"
         if path.startswith("/fetchCredentials/") or path == "/fetchCredentials":
             if operation != "RETRIEVE":
@@ -294,10 +312,9 @@ class MefService:
         enrolee = self.store.get_enrolee(record.kpm_id)
         assert enrolee is not None
         if not self._authorized(enrolee, target, suid):
-            log.warning("Target %s refused keys of KeID %s for SUID %d: not authorized", target, ke_id, suid)
             raise AccessDenied(f"{target} is not an authorized Enrolment Target of this Enrolee for SUID {suid}")
         kuc = keys.derive_usage_constrained_key(record.enrolment_key, suid, keys.target_fqdn(target))
-        log.info("Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
+        log.info("fetchCredentials: Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
                  enrolee.enrolee_id)
         return Reply(RSC.OK, {"rspf:fcRsp": {
             "status": True,
