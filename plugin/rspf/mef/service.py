@@ -89,8 +89,9 @@ class MefService:
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
 
     # -- authentication -------------------------------------------------------------------------
-    def psk_for(self, identity: str) -> Secret | None:
-        """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK.
+    def psk_for(self, identity: str, peer_ip: str | None = None) -> Secret | None:
+        """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK. ``peer_ip`` (the
+        client's address, from the transport's PSK lookup) is named when the identity is refused.
 
         Runs in the connection's thread during the handshake; the enrolee record read with the key is kept
         for :meth:`open_session` in the same thread, so a session costs one query, not two.
@@ -102,8 +103,8 @@ class MefService:
         self._handshake.found = None
         psk = self.store.target_psk(identity)
         if psk is None:
-            self.refusals.refused("TLS-PSK identity %r refused: no Enrolee (KpmID) or Enrolment Target has it, or "
-                                  "it is revoked or expired", identity)
+            self.refusals.refused("TLS-PSK identity %r from %s refused: no Enrolee (KpmID) or Enrolment Target has "
+                                  "it, or it is revoked or expired", identity, peer_ip or "?")
         return psk
 
     def absolute_id(self, any_id: str, registrar_cse_id: str | None = None) -> str:
