@@ -152,19 +152,53 @@ def test_one_fetch_per_keid_at_a_time() -> None:
     assert cache.sizes()["in_flight"] == 0
 
 
-def test_fetches_in_flight_are_bounded() -> None:
-    cache = StandInCache(KeyCacheLimits(max_in_flight=2), Clock())
+def test_mef_fetches_run_at_most_max_in_flight_at_once_and_the_others_wait() -> None:
+    ids = [made_up() for _ in range(3)]
+    cache = StandInCache(KeyCacheLimits(max_in_flight=2), Clock(), known=set(ids))
+    cache.gate = threading.Event()
+    results: list[tuple[FetchedCredential | None, bool]] = []
+    threads = [threading.Thread(target=lambda k=k: results.append(cache.lookup(k, "127.0.0.2"))) for k in ids]
+    for t in threads:
+        t.start()
+    while len(cache.calls) < 2:
+        threading.Event().wait(0.005)
+    assert len(cache.calls) == 2 and not results  # the third waits for a slot: neither fetched nor refused
+    cache.gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 3 and all(c is not None for c, _ in results) and sorted(cache.calls) == sorted(ids)
+
+
+def test_pending_keids_are_bounded() -> None:
+    cache = StandInCache(KeyCacheLimits(max_pending=2), Clock())
     cache.gate = threading.Event()
     slow = [threading.Thread(target=cache.lookup, args=(made_up(), "127.0.0.2")) for _ in range(2)]
     for t in slow:
         t.start()
     while len(cache.calls) < 2:
         threading.Event().wait(0.005)
-    assert cache.lookup(LEGIT, "127.0.0.3") == (None, False)  # refused at once: two fetches already running
+    assert cache.lookup(LEGIT, "127.0.0.3") == (None, False)  # refused at once: two KeIDs already pending
+    assert cache.sizes()["in_flight"] == 2
     cache.gate.set()
     for t in slow:
         t.join(10)
-    assert cache.lookup(LEGIT, "127.0.0.3")[0] is not None
+    assert cache.lookup(LEGIT, "127.0.0.3")[0] is not None and cache.sizes()["in_flight"] == 0
+
+
+def test_many_legitimate_aes_behind_one_address_all_connect_at_once() -> None:
+    """Only failed fetches are paid for: 50 first contacts from one address (a NAT) all get their keys."""
+    ids = [made_up() for _ in range(50)]
+    cache = StandInCache(KeyCacheLimits(), Clock(), known=set(ids))
+    cache.gate = threading.Event()
+    results: list[tuple[FetchedCredential | None, bool]] = []
+    threads = [threading.Thread(target=lambda k=k: results.append(cache.lookup(k, "127.0.0.2"))) for k in ids]
+    for t in threads:
+        t.start()
+    cache.gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 50 and all(c is not None for c, _ in results) and len(cache.calls) == 50
+    assert cache.lookup(made_up(), "127.0.0.2") == (None, False) and len(cache.calls) == 51  # budget untouched
 
 
 def test_an_identity_of_another_mef_costs_nothing() -> None:

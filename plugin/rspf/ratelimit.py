@@ -16,7 +16,8 @@ Clock = Callable[[], float]
 
 
 class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second. Not thread-safe: callers hold their own lock."""
+    """Up to ``burst`` tokens, refilled at ``rate`` per second; the balance may go down to ``-burst`` (a debt
+    paid back by the refill). Not thread-safe: callers hold their own lock."""
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate, self.burst = rate, burst
@@ -31,17 +32,21 @@ class TokenBucket:
         self._refill(now)
         return self.tokens >= 1.0
 
-    def take(self, now: float) -> None:
+    def charge(self, now: float) -> None:
         self._refill(now)
-        self.tokens -= 1.0
+        self.tokens = max(-self.burst, self.tokens - 1.0)
 
 
 class FetchBudget:
-    """How many expensive operations (MEF fetches) may start: a bucket per source address plus a global one.
+    """How many expensive operations that turn out to be wasted (MEF fetches the MEF refuses, or that fail)
+    may be started: a bucket per source address plus a global one.
 
-    A source must have a token in its own bucket AND the global bucket must have one; both are spent
-    together. At most ``max_sources`` source buckets are kept (least recently used dropped first: a dropped
-    source starts again with a full bucket, and the global bucket still bounds the total).
+    :meth:`allowed` says whether an operation may start: the source's bucket AND the global bucket must hold a
+    token. Only a wasted operation is paid for (:meth:`charge`, from both buckets), so a source whose operations
+    succeed (legitimate AEs fetching real keys) never runs out, however many arrive at once. Operations that
+    start together before the first is charged can overdraw a bucket; the caller bounds how many run at once.
+    At most ``max_sources`` source buckets are kept (least recently used dropped first: a dropped source starts
+    again with a full bucket, and the global bucket still bounds the total).
     """
 
     def __init__(self, *, source_rate: float, source_burst: float, global_rate: float, global_burst: float,
@@ -55,28 +60,31 @@ class FetchBudget:
     def __len__(self) -> int:
         return len(self._sources)
 
-    def try_spend(self, source: str | None) -> str | None:
-        """Spend one token; None on success, else which budget is exhausted ("source" or "global")."""
+    def _bucket(self, source: str, now: float) -> TokenBucket:
+        bucket = self._sources.get(source)
+        if bucket is None:
+            bucket = self._sources[source] = TokenBucket(self._source_rate, self._source_burst, now)
+            while len(self._sources) > self._max_sources:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(source)
+        return bucket
+
+    def allowed(self, source: str | None) -> str | None:
+        """None when an operation may start, else which budget is spent ("source" or "global")."""
         with self._lock:
             now = self._clock()
-            bucket = None
+            if source is not None and not self._bucket(source, now).available(now):
+                return "source"
+            return None if self._global.available(now) else "global"
+
+    def charge(self, source: str | None) -> None:
+        """Pay for one wasted operation."""
+        with self._lock:
+            now = self._clock()
             if source is not None:
-                bucket = self._sources.get(source)
-                if bucket is None:
-                    bucket = TokenBucket(self._source_rate, self._source_burst, now)
-                    self._sources[source] = bucket
-                    while len(self._sources) > self._max_sources:
-                        self._sources.popitem(last=False)
-                else:
-                    self._sources.move_to_end(source)
-                if not bucket.available(now):
-                    return "source"
-            if not self._global.available(now):
-                return "global"
-            self._global.take(now)
-            if bucket is not None:
-                bucket.take(now)
-            return None
+                self._bucket(source, now).charge(now)
+            self._global.charge(now)
 
 
 class RefusalLog:

@@ -47,11 +47,12 @@ class KeyCacheLimits:
     max_age: float = 300.0          # seconds a key is trusted before the MEF is asked again ([rspf] keyCacheSeconds)
     negative_ttl: float = 30.0      # seconds a MEF refusal (unknown, revoked, not authorized) is remembered
     max_negative: int = 4_096       # refusals remembered; the oldest goes first
-    max_in_flight: int = 32         # distinct KeIDs being fetched at one time
-    source_burst: float = 10.0      # MEF fetches a source address may cause at once ...
-    source_rate: float = 0.5        # ... and per second after that
+    max_pending: int = 1_024        # distinct KeIDs waiting for or in a MEF fetch; beyond, refused at once
+    max_in_flight: int = 32         # MEF fetches running at one time; others wait for a slot up to `timeout`
+    source_burst: float = 10.0      # failed MEF fetches (refused or unreachable) a source address may cause at once
+    source_rate: float = 0.5        # ... and per second after that; a fetch that yields a key costs nothing
     max_sources: int = 4_096        # source addresses with a budget; the least recently seen goes first
-    global_burst: float = 50.0      # MEF fetches all sources together may cause at once ...
+    global_burst: float = 50.0      # failed MEF fetches all sources together may cause at once ...
     global_rate: float = 5.0        # ... and per second after that
     pool_size: int = 4              # kept-alive connections to the MEF
     pool_idle: float = 10.0         # a pooled connection idle longer is discarded (below the MEF's idle_timeout, 30 s)
@@ -176,7 +177,8 @@ class KeyCache:
     ``lookup`` is safe to call from many threads (and from inside a TLS-PSK callback). A KeID the cache does
     not hold costs a MEF fetch only when: no fetch of it is already running (one per KeID at a time; others
     wait for its result), the MEF did not refuse it in the last ``negative_ttl`` seconds, fewer than
-    ``max_in_flight`` KeIDs are being fetched, and the source address and the whole cache still have budget.
+    ``max_pending`` KeIDs are pending, and the source address and the whole cache still have budget for a
+    failed fetch (a fetch that yields a key is free). At most ``max_in_flight`` fetches run at once.
     A key is kept until its lifetime ends or ``max_age`` seconds pass, whichever is first; at most
     ``max_entries`` keys are kept (least recently used dropped first). Every refusal is logged with the KeID
     and the reason, rate-limited (:class:`rspf.ratelimit.RefusalLog`).
@@ -192,7 +194,8 @@ class KeyCache:
         self._clock = clock
         self._tls = tls_client or PskClient()
         self._lock = threading.Lock()
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, _InFlight] = {}  # per-KeID locks of pending lookups (at most max_pending)
+        self._fetch_slots = threading.BoundedSemaphore(lim.max_in_flight)
         self._entries: OrderedDict[str, tuple[FetchedCredential, float]] = OrderedDict()
         self._refused: OrderedDict[str, float] = OrderedDict()
         self._budget = FetchBudget(source_rate=lim.source_rate, source_burst=lim.source_burst,
@@ -274,7 +277,7 @@ class KeyCache:
         with self._lock:
             slot = self._in_flight.get(ke_id)
             if slot is None:
-                if len(self._in_flight) >= self.limits.max_in_flight:
+                if len(self._in_flight) >= self.limits.max_pending:
                     return None
                 slot = self._in_flight[ke_id] = _InFlight(threading.Lock())
             slot.users += 1
@@ -306,8 +309,8 @@ class KeyCache:
             return None, False
         slot = self._enter(ke_id)
         if slot is None:
-            self._refusals.refused("KeID %s from %s refused: %d key fetches from the MEF are already running",
-                                   ke_id, source or "?", self.limits.max_in_flight)
+            self._refusals.refused("KeID %s from %s refused: %d KeIDs are already waiting for the MEF",
+                                   ke_id, source or "?", self.limits.max_pending)
             return None, False
         try:
             if not slot.lock.acquire(timeout=2 * self.limits.timeout):
@@ -329,28 +332,37 @@ class KeyCache:
             self._refusals.refused("KeID %s from %s refused: the MEF refused it less than %g s ago", ke_id,
                                    source or "?", self.limits.negative_ttl)
             return None, False
-        exhausted = self._budget.try_spend(source)
+        exhausted = self._budget.allowed(source)
         if exhausted:
             budget = f"source {source}" if exhausted == "source" else "all sources together"
-            self._refusals.refused("KeID %s from %s refused: rate-limited (the MEF fetch budget of %s is spent)",
-                                   ke_id, source or "?", budget)
+            self._refusals.refused("KeID %s from %s refused: rate-limited (the budget of failed MEF fetches of %s "
+                                   "is spent)", ke_id, source or "?", budget)
             return None, False
-        with self._lock:
-            self.fetches += 1
+        if not self._fetch_slots.acquire(timeout=self.limits.timeout):
+            self._refusals.refused("KeID %s from %s refused: %d MEF fetches were running for %g s", ke_id,
+                                   source or "?", self.limits.max_in_flight, self.limits.timeout)
+            return None, False
         try:
+            with self._lock:
+                self.fetches += 1
             cred = self._fetch(ke_id)
         except RemoteError as exc:
+            self._budget.charge(source)
             self._remember_refusal(ke_id)
             self._refusals.refused("KeID %s from %s refused: the MEF answered %d: %s", ke_id, source or "?",
                                    exc.remote_rsc, exc)
             return None, False
         except TransportError as exc:  # not remembered: the key is fetched as soon as the MEF is back
+            self._budget.charge(source)
             self._refusals.refused("KeID %s from %s refused: the MEF at %s:%d is unreachable: %s", ke_id,
                                    source or "?", self.mef_host, self.mef_port, exc)
             return None, False
         except RspfError as exc:
+            self._budget.charge(source)
             self._remember_refusal(ke_id)
             self._refusals.refused("KeID %s from %s refused: %s", ke_id, source or "?", exc)
             return None, False
+        finally:
+            self._fetch_slots.release()
         self._store(ke_id, cred)
         return cred, True
