@@ -68,6 +68,11 @@ class ScriptedServer:
                 elif self.behaviour == "hang":
                     tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-M2M-RSC: 2000\r\n\r\npartial")
                     self.stopping.wait(30)
+                elif self.behaviour == "trickle":  # every read gets a byte in time, the answer never ends
+                    for byte in b"HTTP/1.1 200 OK\r\nX-M2M-RSC: 2000\r\n" + b"X-Pad: a\r\n" * 1000:
+                        if self.stopping.wait(0.02):
+                            break
+                        tls.sendall(bytes([byte]))
                 elif self.behaviour == "malformed":
                     tls.sendall(b"SPDY/9 what\r\n\r\n")
                 elif self.behaviour in ("ok", "once"):
@@ -118,6 +123,7 @@ def client_of(server: ScriptedServer, deadline: float = 1.0) -> OneM2MClient:
     ("eof", "closed the connection without an answer"),
     ("reset", "failed while reading"),
     ("hang", "did not answer within 0.5 s"),
+    ("trickle", "did not answer within 0.5 s"),  # a deadline for the whole response, not per read
     ("malformed", "malformed HTTP response"),
 ], indirect=["scripted"])
 def test_every_transport_fault_is_a_transport_error(scripted: ScriptedServer, words: str) -> None:
