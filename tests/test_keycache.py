@@ -283,3 +283,16 @@ def test_a_connection_idle_too_long_is_discarded_not_reused() -> None:
     pool.run(use)
     made[0].last_used = time.monotonic() - 11
     assert pool.run(use) == "c1" and made[0].closed
+
+
+def test_the_plugin_passes_the_peer_address_to_the_cache() -> None:
+    from rspf.acme.plugin import RspfSecurityPlugin
+
+    clock = Clock()
+    cache = StandInCache(KeyCacheLimits(source_burst=1), clock)
+    p = RspfSecurityPlugin()
+    p.keycache = cache
+    assert p._psk_lookup(made_up(), "127.0.0.2") is None  # the MEF refuses it: the address's one token is spent
+    assert p._psk_lookup(made_up(), "127.0.0.2") is None and len(cache.calls) == 1  # rate-limited, not asked
+    key = p._psk_lookup(LEGIT, "127.0.0.3")  # another address has its own budget
+    assert key is not None and key.reveal() == KEY and cache.calls[-1] == LEGIT
