@@ -95,7 +95,7 @@ class Plain:
 
 # ------------------------------------------------------------------------------------------ setup
 def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port: int, procs: Processes,
-          plain_server: str) -> tuple[list, float]:
+          plain_server: str, mef_log_level: str = "warning") -> tuple[list, float]:
     """MEF + ACME with the plugin; returns (enrolee rows, seconds)."""
     t0 = time.monotonic()
     bindir = Path(sys.executable).parent
@@ -108,7 +108,7 @@ def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port:
     text = cfg.read_text()
     if 'log_level = "info"' not in text:
         raise RuntimeError(f"{cfg} has no log_level = \"info\" line to change")
-    cfg.write_text(text.replace('log_level = "info"', 'log_level = "warning"'))
+    cfg.write_text(text.replace('log_level = "info"', f'log_level = "{mef_log_level}"'))
     run([rspf, "keygen", str(base / "mef-target.psk")])
     run([rspf, "mef", "target", "add", "-c", str(cfg), "--psk-identity", TARGET_IDENTITY,
          "--psk-file", str(base / "mef-target.psk"), "--target-id", f"/{CSE_ID}"])

@@ -97,7 +97,8 @@ def bare_server_main(port: int, keys_file: str) -> None:
             ident, _, hexkey = line.strip().partition(" ")
             if ident:
                 table[ident] = Secret(bytes.fromhex(hexkey), "bench PSK")
-    psk = PskServer(table.get)  # static lookup; same default versions / suites as the MEF (1.2-1.3)
+    # static lookup; same default versions / suites as the MEF (1.2-1.3)
+    psk = PskServer(lambda identity, _ip: table.get(identity))
     stop = threading.Event()
     slots = threading.BoundedSemaphore(256)  # like the MEF's max_connections default
 

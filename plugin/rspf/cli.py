@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .errors import ConfigError, RemoteError, RspfError, TlsError
+from .errors import ConfigError, RemoteError, RspfError, TransportError
 
 log = logging.getLogger("rspf")
 
@@ -34,7 +34,7 @@ def _fail(exc: Exception) -> NoReturn:
     if isinstance(exc, RemoteError):
         click.echo(f"error: the peer answered {exc.remote_rsc}: {exc}", err=True)
         sys.exit(1)
-    if isinstance(exc, TlsError):
+    if isinstance(exc, TransportError):  # the peer was unreachable or failed TLS
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"error: {exc}", err=True)

@@ -29,6 +29,7 @@ class RSC(IntEnum):
     SERVICE_SUBSCRIPTION_NOT_ESTABLISHED = 4128
     INTERNAL_SERVER_ERROR = 5000
     NOT_IMPLEMENTED = 5001
+    TARGET_NOT_REACHABLE = 5103
 
     @property
     def http_status(self) -> int:
@@ -55,6 +56,7 @@ _HTTP_STATUS = {
     RSC.SERVICE_SUBSCRIPTION_NOT_ESTABLISHED: 403,
     RSC.INTERNAL_SERVER_ERROR: 500,
     RSC.NOT_IMPLEMENTED: 501,
+    RSC.TARGET_NOT_REACHABLE: 404,  # TS-0009 maps 5103 to 404 Not Found
 }
 
 
@@ -108,7 +110,14 @@ class ConfigError(RspfError):
     """A configuration value is wrong or missing. The message names the key and the file."""
 
 
-class TlsError(RspfError):
+class TransportError(RspfError):
+    """The peer could not be reached or did not answer: connection refused or reset, end of stream, a deadline
+    passed, a malformed HTTP response, a TLS failure. The message names the peer and what happened."""
+
+    rsc = RSC.TARGET_NOT_REACHABLE
+
+
+class TlsError(TransportError):
     """A TLS handshake or record-layer failure (wrong key, unknown identity, peer gone)."""
 
 

@@ -1,4 +1,10 @@
-"""Enrolment Target side: fetch a usage-constrained key from the MEF (TS-0003 §8.3.2.1 steps f-g)."""
+"""Enrolment Target side: fetch a usage-constrained key from the MEF (TS-0003 §8.3.2.1 steps f-g), and the
+bounded key cache a CSE consults inside its TLS-PSK handshakes.
+
+The cache is exposed to anyone who can open a TCP connection: every psk_identity a client presents may cost
+a MEF request. So everything it keeps is bounded (keys, refusals, fetches in flight, source budgets), and MEF
+fetches for KeIDs it does not hold are rate-limited per source address and globally (docs/acme-plugin.md).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,22 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote
 
 from . import keys
 from .client import OneM2MClient
-from .errors import BadRequest, RemoteError
+from .errors import BadRequest, RemoteError, RspfError, TransportError
+from .ratelimit import Clock, FetchBudget, RefusalLog
 from .secret import Secret
 from .tls import PskClient
 
 log = logging.getLogger(__name__)
 _default_client: PskClient | None = None
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,28 @@ class FetchedCredential:
     key: Secret
     enrolee_id: str
     lifetime: str  # m2m:timestamp of expiry
+
+
+@dataclass(frozen=True)
+class KeyCacheLimits:
+    """Every bound of the key cache and of the Target's MEF connections, in one place (docs/acme-plugin.md)."""
+
+    max_entries: int = 10_000       # keys held; the least recently used goes first
+    max_age: float = 300.0          # seconds a key is trusted before the MEF is asked again ([rspf] keyCacheSeconds)
+    negative_ttl: float = 30.0      # seconds a MEF refusal (unknown, revoked, not authorized) is remembered
+    max_negative: int = 4_096       # refusals remembered; the oldest goes first
+    max_pending: int = 1_024        # distinct KeIDs waiting for or in a MEF fetch; beyond, refused at once
+    max_in_flight: int = 32         # MEF fetches running at one time; others wait for a slot up to `timeout`
+    source_burst: float = 10.0      # failed MEF fetches (refused or unreachable) a source address may cause at once
+    source_rate: float = 0.5        # ... and per second after that; a fetch that yields a key costs nothing
+    max_sources: int = 4_096        # source addresses with a budget; the least recently seen goes first
+    global_burst: float = 50.0      # failed MEF fetches all sources together may cause at once ...
+    global_rate: float = 5.0        # ... and per second after that
+    pool_size: int = 4              # kept-alive connections to the MEF
+    pool_idle: float = 10.0         # a pooled connection idle longer is discarded (below the MEF's idle_timeout, 30 s)
+    timeout: float = 10.0           # connect + handshake, and the whole-response deadline, of one MEF request
+    log_burst: int = 20             # refusals logged at WARNING per log_interval; the rest at INFO
+    log_interval: float = 60.0
 
 
 def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, psk: Secret, origin: str,
@@ -40,7 +73,7 @@ def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, ps
             _default_client = PskClient()
         tls_client = _default_client
     tls = tls_client.connect(host, port, psk_identity, psk, server_name=mef_fqdn, timeout=timeout)
-    client = OneM2MClient(tls, origin, host=mef_fqdn)
+    client = OneM2MClient(tls, origin, host=mef_fqdn, deadline=timeout)
     try:
         return request_credentials(client, ke_id, suid)
     finally:
@@ -63,69 +96,138 @@ def request_credentials(client: OneM2MClient, ke_id: str, suid: int) -> FetchedC
     return FetchedCredential(Secret(key, "usage-constrained key"), enrolee_id, lifetime)
 
 
-class KeyCache:
-    """Keys an Enrolment Target fetched from the MEF, by KeID, kept for their lifetime.
+class MefConnections:
+    """Kept-alive, authenticated connections from the Target to the MEF.
 
-    ``lookup`` is safe to call from many threads (and from inside a TLS-PSK callback): one fetch per KeID
-    at a time; refusals are remembered for ``negative_ttl`` seconds so an unknown KeID cannot make every
-    handshake hit the MEF. A key is kept until its lifetime ends or ``max_age`` seconds pass, whichever is
-    first: after ``max_age`` the MEF is asked again, so a revoked Enrolee loses access within that time.
+    A connection idle longer than ``idle_limit`` is closed instead of reused (the MEF has probably closed it
+    already). When a request on a reused connection fails in transport, it is retried once on a FRESH
+    connection, never on another pooled one; a fresh connection that fails is not retried.
     """
 
-    def __init__(self, *, mef_host: str, mef_port: int, mef_fqdn: str, psk_identity: str, psk: Secret,
-                 origin: str, suid: int = keys.SUID_RSPF_SAEF, negative_ttl: float = 10.0, max_age: float = 300.0,
-                 timeout: float = 10.0, tls_client: PskClient | None = None) -> None:
-        self.mef_host, self.mef_port, self.mef_fqdn = mef_host, mef_port, mef_fqdn.lower()
-        self._psk_identity, self._psk = psk_identity, psk
-        self.origin, self.suid = origin, suid
-        self.negative_ttl, self.timeout, self.max_age = negative_ttl, timeout, max_age
-        self._tls = tls_client or PskClient()
+    def __init__(self, connect: Callable[[], OneM2MClient], *, size: int, idle_limit: float) -> None:
+        self._connect, self._size, self._idle_limit = connect, size, idle_limit
         self._lock = threading.Lock()
-        self._fetch_locks: dict[str, threading.Lock] = {}
-        self._entries: dict[str, tuple[FetchedCredential, float]] = {}
-        self._refused: dict[str, float] = {}
-        self._idle: list[OneM2MClient] = []  # kept-alive authenticated connections to the MEF
-        self.fetches = 0
+        self._idle: list[OneM2MClient] = []
 
-    def __repr__(self) -> str:
-        return f"<KeyCache mef={self.mef_fqdn} entries={len(self._entries)}>"
+    def __len__(self) -> int:
+        return len(self._idle)
 
-    def _fetch(self, ke_id: str) -> FetchedCredential:
-        """fetchCredentials on a kept-alive connection (one handshake saved per first contact); a reused
-        connection the MEF has meanwhile closed is replaced once."""
+    def _take(self) -> OneM2MClient | None:
+        stale: list[OneM2MClient] = []
+        found = None
+        with self._lock:
+            while self._idle:
+                client = self._idle.pop()
+                if time.monotonic() - client.last_used <= self._idle_limit and client.reusable:
+                    found = client
+                    break
+                stale.append(client)
+        for client in stale:
+            client.close()
+        return found
+
+    def _give(self, client: OneM2MClient) -> None:
+        with self._lock:
+            if client.reusable and len(self._idle) < self._size:
+                self._idle.append(client)
+                return
+        client.close()
+
+    def run(self, request: Callable[[OneM2MClient], T]) -> T:
+        client = self._take()
+        reused = client is not None
         for attempt in (1, 2):
-            with self._lock:
-                client = self._idle.pop() if self._idle else None
-            reused = client is not None
             if client is None:
-                tls = self._tls.connect(self.mef_host, self.mef_port, self._psk_identity, self._psk,
-                                        server_name=self.mef_fqdn, timeout=self.timeout)
-                client = OneM2MClient(tls, self.origin, host=self.mef_fqdn)
-            client.originator = self.origin
+                client = self._connect()
             try:
-                cred = request_credentials(client, ke_id, self.suid)
-            except (ConnectionError, TimeoutError, OSError):
+                result = request(client)
+            except TransportError as exc:
                 client.close()
-                if reused and attempt == 1:
-                    continue
+                if not (reused and attempt == 1):
+                    raise
+                log.info("a kept-alive connection to the MEF failed (%s); retrying on a new one", exc)
+                client = None
+                continue
+            except RemoteError:
+                self._give(client)  # the MEF answered: the connection is fine
                 raise
-            except Exception:
+            except BaseException:
                 client.close()
                 raise
-            with self._lock:
-                if len(self._idle) < 4:
-                    self._idle.append(client)
-                    client = None
-            if client is not None:
-                client.close()
-            return cred
-        raise ConnectionError("the MEF closed the connection")  # pragma: no cover - loop always returns
+            self._give(client)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for client in idle:
             client.close()
+
+
+@dataclass
+class _InFlight:
+    lock: threading.Lock
+    users: int = 0
+
+
+class KeyCache:
+    """Keys an Enrolment Target fetched from the MEF, by KeID; bounded in size and age.
+
+    ``lookup`` is safe to call from many threads (and from inside a TLS-PSK callback). A KeID the cache does
+    not hold costs a MEF fetch only when: no fetch of it is already running (one per KeID at a time; others
+    wait for its result), the MEF did not refuse it in the last ``negative_ttl`` seconds, fewer than
+    ``max_pending`` KeIDs are pending, and the source address and the whole cache still have budget for a
+    failed fetch (a fetch that yields a key is free). At most ``max_in_flight`` fetches run at once.
+    A key is kept until its lifetime ends or ``max_age`` seconds pass, whichever is first; at most
+    ``max_entries`` keys are kept (least recently used dropped first). Every refusal is logged with the KeID
+    and the reason, rate-limited (:class:`rspf.ratelimit.RefusalLog`).
+    """
+
+    def __init__(self, *, mef_host: str, mef_port: int, mef_fqdn: str, psk_identity: str, psk: Secret,
+                 origin: str, suid: int = keys.SUID_RSPF_SAEF, limits: KeyCacheLimits | None = None,
+                 tls_client: PskClient | None = None, clock: Clock = time.time) -> None:
+        self.mef_host, self.mef_port, self.mef_fqdn = mef_host, mef_port, mef_fqdn.lower()
+        self._psk_identity, self._psk = psk_identity, psk
+        self.origin, self.suid = origin, suid
+        self.limits = lim = limits or KeyCacheLimits()
+        self._clock = clock
+        self._tls = tls_client or PskClient()
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, _InFlight] = {}  # per-KeID locks of pending lookups (at most max_pending)
+        self._fetch_slots = threading.BoundedSemaphore(lim.max_in_flight)
+        self._entries: OrderedDict[str, tuple[FetchedCredential, float]] = OrderedDict()
+        self._refused: OrderedDict[str, float] = OrderedDict()
+        self._budget = FetchBudget(source_rate=lim.source_rate, source_burst=lim.source_burst,
+                                   global_rate=lim.global_rate, global_burst=lim.global_burst,
+                                   max_sources=lim.max_sources, clock=clock)
+        self._refusals = RefusalLog(log, burst=lim.log_burst, interval=lim.log_interval, clock=clock)
+        self._pool = MefConnections(self._connect, size=lim.pool_size, idle_limit=lim.pool_idle)
+        self.fetches = 0  # MEF requests made (successful or not)
+
+    def __repr__(self) -> str:
+        return f"<KeyCache mef={self.mef_fqdn} entries={len(self._entries)}>"
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries each bounded structure holds (for tests and monitoring)."""
+        return {"keys": len(self._entries), "refused": len(self._refused), "in_flight": len(self._in_flight),
+                "sources": len(self._budget), "pool": len(self._pool)}
+
+    def _connect(self) -> OneM2MClient:
+        tls = self._tls.connect(self.mef_host, self.mef_port, self._psk_identity, self._psk,
+                                server_name=self.mef_fqdn, timeout=self.limits.timeout)
+        return OneM2MClient(tls, self.origin, host=self.mef_fqdn, deadline=self.limits.timeout)
+
+    def _fetch(self, ke_id: str) -> FetchedCredential:
+        """One fetchCredentials request to the MEF (the test seam: a stand-in MEF overrides this)."""
+        def request(client: OneM2MClient) -> FetchedCredential:
+            client.originator = self.origin
+            return request_credentials(client, ke_id, self.suid)
+
+        return self._pool.run(request)
+
+    def close(self) -> None:
+        self._pool.close()
 
     def is_mef_key_id(self, identity: str) -> bool:
         try:
@@ -135,40 +237,132 @@ class KeyCache:
         return fqdn.lower() == self.mef_fqdn
 
     def cached(self, ke_id: str) -> FetchedCredential | None:
-        entry = self._entries.get(ke_id)
-        if entry and entry[1] > time.time():
+        with self._lock:
+            entry = self._entries.get(ke_id)
+            if entry is None:
+                return None
+            if entry[1] <= self._clock():
+                del self._entries[ke_id]
+                return None
+            self._entries.move_to_end(ke_id)
             return entry[0]
-        return None
 
-    def lookup(self, ke_id: str) -> tuple[FetchedCredential | None, bool]:
-        """(credential, fetched_now). None when the MEF refuses or is unreachable."""
+    def _recently_refused(self, ke_id: str) -> bool:
+        with self._lock:
+            now = self._clock()
+            while self._refused and next(iter(self._refused.values())) <= now:
+                self._refused.popitem(last=False)  # same TTL for all: the oldest expire first
+            return ke_id in self._refused
+
+    def _remember_refusal(self, ke_id: str) -> None:
+        with self._lock:
+            self._refused.pop(ke_id, None)
+            self._refused[ke_id] = self._clock() + self.limits.negative_ttl
+            while len(self._refused) > self.limits.max_negative:
+                self._refused.popitem(last=False)
+
+    def _store(self, ke_id: str, cred: FetchedCredential) -> None:
+        now = self._clock()
+        try:
+            expires = dt.datetime.strptime(cred.lifetime, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC).timestamp()
+        except ValueError:
+            expires = now
+        with self._lock:
+            self._entries[ke_id] = (cred, min(expires, now + self.limits.max_age))
+            self._entries.move_to_end(ke_id)
+            while len(self._entries) > self.limits.max_entries:
+                self._entries.popitem(last=False)
+
+    def _enter(self, ke_id: str) -> _InFlight | None:
+        with self._lock:
+            slot = self._in_flight.get(ke_id)
+            if slot is None:
+                if len(self._in_flight) >= self.limits.max_pending:
+                    return None
+                slot = self._in_flight[ke_id] = _InFlight(threading.Lock())
+            slot.users += 1
+            return slot
+
+    def _leave(self, ke_id: str, slot: _InFlight) -> None:
+        with self._lock:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._in_flight[ke_id]
+
+    def lookup(self, ke_id: str, source: str | None = None) -> tuple[FetchedCredential | None, bool]:
+        """(credential, fetched_now) for a presented psk_identity; None when there is no key to use.
+
+        ``source`` is the client's IP address: MEF fetches are budgeted per source (None: only the global
+        budget applies).
+        """
         if not self.is_mef_key_id(ke_id):
+            self._refusals.refused("TLS-PSK identity %r from %s refused: not a KeID of MEF %s", ke_id[:140],
+                                   source or "?", self.mef_fqdn)
             return None, False
         ke_id = keys.normalise_ke_id(ke_id)
         hit = self.cached(ke_id)
         if hit:
             return hit, False
-        with self._lock:
-            lock = self._fetch_locks.setdefault(ke_id, threading.Lock())
-        with lock:
-            hit = self.cached(ke_id)
-            if hit:
-                return hit, False
-            if self._refused.get(ke_id, 0) > time.time():
+        if self._recently_refused(ke_id):
+            self._refusals.refused("KeID %s from %s refused: the MEF refused it less than %g s ago", ke_id,
+                                   source or "?", self.limits.negative_ttl)
+            return None, False
+        slot = self._enter(ke_id)
+        if slot is None:
+            self._refusals.refused("KeID %s from %s refused: %d KeIDs are already waiting for the MEF",
+                                   ke_id, source or "?", self.limits.max_pending)
+            return None, False
+        try:
+            if not slot.lock.acquire(timeout=2 * self.limits.timeout):
+                self._refusals.refused("KeID %s from %s refused: the fetch already running for it did not end",
+                                       ke_id, source or "?")
                 return None, False
             try:
-                cred = self._fetch(ke_id)
-            except Exception as exc:  # refused or unreachable: no key, no handshake
-                log.info("MEF did not give the key of KeID %s: %s", ke_id, exc)
-                self._refused[ke_id] = time.time() + self.negative_ttl
-                return None, False
-            self.fetches += 1
-            try:
-                expires = dt.datetime.strptime(cred.lifetime, "%Y%m%dT%H%M%S").replace(
-                    tzinfo=dt.UTC).timestamp()
-            except ValueError:
-                expires = time.time()
-            self._entries[ke_id] = (cred, min(expires, time.time() + self.max_age))
+                return self._lookup_locked(ke_id, source)
+            finally:
+                slot.lock.release()
+        finally:
+            self._leave(ke_id, slot)
+
+    def _lookup_locked(self, ke_id: str, source: str | None) -> tuple[FetchedCredential | None, bool]:
+        hit = self.cached(ke_id)  # fetched by the thread we waited for
+        if hit:
+            return hit, False
+        if self._recently_refused(ke_id):
+            self._refusals.refused("KeID %s from %s refused: the MEF refused it less than %g s ago", ke_id,
+                                   source or "?", self.limits.negative_ttl)
+            return None, False
+        exhausted = self._budget.allowed(source)
+        if exhausted:
+            budget = f"source {source}" if exhausted == "source" else "all sources together"
+            self._refusals.refused("KeID %s from %s refused: rate-limited (the budget of failed MEF fetches of %s "
+                                   "is spent)", ke_id, source or "?", budget)
+            return None, False
+        if not self._fetch_slots.acquire(timeout=self.limits.timeout):
+            self._refusals.refused("KeID %s from %s refused: %d MEF fetches were running for %g s", ke_id,
+                                   source or "?", self.limits.max_in_flight, self.limits.timeout)
+            return None, False
+        try:
             with self._lock:
-                self._fetch_locks.pop(ke_id, None)
-            return cred, True
+                self.fetches += 1
+            cred = self._fetch(ke_id)
+        except RemoteError as exc:
+            self._budget.charge(source)
+            self._remember_refusal(ke_id)
+            self._refusals.refused("KeID %s from %s refused: the MEF answered %d: %s", ke_id, source or "?",
+                                   exc.remote_rsc, exc)
+            return None, False
+        except TransportError as exc:  # not remembered: the key is fetched as soon as the MEF is back
+            self._budget.charge(source)
+            self._refusals.refused("KeID %s from %s refused: the MEF at %s:%d is unreachable: %s", ke_id,
+                                   source or "?", self.mef_host, self.mef_port, exc)
+            return None, False
+        except RspfError as exc:
+            self._budget.charge(source)
+            self._remember_refusal(ke_id)
+            self._refusals.refused("KeID %s from %s refused: %s", ke_id, source or "?", exc)
+            return None, False
+        finally:
+            self._fetch_slots.release()
+        self._store(ke_id, cred)
+        return cred, True

@@ -62,7 +62,8 @@ _REQUIRED_LIB = (
 )
 _REQUIRED_CONN = ("export_keying_material", "_reverse_mapping", "set_tlsext_host_name")
 
-PskLookup = Callable[[str], "Secret | None"]
+#: ``lookup(identity, peer_ip)``: the PSK for a presented psk_identity, or None.
+PskLookup = Callable[[str, "str | None"], "Secret | None"]
 
 
 def check_psk_support() -> None:
@@ -160,7 +161,8 @@ class PskServer:
             if not raw or len(raw) > MAX_PSK_IDENTITY:
                 return 0
             identity = raw.decode("utf-8")
-            key = self._lookup(identity)
+            conn = _conn_of(ssl_ptr)
+            key = self._lookup(identity, getattr(conn, "_rspf_peer_ip", None))
             if key is None:
                 log.info("TLS-PSK: no key for the presented identity; handshake refused")
                 return 0
@@ -178,6 +180,7 @@ class PskServer:
 
     def wrap(self, sock: socket.socket, timeout: float | None = 30.0) -> TlsConnection:
         conn = SSL.Connection(self.context, sock)
+        conn._rspf_peer_ip = _peer_name(sock).rpartition(":")[0] or None  # type: ignore[attr-defined]
         conn.set_accept_state()
         return TlsConnection(conn, sock, timeout)
 

@@ -32,13 +32,13 @@ from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
-from .. import keys, wire
+from .. import keys
 from ..client import OneM2MClient
-from ..enrolee import Enrolee, EnroleeConfig, Enrolment
+from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
 from ..errors import ConfigError, RspfError
 from ..fileutil import read_key_file
 from ..secret import Secret
-from ..target import KeyCache
+from ..target import KeyCache, KeyCacheLimits
 from ..tls import PskClient, PskServer, TlsConnection
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
 from . import internals, resources
@@ -141,7 +141,7 @@ class RspfSecurityPlugin:
                           f"{self.config.secure_listen}:{self.listener.port}; enforcement "
                           f"{'on' if self.config.enforcement else 'off'}")
         if self.enrolee is not None:
-            self._renewer = threading.Thread(target=self._renew_loop, name="rspf-renew", daemon=True)
+            self._renewer = threading.Thread(target=self._renewal().run, name="rspf-renew", daemon=True)
             self._renewer.start()
 
     @stop
@@ -157,7 +157,8 @@ class RspfSecurityPlugin:
         ident, path = c.fetch_identity
         fetch_key = read_key_file(path, "MEF credential file")
         self.keycache = KeyCache(mef_host=c.mef_host, mef_port=c.mef_port, mef_fqdn=c.mef_fqdn,
-                                 psk_identity=ident, psk=fetch_key, origin="/unset", max_age=c.key_cache_seconds)
+                                 psk_identity=ident, psk=fetch_key, origin="/unset",
+                                 limits=KeyCacheLimits(max_age=c.key_cache_seconds))
         if c.enrol:
             assert c.kpm_id and c.kpm_file and c.node_id
             self.enrolee = Enrolee(EnroleeConfig(
@@ -196,32 +197,22 @@ class RspfSecurityPlugin:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _renew_loop(self) -> None:
+    def _renewed(self, fresh: Enrolment, previous: Enrolment | None) -> None:
+        if previous is not None and fresh.enrolee_id != previous.enrolee_id:
+            _acme_log("warn", "the renewed securityProfile names another CSE-ID; it applies at restart")
+        self.enrolment = fresh
+        _acme_log("info", f"securityProfile renewed: KeID {fresh.ke_id}, expires {fresh.profile['expiry']}")
+
+    def _renewal(self) -> Renewer:
+        """The background renewal of this CSE's securityProfile (rspf.enrolee.Renewer), driven by _stop."""
         assert self.enrolee is not None and self.config is not None
-        delay = 1.0
-        while not self._stop.is_set():
-            current = self.enrolment
-            if current is None or current.needs_renewal(self.config.renew_before_seconds):
-                try:
-                    fresh = self.enrolee.enrol()
-                    if current is not None and fresh.enrolee_id != current.enrolee_id:
-                        _acme_log("warn", "the renewed securityProfile names another CSE-ID; it applies at restart")
-                    self.enrolment = fresh
-                    _acme_log("info", f"securityProfile renewed: KeID {fresh.ke_id}, expires {fresh.profile['expiry']}")
-                    delay = 1.0
-                except RspfError as exc:
-                    _acme_log("warn", f"securityProfile renewal failed ({exc}); retrying in {delay:.0f} s")
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, 300.0)
-                    continue
-            assert self.enrolment is not None
-            wait = self.enrolment.renewal_due(self.config.renew_before_seconds).timestamp() - time.time()
-            self._stop.wait(max(1.0, min(wait, 3600.0)))
+        return Renewer(self.enrolee, self.config.renew_before_seconds, self.enrolment, on_renewed=self._renewed,
+                       wait=self._stop.wait, warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m))
 
     # ------------------------------------------------------------------- secure listener: keys
-    def _psk_lookup(self, identity: str) -> Secret | None:
+    def _psk_lookup(self, identity: str, peer_ip: str | None = None) -> Secret | None:
         assert self.keycache is not None
-        cred, _fetched = self.keycache.lookup(identity)
+        cred, _fetched = self.keycache.lookup(identity, peer_ip)
         return cred.key if cred else None
 
     def _resolve(self, tls: TlsConnection) -> PeerCredential | None:
@@ -383,7 +374,7 @@ class RspfSecurityPlugin:
                         rule[attr] = [v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v
                                       for v in rule[attr]]
             return [r for r in rules if r]
-        except (RspfError, ConnectionError, TimeoutError) as exc:
+        except RspfError as exc:
             _acme_log("warn", f"cannot read the service subscription of {me} from the registrar: {exc}")
             return None
         finally:
@@ -394,16 +385,16 @@ class RspfSecurityPlugin:
                            timeout: float | None) -> tuple[int, dict[str, str], bytes]:
 
         parts = urlsplit(url)
-        tls = self._connect_registrar(parts, timeout or 15.0)
+        client = OneM2MClient(self._connect_registrar(parts, timeout or 15.0), "", host=parts.netloc,
+                              deadline=timeout or 15.0)
         try:
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             hdrs = {k.lower(): str(v) for k, v in headers.items()}
             hdrs["host"] = parts.netloc
             hdrs["connection"] = "close"
-            tls.sendall(wire.render_request(wire.HttpRequest(method, target, hdrs, body or b"")))
-            resp = wire.read_response(tls.makefile())
+            resp = client.exchange(method, target, hdrs, body or b"")
         finally:
-            tls.close()
+            client.close()
         return resp.status, resp.headers, resp.body
 
 

@@ -111,7 +111,7 @@ class Enrolee:
         """Run a full enrolment with the MEF; on success store and return it. On failure nothing is stored."""
         c = self.config
         tls = self._tls.connect(c.mef_host, c.mef_port, c.kpm_id, c.kpm, server_name=c.mef_fqdn, timeout=c.timeout)
-        client = OneM2MClient(tls, c.kpm_id, host=c.mef_fqdn)
+        client = OneM2MClient(tls, c.kpm_id, host=c.mef_fqdn, deadline=c.timeout)
         try:
             material = keys.split_exporter_output(
                 tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))

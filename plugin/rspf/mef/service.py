@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import ids, keys, profile
 from ..errors import RSC, AccessDenied, BadRequest, NotFound, OperationNotAllowed, RspfError
+from ..ratelimit import RefusalLog
 from ..secret import Secret
 from . import protocol
 from .config import MefConfig
@@ -72,10 +73,12 @@ class MefService:
         self.config = config
         self.store = store
         self._handshake = threading.local()
+        self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
 
     # -- authentication -------------------------------------------------------------------------
-    def psk_for(self, identity: str) -> Secret | None:
-        """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK.
+    def psk_for(self, identity: str, peer_ip: str | None = None) -> Secret | None:
+        """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK. ``peer_ip`` (the
+        client's address, from the transport's PSK lookup) is named when the identity is refused.
 
         Runs in the connection's thread during the handshake; the enrolee record read with the key is kept
         for :meth:`open_session` in the same thread, so a session costs one query, not two.
@@ -85,7 +88,11 @@ class MefService:
             self._handshake.found = (identity, found[0])
             return found[1]
         self._handshake.found = None
-        return self.store.target_psk(identity)
+        psk = self.store.target_psk(identity)
+        if psk is None:
+            self.refusals.refused("TLS-PSK identity %r from %s refused: no Enrolee (KpmID) or Enrolment Target has "
+                                  "it, or it is revoked or expired", identity, peer_ip or "?")
+        return psk
 
     def absolute_id(self, any_id: str, registrar_cse_id: str | None = None) -> str:
         """Absolute form //sp/... of a CSE-ID (/id) or an AE-ID (C..., S... under its registrar)."""
@@ -110,11 +117,23 @@ class MefService:
                            material.enrolment_key)
         target = self.store.get_target(psk_identity)
         if target is None:  # removed between handshake and now
+            self.refusals.refused("session of psk_identity %r refused: the credential is no longer registered",
+                                  psk_identity)
             raise AccessDenied("the presented credential is no longer registered")
         return Session(Principal.TARGET, psk_identity, self.absolute_id(target.target_id))
 
     # -- dispatch -------------------------------------------------------------------------------
     def handle(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
+        try:
+            return self._dispatch(session, operation, to, originator, content)
+        except RspfError as exc:
+            if exc.rsc is not RSC.INTERNAL_SERVER_ERROR:
+                self.refusals.refused("%s %r from %s (psk_identity %r, originator %r) refused with %d: %s",
+                                      operation, to[:200], session.principal_id, session.psk_identity,
+                                      originator[:100], int(exc.rsc), exc)
+            raise
+
+    def _dispatch(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
         path = to.rstrip("/") or "/"
         if protocol.is_fetch_path(path):
             if operation != "RETRIEVE":
@@ -244,10 +263,9 @@ class MefService:
         enrolee = self.store.get_enrolee(record.kpm_id)
         assert enrolee is not None
         if not self._authorized(enrolee, target, suid):
-            log.warning("Target %s refused keys of KeID %s for SUID %d: not authorized", target, ke_id, suid)
             raise AccessDenied(f"{target} is not an authorized Enrolment Target of this Enrolee for SUID {suid}")
         kuc = keys.derive_usage_constrained_key(record.enrolment_key, suid, keys.target_fqdn(target))
-        log.info("Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
+        log.info("fetchCredentials: Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
                  enrolee.enrolee_id)
         return Reply(RSC.OK, protocol.fetch_response(kuc.reveal(), enrolee.enrolee_id,
                                                      profile.format_timestamp(record.expires)))

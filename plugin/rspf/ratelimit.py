@@ -1,0 +1,116 @@
+"""Bounded budgets against floods: token buckets (one global, one per source address) and a log that says
+why something was refused without letting a flood fill the log.
+
+Every structure here has a fixed maximum size; time comes from an injectable clock (seconds, monotonic).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """Up to ``burst`` tokens, refilled at ``rate`` per second; the balance may go down to ``-burst`` (a debt
+    paid back by the refill). Not thread-safe: callers hold their own lock."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def available(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= 1.0
+
+    def charge(self, now: float) -> None:
+        self._refill(now)
+        self.tokens = max(-self.burst, self.tokens - 1.0)
+
+
+class FetchBudget:
+    """How many expensive operations that turn out to be wasted (MEF fetches the MEF refuses, or that fail)
+    may be started: a bucket per source address plus a global one.
+
+    :meth:`allowed` says whether an operation may start: the source's bucket AND the global bucket must hold a
+    token. Only a wasted operation is paid for (:meth:`charge`, from both buckets), so a source whose operations
+    succeed (legitimate AEs fetching real keys) never runs out, however many arrive at once. Operations that
+    start together before the first is charged can overdraw a bucket; the caller bounds how many run at once.
+    At most ``max_sources`` source buckets are kept (least recently used dropped first: a dropped source starts
+    again with a full bucket, and the global bucket still bounds the total).
+    """
+
+    def __init__(self, *, source_rate: float, source_burst: float, global_rate: float, global_burst: float,
+                 max_sources: int, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._source_rate, self._source_burst, self._max_sources = source_rate, source_burst, max_sources
+        self._global = TokenBucket(global_rate, global_burst, clock())
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def _bucket(self, source: str, now: float) -> TokenBucket:
+        bucket = self._sources.get(source)
+        if bucket is None:
+            bucket = self._sources[source] = TokenBucket(self._source_rate, self._source_burst, now)
+            while len(self._sources) > self._max_sources:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(source)
+        return bucket
+
+    def allowed(self, source: str | None) -> str | None:
+        """None when an operation may start, else which budget is spent ("source" or "global")."""
+        with self._lock:
+            now = self._clock()
+            if source is not None and not self._bucket(source, now).available(now):
+                return "source"
+            return None if self._global.available(now) else "global"
+
+    def charge(self, source: str | None) -> None:
+        """Pay for one wasted operation."""
+        with self._lock:
+            now = self._clock()
+            if source is not None:
+                self._bucket(source, now).charge(now)
+            self._global.charge(now)
+
+
+class RefusalLog:
+    """Refusal reasons for the operator: the first ``burst`` per ``interval`` seconds at WARNING, the rest at
+    INFO; when a new interval starts after some were demoted, one WARNING says how many. So a flood costs at
+    most ``burst + 1`` WARNING lines per interval, and a log at INFO still shows every refusal."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 20, interval: float = 60.0,
+                 clock: Clock = time.monotonic) -> None:
+        self._log, self._burst, self._interval, self._clock = logger, burst, interval, clock
+        self._lock = threading.Lock()
+        self._start = clock()
+        self._count = 0
+        self._demoted = 0
+
+    def refused(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = self._clock()
+            summary = 0
+            if now - self._start >= self._interval:
+                summary, self._demoted, self._count, self._start = self._demoted, 0, 0, now
+            self._count += 1
+            level = logging.WARNING if self._count <= self._burst else logging.INFO
+            if level == logging.INFO:
+                self._demoted += 1
+        if summary:
+            self._log.warning("%d more refusals in the previous %g s were logged at INFO only", summary,
+                              self._interval)
+        self._log.log(level, message, *args)
