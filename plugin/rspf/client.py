@@ -18,6 +18,7 @@ from typing import Any
 import h11
 
 from .errors import BadRequest, RemoteError, TransportError
+from .mef import protocol
 from .tls import TlsConnection
 from .wire import HttpResponse
 
@@ -160,7 +161,7 @@ class OneM2MClient:
         except ValueError:
             pass
         if rsc not in expect:
-            raise RemoteError(rsc or 5000, _error_text(data) or f"HTTP {resp.status} without a oneM2M status")
+            raise RemoteError(rsc or 5000, protocol.error_text(data) or f"HTTP {resp.status} without a oneM2M status")
         return data
 
     def close(self) -> None:
@@ -178,13 +179,3 @@ def _header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _error_text(data: Any) -> str | None:
-    if isinstance(data, dict):
-        if isinstance(data.get("m2m:dbg"), str):
-            return data["m2m:dbg"]
-        inner = data.get("rspf:fcRsp")
-        if isinstance(inner, dict) and isinstance(inner.get("errorString"), str):
-            return inner["errorString"]
-    return None

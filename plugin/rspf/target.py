@@ -8,8 +8,6 @@ fetches for KeIDs it does not hold are rate-limited per source address and globa
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import logging
 import threading
@@ -18,11 +16,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import quote
 
 from . import keys
 from .client import OneM2MClient
 from .errors import BadRequest, RemoteError, RspfError, TransportError
+from .mef import protocol
 from .ratelimit import Clock, FetchBudget, RefusalLog
 from .secret import Secret
 from .tls import PskClient
@@ -66,8 +64,7 @@ def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, ps
                       timeout: float = 15.0) -> FetchedCredential:
     """RETRIEVE /fetchCredentials/<KeID>/<SUID> over TLS-PSK authenticated with the Target's own credential."""
     global _default_client
-    keys.parse_ke_id(ke_id)
-    keys.encode_suid(suid)
+    protocol.fetch_path(ke_id, suid)  # checks both before anything is sent
     if tls_client is None:
         if _default_client is None:
             _default_client = PskClient()
@@ -82,18 +79,8 @@ def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, ps
 
 def request_credentials(client: OneM2MClient, ke_id: str, suid: int) -> FetchedCredential:
     """The fetchCredentials request on an open, authenticated connection to the MEF."""
-    data = client.call("GET", f"/fetchCredentials/{quote(ke_id, safe='@')}/{suid}")
-    rsp = data.get("rspf:fcRsp") if isinstance(data, dict) else None
-    if not isinstance(rsp, dict) or rsp.get("status") is not True:
-        raise RemoteError(5000, "the MEF sent a malformed fetchCredentials response")
-    try:
-        key = base64.b64decode(rsp["credential"], validate=True)
-        enrolee_id, lifetime = rsp["enroleeID"], rsp["lifetime"]
-    except (KeyError, TypeError, binascii.Error):
-        raise BadRequest("the MEF's fetchCredentials response lacks credential, enroleeID or lifetime") from None
-    if len(key) != 32 or not isinstance(enrolee_id, str) or not isinstance(lifetime, str):
-        raise BadRequest("the MEF's fetchCredentials response is malformed")
-    return FetchedCredential(Secret(key, "usage-constrained key"), enrolee_id, lifetime)
+    got = protocol.parse_fetch_response(client.call("GET", protocol.fetch_path(ke_id, suid)))
+    return FetchedCredential(Secret(got.key, "usage-constrained key"), got.enrolee_id, got.lifetime)
 
 
 class MefConnections:
