@@ -151,8 +151,13 @@ class AcmeCse:
             "[logging]\nenableFileLogging=true\nlevel=debug\n" + (f"\n{extra_ini.strip()}\n" if extra_ini else ""))
 
     def install(self, mef: MefHome, *options: Any, cli: Cli | None = None, extra_ini: str = "") -> None:
-        """Write the acme.ini and run ``rspf acme install`` (the plugin loader and the [rspf] section)."""
+        """Write the acme.ini and run ``rspf acme install`` (the plugin loader and the [rspf] section).
+
+        Without ``--enforcement`` / ``--no-enforcement`` in ``options`` the CSE is installed in compatibility
+        mode (``--no-enforcement``): most tests inspect the CSE as ``CAdmin`` on the plain port."""
         self.write_ini(extra_ini)
+        if not {"--enforcement", "--no-enforcement"} & {str(o) for o in options}:
+            options = (*options, "--no-enforcement")
         (cli or mef.cli).ok("acme", "install", "--base-dir", self.base, "--mef", mef.address, "--mef-fqdn", FQDN,
                             "--secure-port", self.secure_port, *options)
 
@@ -218,11 +223,11 @@ class AcmeCse:
                 raise AssertionError(f"{self.name}: no secure listener on {self.secure_port} within {timeout:g} s:\n"
                                      f"{self.log_tail()}")
             time.sleep(0.1)
-        while True:  # 2. only now ACME's plain HTTP port
+        while True:  # 2. only now ACME's plain HTTP port (a oneM2M answer; with enforcement on CAdmin gets 4107)
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if self.request("GET", f"/{self.cse_name}", timeout=2).rsc == 2000:
+                if self.request("GET", f"/{self.cse_name}", timeout=2).rsc in (2000, 4107):
                     return
             except OSError:
                 pass

@@ -152,7 +152,7 @@ def main(workdir: Path) -> int:
         out = run([rspf, "acme", "install", "--base-dir", str(base), "--mef", f"127.0.0.1:{mef_port}",
                    "--mef-fqdn", MEF_FQDN, "--no-enrol", "--mef-psk-identity", "id-in@sp.example.com",
                    "--mef-psk-file", "mef-target.psk", "--secure-port", str(secure_port), "--enforcement",
-                   "--allowed-app-ids", "Nsensor*"])
+                   "--plain-port-originators", "CAdmin", "--allowed-app-ids", "Nsensor*"])
         for line in out.stdout.splitlines():
             print("  " + line)
         cse = procs.start("ACME IN-CSE", [acmecse, "--headless", "-dir", str(base)], base / "acme.out")

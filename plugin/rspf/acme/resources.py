@@ -708,6 +708,12 @@ def record_enrolled(cse_id: str, ssar: str, credential_id: str, ae_id_stem: str,
         return target.rn
 
 
+def forget_cached() -> None:
+    """Drop what this module remembers of ACME's resources (after ACME purged its storage in a reset)."""
+    with _rule_lock:
+        _series_cache.clear()
+
+
 def ensure_subscription(cse_id: str, ssar: str, allowed_app_ids: Iterable[str] = ("*",),
                         node_id: str | None = None) -> Any:
     """Make sure AE registrations on ``cse_id`` can be checked against the rule named ``ssar``.
