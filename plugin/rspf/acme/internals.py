@@ -132,10 +132,10 @@ def on_reset(begin: Callable[[], None], end: Callable[[], None]) -> None:
     """``begin()`` on ACME's ``cseReset`` (storage purged, start-up script not yet re-run), ``end()`` on
     ``cseRestarted`` (the CSEBase and the admin AE exist again). Both run synchronously in the thread that
     resets the CSE (for a reset through the upper-tester endpoint: inside that HTTP request)."""
-    from acmecse.runtime import CSE
+    from acmecse.runtime.EventManager import eventManager
 
-    CSE.event.addHandler(CSE.event.cseReset, lambda *_a: begin())
-    CSE.event.addHandler(CSE.event.cseRestarted, lambda *_a: end())
+    eventManager.addHandler(eventManager.cseReset, lambda *_a: begin())
+    eventManager.addHandler(eventManager.cseRestarted, lambda *_a: end())
 
 
 CSR_TYPE = 16  # <remoteCSE>
