@@ -129,9 +129,8 @@ def wrap_access(gate: Callable[[str], bool], extra: Callable[[str, Any, str, Any
 
 
 def on_reset(begin: Callable[[], None], end: Callable[[], None]) -> None:
-    """``begin()`` on ACME's ``cseReset`` (storage purged, start-up script not yet re-run), ``end()`` on
-    ``cseRestarted`` (the CSEBase and the admin AE exist again). Both run synchronously in the thread that
-    resets the CSE (for a reset through the upper-tester endpoint: inside that HTTP request)."""
+    """``begin()`` on ACME's ``cseReset`` (storage purged), ``end()`` on ``cseRestarted`` (the CSEBase and the
+    admin AE exist again). ACME runs both in a background thread: they may finish after the reset did."""
     from acmecse.runtime.EventManager import eventManager
 
     eventManager.addHandler(eventManager.cseReset, lambda *_a: begin())
@@ -154,6 +153,16 @@ def cse_id() -> str:
     from acmecse.etc.Constants import RuntimeConstants as RC
 
     return RC.cseCsi
+
+
+def cse_resetting() -> bool:
+    """ACME is resetting: it purged its storage and re-runs its start-up script. Its bindings are paused
+    meanwhile (every request from outside is answered 5000 before it is dispatched), so whatever reaches
+    the registration or access checks now is ACME's own work."""
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.Types import CSEStatus
+
+    return bool(RC.cseStatus == CSEStatus.RESETTING)
 
 
 def sp_id() -> str:

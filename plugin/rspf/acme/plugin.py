@@ -85,7 +85,6 @@ class RspfSecurityPlugin:
         self._renewer: threading.Thread | None = None
         self._registrar_client = PskClient()
         self._psk: PskServer | None = None
-        self._reset_thread: int | None = None  # the thread running ACME's reset, between cseReset and cseRestarted
         self._refusals = access.RefusalLog(lambda message: _acme_log("warn", message))
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -169,27 +168,25 @@ class RspfSecurityPlugin:
     # ------------------------------------------------------------------------- ACME's reset
     def _reset_begin(self) -> None:
         """``cseReset``: ACME purged its storage; what the plugin recorded there is gone."""
-        self._reset_thread = threading.get_ident()
         with self._record_lock:
             self._recorded.clear()
         resources.forget_cached()
         _acme_log("info", "CSE reset: the plugin forgot the credentials it had recorded")
 
     def _reset_end(self) -> None:
-        """``cseRestarted``: the CSEBase and the admin AE exist again; re-create the service subscription."""
+        """``cseRestarted``: the CSEBase and the admin AE exist again; re-create the service subscription.
+        (A registration that comes first does it itself: see _rules_for_registration.)"""
         try:
             self._ensure_subscription()
             _acme_log("info", "CSE reset finished: the plugin's service subscription resources are back")
         except Exception as exc:
             _acme_log("error", f"could not re-create the service subscription after the reset: {exc}")
-        finally:
-            self._reset_thread = None
 
-    def _internal(self) -> bool:
-        """This thread is doing ACME's own work: its reset (the start-up script it re-runs creates the admin
-        AE inside the HTTP request that asked for the reset). Outside callers never run in that thread, and
-        ACME pauses its bindings (every other request answers 5000) while it resets."""
-        return self._reset_thread == threading.get_ident()
+    @staticmethod
+    def _internal() -> bool:
+        """ACME's own work: its reset re-runs the start-up script, which creates the admin AE inside the HTTP
+        request that asked for the reset. ACME answers every other request 5000 meanwhile."""
+        return internals.cse_resetting()
 
     @stop
     def stop(self) -> None:
@@ -440,23 +437,44 @@ class RspfSecurityPlugin:
             return None
         credential_id = cred.credential_id if cred is not None else None
         stem = originator or ""
-        if internals.is_in_cse() or self.enrolment is None:
-            svsn = resources.find_service_subscribed_node(internals.cse_id())
-            rules = resources.rules_of(svsn) if svsn is not None else None
-        else:  # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
-            rules = self._remote_rules()
+        app_id = ae.api  # ACME resources answer None for an absent attribute
+        rules = self._rules_for_registration()
         if rules is None:
             self._refuse_registration(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
                                             "subscription is established for this CSE", environ, cred)
-        app_id = ae.api  # ACME resources answer None for an absent attribute
-        for rule in rules or []:
-            if resources.rule_allows(rule, credential_id, app_id or "", stem):
+        if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules or []):
+            return credential_id
+        if cred is not None and self._forget_recorded(cred.credential_id):
+            # recorded before ACME purged its storage (a reset): record it again, and look again
+            self._record_enrolled(cred)
+            if any(resources.rule_allows(rule, credential_id, app_id or "", stem)
+                   for rule in self._rules_for_registration() or []):
                 return credential_id
         what = f"credential {credential_id}" if credential_id else "a registration without a credential"
         self._refuse_registration(4126, f"no <serviceSubscribedAppRule> allows {what}"
                                         f" with App-ID {access.shown(app_id)} and AE-ID-Stem {access.shown(stem)}",
                                   environ, cred)
         return None  # not reached: _refuse_registration raises
+
+    def _rules_for_registration(self) -> list[Any] | None:
+        """The rules of this CSE's <serviceSubscribedNode>; None when there is none. A plugin that creates the
+        service subscription re-creates it first if it is gone (after ACME's reset purged it)."""
+        if internals.is_in_cse() or self.enrolment is None:
+            svsn = resources.find_service_subscribed_node(internals.cse_id())
+            if svsn is None and self.config is not None and self.config.create_subscription and internals.is_in_cse():
+                self._ensure_subscription()
+                svsn = resources.find_service_subscribed_node(internals.cse_id())
+            return resources.rules_of(svsn) if svsn is not None else None
+        # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
+        return self._remote_rules()
+
+    def _forget_recorded(self, credential_id: str) -> bool:
+        with self._record_lock:
+            if credential_id not in self._recorded:
+                return False
+            self._recorded.discard(credential_id)
+        resources.forget_cached()
+        return True
 
     def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
                              cred: PeerCredential | None) -> None:
