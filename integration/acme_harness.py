@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -195,8 +196,16 @@ class AcmeCse:
         if wait:
             try:
                 self.wait_ready()
-            except BaseException:
+            except AssertionError:
                 self.stop()  # never leave a half-started CSE behind
+                if not self._port_taken():
+                    raise
+                # a free port from free_port() can be taken meanwhile (e.g. as the local port of a connection
+                # in TIME_WAIT): once, with new ports
+                self._new_ports()
+                self.start(wait=True)
+            except BaseException:
+                self.stop()
                 raise
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -235,6 +244,20 @@ class AcmeCse:
                 raise AssertionError(f"{self.name}: plain HTTP did not answer within {timeout:g} s:\n"
                                      f"{self.log_tail()}")
             time.sleep(0.2)
+
+    def _port_taken(self) -> bool:
+        return self.starts == 1 and "already in use" in self.log_tail(20000)
+
+    def _new_ports(self) -> None:
+        self.http_port = free_port()
+        text = self.ini.read_text()
+        text = re.sub(r"(?m)^httpPort=\d+$", f"httpPort={self.http_port}", text)
+        self.ini.write_text(text)
+        if self.has_plugin:
+            self.secure_port = free_port()
+            self.set_rspf("securePort", str(self.secure_port))
+        for f in self.log_files():
+            f.unlink()
 
     @property
     def has_plugin(self) -> bool:

@@ -83,6 +83,9 @@ EXPECTED: dict[tuple[str, str], dict[str, dict[str, int]]] = {
         "listed": {"create-ae": 4126, **_FULL},
     },
 }
+# ACME alone, asked to register an AE as its own CSE-ID: 4126 (not an AE-ID), or 4117 once ACME has put its
+# CSE-ID into its originator registry (the order of the tests decides); either way nothing is created
+ALSO = {("off", "plain", "listed", "create-ae"): {4117}}
 
 
 # ---------------------------------------------------------------------------------------------- world
@@ -189,7 +192,8 @@ def test_matrix(world: World, op: str, kind: str, port: str) -> None:
     world.ensure()
     expected = EXPECTED[(world.mode, port)][kind][op]
     got = _send(world, op, kind, port)
-    assert got.rsc == expected, f"{op} by {kind} on the {port} port, enforcement {world.mode}: {got}"
+    allowed = {expected} | ALSO.get((world.mode, port, kind, op), set())
+    assert got.rsc in allowed, f"{op} by {kind} on the {port} port, enforcement {world.mode}: {got}"
     if expected >= 4000:  # a refusal changed nothing
         box = world.secure(world.owner, "GET", f"/cse-in/{world.owner.enrolee_id}/box")
         assert box.rsc == 2000, str(box)
@@ -198,14 +202,23 @@ def test_matrix(world: World, op: str, kind: str, port: str) -> None:
 
 
 def test_refusals_are_logged_with_the_identity_and_never_a_key(world: World) -> None:
+    """The reason and who (peer, originator, KeID, Credential-ID) at WARNING; the matrix's flood of refusals
+    is rate-limited, so the test repeats its refused request until a line for it is written."""
+    spoof = f"originator {world.owner.enrolee_id}, KeID {world.other.ke_id}"
+
+    def refused_and_logged() -> str | None:
+        if world.mode == "on":
+            world.cse.request("GET", f"/cse-in/{world.owner.enrolee_id}/box", origin=world.owner.enrolee_id)
+        world.secure(world.other, "GET", f"/cse-in/{world.owner.enrolee_id}", origin=world.owner.enrolee_id)
+        text = world.cse.log_text()
+        return text if spoof in text else None
+
+    text = wait_until(refused_and_logged, timeout=60, interval=1.0, what="the refusal in ACME's log")
+    assert f"refused: 4106 on the secure listener (peer 127.0.0.1, {spoof}, Credential-ID 12-" in text
+    assert "more refusal(s) not logged (rate limit" in text  # the matrix's refusals were a flood
     if world.mode == "on":
-        world.cse.request("GET", f"/cse-in/{world.owner.enrolee_id}/box", origin=world.owner.enrolee_id)
-    world.secure(world.other, "GET", f"/cse-in/{world.owner.enrolee_id}", origin=world.owner.enrolee_id)
-    text = wait_until(lambda: (t := world.cse.log_text()).count("refused: 410") and t, what="a refusal in the log")
-    assert f"KeID {world.other.ke_id}" in text and f"originator {world.owner.enrolee_id}" in text
-    if world.mode == "on":
-        assert "refused: 4107 on the plain port" in text
-    for who in (world.owner, world.other):
+        assert f"refused: 4107 on the plain port (peer 127.0.0.1, originator {world.owner.enrolee_id})" in text
+    for who in (world.owner, world.other, world.spare):
         assert who.registrar_key.reveal().hex() not in text.lower()
 
 
