@@ -303,3 +303,31 @@ def test_reset_through_the_upper_tester_then_tls_psk_registration_works_at_once(
     recorded = {a.removeprefix("/id-in/") for a in rule.pc("m2m:asar").get("aae") or []}
     assert world.spare.enrolee_id in recorded, str(rule)
     assert "Resetting CSE finished" in cse.log_text()
+
+
+# ------------------------------------------------------------------------------------- other ways in
+def test_the_credential_binding_cannot_be_set_by_a_request(world: World) -> None:
+    world.ensure()
+    ae = f"/cse-in/{world.owner.enrolee_id}"
+    r = world.secure(world.owner, "PUT", ae, {"m2m:ae": {"__rspfCredentialID__": ""}})
+    assert r.rsc == 4000, str(r)
+    got = world.secure(world.owner, "GET", ae)
+    assert got.rsc == 2000 and "__rspfCredentialID__" not in got.pc("m2m:ae"), str(got)
+    plain = world.cse.request("GET", ae, origin=world.owner.enrolee_id)
+    assert plain.rsc == (4107 if world.mode == "on" else 2000), str(plain)
+
+
+def test_upper_tester_requests_do_not_bypass_the_checks(world: World) -> None:
+    """``POST /__ut__`` with a oneM2M request in its body goes to ACME's dispatcher directly; with enforcement
+    on, the gate before ACME's access control refuses it."""
+    world.ensure()
+    primitive = {"op": 2, "to": f"cse-in/{world.owner.enrolee_id}/box", "fr": world.owner.enrolee_id,
+                 "rqi": "ut-1", "rvi": "3"}
+    conn = http.client.HTTPConnection(HOST, world.cse.http_port, timeout=30)
+    try:
+        conn.request("POST", "/__ut__", body=json.dumps(primitive), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
+    assert body.get("rsc") == (4103 if world.mode == "on" else 2000), body
