@@ -1,8 +1,8 @@
 """Who is served on which port: operations x originator kinds x ports x enforcement, against real ACME CSEs.
 
-One ACME CSE per enforcement mode (``on``: ``plainPortOriginators = /id-in``; ``off``: compatibility mode),
-both with the upper-tester endpoint on. Two AEs enrolled at the MEF and registered over TLS-PSK: ``owner``
-holds the container the operations target, ``other`` is a second enrolled AE. On the secure listener the
+One ACME CSE per enforcement mode (``on``: ``plainPortOriginators = /id-in``; ``off``: compatibility mode
+and ``secureWebUI = true``), both with the upper-tester endpoint on. Two AEs enrolled at the MEF and
+registered over TLS-PSK: ``owner`` holds the container the operations target, ``other`` is a second enrolled AE. On the secure listener the
 request goes over ``owner``'s association when the originator is ``owner``, else over ``other``'s -- so every
 originator but ``owner``/``other`` there is a spoof by a peer that holds a valid credential.
 
@@ -129,6 +129,8 @@ def _start(root: Any, mef: MefHome, target: TargetInfo, mode: str) -> AcmeCse:
     if mode == "on":
         options += ["--plain-port-originators", LISTED]
     cse.install(mef, *options, extra_ini="[http]\nenableUpperTesterEndpoint=true")
+    if mode == "off":
+        cse.set_rspf("secureWebUI", "true")
     cse.start()
     return cse
 
@@ -245,11 +247,15 @@ def _headers(w: World, ri: str = "ri-1") -> dict[str, str]:
     return {"X-M2M-Origin": w.owner.enrolee_id, "X-M2M-RI": ri, "X-M2M-RVI": "3", "Accept": "application/json"}
 
 
+WEB_UI_PATHS = ("/", "/webui", "/webui/index.html")
+
+
 @pytest.mark.parametrize(("method", "path", "status", "rsc"), [
     ("GET", "/cse-in", 200, 2000),            # control
     ("OPTIONS", "/cse-in", 405, 4005),
     ("HEAD", "/cse-in", 405, 4005),
     ("TRACE", "/cse-in", 405, 4005),
+    ("DELETE", "/webui", 404, 4004),          # not the web UI: a resource path, and no such resource
     ("GET", "/", 404, 4004),                  # ACME's web UI redirect
     ("GET", "/webui", 404, 4004),
     ("GET", "/webui/index.html", 404, 4004),
@@ -257,6 +263,10 @@ def _headers(w: World, ri: str = "ri-1") -> dict[str, str]:
 ])
 def test_every_secure_answer_is_onem2m(world: World, method: str, path: str, status: int, rsc: int) -> None:
     got_status, headers, body = _raw(world, method, path, _headers(world, "ri-x"))
+    if world.mode == "off" and method == "GET" and path in WEB_UI_PATHS:  # secureWebUI = true there
+        assert got_status in (200, 302, 308) and headers.get("x-m2m-rsc") == "2000", (got_status, headers)
+        assert headers.get("x-m2m-ri") == "ri-x"
+        return
     assert (got_status, int(headers.get("x-m2m-rsc", 0))) == (status, rsc), (headers, body)
     assert headers.get("x-m2m-ri") == "ri-x"
     if rsc >= 4000:
