@@ -2,9 +2,10 @@
 
 One ACME CSE per enforcement mode (``on``: ``plainPortOriginators = /id-in``; ``off``: compatibility mode
 and ``secureWebUI = true``), both with the upper-tester endpoint on. Two AEs enrolled at the MEF and
-registered over TLS-PSK: ``owner`` holds the container the operations target, ``other`` is a second enrolled AE. On the secure listener the
-request goes over ``owner``'s association when the originator is ``owner``, else over ``other``'s -- so every
-originator but ``owner``/``other`` there is a spoof by a peer that holds a valid credential.
+registered over TLS-PSK: ``owner`` holds the container the operations target, ``other`` is a second
+enrolled AE. On the secure listener the request goes over ``owner``'s association when the originator is
+``owner``, else over ``other``'s -- so every originator but ``owner``/``other`` there is a spoof by a peer
+that holds a valid credential.
 
 The expected RSC of every cell is written out below (docs/acme-plugin.md explains them). Then: a reset
 through the upper-tester endpoint, after which an enrolled AE registers over TLS-PSK at once (2001) and both
