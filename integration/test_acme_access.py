@@ -28,6 +28,7 @@ from rspf.tls import PskClient
 
 from .acme_harness import (
     TY_AE,
+    TY_ASAR,
     TY_CNT,
     AcmeCse,
     Resp,
@@ -342,3 +343,30 @@ def test_upper_tester_requests_do_not_bypass_the_checks(world: World) -> None:
     finally:
         conn.close()
     assert body.get("rsc") == (4103 if world.mode == "on" else 2000), body
+
+
+def test_a_rule_without_credentials_admits_plain_port_registration(world: World) -> None:
+    """Outside a security association an AE registration has no Credential-ID: only a rule without
+    applicableCredIDs admits it (TS-0001 §10.2.2.2). Such an AE is served on the plain port, and a peer
+    with another credential still cannot act as it on the secure listener."""
+    if world.mode == "off":
+        pytest.skip("compatibility mode does not check plain-port registrations")
+    world.ensure()
+    cse = world.cse
+    stem = "Cplainok"
+    assert cse.request("POST", "/cse-in", ae_body(stem, "Nplain"), origin=stem, ty=TY_AE).rsc == 4126
+    rule = cse.request("POST", "/cse-in", {"m2m:asar": {"rn": "plain-rule", "aai": ["Nplain"], "aae": [stem]}},
+                       origin=LISTED, ty=TY_ASAR)
+    assert rule.rsc == 2001, str(rule)
+    (node_uri,) = cse.request("GET", "/cse-in?fu=1&ty=20", origin=LISTED).pc("m2m:uril")
+    node_path = f"/~{node_uri}" if node_uri.startswith("/") else f"/{node_uri}"
+    links = cse.request("GET", node_path, origin=LISTED).pc("m2m:svsn")["rlk"] + [rule.pc("m2m:asar")["ri"]]
+    linked = cse.request("PUT", node_path, {"m2m:svsn": {"rlk": links}}, origin=LISTED)
+    assert linked.rsc == 2004, str(linked)
+    ok = cse.request("POST", "/cse-in", ae_body(stem, "Nplain"), origin=stem, ty=TY_AE)
+    assert ok.rsc == 2001, str(ok)
+    assert cse.request("GET", f"/cse-in/{stem}", origin=stem).rsc == 2000  # registered without a credential
+    spoof = world.secure(world.other, "GET", f"/cse-in/{stem}", origin=stem)
+    assert spoof.rsc == 4106, str(spoof)
+    # the rule admits no credential-less registration of another AE-ID, nor another App-ID
+    assert cse.request("POST", "/cse-in", ae_body("Cplainnot", "Nplain"), origin="Cplainnot", ty=TY_AE).rsc == 4126

@@ -31,7 +31,7 @@ import threading
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
@@ -442,7 +442,7 @@ class RspfSecurityPlugin:
         if rules is None:
             self._refuse_registration(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
                                             "subscription is established for this CSE", environ, cred)
-        if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules or []):
+        if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules):
             return credential_id
         if cred is not None and self._forget_recorded(cred.credential_id):
             # recorded before ACME purged its storage (a reset): record it again, and look again
@@ -454,7 +454,6 @@ class RspfSecurityPlugin:
         self._refuse_registration(4126, f"no <serviceSubscribedAppRule> allows {what}"
                                         f" with App-ID {access.shown(app_id)} and AE-ID-Stem {access.shown(stem)}",
                                   environ, cred)
-        return None  # not reached: _refuse_registration raises
 
     def _rules_for_registration(self) -> list[Any] | None:
         """The rules of this CSE's <serviceSubscribedNode>; None when there is none. A plugin that creates the
@@ -477,7 +476,7 @@ class RspfSecurityPlugin:
         return True
 
     def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
-                             cred: PeerCredential | None) -> None:
+                             cred: PeerCredential | None) -> NoReturn:
         error = internals.acme_error(rsc, message)
         self._refused(_Refusal(RSC(rsc), message), environ, cred)
         raise error
