@@ -39,7 +39,7 @@ from acmecse.runtime.PluginSupport import configure, init, plugin, requires, sta
 from .. import keys, wire
 from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment
-from ..errors import RSC, BadRequest, ConfigError, NotFound, OperationNotAllowed, RspfError
+from ..errors import RSC, BadRequest, ConfigError, NotAuthenticated, NotFound, OperationNotAllowed, RspfError
 from ..fileutil import read_key_file
 from ..secret import Secret
 from ..target import KeyCache
@@ -331,9 +331,12 @@ class RspfSecurityPlugin:
                                               f"{access.shown(environ.get('PATH_INFO'))}")
                 if kind == "not-found" or kind == "other" or (kind == "webui" and not plugin._web_ui_on_secure()):
                     raise NotFound(f"nothing at {access.shown(environ.get('PATH_INFO'))} on the secure listener")
+                cred: PeerCredential | None = environ.get(ENVIRON_KEY)
+                if cred is None:  # the listener authenticates every connection; never serve one it did not
+                    raise NotAuthenticated("no credential is bound to this connection")
                 if kind == "onem2m":
-                    access.check_associated(environ[ENVIRON_KEY], environ.get("HTTP_X_M2M_ORIGIN", ""),
-                                            internals.cse_id(), internals.sp_id())
+                    access.check_associated(cred, environ.get("HTTP_X_M2M_ORIGIN", ""), internals.cse_id(),
+                                            internals.sp_id())
             except RspfError as exc:
                 plugin._refused(exc, environ)
                 return _onem2m_error(start_response, exc, ri)
