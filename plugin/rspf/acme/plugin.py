@@ -447,8 +447,10 @@ class RspfSecurityPlugin:
                                             "subscription is established for this CSE", environ, cred)
         if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules):
             return credential_id
-        if cred is not None and self._forget_recorded(cred.credential_id):
-            # recorded before ACME purged its storage (a reset): record it again, and look again
+        if cred is not None:
+            # Recorded before ACME purged its storage (a reset), or not recordable when the connection opened
+            # (the rule was being re-created): record it now -- idempotent -- and look again.
+            self._forget_recorded(cred.credential_id)
             self._record_enrolled(cred)
             if any(resources.rule_allows(rule, credential_id, app_id or "", stem)
                    for rule in self._rules_for_registration() or []):
@@ -470,13 +472,10 @@ class RspfSecurityPlugin:
         # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
         return self._remote_rules()
 
-    def _forget_recorded(self, credential_id: str) -> bool:
+    def _forget_recorded(self, credential_id: str) -> None:
         with self._record_lock:
-            if credential_id not in self._recorded:
-                return False
             self._recorded.discard(credential_id)
         resources.forget_cached()
-        return True
 
     def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
                              cred: PeerCredential | None) -> NoReturn:
