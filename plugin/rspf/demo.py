@@ -117,7 +117,6 @@ def main(workdir: Path) -> int:
     (workdir / "in-cse").mkdir()
     (workdir / "ae").mkdir()
     mef_port, http_port, secure_port = free_port(), free_port(), free_port()
-    mn_http_port, mn_secure_port = free_port(), free_port()
     procs = Processes()
     try:
         step(1, "MEF: configuration, bootstrap credentials, enrolee registry")
@@ -195,6 +194,8 @@ def main(workdir: Path) -> int:
         step(7, "MN-CSE: enrols at start-up, takes its CSE-ID from the securityProfile, registers with the "
                 "IN-CSE over TLS-PSK (Mcc)")
         mn = workdir / "mn-cse"
+        # chosen only now: a port picked at the start can meanwhile become the local port of a connection
+        mn_http_port, mn_secure_port = free_port(), free_port()
         (mn / "acme.ini").write_text(acme_ini("MN", "id-unprovisioned", "cse-mn", mn_http_port))
         run([rspf, "acme", "install", "--base-dir", str(mn), "--mef", f"127.0.0.1:{mef_port}",
              "--mef-fqdn", MEF_FQDN, "--kpm-id", "mn1@mef.example.com", "--kpm-file", "mn1.kpm",

@@ -447,9 +447,10 @@ class RspfSecurityPlugin:
                                             "subscription is established for this CSE", environ, cred)
         if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules):
             return credential_id
-        if cred is not None:
-            # Recorded before ACME purged its storage (a reset), or not recordable when the connection opened
-            # (the rule was being re-created): record it now -- idempotent -- and look again.
+        if cred is not None and cred.kind == "psk":
+            # A key from the MEF (only those are recorded; certificates never are): recorded before ACME purged
+            # its storage (a reset), or not recordable when the connection opened (the rule was being
+            # re-created). Record it now -- idempotent -- and look again.
             self._forget_recorded(cred.credential_id)
             self._record_enrolled(cred)
             if any(resources.rule_allows(rule, credential_id, app_id or "", stem)
