@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -151,8 +152,13 @@ class AcmeCse:
             "[logging]\nenableFileLogging=true\nlevel=debug\n" + (f"\n{extra_ini.strip()}\n" if extra_ini else ""))
 
     def install(self, mef: MefHome, *options: Any, cli: Cli | None = None, extra_ini: str = "") -> None:
-        """Write the acme.ini and run ``rspf acme install`` (the plugin loader and the [rspf] section)."""
+        """Write the acme.ini and run ``rspf acme install`` (the plugin loader and the [rspf] section).
+
+        Without ``--enforcement`` / ``--no-enforcement`` in ``options`` the CSE is installed in compatibility
+        mode (``--no-enforcement``): most tests inspect the CSE as ``CAdmin`` on the plain port."""
         self.write_ini(extra_ini)
+        if not {"--enforcement", "--no-enforcement"} & {str(o) for o in options}:
+            options = (*options, "--no-enforcement")
         (cli or mef.cli).ok("acme", "install", "--base-dir", self.base, "--mef", mef.address, "--mef-fqdn", FQDN,
                             "--secure-port", self.secure_port, *options)
 
@@ -190,8 +196,16 @@ class AcmeCse:
         if wait:
             try:
                 self.wait_ready()
-            except BaseException:
+            except AssertionError:
                 self.stop()  # never leave a half-started CSE behind
+                if not self._port_taken():
+                    raise
+                # a free port from free_port() can be taken meanwhile (e.g. as the local port of a connection
+                # in TIME_WAIT): once, with new ports
+                self._new_ports()
+                self.start(wait=True)
+            except BaseException:
+                self.stop()
                 raise
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -218,11 +232,11 @@ class AcmeCse:
                 raise AssertionError(f"{self.name}: no secure listener on {self.secure_port} within {timeout:g} s:\n"
                                      f"{self.log_tail()}")
             time.sleep(0.1)
-        while True:  # 2. only now ACME's plain HTTP port
+        while True:  # 2. only now ACME's plain HTTP port (a oneM2M answer; with enforcement on CAdmin gets 4107)
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if self.request("GET", f"/{self.cse_name}", timeout=2).rsc == 2000:
+                if self.request("GET", f"/{self.cse_name}", timeout=2).rsc in (2000, 4107):
                     return
             except OSError:
                 pass
@@ -230,6 +244,20 @@ class AcmeCse:
                 raise AssertionError(f"{self.name}: plain HTTP did not answer within {timeout:g} s:\n"
                                      f"{self.log_tail()}")
             time.sleep(0.2)
+
+    def _port_taken(self) -> bool:
+        return self.starts == 1 and "already in use" in self.log_tail(20000)
+
+    def _new_ports(self) -> None:
+        self.http_port = free_port()
+        text = self.ini.read_text()
+        text = re.sub(r"(?m)^httpPort=\d+$", f"httpPort={self.http_port}", text)
+        self.ini.write_text(text)
+        if self.has_plugin:
+            self.secure_port = free_port()
+            self.set_rspf("securePort", str(self.secure_port))
+        for f in self.log_files():
+            f.unlink()
 
     @property
     def has_plugin(self) -> bool:

@@ -59,8 +59,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AcmeCse, Ac
     plain.write_ini()
     with_plugin = AcmeCse(root, "with-plugin")
     try:
-        with_plugin.install(mef, "--no-enrol", "--mef-psk-identity", target.psk_identity, "--mef-psk-file",
-                            target.psk_file)
+        with_plugin.install(mef, "--no-enforcement", "--no-enrol", "--mef-psk-identity", target.psk_identity,
+                            "--mef-psk-file", target.psk_file)
         plain.start()
         with_plugin.start()
         yield plain, with_plugin

@@ -114,7 +114,7 @@ def test_certificate_binds_the_originator(mtls: tuple[AcmeCse, Path]) -> None:
     cse, pki = mtls
     r = _mtls_request(cse, pki, "cert2", "POST", f"/{cse.cse_name}", ae_body("Cspoof", "Ncert"),
                       origin="Ccert1", ty=TY_AE)  # the certificate names Ccert2
-    assert r.rsc == 4103, str(r)
+    assert r.rsc == 4106, str(r)
 
 
 def test_certificate_from_another_ca_is_refused(mtls: tuple[AcmeCse, Path]) -> None:

@@ -300,7 +300,7 @@ class TestRefusals:
         ok = register(enrolment, APP_ID)
         assert ok.rsc == 2001, str(ok)
 
-    def test_identity_spoofing_is_4103(self, mef: MefHome, in_cse: AcmeCse) -> None:
+    def test_identity_spoofing_is_4106(self, mef: MefHome, in_cse: AcmeCse) -> None:
         spoofer = enrol(mef, add_ae(mef, in_cse, "spoofer"))
         victim = enrol(mef, add_ae(mef, in_cse, "victim"))
         port = in_cse.secure_port
@@ -308,7 +308,7 @@ class TestRefusals:
         # key X (spoofer) with the victim's AE-ID as originator: refused, in both ID forms
         for origin in ("Cvictim", "/id-in/Cvictim"):
             res = register(spoofer, origin=origin, rn="Cvictim")
-            assert res.rsc == 4103, f"{origin}: {res}"
+            assert res.rsc == 4106, f"{origin}: {res}"
         assert in_cse.get("Cvictim").rsc == 4004
         assert not [u for u in in_cse.discover("fu=1&ty=2") if u.endswith("/Cvictim")]
         assert "Cvictim" not in (in_cse.ssar(SSAR).get("aae") or [])
@@ -320,11 +320,11 @@ class TestRefusals:
         for method in ("GET", "DELETE"):
             res = secure_request(port, spoofer.ke_id, spoofer.registrar_key, method, "/cse-in/Cvictim",
                                  origin="Cvictim")
-            assert res.rsc == 4103, f"{method}: {res}"
+            assert res.rsc == 4106, f"{method}: {res}"
         assert in_cse.get("Cvictim").pc("m2m:ae")["aei"] == "Cvictim"
         # a key is bound to the identity the MEF returned for it, not to whatever the body says
         res = secure_request(port, victim.ke_id, victim.registrar_key, "GET", "/cse-in/Cspoofer", origin="Cspoofer")
-        assert res.rsc == 4103, str(res)
+        assert res.rsc == 4106, str(res)
 
     def test_plain_port_registration_still_works_without_enforcement(self, in_cse: AcmeCse) -> None:
         assert in_cse.rspf_value("enforcement") == "off"
@@ -373,7 +373,8 @@ class TestNoServiceSubscription:
 def enf_cse(tmp_path_factory: pytest.TempPathFactory,
             mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
     mef, target = mef_target
-    cse = start_in_cse(tmp_path_factory.mktemp("acme-enf"), "in-enf", mef, target, "--enforcement")
+    cse = start_in_cse(tmp_path_factory.mktemp("acme-enf"), "in-enf", mef, target, "--enforcement",
+                       "--plain-port-originators", "CAdmin")
     try:
         yield cse
     finally:
@@ -381,10 +382,10 @@ def enf_cse(tmp_path_factory: pytest.TempPathFactory,
 
 
 class TestEnforcement:
-    def test_plain_port_registration_is_4107(self, enf_cse: AcmeCse) -> None:
+    def test_plain_port_registration_has_no_credential_and_no_rule_admits_it(self, enf_cse: AcmeCse) -> None:
         assert enf_cse.rspf_value("enforcement") == "on"
         res = enf_cse.request("POST", "/cse-in", ae_body("Cplainenf", "Nplain"), origin="Cplainenf", ty=TY_AE)
-        assert res.rsc == 4107, str(res)
+        assert res.rsc == 4126, str(res)
         assert enf_cse.get("Cplainenf").rsc == 4004
 
     def test_secure_registration_still_works_under_enforcement(self, mef: MefHome, enf_cse: AcmeCse) -> None:

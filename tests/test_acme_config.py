@@ -45,7 +45,8 @@ def test_good_section_with_defaults(base: Path) -> None:
     assert (c.mef_host, c.mef_port, c.mef_fqdn) == ("127.0.0.1", 8443, "mef.example.com")
     assert c.enrol and c.kpm_file == base / "kpm.hex" and c.secure_port == 8444
     assert c.profile_store == base / "data" / "rspf-profile.store"
-    assert (c.enforcement, c.ssar, c.ssar_shard_size, c.allowed_app_ids) == (False, "rspf-enrolled", 256, ("*",))
+    assert (c.enforcement, c.ssar, c.ssar_shard_size, c.allowed_app_ids) == (True, "rspf-enrolled", 256, ("*",))
+    assert (c.plain_port_originators, c.secure_web_ui) == ((), False)
     assert c.fetch_identity == ("mn1@mef.example.com", base / "kpm.hex")
 
 
@@ -61,6 +62,9 @@ def test_good_section_with_defaults(base: Path) -> None:
     ("securePort", "0", "securePort: must be between"),
     ("securePort", "x", "securePort: must be a number"),
     ("enforcement", "maybe", "enforcement: must be off or on"),
+    ("plainPortOriginators", "CAdmin, C*", "plainPortOriginators: 'C*' is not an originator"),
+    ("plainPortOriginators", "a b", "plainPortOriginators: 'a b' is not an originator"),
+    ("secureWebUI", "sometimes", "secureWebUI: must be true or false"),
     ("enrol", "perhaps", "enrol: must be true or false"),
     ("allowedAppIDs", "Xbad", "allowedAppIDs"),
     ("ssar", "bad name!", "ssar: must be a resource name"),
@@ -128,3 +132,32 @@ def test_install_checks_its_inputs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--mef-psk-identity"):
         install(tmp_path, **{**INSTALL, "enrol": False})
     assert not (tmp_path / "acme.ini").exists() and not (tmp_path / "plugins").exists()
+
+
+def test_plain_port_originators_and_web_ui_keys(base: Path) -> None:
+    c = parse(base, plainPortOriginators="CAdmin, /id-ops", secureWebUI="true", enforcement="off")
+    assert c is not None and c.plain_port_originators == ("CAdmin", "/id-ops") and c.secure_web_ui
+    assert not c.enforcement
+
+
+def test_install_defaults_to_enforcement_on(base: Path) -> None:
+    options = {k: v for k, v in INSTALL.items() if k != "enforcement"}
+    install(base, **options)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(base / "acme.ini")
+    assert parser["rspf"]["enforcement"] == "on" and parser["rspf"]["plainPortOriginators"] == ""
+    c = load(parser, base)
+    assert c is not None and c.enforcement and c.plain_port_originators == ()
+
+
+def test_cli_install_defaults_to_enforcement_on(base: Path) -> None:
+    from click.testing import CliRunner
+
+    from rspf.cli import main
+
+    r = CliRunner().invoke(main, ["acme", "install", "--base-dir", str(base), "--mef", "127.0.0.1:8443",
+                                  "--mef-fqdn", "mef.example.com", "--kpm-id", "mn1@mef.example.com",
+                                  "--kpm-file", "kpm.hex", "--node-id", "urn:dev:ops:1", "--secure-port", "8444"])
+    assert r.exit_code == 0, r.output
+    assert "\nenforcement=on\n" in (base / "acme.ini").read_text()

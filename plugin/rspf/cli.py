@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
+from .acme.config import DEFAULT_ENFORCEMENT
 from .errors import ConfigError, RemoteError, RspfError, TransportError
 
 log = logging.getLogger("rspf")
@@ -520,7 +521,10 @@ def acme() -> None:
 @click.option("--cert-file", default=None, help="Server certificate chain (PEM) for mutual TLS.")
 @click.option("--key-file", default=None, help="Its private key (PEM).")
 @click.option("--ca-file", default=None, help="CA whose client certificates are accepted (mutual TLS).")
-@click.option("--enforcement/--no-enforcement", default=False, show_default=True)
+@click.option("--enforcement/--no-enforcement", default=DEFAULT_ENFORCEMENT, show_default=True,
+              help="Originator checks on every port (off: compatibility mode, for ACME's own tests).")
+@click.option("--plain-port-originators", default="", help="CSE-IDs / admin originators still served on the "
+              "plain port with enforcement on (comma-separated).")
 @click.option("--ssar", default="rspf-enrolled", show_default=True)
 @click.option("--ssar-shard-size", default=256, show_default=True, type=click.IntRange(1, 100000),
               help="Entries per <serviceSubscribedAppRule> before recording moves on to <ssar>-2, ...")
@@ -531,8 +535,9 @@ def acme() -> None:
 def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_id: str | None,
                  kpm_file: str | None, node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None,
                  secure_listen: str, secure_port: int, cert_file: str | None, key_file: str | None,
-                 ca_file: str | None, enforcement: bool, ssar: str, ssar_shard_size: int,
-                 create_subscription: bool, allowed_app_ids: str, secure_registrar: bool, force: bool) -> None:
+                 ca_file: str | None, enforcement: bool, plain_port_originators: str, ssar: str,
+                 ssar_shard_size: int, create_subscription: bool, allowed_app_ids: str, secure_registrar: bool,
+                 force: bool) -> None:
     """Put the plugin loader into BASE_DIR/plugins/ and write the [rspf] section of BASE_DIR/acme.ini."""
     from .acme.install import install
     _hostport(mef_addr)
@@ -542,7 +547,8 @@ def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_
                        secure_listen=secure_listen, secure_port=secure_port, enforcement=enforcement, ssar=ssar,
                        create_subscription=create_subscription, allowed_app_ids=allowed_app_ids,
                        secure_registrar=secure_registrar, force=force, ssar_shard_size=ssar_shard_size,
-                       cert_file=cert_file, key_file=key_file, ca_file=ca_file)
+                       cert_file=cert_file, key_file=key_file, ca_file=ca_file,
+                       plain_port_originators=plain_port_originators)
     except RspfError as exc:
         _fail(exc)
     for d in done:

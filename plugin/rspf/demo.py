@@ -117,7 +117,6 @@ def main(workdir: Path) -> int:
     (workdir / "in-cse").mkdir()
     (workdir / "ae").mkdir()
     mef_port, http_port, secure_port = free_port(), free_port(), free_port()
-    mn_http_port, mn_secure_port = free_port(), free_port()
     procs = Processes()
     try:
         step(1, "MEF: configuration, bootstrap credentials, enrolee registry")
@@ -152,7 +151,7 @@ def main(workdir: Path) -> int:
         out = run([rspf, "acme", "install", "--base-dir", str(base), "--mef", f"127.0.0.1:{mef_port}",
                    "--mef-fqdn", MEF_FQDN, "--no-enrol", "--mef-psk-identity", "id-in@sp.example.com",
                    "--mef-psk-file", "mef-target.psk", "--secure-port", str(secure_port), "--enforcement",
-                   "--allowed-app-ids", "Nsensor*"])
+                   "--plain-port-originators", "CAdmin", "--allowed-app-ids", "Nsensor*"])
         for line in out.stdout.splitlines():
             print("  " + line)
         cse = procs.start("ACME IN-CSE", [acmecse, "--headless", "-dir", str(base)], base / "acme.out")
@@ -195,6 +194,8 @@ def main(workdir: Path) -> int:
         step(7, "MN-CSE: enrols at start-up, takes its CSE-ID from the securityProfile, registers with the "
                 "IN-CSE over TLS-PSK (Mcc)")
         mn = workdir / "mn-cse"
+        # chosen only now: a port picked at the start can meanwhile become the local port of a connection
+        mn_http_port, mn_secure_port = free_port(), free_port()
         (mn / "acme.ini").write_text(acme_ini("MN", "id-unprovisioned", "cse-mn", mn_http_port))
         run([rspf, "acme", "install", "--base-dir", str(mn), "--mef", f"127.0.0.1:{mef_port}",
              "--mef-fqdn", MEF_FQDN, "--kpm-id", "mn1@mef.example.com", "--kpm-file", "mn1.kpm",

@@ -94,6 +94,10 @@ class NotAuthenticated(RspfError):
     rsc = RSC.ORIGINATOR_NOT_AUTHENTICATED
 
 
+class SecurityAssociationRequired(RspfError):
+    rsc = RSC.SECURITY_ASSOCIATION_REQUIRED
+
+
 class Conflict(RspfError):
     rsc = RSC.CONFLICT
 

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 Clock = Callable[[], float]
+#: Where a :class:`RefusalLog` writes: ``emit(logging level, text)``
+Emit = Callable[[int, str], None]
 
 
 class TokenBucket:
@@ -90,11 +92,18 @@ class FetchBudget:
 class RefusalLog:
     """Refusal reasons for the operator: the first ``burst`` per ``interval`` seconds at WARNING, the rest at
     INFO; when a new interval starts after some were demoted, one WARNING says how many. So a flood costs at
-    most ``burst + 1`` WARNING lines per interval, and a log at INFO still shows every refusal."""
+    most ``burst + 1`` WARNING lines per interval, and a log at INFO still shows every refusal.
 
-    def __init__(self, logger: logging.Logger, *, burst: int = 20, interval: float = 60.0,
+    ``target`` is a logger, or ``emit(level, text)`` for a host with a log of its own (the ACME plugin)."""
+
+    def __init__(self, target: logging.Logger | Emit, *, burst: int = 20, interval: float = 60.0,
                  clock: Clock = time.monotonic) -> None:
-        self._log, self._burst, self._interval, self._clock = logger, burst, interval, clock
+        if isinstance(target, logging.Logger):
+            logger = target
+            self._emit: Emit = lambda level, text: logger.log(level, "%s", text)
+        else:
+            self._emit = target
+        self._burst, self._interval, self._clock = burst, interval, clock
         self._lock = threading.Lock()
         self._start = clock()
         self._count = 0
@@ -111,6 +120,6 @@ class RefusalLog:
             if level == logging.INFO:
                 self._demoted += 1
         if summary:
-            self._log.warning("%d more refusals in the previous %g s were logged at INFO only", summary,
-                              self._interval)
-        self._log.log(level, message, *args)
+            self._emit(logging.WARNING, f"{summary} more refusals in the previous {self._interval:g} s were logged "
+                                        "at INFO only")
+        self._emit(level, message % args if args else message)

@@ -7,6 +7,7 @@ naming the key.
 from __future__ import annotations
 
 import configparser
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from ..errors import ConfigError
 from ..keys import check_fqdn
 
 SECTION = "rspf"
+_ORIGINATOR = re.compile(r"[A-Za-z0-9._~/@:-]{1,256}")
+
+#: ``enforcement`` when acme.ini does not say (``rspf acme install`` writes it out, from here too).
+DEFAULT_ENFORCEMENT = True
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class AcmePluginConfig:
     key_file: Path | None
     ca_file: Path | None
     enforcement: bool
+    plain_port_originators: tuple[str, ...]
+    secure_web_ui: bool
     ssar: str
     ssar_shard_size: int
     create_subscription: bool
@@ -142,9 +149,14 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
     for a in apps:
         if a[0] not in "*RN":
             raise err("allowedAppIDs", f"{a!r} must start with '*', 'R' or 'N' (TS-0001 §9.6.29)")
-    mode = (get("enforcement", "off") or "off").lower()
+    default_mode = "on" if DEFAULT_ENFORCEMENT else "off"
+    mode = (get("enforcement", default_mode) or default_mode).lower()
     if mode not in ("off", "on"):
         raise err("enforcement", "must be off or on")
+    listed = tuple(o.strip() for o in (get("plainPortOriginators", "") or "").split(",") if o.strip())
+    for o in listed:
+        if not _ORIGINATOR.fullmatch(o) or "*" in o:
+            raise err("plainPortOriginators", f"{o!r} is not an originator (a CSE-ID or AE-ID, no wildcards)")
     return AcmePluginConfig(
         mef_host=host.strip("[]"), mef_port=int(port), mef_fqdn=(fqdn or "").lower(), enrol=enrol, kpm_id=kpm_id,
         kpm_file=kpm_file, node_id=node_id,
@@ -154,7 +166,8 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         startup_retry_seconds=number("startupRetrySeconds", 60, 0, 3600, integer=False),
         mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
         secure_listen=get("secureListen", "127.0.0.1") or "127.0.0.1", secure_port=secure_port,
-        cert_file=cert, key_file=key, ca_file=ca, enforcement=mode == "on", ssar=ssar,
+        cert_file=cert, key_file=key, ca_file=ca, enforcement=mode == "on",
+        plain_port_originators=listed, secure_web_ui=flag("secureWebUI", False), ssar=ssar,
         ssar_shard_size=int(number("ssarShardSize", 256, 1, 100000)),
         create_subscription=flag("createSubscription", True), allowed_app_ids=apps,
         secure_registrar=flag("secureRegistrar", True), location=get("location"),

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
+from .config import DEFAULT_ENFORCEMENT
 
 SHIM_NAME = "RspfSecurity.py"
 SHIM = '''\
@@ -43,8 +44,14 @@ securePort={secure_port}
 {cert_file_line}
 {key_file_line}
 {ca_file_line}
-# on: AE registration on the plain port is refused with 4107.
+# on: the originator checks of TS-0004 §7.3.2.1 on every port; AEs that registered with a credential, CSEs and
+# the admin are served only on the secure listener (docs/acme-plugin.md). off: compatibility mode, for ACME's
+# own tests; the plain port is then as open as ACME without the plugin.
 enforcement={enforcement}
+# Originators (CSE-IDs, the admin) still served on the plain port with enforcement on; comma-separated.
+plainPortOriginators={plain_port_originators}
+# Serve ACME's web UI on the secure listener too.
+secureWebUI=false
 # The <serviceSubscribedAppRule> (resource name under the CSEBase) that receives enrolled credentials,
 # created at start-up together with the <m2mServiceSubscriptionProfile>/<serviceSubscribedNode> if missing.
 ssar={ssar}
@@ -58,9 +65,11 @@ secureRegistrar={secure_registrar}
 
 def install(base_dir: Path, *, mef: str, mef_fqdn: str, enrol: bool, kpm_id: str | None, kpm_file: str | None,
             node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None, secure_listen: str,
-            secure_port: int, enforcement: bool, ssar: str, create_subscription: bool, allowed_app_ids: str,
+            secure_port: int, enforcement: bool = DEFAULT_ENFORCEMENT, ssar: str, create_subscription: bool,
+            allowed_app_ids: str,
             secure_registrar: bool, force: bool = False, ssar_shard_size: int = 256,
-            cert_file: str | None = None, key_file: str | None = None, ca_file: str | None = None) -> list[str]:
+            cert_file: str | None = None, key_file: str | None = None, ca_file: str | None = None,
+            plain_port_originators: str = "") -> list[str]:
     """Write the shim and the [rspf] section; returns what was done. Never loses an existing acme.ini."""
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
@@ -87,7 +96,8 @@ def install(base_dir: Path, *, mef: str, mef_fqdn: str, enrol: bool, kpm_id: str
         mef_psk_file_line=line("mefPskFile", mef_psk_file), secure_listen=secure_listen, secure_port=secure_port,
         cert_file_line=line("certFile", cert_file), key_file_line=line("keyFile", key_file),
         ca_file_line=line("caFile", ca_file),
-        enforcement="on" if enforcement else "off", ssar=ssar, ssar_shard_size=ssar_shard_size,
+        enforcement="on" if enforcement else "off", plain_port_originators=plain_port_originators, ssar=ssar,
+        ssar_shard_size=ssar_shard_size,
         create_subscription=str(create_subscription).lower(),
         allowed_app_ids=allowed_app_ids, secure_registrar=str(secure_registrar).lower())
     if ini.exists():

@@ -1,12 +1,18 @@
 """Every touch of ACME internals made by the plugin (besides the resource types in resources.py).
 
-Guarded by a check of the ACME version: an upgrade breaks loudly here, in one place.
+Guarded by a check of the ACME version: an upgrade breaks loudly here, in one place; tests/test_acme_patches.py
+pins the signature of every ACME function named here.
 
 * :func:`apply_identity` / :func:`apply_registrar` set the CSE-ID, SP-ID and registrar from the
   securityProfile (re-running ACME's own validation so its derived runtime constants follow);
 * :func:`wrap_ae_registration` wraps ``RegistrationManager.handleAERegistration`` (the AE registration
-  check of TS-0001 §10.2.2.2);
-* :func:`wrap_wsgi` puts a WSGI middleware in front of ACME's Flask app (Flask's documented pattern);
+  check of TS-0001 §10.2.2.2) and marks the new ``<AE>`` with the Credential-ID it registered with
+  (:data:`BINDING_ATTR`, an internal attribute stored with the resource and never shown to clients);
+* :func:`wrap_access` wraps ``SecurityManager.hasAccess`` (a gate before ACME's own access control, and the
+  reads a proven CSE may do);
+* :func:`wrap_wsgi` puts a WSGI middleware in front of ACME's Flask app (Flask's documented pattern), and
+  :func:`endpoint_kind` tells a oneM2M request from ACME's other HTTP endpoints (web UI, tools);
+* :func:`on_reset` subscribes to ACME's ``cseReset`` / ``cseRestarted`` events;
 * :func:`route_registrar_over_psk` sends the CSE's own requests to its registrar over TLS-PSK.
 """
 
@@ -57,27 +63,49 @@ def apply_registrar(config: Any, profile: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- registration
-def wrap_ae_registration(check: Callable[[Any, str], None]) -> None:
-    """Call ``check(ae, originator)`` before ACME's own AE registration; ``check`` raises to refuse."""
+#: Internal attribute of an ``<AE>``: the Credential-ID of the security association it registered in.
+BINDING_ATTR = "__rspfCredentialID__"
+
+
+def wrap_ae_registration(check: Callable[[Any, str], str | None]) -> None:
+    """Call ``check(ae, originator)`` before ACME's own AE registration; ``check`` raises to refuse, or returns
+    the Credential-ID the new AE is bound to (None: registered without a credential)."""
+    from acmecse.resources.Resource import addToInternalAttributes
     from acmecse.services.RegistrationManager import RegistrationManager
 
+    addToInternalAttributes(BINDING_ATTR)  # stored with the resource, stripped from every representation
     original = RegistrationManager.handleAERegistration
     if getattr(original, "_rspf_wrapped", False):
         return
 
     def handleAERegistration(self: Any, ae: Any, originator: str, parentResource: Any) -> str:
-        check(ae, originator)
-        return original(self, ae, originator, parentResource)
+        credential_id = check(ae, originator)
+        assigned = original(self, ae, originator, parentResource)
+        if credential_id:
+            ae.setAttribute(BINDING_ATTR, credential_id)
+        return assigned
 
     handleAERegistration._rspf_wrapped = True  # type: ignore[attr-defined]
     handleAERegistration._rspf_original = original  # type: ignore[attr-defined]
     RegistrationManager.handleAERegistration = handleAERegistration  # type: ignore[method-assign]
 
 
-def wrap_access(extra: Callable[[str, Any, str, Any], bool]) -> None:
-    """Grant, in addition to ACME's own rules (ACPs, ``allowedCSROriginators``), what
-    ``extra(originator, resource, operation, ty)`` allows; ``operation`` is "create", "retrieve" or
-    "discover" (nothing else is ever widened)."""
+def registered_ae(stem: str) -> tuple[bool, str | None]:
+    """Whether an ``<AE>`` with AE-ID ``stem`` is registered here, and the Credential-ID it registered with."""
+    from acmecse.etc.ResponseStatusCodes import ResponseException
+    from acmecse.runtime import CSE
+
+    try:
+        ae = CSE.storage.retrieveResource(aei=stem)
+    except ResponseException:
+        return False, None
+    return True, ae.attribute(BINDING_ATTR)
+
+
+def wrap_access(gate: Callable[[str], bool], extra: Callable[[str, Any, str, Any], bool]) -> None:
+    """``gate(originator)`` runs first: False denies, whatever ACME's rules say. Then grant, in addition to
+    ACME's own rules (ACPs, ``allowedCSROriginators``), what ``extra(originator, resource, operation, ty)``
+    allows; ``operation`` is "create", "retrieve" or "discover" (nothing else is ever widened)."""
     from acmecse.etc.Types import Permission
     from acmecse.services.SecurityManager import SecurityManager
 
@@ -88,13 +116,25 @@ def wrap_access(extra: Callable[[str, Any, str, Any], bool]) -> None:
 
     def hasAccess(self: Any, originator: str, resource: Any, requestedPermission: Any, ty: Any = None,
                   parentResource: Any = None, request: Any = None, resultResource: Any = None) -> bool:
+        if not gate(originator):
+            return False
         op = names.get(requestedPermission)
         if op is not None and extra(originator, resource, op, ty):
             return True
         return original(self, originator, resource, requestedPermission, ty, parentResource, request, resultResource)
 
     hasAccess._rspf_wrapped = True  # type: ignore[attr-defined]
+    hasAccess._rspf_original = original  # type: ignore[attr-defined]
     SecurityManager.hasAccess = hasAccess  # type: ignore[method-assign]
+
+
+def on_reset(begin: Callable[[], None], end: Callable[[], None]) -> None:
+    """``begin()`` on ACME's ``cseReset`` (storage purged), ``end()`` on ``cseRestarted`` (the CSEBase and the
+    admin AE exist again). ACME runs both in a background thread: they may finish after the reset did."""
+    from acmecse.runtime.EventManager import eventManager
+
+    eventManager.addHandler(eventManager.cseReset, lambda *_a: begin())
+    eventManager.addHandler(eventManager.cseRestarted, lambda *_a: end())
 
 
 CSR_TYPE = 16  # <remoteCSE>
@@ -113,6 +153,35 @@ def cse_id() -> str:
     from acmecse.etc.Constants import RuntimeConstants as RC
 
     return RC.cseCsi
+
+
+def cse_resetting() -> bool:
+    """ACME is resetting: it purged its storage and re-runs its start-up script. Its bindings are paused
+    meanwhile (every request from outside is answered 5000 before it is dispatched), so whatever reaches
+    the registration or access checks now is ACME's own work."""
+    from acmecse.etc.Constants import RuntimeConstants as RC
+    from acmecse.etc.Types import CSEStatus
+
+    return bool(RC.cseStatus == CSEStatus.RESETTING)
+
+
+def sp_id() -> str:
+    from acmecse.etc.Constants import RuntimeConstants as RC
+
+    return RC.cseSPid
+
+
+def admin_originators() -> list[str]:
+    """Every spelling of the CSE's admin originator (``adminID``; CSE-relative, SP-relative, absolute)."""
+    from acmecse.etc.Constants import RuntimeConstants as RC
+
+    return list(RC.cseOriginators)
+
+
+def upper_tester_enabled() -> bool:
+    from acmecse.runtime.Configuration import Configuration
+
+    return bool(getattr(Configuration, "http_enableUpperTesterEndpoint", False))
 
 
 def is_in_cse() -> bool:
@@ -149,6 +218,33 @@ def flask_app(http_server: Any) -> Any:
     if app is None:
         raise RuntimeError("ACME's HTTP server has no Flask app yet; the plugin must start after the bindings")
     return app
+
+
+_ONEM2M_HANDLERS = frozenset({"handleGET", "handlePOST", "handlePUT", "handleDELETE", "handlePATCH"})
+
+
+def endpoint_kind(http_server: Any, environ: dict[str, Any]) -> str:
+    """Which of the Flask app's endpoints an HTTP request reaches: "onem2m" (ACME's resource tree handlers),
+    "webui" (ACME's web UI and its ``/`` redirect), "other" (upper tester, management, structure),
+    "not-found" or "method-not-allowed". Matching uses the app's own URL map, so it follows ``[http] root`` and
+    ``[webui] root``."""
+    from werkzeug.exceptions import MethodNotAllowed, NotFound
+    from werkzeug.routing import RequestRedirect
+
+    app = flask_app(http_server)
+    try:
+        endpoint, _args = app.url_map.bind_to_environ(environ).match()
+    except MethodNotAllowed:
+        return "method-not-allowed"
+    except (NotFound, RequestRedirect):
+        return "not-found"
+    view = app.view_functions.get(endpoint)
+    owner = getattr(view, "__self__", None)
+    if owner is http_server and getattr(view, "__name__", "") in _ONEM2M_HANDLERS:
+        return "onem2m"
+    if type(owner).__module__.startswith("acmecse.webui."):
+        return "webui"
+    return "other"
 
 
 def wrap_wsgi(http_server: Any, middleware: Callable[[Callable], Callable]) -> Any:

@@ -11,10 +11,13 @@ Configured in the ``[rspf]`` section of ``acme.ini`` (docs/acme-plugin.md). What
 * serves ACME's oneM2M HTTP API on a second, secure listener (TLS-PSK 1.2/1.3, optionally certificates);
   an Enrolee presents its KeID as psk_identity and the CSE, as Enrolment Target, fetches the matching
   key from the MEF (SUID 22) and caches it for its lifetime;
-* binds every request on that listener to the authenticated credential (no acting as another AE);
+* binds every request on that listener to the authenticated credential (TS-0004 §7.3.2.1: 4106), and
+  answers every request there as oneM2M (an X-M2M-RSC on every answer, X-M2M-RI checked and echoed);
 * checks AE registration against <serviceSubscribedNode>/<serviceSubscribedAppRule> (TS-0001 §10.2.2.2)
   and records enrolled credentials in the configured rule (TS-0003 §8.3.1.2 NOTE 3/4);
-* with ``enforcement = on`` refuses AE registration that did not come over the secure listener (4107);
+* with ``enforcement = on`` (the default) checks every request on ACME's plain port too (``access.py``):
+  CSEs, the admin and AEs that registered with a credential are served only on the secure listener;
+* never refuses the CSE's own work (start-up script, reset) and re-creates its resources after a reset;
 * registers this CSE with its registrar over TLS-PSK with the provisioned credential (Mcc).
 """
 
@@ -26,25 +29,45 @@ import signal
 import sys
 import threading
 import time
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
-from .. import keys
+from .. import ids, keys
 from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
-from ..errors import ConfigError, RspfError
+from ..errors import RSC, BadRequest, ConfigError, NotAuthenticated, NotFound, OperationNotAllowed, RspfError
 from ..fileutil import read_key_file
+from ..ratelimit import RefusalLog
 from ..secret import Secret
 from ..target import KeyCache, KeyCacheLimits
 from ..tls import PskClient, PskServer, TlsConnection
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
-from . import internals, resources
+from . import access, internals, resources
 from .config import AcmePluginConfig, load
 
 log = logging.getLogger("rspf.acme")
+
+#: environ key set by the plugin's middlewares on a request that passed its checks (not settable by a client:
+#: HTTP headers only ever become HTTP_* keys)
+CHECKED_KEY = "rspf.checked"
+#: HTTP methods of the oneM2M HTTP binding (PATCH only where ACME maps it to DELETE)
+_ONEM2M_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
+
+
+REFUSAL_LOG_INTERVAL = 10.0  # seconds; the first 20 refusals of each go to WARNING, the rest to INFO
+
+
+def _acme_refusal(level: int, text: str) -> None:
+    """A refusal: at WARNING into ACME's log too; past the burst only into the ``rspf.acme`` logger at INFO, so a
+    flood cannot fill ACME's log."""
+    if level >= logging.WARNING:
+        _acme_log("warn", f"refused: {text}")
+    else:
+        log.info("refused: %s", text)
 
 
 def _acme_log(level: str, message: str) -> None:
@@ -75,6 +98,7 @@ class RspfSecurityPlugin:
         self._renewer: threading.Thread | None = None
         self._registrar_client = PskClient()
         self._psk: PskServer | None = None
+        self._refusals = RefusalLog(_acme_refusal, interval=REFUSAL_LOG_INTERVAL)
 
     # ------------------------------------------------------------------------------- lifecycle
     @init
@@ -95,6 +119,10 @@ class RspfSecurityPlugin:
             if self.config.enforcement and (others := internals.other_bindings_enabled(config)):
                 raise ConfigError(f"acme.ini [rspf] enforcement: 'on' needs the {', '.join(others)} binding(s) "
                                   "disabled (they bypass the secure listener)")
+            # Hooks before ACME serves its first request (its bindings start after @configure).
+            internals.wrap_ae_registration(self._check_ae_registration)
+            internals.wrap_access(self._gate, self._proven_cse_access)
+            internals.on_reset(self._reset_begin, self._reset_end)
             self._setup_keys()
             self._psk = PskServer(self._psk_lookup)
             c = self.config
@@ -122,19 +150,18 @@ class RspfSecurityPlugin:
     def start(self) -> None:
         if self.config is None:
             return
-        internals.wrap_ae_registration(self._check_ae_registration)
-        internals.wrap_access(self._proven_cse_access)
-        app = internals.wrap_wsgi(self.httpServer, self._middleware)
-        if self.config.create_subscription and internals.is_in_cse():
-            resources.ensure_subscription(internals.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
-        elif self.config.create_subscription:
-            _acme_log("info", "not an IN-CSE: service subscriptions live on the IN-CSE; none created here")
+        app = internals.wrap_wsgi(self.httpServer, self._plain_middleware)
+        self._ensure_subscription()
+        if self.config.enforcement and internals.upper_tester_enabled():
+            _acme_log("warn", "[http] enableUpperTesterEndpoint is on: anyone who reaches the plain port can reset "
+                              "this CSE through /__ut__ (a test tool; keep it off in production)")
         if self.enrolment is not None and self.config.secure_registrar:
             parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
             internals.route_registrar_over_psk(f"{parts.scheme}://{parts.netloc}", self._send_to_registrar)
         assert self.keycache is not None and self._psk is not None
         self.keycache.origin = internals.cse_id()  # the Enrolment Target's ID at the MEF: known only now
-        self.listener = SecureWsgiServer(app, self._psk, self._resolve, host=self.config.secure_listen,
+        self.listener = SecureWsgiServer(self._secure_app(app), self._psk, self._resolve,
+                                         host=self.config.secure_listen,
                                          port=self.config.secure_port)
         self.listener.start()
         _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
@@ -143,6 +170,36 @@ class RspfSecurityPlugin:
         if self.enrolee is not None:
             self._renewer = threading.Thread(target=self._renewal().run, name="rspf-renew", daemon=True)
             self._renewer.start()
+
+    def _ensure_subscription(self) -> None:
+        assert self.config is not None
+        if self.config.create_subscription and internals.is_in_cse():
+            resources.ensure_subscription(internals.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
+        elif self.config.create_subscription:
+            _acme_log("info", "not an IN-CSE: service subscriptions live on the IN-CSE; none created here")
+
+    # ------------------------------------------------------------------------- ACME's reset
+    def _reset_begin(self) -> None:
+        """``cseReset``: ACME purged its storage; what the plugin recorded there is gone."""
+        with self._record_lock:
+            self._recorded.clear()
+        resources.forget_cached()
+        _acme_log("info", "CSE reset: the plugin forgot the credentials it had recorded")
+
+    def _reset_end(self) -> None:
+        """``cseRestarted``: the CSEBase and the admin AE exist again; re-create the service subscription.
+        (A registration that comes first does it itself: see _rules_for_registration.)"""
+        try:
+            self._ensure_subscription()
+            _acme_log("info", "CSE reset finished: the plugin's service subscription resources are back")
+        except Exception as exc:
+            _acme_log("error", f"could not re-create the service subscription after the reset: {exc}")
+
+    @staticmethod
+    def _internal() -> bool:
+        """ACME's own work: its reset re-runs the start-up script, which creates the admin AE inside the HTTP
+        request that asked for the reset. ACME answers every other request 5000 meanwhile."""
+        return internals.cse_resetting()
 
     @stop
     def stop(self) -> None:
@@ -259,30 +316,94 @@ class RspfSecurityPlugin:
             return None
         return PeerCredential("certificate", subject_id, cred_id, subject_id)
 
-    # -------------------------------------------------------------- request checks (TS-0001)
-    def _middleware(self, app: Any) -> Any:
+    # -------------------------------------------------------------- request checks (TS-0004)
+    def _secure_app(self, app: Any) -> Any:
+        """The WSGI app of the secure listener: oneM2M answers only, each request bound to its credential."""
+        plugin = self
+
+        def secure(environ: dict[str, Any], start_response: Any) -> Any:
+            ri = environ.get("HTTP_X_M2M_RI")
+            try:
+                if not access.valid_request_id(ri):
+                    ri = None
+                    raise BadRequest("X-M2M-RI must be present, printable ASCII and at most "
+                                     f"{access.MAX_REQUEST_ID} characters")
+                kind = internals.endpoint_kind(plugin.httpServer, environ)
+                method = environ.get("REQUEST_METHOD", "")
+                if kind == "method-not-allowed" or method not in _ONEM2M_METHODS:
+                    raise OperationNotAllowed(f"the method {access.shown(method)} is not allowed on "
+                                              f"{access.shown(environ.get('PATH_INFO'))}")
+                if kind == "not-found" or kind == "other" or (kind == "webui" and not plugin._web_ui_on_secure()):
+                    raise NotFound(f"nothing at {access.shown(environ.get('PATH_INFO'))} on the secure listener")
+                cred: PeerCredential | None = environ.get(ENVIRON_KEY)
+                if cred is None:  # the listener authenticates every connection; never serve one it did not
+                    raise NotAuthenticated("no credential is bound to this connection")
+                if kind == "onem2m":
+                    access.check_associated(cred, environ.get("HTTP_X_M2M_ORIGIN", ""), internals.cse_id(),
+                                            internals.sp_id())
+            except RspfError as exc:
+                plugin._refused(exc, environ)
+                return _onem2m_error(start_response, exc, ri)
+            environ[CHECKED_KEY] = True
+            return _answer_with_rsc(app, environ, start_response, ri)
+
+        return secure
+
+    def _web_ui_on_secure(self) -> bool:
+        return self.config is not None and self.config.secure_web_ui
+
+    def _plain_middleware(self, app: Any) -> Any:
+        """In front of ACME's Flask app (both ports): with ``enforcement = on``, TS-0004 §7.3.2.1 outside a
+        security association, and the plugin's own rules, for every oneM2M request on the plain port."""
         plugin = self
 
         def middleware(environ: dict[str, Any], start_response: Any) -> Any:
-            cred: PeerCredential | None = environ.get(ENVIRON_KEY)
-            if cred is not None:
-                origin = environ.get("HTTP_X_M2M_ORIGIN", "")
-                if not plugin._origin_allowed(cred, origin):
-                    return _onem2m_error(start_response, 4103, environ,
-                                         f"the originator {origin or '(none)'} is not the identity bound to this "
-                                         "secure connection")
+            config = plugin.config
+            if ENVIRON_KEY in environ or config is None or not config.enforcement:
+                environ[CHECKED_KEY] = True  # the secure listener's request (checked there), or compatibility mode
+                return app(environ, start_response)
+            if internals.endpoint_kind(plugin.httpServer, environ) != "onem2m":
+                return app(environ, start_response)  # web UI, tools: ACME's; the gate keeps them off the resources
+            try:
+                access.check_unassociated(
+                    environ.get("REQUEST_METHOD", ""), access.resource_type(environ.get("CONTENT_TYPE")),
+                    environ.get("HTTP_X_M2M_ORIGIN", ""), own_cse_id=internals.cse_id(), sp_id=internals.sp_id(),
+                    admins=internals.admin_originators(), listed=config.plain_port_originators,
+                    lookup=internals.registered_ae)
+            except RspfError as exc:
+                plugin._refused(exc, environ)
+                ri = environ.get("HTTP_X_M2M_RI")
+                return _onem2m_error(start_response, exc, ri if access.valid_request_id(ri) else None)
+            environ[CHECKED_KEY] = True
             return app(environ, start_response)
 
         return middleware
 
-    @staticmethod
-    def _origin_allowed(cred: PeerCredential, origin: str) -> bool:
-        bound = cred.enrolee_id
-        if not bound:
-            return False
-        if bound.startswith("/"):  # a CSE: its own ID, or IDs it forwards for (its AEs)
-            return origin == bound or origin.startswith(bound + "/")
-        return origin in (bound, f"{internals.cse_id()}/{bound}")
+    def _gate(self, originator: str) -> bool:
+        """Before ACME's access control: with enforcement on, an HTTP request that did not pass the plugin's
+        checks (the upper tester's oneM2M requests, a request while the plugin was not yet started) is
+        denied -- unless it is the CSE's own work."""
+        if self.config is None or not self.config.enforcement:
+            return True
+        environ = internals.current_environ()
+        if environ is None or environ.get(CHECKED_KEY) or self._internal():
+            return True
+        self._refusals.refused(f"{access.shown(environ.get('PATH_INFO'))} from {environ.get('REMOTE_ADDR')}: the "
+                               f"originator {access.shown(originator)} reached ACME's access control without "
+                               "passing the plugin's checks")
+        return False
+
+    def _refused(self, exc: RspfError, environ: dict[str, Any] | None, cred: PeerCredential | None = None) -> None:
+        """Log why a request was refused, and who sent it (never a key), rate-limited."""
+        environ = environ or {}
+        cred = cred or environ.get(ENVIRON_KEY)
+        where = "secure listener" if cred is not None else "plain port"
+        who = [f"peer {environ.get('REMOTE_ADDR', '?')}",
+               f"originator {access.shown(environ.get('HTTP_X_M2M_ORIGIN'))}"]
+        if cred is not None:
+            who += [f"{'KeID' if cred.kind == 'psk' else 'certificate'} {access.shown(cred.identity)}",
+                    f"Credential-ID {cred.credential_id}"]
+        self._refusals.refused(f"{int(exc.rsc)} on the {where} ({', '.join(who)}): {exc}")
 
     def _proven_cse_access(self, originator: str, resource: Any, operation: str, ty: Any) -> bool:
         """What a CSE whose MEF-provisioned key authenticated this connection may do as that CSE:
@@ -307,31 +428,65 @@ class RspfSecurityPlugin:
             return node is not None and resource.ri in {r.ri for r in resources.rules_of(node)}
         return False
 
-    def _check_ae_registration(self, ae: Any, originator: str) -> None:
-        """TS-0001 §10.2.2.2 / TS-0004 §7.3.2.7 for registrations on the secure listener."""
+    def _check_ae_registration(self, ae: Any, originator: str) -> str | None:
+        """TS-0001 §10.2.2.2 / TS-0004 §7.3.2.7; returns the Credential-ID the new AE is bound to.
+
+        Not checked: the CSE's own work (no HTTP request: the start-up script; ACME's reset), and, in
+        compatibility mode, registrations outside a security association. Within one the Credential-ID is
+        the association's; outside one (enforcement on) there is none, and only a rule without
+        applicableCredIDs admits the registration."""
         assert self.config is not None
         environ = internals.current_environ()
-        cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
-        if cred is None:
-            if self.config.enforcement and environ is not None:
-                raise internals.acme_error(4107, "AE registration needs a security association: register over the "
-                                                 "CSE's secure (TLS-PSK / mutual TLS) listener")
-            return
+        if environ is None or self._internal():
+            return None
+        cred: PeerCredential | None = environ.get(ENVIRON_KEY)
+        if cred is None and not self.config.enforcement:
+            return None
+        credential_id = cred.credential_id if cred is not None else None
         stem = originator or ""
+        app_id = ae.api  # ACME resources answer None for an absent attribute
+        rules = self._rules_for_registration()
+        if rules is None:
+            self._refuse_registration(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
+                                            "subscription is established for this CSE", environ, cred)
+        if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules):
+            return credential_id
+        if cred is not None and cred.kind == "psk":
+            # A key from the MEF (only those are recorded; certificates never are): recorded before ACME purged
+            # its storage (a reset), or not recordable when the connection opened (the rule was being
+            # re-created). Record it now -- idempotent -- and look again.
+            self._forget_recorded(cred.credential_id)
+            self._record_enrolled(cred)
+            if any(resources.rule_allows(rule, credential_id, app_id or "", stem)
+                   for rule in self._rules_for_registration() or []):
+                return credential_id
+        what = f"credential {credential_id}" if credential_id else "a registration without a credential"
+        self._refuse_registration(4126, f"no <serviceSubscribedAppRule> allows {what}"
+                                        f" with App-ID {access.shown(app_id)} and AE-ID-Stem {access.shown(stem)}",
+                                  environ, cred)
+
+    def _rules_for_registration(self) -> list[Any] | None:
+        """The rules of this CSE's <serviceSubscribedNode>; None when there is none. A plugin that creates the
+        service subscription re-creates it first if it is gone (after ACME's reset purged it)."""
         if internals.is_in_cse() or self.enrolment is None:
             svsn = resources.find_service_subscribed_node(internals.cse_id())
-            rules = resources.rules_of(svsn) if svsn is not None else None
-        else:  # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
-            rules = self._remote_rules()
-        if rules is None:
-            raise internals.acme_error(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
-                                             "subscription is established for this CSE")
-        app_id = ae.api  # ACME resources answer None for an absent attribute
-        for rule in rules:
-            if resources.rule_allows(rule, cred.credential_id, app_id or "", stem):
-                return
-        raise internals.acme_error(4126, f"no <serviceSubscribedAppRule> allows credential {cred.credential_id} with "
-                                         f"App-ID {app_id} and AE-ID-Stem {stem}")
+            if svsn is None and self.config is not None and self.config.create_subscription and internals.is_in_cse():
+                self._ensure_subscription()
+                svsn = resources.find_service_subscribed_node(internals.cse_id())
+            return resources.rules_of(svsn) if svsn is not None else None
+        # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
+        return self._remote_rules()
+
+    def _forget_recorded(self, credential_id: str) -> None:
+        with self._record_lock:
+            self._recorded.discard(credential_id)
+        resources.forget_cached()
+
+    def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
+                             cred: PeerCredential | None) -> NoReturn:
+        error = internals.acme_error(rsc, message)
+        self._refused(_Refusal(RSC(rsc), message), environ, cred)
+        raise error
 
     def _connect_registrar(self, parts: Any, timeout: float) -> TlsConnection:
         """TLS-PSK to the registrar at ``parts`` (a urlsplit result) with the provisioned KeID and key."""
@@ -354,7 +509,7 @@ class RspfSecurityPlugin:
         client = OneM2MClient(tls, me, host=parts.netloc)
         try:
             found = client.call("GET", f"{parts.path.rstrip('/')}?fu=1&ty={resources.SVSN}") or {}
-            nodes = [client.call("GET", _http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
+            nodes = [client.call("GET", ids.http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
             nodes = sorted((n for n in nodes if resources.same_cse(n.get("csi"), me)),
                            key=lambda n: (n.get("ct", ""), n.get("ri", "")))
             if not nodes:
@@ -362,7 +517,7 @@ class RspfSecurityPlugin:
             rules = []
             for link in nodes[0].get("rlk") or []:
                 try:
-                    rules.append(client.call("GET", _http_path(link)).get("m2m:asar", {}))
+                    rules.append(client.call("GET", ids.http_path(link)).get("m2m:asar", {}))
                 except RspfError:
                     continue  # a link to a missing or unreadable rule is skipped, as for local rules
             # The registrar sends its list attributes (m2m:listOfM2MID) SP-relative ("/id-in/C*"); the rule
@@ -398,21 +553,66 @@ class RspfSecurityPlugin:
         return resp.status, resp.headers, resp.body
 
 
-def _http_path(oid: str) -> str:
-    """HTTP path of a oneM2M ID (TS-0009): absolute ``//sp/x`` -> ``/_/sp/x``; SP-relative ``/cse/x`` ->
-    ``/~/cse/x``; CSE-relative ``x`` -> ``/x``."""
-    if oid.startswith("//"):
-        return "/_/" + oid[2:]
-    if oid.startswith("/"):
-        return "/~" + oid
-    return "/" + oid
+class _Refusal(RspfError):
+    """A refusal that ACME reports with its own exception class (logged as ours)."""
+
+    def __init__(self, rsc: RSC, message: str) -> None:
+        super().__init__(message)
+        self.rsc = rsc
 
 
-def _onem2m_error(start_response: Any, rsc: int, environ: dict[str, Any], message: str) -> list[bytes]:
-    status = {4103: "403 Forbidden", 4107: "403 Forbidden"}.get(rsc, "400 Bad Request")
-    body = json.dumps({"m2m:dbg": message}).encode()
-    headers = [("Content-Type", "application/json"), ("X-M2M-RSC", str(rsc)), ("Content-Length", str(len(body)))]
-    if ri := environ.get("HTTP_X_M2M_RI"):
+def _onem2m_error(start_response: Any, exc: RspfError, ri: str | None) -> list[bytes]:
+    """A oneM2M error answer (TS-0009): the RSC's HTTP status, X-M2M-RSC, the reason as m2m:dbg."""
+    body = json.dumps({"m2m:dbg": str(exc)}).encode()
+    headers = [("Content-Type", "application/json"), ("X-M2M-RSC", str(int(exc.rsc))),
+               ("Content-Length", str(len(body)))]
+    if ri:
+        headers.append(("X-M2M-RI", ri))
+    status = exc.rsc.http_status
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+    return [body]
+
+
+def _rsc_of_http_status(status: int) -> RSC:
+    """The RSC of an answer ACME (or Flask) gave without one."""
+    if status < 400:
+        return RSC.OK
+    return {400: RSC.BAD_REQUEST, 401: RSC.ORIGINATOR_HAS_NO_PRIVILEGE, 403: RSC.ORIGINATOR_HAS_NO_PRIVILEGE,
+            404: RSC.NOT_FOUND, 405: RSC.OPERATION_NOT_ALLOWED, 415: RSC.UNSUPPORTED_MEDIA_TYPE,
+            501: RSC.NOT_IMPLEMENTED}.get(status, RSC.BAD_REQUEST if status < 500 else RSC.INTERNAL_SERVER_ERROR)
+
+
+def _answer_with_rsc(app: Any, environ: dict[str, Any], start_response: Any, ri: str | None) -> list[bytes]:
+    """Run ``app``; an answer without X-M2M-RSC gets one (an error answer also a oneM2M body instead of
+    Flask's HTML), an exception becomes 5000, and the request's X-M2M-RI is echoed."""
+    captured: list[Any] = []
+    chunks: list[bytes] = []
+
+    def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured[:] = [status, list(headers)]
+        return chunks.append
+
+    try:
+        result = app(environ, capture)
+        try:
+            chunks.extend(result)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+    except Exception as exc:
+        log.exception("secure listener: the CSE failed on %s", access.shown(environ.get("PATH_INFO")))
+        return _onem2m_error(start_response, RspfError(f"the CSE failed to answer ({type(exc).__name__})"), ri)
+    if not captured:
+        return _onem2m_error(start_response, RspfError("the CSE gave no answer"), ri)
+    status, headers = captured
+    names = {name.lower() for name, _ in headers}
+    code = int(status.split()[0])
+    if "x-m2m-rsc" not in names:
+        rsc = _rsc_of_http_status(code)
+        if code >= 400:
+            return _onem2m_error(start_response, _Refusal(rsc, f"{status} from the CSE"), ri)
+        headers.append(("X-M2M-RSC", str(int(rsc))))
+    if ri and "x-m2m-ri" not in names:
         headers.append(("X-M2M-RI", ri))
     start_response(status, headers)
-    return [body]
+    return chunks

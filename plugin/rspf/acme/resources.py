@@ -31,6 +31,8 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
+from .. import ids
+
 __all__ = [
     "ASAR",
     "MSSP",
@@ -480,19 +482,10 @@ def _dispatcher() -> Any:
 
 
 def _norm_cse_id(value: str | None) -> str | None:
-    """CSE-ID in SP-relative form ``/id``: ``id`` -> ``/id``; ``//<own SP>/id`` -> ``/id``."""
-    if not value or not isinstance(value, str):
-        return None
+    """CSE-ID in SP-relative form ``/id`` (``id``, ``/id`` and ``//<this CSE's SP>/id`` are the same CSE)."""
     from acmecse.etc.Constants import RuntimeConstants as RC
 
-    v = value.strip().rstrip("/")
-    if v.startswith("//"):
-        sp = RC.cseSPid or ""
-        if sp and v.startswith(sp + "/"):
-            v = v[len(sp):]
-        else:
-            return v  # another SP's CSE: keep the absolute form
-    return v if v.startswith("/") else "/" + v
+    return ids.sp_relative_cse_id(value, RC.cseSPid or None)
 
 
 def same_cse(a: str | None, b: str | None) -> bool:
@@ -706,6 +699,12 @@ def record_enrolled(cse_id: str, ssar: str, credential_id: str, ae_id_stem: str,
         _series_cache[ssar] = [r.ri for r in series]
         _append(target, credential_id, ae_id_stem)
         return target.rn
+
+
+def forget_cached() -> None:
+    """Drop what this module remembers of ACME's resources (after ACME purged its storage in a reset)."""
+    with _rule_lock:
+        _series_cache.clear()
 
 
 def ensure_subscription(cse_id: str, ssar: str, allowed_app_ids: Iterable[str] = ("*",),
