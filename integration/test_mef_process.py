@@ -151,9 +151,9 @@ def test_sigterm_with_idle_sessions_exits_promptly(mef: MefHome) -> None:
     assert elapsed is not None, "the MEF was still running 6 s after SIGTERM with 3 idle sessions"
 
 
-def test_connection_limit_refuses_and_releases_slots(mef_home: MefHome) -> None:
+def test_per_source_limit_refuses_and_releases_slots(mef_home: MefHome) -> None:
     home = mef_home
-    home.set_config("max_connections", "2")
+    home.set_config("max_connections_per_source", "2")
     home.start()
     dev1 = home.enrolees["dev1"]
     sessions = [open_session(home, dev1) for _ in range(2)]
@@ -161,7 +161,7 @@ def test_connection_limit_refuses_and_releases_slots(mef_home: MefHome) -> None:
         res = home.enrol(dev1)
         assert res.rc == 1, str(res)
         assert not dev1.store.exists()
-        assert "connection limit (2) reached" in home.log_text()
+        assert "per-source limit reached from 127.0.0.1" in home.log_text()
     finally:
         for s in sessions:
             s.close()

@@ -39,7 +39,7 @@ from ..errors import ConfigError, RspfError
 from ..fileutil import read_key_file
 from ..secret import Secret
 from ..target import KeyCache
-from ..tls import PskClient, PskServer, TlsConnection
+from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
 from . import internals, resources
 from .config import AcmePluginConfig, load
@@ -219,12 +219,12 @@ class RspfSecurityPlugin:
             self._stop.wait(max(1.0, min(wait, 3600.0)))
 
     # ------------------------------------------------------------------- secure listener: keys
-    def _psk_lookup(self, identity: str) -> Secret | None:
+    def _psk_lookup(self, identity: str, peer_ip: str | None) -> Secret | None:
         assert self.keycache is not None
         cred, _fetched = self.keycache.lookup(identity)
         return cred.key if cred else None
 
-    def _resolve(self, tls: TlsConnection) -> PeerCredential | None:
+    def _resolve(self, tls: TlsPeer) -> PeerCredential | None:
         assert self.keycache is not None
         ident = tls.psk_identity
         if ident is None:
@@ -256,7 +256,7 @@ class RspfSecurityPlugin:
             except Exception as exc:
                 _acme_log("warn", f"could not record {peer.credential_id} in rule {self.config.ssar}: {exc}")
 
-    def _certificate_credential(self, tls: TlsConnection) -> PeerCredential | None:
+    def _certificate_credential(self, tls: TlsPeer) -> PeerCredential | None:
         subject_id = tls.peer_certificate_id()
         if not subject_id:
             return None

@@ -87,8 +87,9 @@ class MefService:
         self._handshake = threading.local()
 
     # -- authentication -------------------------------------------------------------------------
-    def psk_for(self, identity: str) -> Secret | None:
-        """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK.
+    def psk_for(self, identity: str, peer_ip: str | None = None) -> Secret | None:
+        """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK. ``peer_ip`` (the
+        transport's PSK lookup signature) is not used: the MEF answers from its own store.
 
         Runs in the connection's thread during the handshake; the enrolee record read with the key is kept
         for :meth:`open_session` in the same thread, so a session costs one query, not two.
