@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Legitimate service under a slow/idle-connection attack: rate under attack / rate without, side by side.
+
+Run from the project root with the project's venv (the installed ``rspf`` package is what is measured):
+
+    .venv/bin/python bench/bench_attack.py [--conns N] [--sources S] [--ops K] [--rounds R] [--keep]
+
+What runs (each its own OS process, everything on loopback):
+
+* ``rspf mef serve`` and ``acmecse --headless`` with the plugin, set up exactly as ``bench_acme.py`` does (its
+  ``setup`` and ``enrol_all`` are reused; default transport limits: 4,096 connections, 256 per source address,
+  10 s handshake deadline, 30 s request deadline and idle timeout);
+* an attacker process (asyncio): N connections to the MEF and N to the CSE's secure listener, spread over S
+  source addresses 127.0.0.2, 127.0.0.3, ... Half of them trickle a real ClientHello one byte every 2 s (the
+  handshake never completes), half connect and send nothing. Whenever the server closes one (deadline or
+  shedding), the attacker opens it again, so about N stay held all the time;
+* this process: ONE sequential legitimate client, from 127.0.0.1:
+  * MEF: ``Enrolee.enrol`` (handshake, securityProfile, enrolment exchange), a new connection each;
+  * secure listener: a new TLS-PSK session with a KeID the CSE has never seen (so the CSE fetches its key from
+    the MEF inside the handshake), CREATE <AE>, RETRIEVE of that <AE>, close.
+
+Rounds alternate quiet / under attack (R of each, K operations of each kind per round). The attack is
+started before an attack round once the attacker holds at least N connections to each server, and stopped
+(all its sockets closed) after it. Printed: per round the rates (operations/s) and the connections the attacker
+held; per kind the ratio median(rate under attack) / median(rate quiet), with TARGET MET when >= 0.8.
+It exits 0 either way (a measurement), stops every process it started by PID, and removes its temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_acme import APP_ID, enrol_all, setup
+
+from rspf.demo import Processes, free_port
+
+TARGET = 0.8
+TRICKLE_SECONDS = 2.0
+
+
+# ------------------------------------------------------------------------------------------ attacker
+def _client_hello() -> bytes:
+    from OpenSSL import SSL
+
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    conn.set_connect_state()
+    try:
+        conn.do_handshake()
+    except SSL.WantReadError:
+        pass
+    return conn.bio_read(65536)
+
+
+def attacker_main(ports: list[int], conns: int, sources: int, pipe: Any) -> None:
+    """Holds ``conns`` connections to each port while told to; answers "stats" with counts."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(_attack(ports, conns, sources, pipe))
+
+
+async def _attack(ports: list[int], conns: int, sources: int, pipe: Any) -> None:
+    loop = asyncio.get_running_loop()
+    hello = _client_hello()
+    stats = {"open": {p: 0 for p in ports}, "opened": 0, "closed_by_server": 0, "connect_failed": 0}
+    running: list[asyncio.Task] = []
+    holding = asyncio.Event()
+
+    async def slot(port: int, source: str, slow: bool) -> None:
+        while holding.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+            except OSError:
+                stats["connect_failed"] += 1
+                await asyncio.sleep(0.5)
+                continue
+            stats["opened"] += 1
+            stats["open"][port] += 1
+            try:
+                if slow:
+                    for b in hello:
+                        writer.write(bytes([b]))
+                        try:
+                            data = await asyncio.wait_for(reader.read(1), TRICKLE_SECONDS)
+                        except TimeoutError:
+                            continue
+                        if not data:
+                            break
+                else:
+                    await reader.read(1)
+                stats["closed_by_server"] += 1
+            except OSError:
+                stats["closed_by_server"] += 1
+            finally:
+                stats["open"][port] -= 1
+                writer.close()
+            await asyncio.sleep(0.05)
+
+    while True:
+        cmd = await loop.run_in_executor(None, pipe.recv)
+        if cmd == "start":
+            holding.set()
+            for port in ports:
+                for i in range(conns):
+                    running.append(asyncio.create_task(slot(port, f"127.0.0.{2 + i % sources}", i % 2 == 0)))
+            pipe.send("started")
+        elif cmd == "stats":
+            pipe.send({"open": dict(stats["open"]), "opened": stats["opened"],
+                       "closed_by_server": stats["closed_by_server"], "connect_failed": stats["connect_failed"]})
+        elif cmd == "stop":
+            holding.clear()
+            for t in running:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            running.clear()
+            pipe.send("stopped")
+        else:
+            return
+
+
+class Attacker:
+    def __init__(self, ports: list[int], conns: int, sources: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=attacker_main, args=(ports, conns, sources, child), daemon=True)
+        self.proc.start()
+        self.ports, self.conns = ports, conns
+
+    def ask(self, cmd: str, timeout: float = 60.0) -> Any:
+        self.pipe.send(cmd)
+        if not self.pipe.poll(timeout):
+            raise RuntimeError(f"the attacker did not answer {cmd!r}")
+        return self.pipe.recv()
+
+    def start(self, timeout: float = 60.0) -> dict:
+        self.ask("start")
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.ask("stats")
+            if all(st["open"][p] >= self.conns * 0.95 for p in self.ports) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.ask("stop")
+
+    def close(self) -> None:
+        try:
+            self.pipe.send("quit")
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# ------------------------------------------------------------------------------------------ legitimate load
+def mef_round(enrolees: list, n: int) -> tuple[float, int]:
+    errors = 0
+    t0 = time.perf_counter()
+    for i in range(n):
+        try:
+            enrolees[i % len(enrolees)].enrol(store=False)
+        except Exception:
+            errors += 1
+    return n / (time.perf_counter() - t0), errors
+
+
+def cse_round(enrolments: list, tls_client: Any) -> tuple[float, int]:
+    from rspf.ae import SecureAE
+
+    errors = 0
+    t0 = time.perf_counter()
+    for e in enrolments:
+        try:
+            with SecureAE(e, tls_client=tls_client).session() as cse:
+                cse.register(APP_ID)
+                data = cse.retrieve(e.enrolee_id)
+                if "m2m:ae" not in data:
+                    errors += 1
+        except Exception:
+            errors += 1
+    return len(enrolments) / (time.perf_counter() - t0), errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conns", type=int, default=1200, help="attack connections held to EACH server (default 1200)")
+    ap.add_argument("--sources", type=int, default=6, help="attacker source addresses 127.0.0.2.. (default 6)")
+    ap.add_argument("--ops", type=int, default=30, help="legitimate operations of each kind per round (default 30)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each kind, quiet and attack (default 3)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) at the end")
+    args = ap.parse_args()
+    if min(args.conns, args.sources, args.ops, args.rounds) < 1:
+        ap.error("all counts must be >= 1")
+
+    from rspf.enrolee import Enrolee, EnroleeConfig
+    from rspf.secret import Secret
+    from rspf.tls import PskClient
+
+    t_start = time.monotonic()
+    home = Path(tempfile.mkdtemp(prefix="rspf-bench-attack-"))
+    procs = Processes()
+    attacker: Attacker | None = None
+    try:
+        mef_port, http_port, secure_port = free_port(), free_port(), free_port()
+        while len({mef_port, http_port, secure_port}) < 3:
+            secure_port, http_port = free_port(), free_port()
+        n_aes = 2 * args.rounds * args.ops
+        rows, t_setup = setup(home, n_aes, mef_port, http_port, secure_port, procs, "waitress")
+        mef_pid, cse_pid = procs.procs[0][1].pid, procs.procs[1][1].pid
+        print(f"setup: MEF pid {mef_pid} :{mef_port}, ACME IN-CSE pid {cse_pid} TLS-PSK :{secure_port}, {n_aes} AE "
+              f"enrolees ({t_setup:.1f} s)")
+        t0 = time.monotonic()
+        enrolments = enrol_all(rows, mef_port, home)
+        print(f"enrolled {len(enrolments)} AEs (not timed)  ({time.monotonic() - t0:.1f} s)")
+        tls = PskClient()
+        enrolees = [Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port, mef_fqdn=rows[i][0].split("@")[1],
+                                          kpm_id=rows[i][0], kpm=Secret(bytes.fromhex(rows[i][1]), "Kpm"),
+                                          node_id=rows[i][3], store_path=home / "unused.store"), tls_client=tls)
+                    for i in range(min(20, len(rows)))]
+        attacker = Attacker([mef_port, secure_port], args.conns, args.sources)
+        print(f"attack: {args.conns} connections to the MEF and {args.conns} to the secure listener from "
+              f"127.0.0.2..127.0.0.{1 + args.sources} (half trickle a ClientHello a byte every "
+              f"{TRICKLE_SECONDS:g} s, half idle); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        mef_rate: dict[str, list[float]] = {"quiet": [], "attack": []}
+        cse_rate: dict[str, list[float]] = {"quiet": [], "attack": []}
+        fresh = iter(enrolments)
+        print(f"\n  {'round':>5} {'kind':7} {'MEF enrol/s':>11} {'err':>3} {'CSE reg+get/s':>13} {'err':>3} | "
+              f"attacker holds MEF / CSE (opened so far, closed by the servers)")
+        for r in range(args.rounds):
+            for kind in (("quiet", "attack") if r % 2 == 0 else ("attack", "quiet")):
+                held = ""
+                if kind == "attack":
+                    st = attacker.start()
+                    held = (f"{st['open'][mef_port]:>5} / {st['open'][secure_port]:>5} "
+                            f"({st['opened']} opened, {st['closed_by_server']} closed)")
+                m, m_err = mef_round(enrolees, args.ops)
+                c, c_err = cse_round([next(fresh) for _ in range(args.ops)], tls)
+                if kind == "attack":
+                    st = attacker.ask("stats")
+                    held += f" -> {st['open'][mef_port]} / {st['open'][secure_port]} at the end"
+                    attacker.stop()
+                mef_rate[kind].append(m)
+                cse_rate[kind].append(c)
+                print(f"  {r + 1:>5} {kind:7} {m:>11.1f} {m_err:>3} {c:>13.1f} {c_err:>3} | {held}", flush=True)
+        print("\nSUMMARY (median rate under attack / median rate quiet)")
+        for name, rates in (("MEF enrolment", mef_rate), ("secure listener register+retrieve", cse_rate)):
+            q, a = statistics.median(rates["quiet"]), statistics.median(rates["attack"])
+            ratio = a / q
+            print(f"  {name}: quiet {q:.1f}/s, under attack {a:.1f}/s -> {ratio:.2f} (target >= {TARGET:g}): "
+                  f"{'TARGET MET' if ratio >= TARGET else 'TARGET MISSED'}")
+        print(f"  total time {time.monotonic() - t_start:.0f} s; load average now "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
+    finally:
+        print("\nstopping the processes started here")
+        if attacker is not None:
+            attacker.close()
+        procs.stop_all()
+        if args.keep:
+            print(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
