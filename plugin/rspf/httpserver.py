@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import queue
 import resource
 import socket
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 MAX_HANDSHAKE_BYTES = 64 * 1024
 _TLS_CONTENT_TYPES = frozenset(range(20, 25))
 _HTTP_VERSIONS = (b"1.0", b"1.1")
-_FRAMING_HEADERS = ("content-length", "connection", "transfer-encoding")
+_FRAMING_HEADERS = frozenset(("content-length", "connection", "transfer-encoding"))
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class TlsHttpServer:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._wake: asyncio.Event | None = None
+        self._sweep_every = 0.5
         self._thread: threading.Thread | None = None
         self._conns: dict[_Connection, None] = {}
         self._by_source: dict[str, dict[_Connection, None]] = {}
@@ -263,7 +265,10 @@ class TlsHttpServer:
         assert self._sock is not None
         server = await loop.create_server(lambda: _Connection(self), sock=self._sock,
                                           backlog=min(4096, self.limits.max_connections))
-        tick = loop.call_later(1.0, self._tick)
+        limits = self.limits
+        self._sweep_every = max(0.05, min(0.5, min(limits.handshake_timeout, limits.request_timeout,
+                                                   limits.idle_timeout) / 5))
+        tick = loop.call_later(self._sweep_every, self._tick)
         try:
             if not self._stop.is_set():
                 await self._wake.wait()
@@ -288,12 +293,16 @@ class TlsHttpServer:
             self._wake.set()
 
     def _tick(self) -> None:
-        self.refusals.roll()
+        """Deadlines: one sweep over the connections every ``_sweep_every`` s instead of a timer per request."""
         assert self._loop is not None
+        now = self._loop.time()
+        for conn in [c for c in self._conns if c.deadline <= now]:
+            conn.expired()
+        self.refusals.roll()
         if self._stop.is_set():
             self._on_stop()
         else:
-            self._loop.call_later(1.0, self._tick)
+            self._loop.call_later(self._sweep_every, self._tick)
 
     # -- admission (loop thread) ----------------------------------------------------------------
     def _admit(self, conn: _Connection) -> bool:
@@ -336,12 +345,15 @@ class TlsHttpServer:
 _HANDSHAKE, _READING, _CLOSED = range(3)
 
 
+_UNOPENED = object()  # the handshake is done; the session opens with the first request, in the same pool job
+
+
 class _Connection(asyncio.Protocol):
     """One client connection, driven by the loop thread. Pool jobs never touch ``tls`` at the same time as the
-    loop: during a handshake step or session opening the loop only buffers ciphertext in ``_pending``.
+    loop: while one may (``_tls_in_pool``: a handshake step that can run the PSK lookup, or the job opening the
+    session) the loop only buffers ciphertext in ``_pending``.
 
-    States: _HANDSHAKE (until the session is open), _READING (the session; ``_busy`` while the application
-    answers a request), _CLOSED."""
+    States: _HANDSHAKE, _READING (the session; ``_busy`` while the application answers a request), _CLOSED."""
 
     def __init__(self, server: TlsHttpServer) -> None:
         self.server = server
@@ -354,8 +366,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._pending = bytearray()
-        self._busy = False  # a pool job owns tls
-        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False  # the application is answering a request
+        self._tls_in_pool = False
+        self.deadline = math.inf  # loop time at which ``_what`` expires (checked by the server's sweep)
+        self._what = ""
+        self._reading_paused = False
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=wire.MAX_HEADER_BYTES)
         self._in_request = False
         self._head: h11.Request | None = None
@@ -386,14 +401,17 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == _CLOSED:
             return
-        if self.state == _HANDSHAKE:
+        if self._busy and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True  # the client sends more while its request is answered: wait
+            self.transport.pause_reading()
+        if self.state == _HANDSHAKE or self._tls_in_pool:
             self._pending += data
             if len(self._pending) > MAX_HANDSHAKE_BYTES + MAX_TLS_RECORD:
                 self._refuse("too much data during the TLS handshake")
-            elif not self._busy:
+            elif self.state == _HANDSHAKE and not self._tls_in_pool:
                 self._step_handshake()
             return
-        self._on_ciphertext(data)  # the loop owns tls once the session is open (the app never touches it)
+        self._on_ciphertext(data)
 
     def eof_received(self) -> bool | None:
         if self.state != _READING:
@@ -427,7 +445,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def presented_identity(self) -> str | None:
-        return self.tls.presented_identity if self.tls is not None and not self._busy else None
+        return self.tls.presented_identity if self.tls is not None else None
 
     def abort(self) -> None:
         if self.transport is not None and self.state != _CLOSED:
@@ -445,8 +463,8 @@ class _Connection(asyncio.Protocol):
             self.server._forget(self)
 
     def _arm(self, seconds: float, what: str) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(seconds, self._expired, what)
+        self.deadline = self._loop.time() + seconds
+        self._what = what
 
     def _arm_wait(self) -> None:
         """Between answers: the request deadline if a request has begun, else the idle timeout."""
@@ -456,12 +474,11 @@ class _Connection(asyncio.Protocol):
             self._arm(self.limits.idle_timeout, "idle")
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = math.inf
 
-    def _expired(self, what: str) -> None:
-        self._timer = None
+    def expired(self) -> None:
+        what = self._what
+        self._disarm()
         if self.state == _CLOSED:
             return
         if what == "idle":
@@ -490,7 +507,8 @@ class _Connection(asyncio.Protocol):
 
     # -- handshake ------------------------------------------------------------------------------
     def _step_handshake(self) -> None:
-        """Hand the complete TLS records received so far to a handshake step in the pool."""
+        """Advance the handshake with the complete TLS records received so far: in the handshake pool until the
+        PSK lookup (which may block) has run, on the loop after it (what is left is cheap)."""
         n = _complete_records(self._pending)
         if n < 0:
             self._refuse("TLS handshake refused", "not a TLS record")
@@ -499,21 +517,22 @@ class _Connection(asyncio.Protocol):
             return
         records = bytes(self._pending[:n])
         del self._pending[:n]
-        self._busy = True
         tls = self.tls
         assert tls is not None and self.server._handshakes is not None
 
-        def job() -> tuple[bool, bytes, Any]:
+        def job() -> tuple[bool, bytes, TlsError | None]:
             tls.feed(records)
             try:
                 done = tls.handshake_step()
             except TlsError as exc:
                 return False, tls.outgoing(), exc
-            if not done:
-                return False, tls.outgoing(), None
-            return True, tls.outgoing(), self.server.open_session(tls)
+            return done, tls.outgoing(), None
 
-        self.server._handshakes.submit(job, self._from_pool(self._handshake_done))
+        if tls.presented_identity is not None:
+            self._handshake_done(job(), None)
+        else:
+            self._tls_in_pool = True
+            self.server._handshakes.submit(job, self._from_pool(self._handshake_done))
 
     def _from_pool(self, callback: Callable[[Any, BaseException | None], None]) \
             -> Callable[[Any, BaseException | None], None]:
@@ -528,28 +547,24 @@ class _Connection(asyncio.Protocol):
         return done
 
     def _handshake_done(self, result: Any, error: BaseException | None) -> None:
-        self._busy = False
+        self._tls_in_pool = False
         if self.state == _CLOSED:
             return
         if error is not None:
-            log.error("%s: unexpected error while opening a session: %s", self.server.name, type(error).__name__,
-                      exc_info=error)
+            log.error("%s: unexpected error in a TLS handshake step", self.server.name, exc_info=error)
             self.abort()
             return
-        done, out, outcome = result
+        done, out, failure = result
         assert self.transport is not None and self.tls is not None
         if out:
             self.transport.write(out)
-        if isinstance(outcome, TlsError):
-            self._refuse("TLS handshake refused", str(outcome))
+        if failure is not None:
+            self._refuse("TLS handshake refused", str(failure))
             return
         if not done:
             self._step_handshake()
             return
-        if outcome is None:
-            self._refuse("no usable credential after the handshake")
-            return
-        self.session = outcome
+        self.session = _UNOPENED
         self.state = _READING
         self._arm(self.limits.idle_timeout, "idle")
         data = bytes(self._pending)  # records that came after the client's Finished (some may be in tls already)
@@ -633,46 +648,60 @@ class _Connection(asyncio.Protocol):
             raise BadRequest("the request head is not ASCII text") from None
         self._body, self._body_size = [], 0
         self._busy = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-        session, server = self.session, self.server
-        assert server._workers is not None
-        server._workers.submit(lambda: server.respond(session, req), self._from_pool(self._answered))
+        session, server, tls = self.session, self.server, self.tls
+        assert server._workers is not None and tls is not None
+        if session is _UNOPENED:
+            self._tls_in_pool = True
+
+        def job() -> tuple[Any, tuple[wire.HttpResponse, bool] | None]:
+            opened = server.open_session(tls) if session is _UNOPENED else session
+            return opened, (None if opened is None else server.respond(opened, req))
+
+        server._workers.submit(job, self._from_pool(self._answered))
 
     def _answered(self, result: Any, error: BaseException | None) -> None:
-        self._busy = False
+        self._busy = self._tls_in_pool = False
         if self.state == _CLOSED:
             return
-        assert self.transport is not None
-        self.transport.resume_reading()
+        assert self.transport is not None and self._head is not None
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
         if error is not None:
             log.error("%s: unexpected error while answering a request", self.server.name, exc_info=error)
             self._send_error(RspfError("the server failed to answer; see its log"))
             return
-        resp, close = result
-        headers = [(wire.canonical_name(k), v) for k, v in resp.headers.items()
-                   if k not in _FRAMING_HEADERS and wire.safe_header_value(str(v))]
-        headers.append(("Content-Length", str(len(resp.body))))
-        if close:
-            headers.append(("Connection", "close"))
-        try:
-            parts = [self._http.send(h11.Response(status_code=resp.status, headers=headers,
-                                                  reason=wire.reason(resp.status)))]
-            if resp.body:
-                parts.append(self._http.send(h11.Data(data=resp.body)))
-            parts.append(self._http.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError as exc:
-            log.error("%s: the application's answer cannot be sent: %s", self.server.name, exc)
-            self._send_error(RspfError("the server produced an answer it cannot send"))
+        session, answer = result
+        if answer is None:
+            self._refuse("no usable credential after the handshake")
             return
-        self._send(b"".join(p for p in parts if p))
-        if close or self._http.our_state is h11.MUST_CLOSE:
+        self.session = session
+        resp, close = answer
+        keep = not close and _keep_alive(self._head)
+        headers = {k: v for k, v in resp.headers.items() if k not in _FRAMING_HEADERS}
+        if not keep:
+            headers["connection"] = "close"
+        data = wire.render_response(wire.HttpResponse(resp.status, headers, resp.body))
+        if self._head.method == b"HEAD":
+            data = data[:len(data) - len(resp.body)]
+        self._send(data)
+        if not keep:
             self._goodbye()
             return
-        self._http.start_next_cycle()
-        self._in_request = False
+        # a fresh h11 cycle; what the client pipelined after this request carries over
+        trailing, eof = self._http.trailing_data
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=wire.MAX_HEADER_BYTES)
+        if trailing:
+            self._http.receive_data(trailing)
+        if eof:
+            self._http.receive_data(b"")
         self._head = None
-        self._in_request = bool(self._http.trailing_data[0])  # a pipelined request has begun
+        self._in_request = bool(trailing)  # a pipelined request has begun
+        if self._pending:  # ciphertext that came while the session was opening
+            data, self._pending = bytes(self._pending), bytearray()
+            self._on_ciphertext(data)
+            if self.state != _READING:
+                return
         if self._write_paused:
             return  # resume_writing continues
         self._arm_wait()
@@ -704,10 +733,18 @@ class _Connection(asyncio.Protocol):
 
     def _goodbye(self) -> None:
         """Send close_notify and close the connection once written."""
-        if self.tls is not None and not self._busy:
+        if self.tls is not None and not self._tls_in_pool:
             self.tls.close_notify()
             self._write_tls()
         self._close()
+
+
+def _keep_alive(head: h11.Request) -> bool:
+    """Whether the client wants the connection kept after this request (RFC 9112 §9.3)."""
+    tokens = {t.strip().lower() for name, value in head.headers if name == b"connection" for t in value.split(b",")}
+    if b"close" in tokens:
+        return False
+    return head.http_version != b"1.0" or b"keep-alive" in tokens
 
 
 def _check_fields(fields: Any, what: str) -> None:
