@@ -3,7 +3,8 @@
 
 Run from the project root with the project's venv (the installed ``rspf`` package is what is measured):
 
-    .venv/bin/python bench/bench_attack.py [--conns N] [--sources S] [--ops K] [--rounds R] [--keep]
+    .venv/bin/python bench/bench_attack.py [--conns N] [--sources S] [--seconds T] [--rounds R]
+                                           [--registrations G] [--keep]
 
 What runs (each its own OS process, everything on loopback):
 
@@ -14,15 +15,19 @@ What runs (each its own OS process, everything on loopback):
   source addresses 127.0.0.2, 127.0.0.3, ... Half of them trickle a real ClientHello one byte every 2 s (the
   handshake never completes), half connect and send nothing. Whenever the server closes one (deadline or
   shedding), the attacker opens it again, so about N stay held all the time;
-* this process: ONE sequential legitimate client, from 127.0.0.1:
-  * MEF: ``Enrolee.enrol`` (handshake, securityProfile, enrolment exchange), a new connection each;
-  * secure listener: a new TLS-PSK session with a KeID the CSE has never seen (so the CSE fetches its key from
-    the MEF inside the handshake), CREATE <AE>, RETRIEVE of that <AE>, close.
+* this process: ONE sequential legitimate client, from 127.0.0.1, taking turns between three operations,
+  each on a new connection:
+  * MEF: ``Enrolee.enrol`` (handshake, securityProfile, enrolment exchange);
+  * secure listener, first contact (the first G operations of each round): a TLS-PSK session with a KeID the
+    CSE has never seen (so the CSE fetches its key from the MEF inside the handshake), CREATE <AE>, RETRIEVE
+    of that <AE>;
+  * secure listener, then: a TLS-PSK session of an AE registered before the run, RETRIEVE of its <AE>.
 
-Rounds alternate quiet / under attack (R of each, K operations of each kind per round). The attack is
-started before an attack round once the attacker holds at least N connections to each server, and stopped
-(all its sockets closed) after it. Printed: per round the rates (operations/s) and the connections the attacker
-held; per kind the ratio median(rate under attack) / median(rate quiet), with TARGET MET when >= 0.8.
+Rounds of T seconds (longer than the 10 s handshake deadline, so the servers' closing and the attacker's
+reopening are part of it) alternate quiet / under attack, R of each. The attack starts before an attack round
+once the attacker holds N connections to each server, and is stopped (all its sockets closed) after it.
+Printed: per round the rate of each operation (operations per second spent on it) and what the attacker held;
+per operation the ratio median(rate under attack) / median(rate quiet), TARGET MET when >= 0.8.
 It exits 0 either way (a measurement), stops every process it started by PID, and removes its temporary folder.
 """
 
@@ -166,45 +171,76 @@ class Attacker:
 
 
 # ------------------------------------------------------------------------------------------ legitimate load
-def mef_round(enrolees: list, n: int) -> tuple[float, int]:
-    errors = 0
-    t0 = time.perf_counter()
-    for i in range(n):
-        try:
-            enrolees[i % len(enrolees)].enrol(store=False)
-        except Exception:
-            errors += 1
-    return n / (time.perf_counter() - t0), errors
+class Legit:
+    """The legitimate client's three operations; each returns its duration (or raises)."""
 
+    def __init__(self, enrolees: list, registered: list, fresh: list, tls_client: Any) -> None:
+        self.enrolees, self.registered, self.fresh = enrolees, registered, iter(fresh)
+        self.tls = tls_client
+        self.n = 0
 
-def cse_round(enrolments: list, tls_client: Any) -> tuple[float, int]:
-    from rspf.ae import SecureAE
+    def enrol(self) -> float:
+        t0 = time.perf_counter()
+        self.enrolees[self.n % len(self.enrolees)].enrol(store=False)
+        return time.perf_counter() - t0
 
-    errors = 0
-    t0 = time.perf_counter()
-    for e in enrolments:
-        try:
-            with SecureAE(e, tls_client=tls_client).session() as cse:
-                cse.register(APP_ID)
-                data = cse.retrieve(e.enrolee_id)
-                if "m2m:ae" not in data:
-                    errors += 1
-        except Exception:
-            errors += 1
-    return len(enrolments) / (time.perf_counter() - t0), errors
+    def register(self) -> float:
+        from rspf.ae import SecureAE
+
+        e = next(self.fresh)
+        t0 = time.perf_counter()
+        with SecureAE(e, tls_client=self.tls).session() as cse:
+            cse.register(APP_ID)
+            if "m2m:ae" not in cse.retrieve(e.enrolee_id):
+                raise RuntimeError("RETRIEVE after registration failed")
+        return time.perf_counter() - t0
+
+    def retrieve(self) -> float:
+        from rspf.ae import SecureAE
+
+        e = self.registered[self.n % len(self.registered)]
+        t0 = time.perf_counter()
+        with SecureAE(e, tls_client=self.tls).session() as cse:
+            if "m2m:ae" not in cse.retrieve(e.enrolee_id):
+                raise RuntimeError("RETRIEVE failed")
+        return time.perf_counter() - t0
+
+    def round(self, seconds: float, registrations: int) -> dict[str, tuple[float, int]]:
+        """{operation: (rate, errors)} for ``seconds`` of taking turns."""
+        spent = {"enrol": 0.0, "register": 0.0, "retrieve": 0.0}
+        done = dict.fromkeys(spent, 0)
+        errors = dict.fromkeys(spent, 0)
+        end = time.monotonic() + seconds
+        regs = 0
+        while time.monotonic() < end or regs < registrations:
+            ops = ["enrol", "register" if regs < registrations else "retrieve"]
+            regs += ops[1] == "register"
+            for op in ops:
+                t0 = time.perf_counter()
+                try:
+                    spent[op] += getattr(self, op)()
+                    done[op] += 1
+                except Exception:
+                    errors[op] += 1
+                    spent[op] += time.perf_counter() - t0
+            self.n += 1
+        return {op: (done[op] / spent[op] if spent[op] else 0.0, errors[op]) for op in spent}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", type=int, default=1200, help="attack connections held to EACH server (default 1200)")
     ap.add_argument("--sources", type=int, default=6, help="attacker source addresses 127.0.0.2.. (default 6)")
-    ap.add_argument("--ops", type=int, default=30, help="legitimate operations of each kind per round (default 30)")
+    ap.add_argument("--seconds", type=float, default=12.0, help="length of a round (default 12)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each kind, quiet and attack (default 3)")
+    ap.add_argument("--registrations", type=int, default=10,
+                    help="first-contact registrations at the start of each round (default 10)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) at the end")
     args = ap.parse_args()
-    if min(args.conns, args.sources, args.ops, args.rounds) < 1:
+    if min(args.conns, args.sources, args.seconds, args.rounds, args.registrations) < 1:
         ap.error("all counts must be >= 1")
 
+    from rspf.ae import SecureAE
     from rspf.enrolee import Enrolee, EnroleeConfig
     from rspf.secret import Secret
     from rspf.tls import PskClient
@@ -217,47 +253,55 @@ def main() -> int:
         mef_port, http_port, secure_port = free_port(), free_port(), free_port()
         while len({mef_port, http_port, secure_port}) < 3:
             secure_port, http_port = free_port(), free_port()
-        n_aes = 2 * args.rounds * args.ops
+        n_fresh = 2 * args.rounds * args.registrations
+        n_aes = n_fresh + 20
         rows, t_setup = setup(home, n_aes, mef_port, http_port, secure_port, procs, "waitress")
         mef_pid, cse_pid = procs.procs[0][1].pid, procs.procs[1][1].pid
         print(f"setup: MEF pid {mef_pid} :{mef_port}, ACME IN-CSE pid {cse_pid} TLS-PSK :{secure_port}, {n_aes} AE "
               f"enrolees ({t_setup:.1f} s)")
         t0 = time.monotonic()
         enrolments = enrol_all(rows, mef_port, home)
-        print(f"enrolled {len(enrolments)} AEs (not timed)  ({time.monotonic() - t0:.1f} s)")
         tls = PskClient()
-        enrolees = [Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port, mef_fqdn=rows[i][0].split("@")[1],
-                                          kpm_id=rows[i][0], kpm=Secret(bytes.fromhex(rows[i][1]), "Kpm"),
-                                          node_id=rows[i][3], store_path=home / "unused.store"), tls_client=tls)
-                    for i in range(min(20, len(rows)))]
+        legit = Legit([], enrolments[n_fresh:], enrolments[:n_fresh], tls)
+        for e in legit.registered:  # the AEs of the RETRIEVE operation register before the run
+            with SecureAE(e, tls_client=tls).session() as cse:
+                cse.register(APP_ID)
+        legit.enrolees = [Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port,
+                                                mef_fqdn=row[0].split("@")[1], kpm_id=row[0],
+                                                kpm=Secret(bytes.fromhex(row[1]), "Kpm"), node_id=row[3],
+                                                store_path=home / "unused.store"), tls_client=tls)
+                          for row in rows[n_fresh:]]
+        print(f"enrolled {len(enrolments)} AEs and registered {len(legit.registered)} (not timed, "
+              f"{time.monotonic() - t0:.1f} s)")
         attacker = Attacker([mef_port, secure_port], args.conns, args.sources)
         print(f"attack: {args.conns} connections to the MEF and {args.conns} to the secure listener from "
               f"127.0.0.2..127.0.0.{1 + args.sources} (half trickle a ClientHello a byte every "
               f"{TRICKLE_SECONDS:g} s, half idle); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        mef_rate: dict[str, list[float]] = {"quiet": [], "attack": []}
-        cse_rate: dict[str, list[float]] = {"quiet": [], "attack": []}
-        fresh = iter(enrolments)
-        print(f"\n  {'round':>5} {'kind':7} {'MEF enrol/s':>11} {'err':>3} {'CSE reg+get/s':>13} {'err':>3} | "
-              f"attacker holds MEF / CSE (opened so far, closed by the servers)")
+        rates: dict[str, dict[str, list[float]]] = {op: {"quiet": [], "attack": []}
+                                                    for op in ("enrol", "register", "retrieve")}
+        print(f"\n  {'round':>5} {'kind':7} {'MEF enrol/s':>11} {'err':>3} {'CSE reg+get/s':>13} {'err':>3} "
+              f"{'CSE get/s':>9} {'err':>3} | attacker holds MEF / CSE (opened so far, closed by the servers)")
         for r in range(args.rounds):
             for kind in (("quiet", "attack") if r % 2 == 0 else ("attack", "quiet")):
                 held = ""
                 if kind == "attack":
                     st = attacker.start()
-                    held = (f"{st['open'][mef_port]:>5} / {st['open'][secure_port]:>5} "
-                            f"({st['opened']} opened, {st['closed_by_server']} closed)")
-                m, m_err = mef_round(enrolees, args.ops)
-                c, c_err = cse_round([next(fresh) for _ in range(args.ops)], tls)
+                    held = f"{st['open'][mef_port]:>5} / {st['open'][secure_port]:>5}"
+                res = legit.round(args.seconds, args.registrations)
                 if kind == "attack":
                     st = attacker.ask("stats")
-                    held += f" -> {st['open'][mef_port]} / {st['open'][secure_port]} at the end"
+                    held += (f" -> {st['open'][mef_port]} / {st['open'][secure_port]} at the end "
+                             f"({st['opened']} opened, {st['closed_by_server']} closed by the servers)")
                     attacker.stop()
-                mef_rate[kind].append(m)
-                cse_rate[kind].append(c)
-                print(f"  {r + 1:>5} {kind:7} {m:>11.1f} {m_err:>3} {c:>13.1f} {c_err:>3} | {held}", flush=True)
+                for op in rates:
+                    rates[op][kind].append(res[op][0])
+                print(f"  {r + 1:>5} {kind:7} {res['enrol'][0]:>11.1f} {res['enrol'][1]:>3} "
+                      f"{res['register'][0]:>13.1f} {res['register'][1]:>3} {res['retrieve'][0]:>9.1f} "
+                      f"{res['retrieve'][1]:>3} | {held}", flush=True)
         print("\nSUMMARY (median rate under attack / median rate quiet)")
-        for name, rates in (("MEF enrolment", mef_rate), ("secure listener register+retrieve", cse_rate)):
-            q, a = statistics.median(rates["quiet"]), statistics.median(rates["attack"])
+        for name, op in (("MEF enrolment", "enrol"), ("secure listener first-contact register+retrieve", "register"),
+                         ("secure listener new session + retrieve", "retrieve")):
+            q, a = statistics.median(rates[op]["quiet"]), statistics.median(rates[op]["attack"])
             ratio = a / q
             print(f"  {name}: quiet {q:.1f}/s, under attack {a:.1f}/s -> {ratio:.2f} (target >= {TARGET:g}): "
                   f"{'TARGET MET' if ratio >= TARGET else 'TARGET MISSED'}")
