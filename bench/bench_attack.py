@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_acme import APP_ID, enrol_all, setup
+from benchutil import cpu_seconds
 
 from rspf.demo import Processes, free_port
 
@@ -279,15 +280,23 @@ def main() -> int:
               f"{TRICKLE_SECONDS:g} s, half idle); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         rates: dict[str, dict[str, list[float]]] = {op: {"quiet": [], "attack": []}
                                                     for op in ("enrol", "register", "retrieve")}
+        pids = {"MEF": mef_pid, "CSE": cse_pid, "attacker": attacker.proc.pid}
+        warm = legit.round(min(3.0, args.seconds), 0)  # warm-up (first use of code paths): not counted
+        print(f"warm-up: {warm['enrol'][0]:.1f} enrolments/s, {warm['retrieve'][0]:.1f} retrieves/s (not counted)")
         print(f"\n  {'round':>5} {'kind':7} {'MEF enrol/s':>11} {'err':>3} {'CSE reg+get/s':>13} {'err':>3} "
-              f"{'CSE get/s':>9} {'err':>3} | attacker holds MEF / CSE (opened so far, closed by the servers)")
+              f"{'CSE get/s':>9} {'err':>3} | CPU % MEF CSE attacker client | attacker holds MEF / CSE")
         for r in range(args.rounds):
             for kind in (("quiet", "attack") if r % 2 == 0 else ("attack", "quiet")):
                 held = ""
                 if kind == "attack":
                     st = attacker.start()
                     held = f"{st['open'][mef_port]:>5} / {st['open'][secure_port]:>5}"
+                cpu0 = {k: cpu_seconds(p) for k, p in pids.items()} | {"client": time.process_time()}
+                w0 = time.monotonic()
                 res = legit.round(args.seconds, args.registrations)
+                wall = time.monotonic() - w0
+                cpu1 = {k: cpu_seconds(p) for k, p in pids.items()} | {"client": time.process_time()}
+                cpu = " ".join(f"{100 * (cpu1[k] - cpu0[k]) / wall:3.0f}" for k in ("MEF", "CSE", "attacker", "client"))
                 if kind == "attack":
                     st = attacker.ask("stats")
                     held += (f" -> {st['open'][mef_port]} / {st['open'][secure_port]} at the end "
@@ -297,7 +306,7 @@ def main() -> int:
                     rates[op][kind].append(res[op][0])
                 print(f"  {r + 1:>5} {kind:7} {res['enrol'][0]:>11.1f} {res['enrol'][1]:>3} "
                       f"{res['register'][0]:>13.1f} {res['register'][1]:>3} {res['retrieve'][0]:>9.1f} "
-                      f"{res['retrieve'][1]:>3} | {held}", flush=True)
+                      f"{res['retrieve'][1]:>3} | {cpu:>20} | {held}", flush=True)
         print("\nSUMMARY (median rate under attack / median rate quiet)")
         for name, op in (("MEF enrolment", "enrol"), ("secure listener first-contact register+retrieve", "register"),
                          ("secure listener new session + retrieve", "retrieve")):

@@ -362,6 +362,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.source = "?"
         self.tls: ServerTls | None = None
+        self._peer_address = ("?", 0)
         self.session: Any = None
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -389,13 +390,7 @@ class _Connection(asyncio.Protocol):
             self.state = _CLOSED
             transport.abort()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        self.tls = self.server.psk.accept((str(peer[0]), int(peer[1])))
+        self._peer_address = (str(peer[0]), int(peer[1]))
         self._arm(self.limits.handshake_timeout, "handshake deadline")
 
     def data_received(self, data: bytes) -> None:
@@ -517,8 +512,16 @@ class _Connection(asyncio.Protocol):
             return
         records = bytes(self._pending[:n])
         del self._pending[:n]
+        if self.tls is None:  # the first whole record: only now does the connection cost a TLS object
+            self.tls = self.server.psk.accept(self._peer_address)
+            sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
         tls = self.tls
-        assert tls is not None and self.server._handshakes is not None
+        assert self.server._handshakes is not None
 
         def job() -> tuple[bool, bytes, TlsError | None]:
             tls.feed(records)
