@@ -345,13 +345,6 @@ class TlsConnection(TlsPeer):
     def makefile(self) -> io.BufferedReader:
         return io.BufferedReader(_RawTls(self), 16384)
 
-    def interrupt(self) -> None:
-        """Wake a thread blocked reading this connection (another thread may call this)."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
     def close(self) -> None:
         try:
             self._conn.shutdown()

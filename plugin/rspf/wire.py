@@ -18,7 +18,6 @@ from .errors import RSC, BadRequest, OperationNotAllowed, RspfError, Unsupported
 MAX_HEADER_BYTES = 16 * 1024
 #: At most this many header fields in a request head, and as many trailer fields after a chunked body.
 MAX_HEADER_FIELDS = 100
-DEFAULT_MAX_BODY = 64 * 1024
 SUPPORTED_RVI = ("2a", "3", "4", "5")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: Headers a request may carry once (a second copy makes it ambiguous: refused).
