@@ -375,6 +375,7 @@ class _Connection(asyncio.Protocol):
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=wire.MAX_HEADER_BYTES)
         self._in_request = False
         self._head: h11.Request | None = None
+        self._fields: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_size = 0
         self._write_paused = False
@@ -618,7 +619,8 @@ class _Connection(asyncio.Protocol):
                         raise wire.PayloadTooLarge(f"the request body is longer than {self.limits.max_body} bytes")
                     self._body.append(event.data)
                 elif isinstance(event, h11.EndOfMessage):
-                    _check_fields(event.headers, "trailer")
+                    if event.headers:
+                        _check_fields(list(event.headers), "trailer")
                     self._dispatch()
                 elif isinstance(event, h11.ConnectionClosed):
                     self._goodbye()
@@ -629,11 +631,12 @@ class _Connection(asyncio.Protocol):
 
     def _on_head(self, head: h11.Request) -> None:
         self._head = head
+        self._fields = fields = list(head.headers)  # iterating h11's Headers is slow: once
         if head.http_version not in _HTTP_VERSIONS:
             raise wire.HttpVersionNotSupported(f"HTTP/{head.http_version.decode('ascii', 'replace')} is not "
                                                "supported; use HTTP/1.1")
-        _check_fields(head.headers, "header")
-        for name, value in head.headers:
+        _check_fields(fields, "header")
+        for name, value in fields:
             if name == b"content-length" and int(value) > self.limits.max_body:
                 raise wire.PayloadTooLarge(f"the request body is {int(value)} bytes; this server accepts at "
                                            f"most {self.limits.max_body}")
@@ -646,7 +649,7 @@ class _Connection(asyncio.Protocol):
         assert head is not None and self.server._workers is not None
         self._disarm()  # the request arrived whole
         try:
-            req = wire.request_from_h11(head.method, head.target, list(head.headers), b"".join(self._body))
+            req = wire.request_from_h11(head.method, head.target, self._fields, b"".join(self._body))
         except UnicodeDecodeError:
             raise BadRequest("the request head is not ASCII text") from None
         self._body, self._body_size = [], 0
@@ -680,7 +683,7 @@ class _Connection(asyncio.Protocol):
             return
         self.session = session
         resp, close = answer
-        keep = not close and _keep_alive(self._head)
+        keep = not close and _keep_alive(self._head, self._fields)
         headers = {k: v for k, v in resp.headers.items() if k not in _FRAMING_HEADERS}
         if not keep:
             headers["connection"] = "close"
@@ -721,7 +724,7 @@ class _Connection(asyncio.Protocol):
         head = self._head
         ri = rvi = None
         if head is not None:
-            for name, value in head.headers:
+            for name, value in self._fields:
                 if name == b"x-m2m-ri":
                     ri = value.decode("latin-1")
                 elif name == b"x-m2m-rvi":
@@ -742,15 +745,15 @@ class _Connection(asyncio.Protocol):
         self._close()
 
 
-def _keep_alive(head: h11.Request) -> bool:
+def _keep_alive(head: h11.Request, fields: list[tuple[bytes, bytes]]) -> bool:
     """Whether the client wants the connection kept after this request (RFC 9112 §9.3)."""
-    tokens = {t.strip().lower() for name, value in head.headers if name == b"connection" for t in value.split(b",")}
+    tokens = {t.strip().lower() for name, value in fields if name == b"connection" for t in value.split(b",")}
     if b"close" in tokens:
         return False
     return head.http_version != b"1.0" or b"keep-alive" in tokens
 
 
-def _check_fields(fields: Any, what: str) -> None:
+def _check_fields(fields: list[tuple[bytes, bytes]], what: str) -> None:
     """h11 bounds only an incomplete head; a head (or trailer) that arrives whole is bounded here."""
     if len(fields) > wire.MAX_HEADER_FIELDS:
         raise wire.HeaderTooLarge(f"more than {wire.MAX_HEADER_FIELDS} {what} fields")

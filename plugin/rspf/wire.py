@@ -26,6 +26,7 @@ _JSON_TYPES = ("application/json", "application/vnd.onem2m-res+json")
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _RI = re.compile(r"^[\x21-\x7e]{1,256}$")
 _DIGITS = re.compile(r"[0-9]{1,12}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
 
 OPERATIONS = {"POST": "CREATE", "GET": "RETRIEVE", "PUT": "UPDATE", "DELETE": "DELETE"}
@@ -197,7 +198,7 @@ def reason(status: int) -> str:
 
 def safe_header_value(value: str) -> bool:
     """False for a value with a control character (it would split the header block)."""
-    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    return _CONTROL.search(value) is None
 
 
 def render_response(resp: HttpResponse) -> bytes:
