@@ -174,7 +174,6 @@ class TlsHttpServer:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
-        self._stopped = threading.Event()
         self._wake: asyncio.Event | None = None
         self._sweep_every = 0.5
         self._thread: threading.Thread | None = None
@@ -185,7 +184,8 @@ class TlsHttpServer:
 
     # -- what subclasses provide (both run in a pool thread) -------------------------------------
     def open_session(self, tls: ServerTls) -> Any | None:
-        """After a successful handshake: the session state, or None to close the connection."""
+        """The session state of a connection whose handshake succeeded, or None to close it. Called once, in a
+        worker thread, with the connection's first request (the loop does not touch ``tls`` meanwhile)."""
         raise NotImplementedError
 
     def respond(self, session: Any, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
@@ -200,10 +200,6 @@ class TlsHttpServer:
     def address(self) -> tuple[str, int]:
         assert self._sock is not None
         return self._sock.getsockname()[:2]
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._conns)
 
     def bind(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -231,7 +227,6 @@ class TlsHttpServer:
             loop.run_until_complete(self._main())
         finally:
             loop.close()
-            self._stopped.set()
 
     def start_background(self) -> threading.Thread:
         self.bind()
