@@ -38,7 +38,9 @@ import asyncio
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -52,6 +54,7 @@ from rspf.demo import Processes, free_port
 
 TARGET = 0.8
 TRICKLE_SECONDS = 2.0
+LINGER_0 = struct.pack("ii", 1, 0)
 
 
 # ------------------------------------------------------------------------------------------ attacker
@@ -93,6 +96,8 @@ async def _attack(ports: list[int], conns: int, sources: int, pipe: Any) -> None
                 continue
             stats["opened"] += 1
             stats["open"][port] += 1
+            # our closes reset: no TIME_WAIT on 127.0.0.x:port to block a later bind('', port) on this machine
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
             try:
                 if slow:
                     for b in hello:

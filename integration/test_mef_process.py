@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import time
 
@@ -232,6 +233,8 @@ def _hold(port: int, sources: list[str], per_source: int, hello: bytes = b"") ->
         for _ in range(per_source):
             s = socket.socket()
             s.settimeout(30)
+            # closed with a reset: a TIME_WAIT on source:port would make a later bind('', port) fail elsewhere
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.bind((source, 0))
             s.connect((HOST, port))
             if hello:

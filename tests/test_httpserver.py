@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,9 @@ from rspf.wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
 
 KEY = Secret(b"\x5a" * 32, "test PSK")
 IDENTITY = "dev@mef.example.com"
+#: Our closes reset the connection: a TIME_WAIT on 127.0.0.x:port would make a later bind('', port) fail for
+#: other programs on this machine (ACME checks its port that way).
+LINGER_0 = struct.pack("ii", 1, 0)
 WAIT = 20.0  # generous bound for anything the server must do "soon"
 FAST = ServerLimits(handshake_timeout=0.5, request_timeout=0.5, idle_timeout=0.5, max_connections=64,
                     max_per_source=32, max_body=1024, workers=2, handshake_workers=2, stop_grace=1.0)
@@ -75,6 +79,7 @@ def connect(server: TlsHttpServer, identity: str = IDENTITY, key: Secret = KEY) 
 def tcp(server: TlsHttpServer, source: str = "127.0.0.1") -> socket.socket:
     s = socket.socket()
     s.settimeout(WAIT)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)  # closed with a reset: no TIME_WAIT left behind
     s.bind((source, 0))
     s.connect(("127.0.0.1", server.port))
     return s
