@@ -398,7 +398,7 @@ class _Connection(asyncio.Protocol):
         if self.state == _HANDSHAKE or self._tls_in_pool:
             self._pending += data
             if len(self._pending) > MAX_HANDSHAKE_BYTES + MAX_TLS_RECORD:
-                self._refuse("too much data during the TLS handshake")
+                self._refuse("too much data before the session was open")
             elif self.state == _HANDSHAKE and not self._tls_in_pool:
                 self._step_handshake()
             return
