@@ -9,8 +9,8 @@ What runs (every box is its own OS process, all on 127.0.0.1):
 
 * ``rspf mef serve``: a real MEF (SQLite store, E enrolees imported from a CSV), log_level = "warning";
 * a *bare* server (this file, ``--bare-server``): the same TLS stack (``rspf.tls.PskServer``, same default
-  TLS versions / suites, one thread per connection like the MEF) with a static PSK table; it runs the
-  handshake, reads ONE request with ``rspf.wire.read_request``, answers a small oneM2M JSON response and
+  TLS versions / suites, one thread per connection) with a static PSK table; it runs the
+  handshake, reads ONE request framed by h11, answers a small oneM2M JSON response and
   closes;
 * C load-generator processes (multiprocessing, spawn): each loops for ``--seconds``, every operation on a
   NEW TLS connection:
@@ -85,8 +85,10 @@ def bare_server_main(port: int, keys_file: str) -> None:
     """The reference server: rspf.tls.PskServer + one request/response per connection, thread each."""
     import logging
 
+    import h11
+
     from rspf import wire
-    from rspf.errors import RSC, RspfError, TlsError
+    from rspf.errors import RSC, TlsError
     from rspf.secret import Secret
     from rspf.tls import PskServer
 
@@ -98,9 +100,9 @@ def bare_server_main(port: int, keys_file: str) -> None:
             if ident:
                 table[ident] = Secret(bytes.fromhex(hexkey), "bench PSK")
     # static lookup; same default versions / suites as the MEF (1.2-1.3)
-    psk = PskServer(lambda identity, _ip: table.get(identity))
+    psk = PskServer(lambda identity, _peer_ip: table.get(identity))
     stop = threading.Event()
-    slots = threading.BoundedSemaphore(256)  # like the MEF's max_connections default
+    slots = threading.BoundedSemaphore(256)  # bounded, like any server
 
     def serve(sock: socket.socket) -> None:
         try:
@@ -113,15 +115,25 @@ def bare_server_main(port: int, keys_file: str) -> None:
                 return
             try:
                 tls.set_timeout(30.0)
-                reader = tls.makefile()
+                http = h11.Connection(h11.SERVER)
+                head: h11.Request | None = None
+                buf = bytearray(16384)
                 try:
-                    req = wire.read_request(reader)
-                except (RspfError, TimeoutError, ConnectionError):
+                    while not isinstance(event := http.next_event(), h11.EndOfMessage):
+                        if event is h11.NEED_DATA:
+                            n = tls.recv_into(buf)
+                            http.receive_data(bytes(buf[:n]))
+                        elif isinstance(event, h11.Request):
+                            head = event
+                        elif isinstance(event, h11.ConnectionClosed):
+                            return
+                except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
                     return
-                if req is None:
-                    return
-                resp = wire.onem2m_response(RSC.OK, {"m2m:dbg": "ok"}, request_id=req.header("x-m2m-ri"),
-                                            rvi=req.header("x-m2m-rvi"), close=True)
+                assert head is not None
+                fields = dict(head.headers)
+                resp = wire.onem2m_response(RSC.OK, {"m2m:dbg": "ok"},
+                                            request_id=fields.get(b"x-m2m-ri", b"").decode("latin-1"),
+                                            rvi=fields.get(b"x-m2m-rvi", b"").decode("latin-1"), close=True)
                 try:
                     tls.sendall(wire.render_response(resp))
                 except (TimeoutError, ConnectionError):

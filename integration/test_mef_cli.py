@@ -170,7 +170,7 @@ def test_wrong_kpm_fails_the_handshake(home: MefHome) -> None:
     assert TLS_REFUSED in res.stderr
     assert not dev.store.exists()
     assert home.show(dev.kpm_id)["lastEnrolled"] is None
-    assert "TLS handshake from" in home.log_text()[log_before:]
+    assert "TLS handshake refused from" in home.log_text()[log_before:]
 
 
 def test_unknown_kpm_id_fails_the_handshake(home: MefHome) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import time
 
@@ -151,9 +153,9 @@ def test_sigterm_with_idle_sessions_exits_promptly(mef: MefHome) -> None:
     assert elapsed is not None, "the MEF was still running 6 s after SIGTERM with 3 idle sessions"
 
 
-def test_connection_limit_refuses_and_releases_slots(mef_home: MefHome) -> None:
+def test_per_source_limit_refuses_and_releases_slots(mef_home: MefHome) -> None:
     home = mef_home
-    home.set_config("max_connections", "2")
+    home.set_config("max_connections_per_source", "2")
     home.start()
     dev1 = home.enrolees["dev1"]
     sessions = [open_session(home, dev1) for _ in range(2)]
@@ -161,7 +163,7 @@ def test_connection_limit_refuses_and_releases_slots(mef_home: MefHome) -> None:
         res = home.enrol(dev1)
         assert res.rc == 1, str(res)
         assert not dev1.store.exists()
-        assert "connection limit (2) reached" in home.log_text()
+        assert "per-source limit reached from 127.0.0.1" in home.log_text()
     finally:
         for s in sessions:
             s.close()
@@ -221,3 +223,79 @@ def test_idle_and_silent_connections_are_closed_after_their_timeouts(mef_home: M
         raw.close()
         idle.close()
     assert home.enrol(home.enrolees["dev1"]).rc == 0
+
+
+# ------------------------------------------------------------------------------- hostile load (transport)
+def _hold(port: int, sources: list[str], per_source: int, hello: bytes = b"") -> list[socket.socket]:
+    """TCP connections from other loopback addresses that send ``hello`` (a partial ClientHello) and then wait."""
+    held = []
+    for source in sources:
+        for _ in range(per_source):
+            s = socket.socket()
+            s.settimeout(30)
+            # closed with a reset: a TIME_WAIT on source:port would make a later bind('', port) fail elsewhere
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.bind((source, 0))
+            s.connect((HOST, port))
+            if hello:
+                s.sendall(hello)
+            held.append(s)
+    return held
+
+
+def test_enrolment_succeeds_while_a_thousand_slow_and_idle_connections_are_held(mef_home: MefHome) -> None:
+    home = mef_home
+    home.set_config("max_connections", "1000")  # full: the attackers' connections must be shed for the Enrolee
+    home.set_config("handshake_timeout", "300")  # nothing expires during the test: only admission is at work
+    home.start()
+    sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    held = _hold(home.port, sources[:2], 250, b"\x16\x03\x01\x02\x00\x01")  # slow: a ClientHello that never ends
+    held += _hold(home.port, sources[2:], 250)  # idle: nothing at all
+    try:
+        for info in [home.enrolees["dev1"], *home.import_batch("load", 2)]:
+            res = home.enrol(info)
+            assert res.rc == 0, str(res)
+        assert "connection shed to admit another" in home.log_text()
+        open_now = sum(1 for s in held if not _closed_now(s))
+        assert open_now >= 990, f"only {open_now} of the 1,000 held connections are still open"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_other_sources_are_served_while_one_address_is_at_its_limit(mef_home: MefHome) -> None:
+    home = mef_home
+    home.set_config("max_connections_per_source", "50")
+    home.start()
+    held = _hold(home.port, ["127.0.0.2"], 50)
+    try:
+        extra = _hold(home.port, ["127.0.0.2"], 1)[0]
+        assert extra.recv(1) == b"", "a 51st connection from 127.0.0.2 was not refused"
+        assert home.enrol(home.enrolees["dev1"]).rc == 0  # from 127.0.0.1
+        assert "per-source limit reached from 127.0.0.2" in home.log_text()
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_sigterm_with_many_idle_connections_exits_promptly(mef: MefHome) -> None:
+    held = _hold(mef.port, ["127.0.0.2", "127.0.0.3"], 300)
+    sessions = [open_session(mef, mef.enrolees["dev1"]) for _ in range(3)]
+    try:
+        os.kill(mef.proc.pid, signal.SIGTERM)
+        assert mef.proc.wait(30) == 0  # it does not wait for 600 idle sockets and 3 idle sessions to time out
+    finally:
+        for s in held:
+            s.close()
+        for t in sessions:
+            t.close()
+
+
+def _closed_now(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True

@@ -150,7 +150,7 @@ def test_the_scenario_is_logged_at_debug(scenario: Scenario) -> None:
     for ke_id in scenario.ke_ids:
         assert ke_id in mef_log
     assert "refused with 4103" in mef_log and "refused with 4004" in mef_log
-    assert "TLS handshake from" in mef_log
+    assert "TLS handshake refused from" in mef_log
     assert len(scenario.secrets) >= 25
     assert len(scenario.home.cli.results) >= 40
 

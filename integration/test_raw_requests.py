@@ -193,8 +193,9 @@ def test_missing_or_unsupported_release_version_is_4001(session: EnroleeSession,
     session.assert_nothing_stored()
 
 
+# a bare CR inside a header value is malformed HTTP: h11 refuses the request before any oneM2M check (4000)
 @pytest.mark.parametrize("name,value,rsc", [("X-M2M-RI", "abc\rX-Injected: yes", 4000),
-                                            ("X-M2M-RVI", "9\rX-Injected: yes", 4001)])
+                                            ("X-M2M-RVI", "9\rX-Injected: yes", 4000)])
 def test_error_responses_do_not_echo_raw_header_values(session: EnroleeSession, name: str, value: str,
                                                         rsc: int) -> None:
     body = session.sp_body()
@@ -221,7 +222,7 @@ def test_oversized_header_block_is_4000_and_closes(session: EnroleeSession) -> N
     session.raw.send(request("POST", "/securityProfile",
                              onem2m_headers(session.info.kpm_id, body, X_Padding="a" * 20000), body))
     resp = session.raw.read_response()
-    check(resp, 400, 4000)
+    check(resp, 431, 4000)
     assert resp.headers.get("connection") == "close"
     assert session.raw.closed_by_peer()
     session.assert_nothing_stored()
@@ -242,7 +243,7 @@ def test_body_over_max_body_bytes_is_413_and_closes(session: EnroleeSession) -> 
 def test_chunked_body_over_max_body_bytes_is_413_and_closes(session: EnroleeSession) -> None:
     headers = onem2m_headers(session.info.kpm_id, None, Content_Type="application/json",
                              Transfer_Encoding="chunked")
-    session.raw.send(request("POST", "/securityProfile", headers) + b"%x\r\n" % (65536 + 1))
+    session.raw.send(request("POST", "/securityProfile", headers) + b"%x\r\n" % (65536 + 1) + b"x" * (65536 + 1))
     resp = session.raw.read_response()
     check(resp, 413, 4000)
     assert session.raw.closed_by_peer()
@@ -338,3 +339,94 @@ def test_fetch_credentials_malformed_ke_id_or_suid(home: MefHome, path: str, rsc
     assert resp.status == {4000: 400, 4004: 404}[rsc]
     fc = resp.json()["rspf:fcRsp"]
     assert fc["status"] is False and "credential" not in fc
+
+
+# ------------------------------------------------------------------------------------------ strict HTTP
+def test_lowercase_method_is_405_4005_and_closes(session: EnroleeSession) -> None:
+    body = session.sp_body()
+    headers = onem2m_headers(session.info.kpm_id, body)
+    session.raw.send(request("post", "/securityProfile", headers, body))
+    resp = session.raw.read_response()
+    check(resp, 405, 4005)
+    assert resp.headers.get("x-m2m-ri") == headers["X-M2M-RI"]
+    assert session.raw.closed_by_peer()
+    session.assert_nothing_stored()
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.9", "HTTP/2.0"])
+def test_other_http_versions_are_refused(session: EnroleeSession, version: str) -> None:
+    body = session.sp_body()
+    data = request("POST", "/securityProfile", onem2m_headers(session.info.kpm_id, body), body)
+    session.raw.send(data.replace(b"HTTP/1.1", version.encode(), 1))
+    check(session.raw.read_response(), 505, 4000)
+    assert session.raw.closed_by_peer()
+    session.assert_nothing_stored()
+
+
+def test_two_thousand_trailer_lines_are_refused(session: EnroleeSession) -> None:
+    body = session.sp_body()
+    headers = onem2m_headers(session.info.kpm_id, None, Content_Type="application/json",
+                             Transfer_Encoding="chunked")
+    chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + b"".join(b"T%d: x\r\n" % i for i in range(2000))
+    session.raw.send(request("POST", "/securityProfile", headers) + chunked + b"\r\n")
+    resp = session.raw.read_response()
+    assert resp.rsc == 4000 and resp.status in (400, 431), (resp.status, resp.headers)
+    assert session.raw.closed_by_peer()
+    session.assert_nothing_stored()
+
+
+@pytest.mark.parametrize("encode,content_type,status,rsc", [
+    (lambda t: t.encode("utf-16"), "application/json", 400, 4000),
+    (lambda t: t.encode("utf-16-le"), "application/json", 400, 4000),
+    (lambda t: b"\xef\xbb\xbf" + t.encode(), "application/json", 400, 4000),
+    (lambda t: t.encode(), "application/json; charset=iso-8859-1", 415, 4015),
+])
+def test_json_bodies_must_be_utf8(session: EnroleeSession, encode, content_type: str, status: int,
+                                  rsc: int) -> None:
+    body = encode(session.sp_body().decode())
+    headers = onem2m_headers(session.info.kpm_id, body, Content_Type=content_type)
+    session.raw.send(request("POST", "/securityProfile", headers, body))
+    check(session.raw.read_response(), status, rsc)
+    session.assert_nothing_stored()
+
+
+def test_json_charset_utf8_is_accepted(session: EnroleeSession) -> None:
+    body = session.sp_body()
+    headers = onem2m_headers(session.info.kpm_id, body, Content_Type="application/json; charset=UTF-8")
+    session.raw.send(request("POST", "/securityProfile", headers, body))
+    resp = session.raw.read_response()
+    assert (resp.status, resp.rsc) == (201, 2001)
+    assert resp.headers["x-m2m-ri"] == headers["X-M2M-RI"]
+
+
+@pytest.mark.parametrize("ri", ["r" * 257, "with space", "caf\u00e9"])
+def test_malformed_request_identifier_is_4000_and_not_echoed(session: EnroleeSession, ri: str) -> None:
+    body = session.sp_body()
+    session.raw.send(request("POST", "/securityProfile", onem2m_headers(session.info.kpm_id, body, X_M2M_RI=ri),
+                             body))
+    resp = session.raw.read_response()
+    check(resp, 400, 4000)
+    assert "x-m2m-ri" not in resp.headers
+    session.assert_nothing_stored()
+
+
+def test_requests_pipelined_after_a_protocol_error_are_not_processed(session: EnroleeSession) -> None:
+    body = session.sp_body()
+    good = request("POST", "/securityProfile", onem2m_headers(session.info.kpm_id, body), body)
+    session.raw.send(b"POST /securityProfile HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n" + good)
+    resp = session.raw.read_response()
+    check(resp, 400, 4000)
+    assert resp.headers.get("connection") == "close"
+    assert session.raw.buf == b"" and session.raw.closed_by_peer(), "a second answer came after the error"
+    session.assert_nothing_stored()
+
+
+def test_pipelined_valid_requests_are_answered_in_order(session: EnroleeSession) -> None:
+    body = session.sp_body()
+    first = onem2m_headers(session.info.kpm_id, body)
+    second = onem2m_headers(session.info.kpm_id, body)
+    session.raw.send(request("PUT", "/securityProfile", first, body) +
+                     request("POST", "/securityProfile", second, body))
+    one, two = session.raw.read_response(), session.raw.read_response()
+    assert (one.rsc, one.headers["x-m2m-ri"]) == (4005, first["X-M2M-RI"])
+    assert (two.rsc, two.headers["x-m2m-ri"]) == (2001, second["X-M2M-RI"])

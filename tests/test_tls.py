@@ -74,7 +74,7 @@ class LoopbackServer:
 
 
 def lookup_for(table: dict[str, Secret]):
-    return lambda identity, peer_ip=None: table.get(identity)
+    return lambda identity, peer_ip: table.get(identity)
 
 
 def run_ok(server: tls.PskServer, client: tls.PskClient, identity: str = IDENTITY, key: Secret = KEY):
@@ -215,7 +215,7 @@ def test_wrong_key_is_tls_error(max_version):
 def test_unknown_identity_is_tls_error(max_version):
     seen = []
 
-    def lookup(identity, peer_ip=None):
+    def lookup(identity, peer_ip):
         seen.append(identity)
         return None
 
@@ -226,7 +226,7 @@ def test_unknown_identity_is_tls_error(max_version):
 
 
 def test_lookup_that_raises_fails_the_handshake_quietly():
-    def lookup(identity, peer_ip=None):
+    def lookup(identity, peer_ip):
         raise RuntimeError(f"boom {KEY_HEX}")
 
     exc, srv = run_fail(tls.PskServer(lookup), tls.PskClient(max_version="1.2"))

@@ -62,7 +62,7 @@ class _Server:
 @pytest.fixture()
 def server(pki: dict[str, Path]):
     d = pki["dir"]
-    psk = PskServer(lambda ident, _ip=None: PSK if ident == "dev@mef.example.com" else None)
+    psk = PskServer(lambda ident, peer_ip: PSK if ident == "dev@mef.example.com" else None)
     psk.use_certificates(d / "server.pem", d / "server.key", d / "ca.pem")
     s = _Server(psk)
     yield s
@@ -129,6 +129,6 @@ def test_psk_still_works_on_the_same_context(server: _Server) -> None:
 def test_unusable_certificate_files_are_a_clear_error(tmp_path: Path, pki: dict[str, Path]) -> None:
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    psk = PskServer(lambda ident, _ip=None: None)
+    psk = PskServer(lambda ident, peer_ip: None)
     with pytest.raises(TlsError, match="certificate files"):
         psk.use_certificates(bad, bad, None)

@@ -19,6 +19,7 @@ class RSC(IntEnum):
     RELEASE_VERSION_NOT_SUPPORTED = 4001
     NOT_FOUND = 4004
     OPERATION_NOT_ALLOWED = 4005
+    REQUEST_TIMEOUT = 4008
     UNSUPPORTED_MEDIA_TYPE = 4015
     CONTENTS_UNACCEPTABLE = 4102
     ORIGINATOR_HAS_NO_PRIVILEGE = 4103  # called ACCESS_DENIED in the project's issues
@@ -46,6 +47,7 @@ _HTTP_STATUS = {
     RSC.RELEASE_VERSION_NOT_SUPPORTED: 400,
     RSC.NOT_FOUND: 404,
     RSC.OPERATION_NOT_ALLOWED: 405,
+    RSC.REQUEST_TIMEOUT: 408,
     RSC.UNSUPPORTED_MEDIA_TYPE: 415,
     RSC.CONTENTS_UNACCEPTABLE: 400,
     RSC.ORIGINATOR_HAS_NO_PRIVILEGE: 403,
@@ -84,6 +86,12 @@ class NotFound(RspfError):
 
 class OperationNotAllowed(RspfError):
     rsc = RSC.OPERATION_NOT_ALLOWED
+
+
+class RequestTimeout(RspfError):
+    """A request did not arrive whole within the server's request deadline."""
+
+    rsc = RSC.REQUEST_TIMEOUT
 
 
 class AccessDenied(RspfError):

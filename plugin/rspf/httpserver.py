@@ -1,51 +1,199 @@
-"""A threaded HTTP/1.1 server over TLS (PSK, optionally certificates): the transport shared by the MEF and
-the CSE plugin's secure listener.
+"""The event-driven HTTP/1.1-over-TLS server shared by the MEF and the CSE plugin's secure listener.
 
-One thread per connection, bounded by ``max_connections``; the TLS handshake runs in that thread, never in
-the accept loop. Subclasses say what a connection is (:meth:`open_session`, after the handshake) and how a
-request is answered (:meth:`respond`). Shutdown closes idle keep-alive sessions so it never waits on them.
+One asyncio loop thread owns every socket: TLS runs over pyOpenSSL memory BIOs (:class:`rspf.tls.ServerTls`),
+HTTP/1.1 framing is h11's. An idle or half-open connection costs a few kilobytes and no thread. Work that may
+block runs in two bounded pools of daemon threads, never on the loop: handshake steps (the PSK lookup may fetch
+a key over the network) together with opening the session, and answering requests. Deadlines cover a whole
+handshake, a whole request (first byte of the head to last byte of the body) and the idle time between
+keep-alive requests. Admission is bounded per source address and in total; when the server is full, the oldest
+connection that is doing nothing useful (handshaking, idle, or still sending its request) of the source holding
+the most connections is shed to make room. Design and defaults: docs/transport.md.
+
+Subclasses say what a session is (:meth:`TlsHttpServer.open_session`, after the handshake) and how a request is
+answered (:meth:`TlsHttpServer.respond`); both run in a pool thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import math
+import queue
+import resource
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import h11
+
 from . import wire
-from .errors import RspfError, TlsError
-from .tls import PskServer, TlsConnection
+from .errors import BadRequest, RequestTimeout, RspfError, TlsError
+from .tls import MAX_TLS_RECORD, TLS_RECORD_HEADER, PskServer, ServerTls
 
 log = logging.getLogger(__name__)
+
+#: Handshake bytes a client may send before the handshake completes (a ClientHello is rarely above 2 KB).
+MAX_HANDSHAKE_BYTES = 64 * 1024
+_TLS_CONTENT_TYPES = frozenset(range(20, 25))
+_HTTP_VERSIONS = (b"1.0", b"1.1")
+_FRAMING_HEADERS = frozenset(("content-length", "connection", "transfer-encoding"))
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every limit of the transport, in one place (the MEF derives its values from its [mef] keys).
+
+    handshake_timeout: seconds from accept to the end of the TLS handshake (the whole handshake).
+    request_timeout: seconds from a request's first byte to its last (head and body), and for sending an answer.
+    idle_timeout: seconds a kept-alive connection may wait for its next request.
+    max_connections: open connections in total (handshaking, idle and working).
+    max_per_source: open connections from one IP address.
+    max_body: request body bytes (413 / RSC 4000 above).
+    workers: threads answering requests (the application calls).
+    handshake_workers: threads running handshake steps and opening sessions (PSK lookups may block).
+    stop_grace: seconds shutdown waits for requests in progress before closing their connections.
+    """
+
+    handshake_timeout: float = 10.0
+    request_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_per_source: int = 256
+    max_body: int = 4 * 1024 * 1024
+    workers: int = 16
+    handshake_workers: int = 8
+    stop_grace: float = 5.0
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE toward the hard limit so ``wanted`` sockets (plus files) fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(hard, max(need, soft))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+        if target < need:
+            log.warning("the open-file limit (%d) is below what %d connections need; raise `ulimit -n`",
+                        target, wanted)
+
+
+class RefusalLog:
+    """WARNING lines for refused peers, at most ``burst`` per ``interval`` seconds, then one summary line.
+
+    A line names the reason, the peer address and the presented identity (never a key); ``repr`` escapes
+    whatever an attacker put in the identity.
+    """
+
+    def __init__(self, name: str, interval: float = 10.0, burst: int = 10) -> None:
+        self.name, self.interval, self.burst = name, interval, burst
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        self._logged = 0
+        self._reasons: collections.Counter[str] = collections.Counter()
+        self._sources: collections.Counter[str] = collections.Counter()
+
+    def refuse(self, reason: str, peer: str, identity: str | None = None, detail: str = "") -> None:
+        with self._lock:
+            self._roll()
+            if self._logged < self.burst:
+                self._logged += 1
+                who = f" (psk_identity {identity[:128]!r})" if identity else ""
+                log.warning("%s: %s from %s%s%s", self.name, reason, peer, who, f": {detail}" if detail else "")
+                return
+            self._reasons[reason] += 1
+            self._sources[peer.rpartition(":")[0] or peer] += 1
+
+    def roll(self) -> None:
+        """Write the summary line of the interval if it is over (called every second by the loop)."""
+        with self._lock:
+            self._roll()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._roll(force=True)
+
+    def _roll(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._start < self.interval:
+            return
+        if self._reasons:
+            reasons = ", ".join(f"{n} {r}" for r, n in self._reasons.most_common())
+            top = ", ".join(f"{ip} ({n})" for ip, n in self._sources.most_common(3))
+            log.warning("%s: %d more refusals in the last %.0f s (%s); most from %s", self.name,
+                        sum(self._reasons.values()), now - self._start, reasons, top)
+        self._start, self._logged = now, 0
+        self._reasons.clear()
+        self._sources.clear()
+
+
+class _Pool:
+    """A fixed set of daemon threads running jobs in FIFO order; ``done(result, error)`` is called in the thread.
+
+    Daemon threads: a job stuck on the network cannot hold the process at exit (unlike concurrent.futures).
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        self._jobs.put((job, done))
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, done = item
+            try:
+                result, error = job(), None
+            except BaseException as exc:  # handed to the loop, which logs it
+                result, error = None, exc
+            done(result, error)
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class TlsHttpServer:
     name = "server"
 
-    def __init__(self, psk: PskServer, *, host: str, port: int, max_body: int, handshake_timeout: float,
-                 idle_timeout: float, max_connections: int) -> None:
+    def __init__(self, psk: PskServer, *, host: str, port: int, limits: ServerLimits) -> None:
         self.psk = psk
         self.host, self.port = host, port
-        self.max_body = max_body
-        self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
-        self.max_connections = max_connections
+        self.limits = limits
+        self.refusals = RefusalLog(self.name)
         self._sock: socket.socket | None = None
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
-        self._sessions: set[TlsConnection] = set()
+        self._wake: asyncio.Event | None = None
+        self._sweep_every = 0.5
+        self._thread: threading.Thread | None = None
+        self._conns: dict[_Connection, None] = {}
+        self._by_source: dict[str, dict[_Connection, None]] = {}
+        self._handshakes: _Pool | None = None
+        self._workers: _Pool | None = None
 
-    # -- what subclasses provide ----------------------------------------------------------------
-    def open_session(self, tls: TlsConnection) -> Any | None:
-        """After a successful handshake: the session state, or None to close the connection."""
+    # -- what subclasses provide (both run in a pool thread) -------------------------------------
+    def open_session(self, tls: ServerTls) -> Any | None:
+        """The session state of a connection whose handshake succeeded, or None to close it. Called once, in a
+        worker thread, with the connection's first request (the loop does not touch ``tls`` meanwhile)."""
         raise NotImplementedError
 
-    def respond(self, session: Any, tls: TlsConnection, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+    def respond(self, session: Any, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
         """The response to one request and whether to close the connection after it."""
         raise NotImplementedError
+
+    def check_request(self, req: h11.Request) -> None:
+        """Refuse a request head before its body is read (raise an RspfError); the default accepts any."""
 
     # -- life cycle -----------------------------------------------------------------------------
     @property
@@ -62,107 +210,563 @@ class TlsHttpServer:
         except OSError as exc:
             sock.close()
             raise RspfError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        sock.listen(512)
-        sock.settimeout(0.5)
+        sock.listen(min(4096, self.limits.max_connections))
+        sock.setblocking(False)
         self._sock = sock
         self.port = sock.getsockname()[1]
 
     def serve_forever(self) -> None:
+        """Serve until :meth:`request_stop`; then close idle connections, let requests in progress finish
+        (up to ``limits.stop_grace`` seconds), close the rest and return."""
         if self._sock is None:
             self.bind()
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, _addr = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    break
-                raise
-            if not self._slots.acquire(blocking=False):
-                log.warning("%s: connection limit (%d) reached; refusing a connection", self.name,
-                            self.max_connections)
-                conn.close()
-                continue
-            t = threading.Thread(target=self._run_connection, args=(conn,), name=self.name, daemon=True)
-            with self._lock:
-                self._threads.add(t)
-            t.start()
-        self._sock.close()
+        raise_fd_limit(self.limits.max_connections)
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
 
     def start_background(self) -> threading.Thread:
         self.bind()
-        t = threading.Thread(target=self.serve_forever, name=f"{self.name}-accept", daemon=True)
+        t = threading.Thread(target=self.serve_forever, name=f"{self.name}-loop", daemon=True)
+        self._thread = t
         t.start()
         return t
 
     def request_stop(self) -> None:
-        """Ask the accept loop to end. Safe in a signal handler: it only sets a flag."""
+        """Ask the server to stop. Safe in a signal handler: it sets a flag and wakes the loop."""
         self._stop.set()
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._on_stop)
+            except RuntimeError:  # the loop already ended
+                pass
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close open sessions (idle keep-alive readers wake up at once), and wait up to
-        ``timeout`` seconds in total for the connection threads."""
-        self._stop.set()
-        with self._lock:
-            threads = list(self._threads)
-            sessions = list(self._sessions)
-        for tls in sessions:
-            tls.interrupt()
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            if t.ident is not None and t is not threading.current_thread():  # started, and not ourselves
-                t.join(max(0.0, deadline - time.monotonic()))
+        """Stop and wait up to ``timeout`` seconds for the loop to finish."""
+        self.request_stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
-    # -- one connection -------------------------------------------------------------------------
-    def _run_connection(self, sock: socket.socket) -> None:
+    # -- the loop -------------------------------------------------------------------------------
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._handshakes = _Pool(self.limits.handshake_workers, f"{self.name}-handshake")
+        self._workers = _Pool(self.limits.workers, f"{self.name}-worker")
+        assert self._sock is not None
+        server = await loop.create_server(lambda: _Connection(self), sock=self._sock,
+                                          backlog=min(4096, self.limits.max_connections))
+        limits = self.limits
+        self._sweep_every = max(0.05, min(0.5, min(limits.handshake_timeout, limits.request_timeout,
+                                                   limits.idle_timeout) / 5))
+        tick = loop.call_later(self._sweep_every, self._tick)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(None)
-            tls = self.psk.wrap(sock, self.handshake_timeout)
-            try:
-                tls.handshake()
-            except TlsError as exc:
-                log.info("%s: TLS handshake from %s refused: %s", self.name, tls.peer, exc)
-                return
-            with self._lock:
-                self._sessions.add(tls)
-            try:
-                session = self.open_session(tls)
-                if session is not None:
-                    tls.set_timeout(self.idle_timeout)
-                    self._serve(session, tls)
-            finally:
-                with self._lock:
-                    self._sessions.discard(tls)
-                tls.close()
-        except Exception:  # a bug must not kill the server; log it without request data
-            log.exception("%s: unexpected error while serving a connection", self.name)
+            if not self._stop.is_set():
+                await self._wake.wait()
+            server.close()
+            for conn in list(self._conns):
+                if conn.sheddable:
+                    conn.abort()
+            deadline = loop.time() + self.limits.stop_grace
+            while self._conns and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            for conn in list(self._conns):
+                conn.abort()
+            await asyncio.sleep(0)  # let connection_lost run
         finally:
-            self._slots.release()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
+            tick.cancel()
+            self._handshakes.stop()
+            self._workers.stop()
+            self.refusals.flush()
 
-    def _serve(self, session: Any, tls: TlsConnection) -> None:
-        reader = tls.makefile()
-        while not self._stop.is_set():
+    def _on_stop(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _tick(self) -> None:
+        """Deadlines: one sweep over the connections every ``_sweep_every`` s instead of a timer per request."""
+        assert self._loop is not None
+        now = self._loop.time()
+        for conn in [c for c in self._conns if c.deadline <= now]:
+            conn.expired()
+        self.refusals.roll()
+        if self._stop.is_set():
+            self._on_stop()
+        else:
+            self._loop.call_later(self._sweep_every, self._tick)
+
+    # -- admission (loop thread) ----------------------------------------------------------------
+    def _admit(self, conn: _Connection) -> bool:
+        src = self._by_source.get(conn.source)
+        if src is not None and len(src) >= self.limits.max_per_source:
+            self.refusals.refuse("connection refused: per-source limit reached", conn.peer,
+                                 detail=f"{len(src)} connections open from this address")
+            return False
+        if len(self._conns) >= self.limits.max_connections:
+            victim = self._victim()
+            if victim is None:
+                self.refusals.refuse("connection refused: server full", conn.peer,
+                                     detail=f"{len(self._conns)} connections, all working")
+                return False
+            self.refusals.refuse("connection shed to admit another", victim.peer, victim.presented_identity,
+                                 f"{len(self._by_source[victim.source])} connections open from that address")
+            victim.abort()
+        self._conns[conn] = None
+        self._by_source.setdefault(conn.source, {})[conn] = None
+        return True
+
+    def _victim(self) -> _Connection | None:
+        """The oldest sheddable connection of the source holding the most connections."""
+        for _source, conns in sorted(self._by_source.items(), key=lambda kv: len(kv[1]), reverse=True):
+            for conn in conns:
+                if conn.sheddable:
+                    return conn
+        return None
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn not in self._conns:
+            return
+        del self._conns[conn]
+        src = self._by_source[conn.source]
+        del src[conn]
+        if not src:
+            del self._by_source[conn.source]
+
+
+_HANDSHAKE, _READING, _CLOSED = range(3)
+
+
+_UNOPENED = object()  # the handshake is done; the session opens with the first request, in the same pool job
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection, driven by the loop thread. Pool jobs never touch ``tls`` at the same time as the
+    loop: while one may (``_tls_in_pool``: a handshake step that can run the PSK lookup, or the job opening the
+    session) the loop only buffers ciphertext in ``_pending``.
+
+    States: _HANDSHAKE, _READING (the session; ``_busy`` while the application answers a request), _CLOSED."""
+
+    def __init__(self, server: TlsHttpServer) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.state = _HANDSHAKE
+        self.peer = "?"
+        self.source = "?"
+        self.tls: ServerTls | None = None
+        self._peer_address = ("?", 0)
+        self.session: Any = None
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._pending = bytearray()
+        self._busy = False  # the application is answering a request
+        self._tls_in_pool = False
+        self.deadline = math.inf  # loop time at which ``_what`` expires (checked by the server's sweep)
+        self._what = ""
+        self._reading_paused = False
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=wire.MAX_HEADER_BYTES)
+        self._in_request = False
+        self._head: h11.Request | None = None
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._write_paused = False
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.source = str(peer[0])
+        self.peer = f"{peer[0]}:{peer[1]}"
+        if not self.server._admit(self):
+            self.state = _CLOSED
+            transport.abort()
+            return
+        self._peer_address = (str(peer[0]), int(peer[1]))
+        self._arm(self.limits.handshake_timeout, "handshake deadline")
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _CLOSED:
+            return
+        if self._busy and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True  # the client sends more while its request is answered: wait
+            self.transport.pause_reading()
+        if self.state == _HANDSHAKE or self._tls_in_pool:
+            self._pending += data
+            if len(self._pending) > MAX_HANDSHAKE_BYTES + MAX_TLS_RECORD:
+                self._refuse("too much data before the session was open")
+            elif self.state == _HANDSHAKE and not self._tls_in_pool:
+                self._step_handshake()
+            return
+        self._on_ciphertext(data)
+
+    def eof_received(self) -> bool | None:
+        if self.state != _READING:
+            self.abort()
+            return None
+        self._http.receive_data(b"")  # a half-close after a request: answer it, then close
+        if not self._busy:
+            self._next_request()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = _CLOSED
+        self._disarm()
+        self.server._forget(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._arm(self.limits.request_timeout, "send deadline")
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.state == _READING and not self._busy:
+            self._arm_wait()
+            self._next_request()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def sheddable(self) -> bool:
+        """Doing nothing a legitimate client is waiting on: handshaking, idle, or still sending a request."""
+        return self.state == _HANDSHAKE or self.state == _READING and not self._busy
+
+    @property
+    def presented_identity(self) -> str | None:
+        return self.tls.presented_identity if self.tls is not None else None
+
+    def abort(self) -> None:
+        if self.transport is not None and self.state != _CLOSED:
+            self.state = _CLOSED
+            self._disarm()
+            self.transport.abort()
+            self.server._forget(self)
+
+    def _close(self) -> None:
+        """Close after what was written is flushed."""
+        if self.transport is not None and self.state != _CLOSED:
+            self.state = _CLOSED
+            self._disarm()
+            self.transport.close()
+            self.server._forget(self)
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self.deadline = self._loop.time() + seconds
+        self._what = what
+
+    def _arm_wait(self) -> None:
+        """Between answers: the request deadline if a request has begun, else the idle timeout."""
+        if self._in_request:
+            self._arm(self.limits.request_timeout, "request deadline")
+        else:
+            self._arm(self.limits.idle_timeout, "idle")
+
+    def _disarm(self) -> None:
+        self.deadline = math.inf
+
+    def expired(self) -> None:
+        what = self._what
+        self._disarm()
+        if self.state == _CLOSED:
+            return
+        if what == "idle":
+            self._goodbye()
+            return
+        self.server.refusals.refuse(f"{what} ({self._deadline_of(what):g} s) hit", self.peer,
+                                    self.presented_identity)
+        if what == "request deadline" and not self._busy and self.tls is not None:
+            self._send_error(RequestTimeout(f"the request did not arrive whole within "
+                                            f"{self.limits.request_timeout:g} s"))
+        else:
+            self.abort()
+
+    def _deadline_of(self, what: str) -> float:
+        return self.limits.handshake_timeout if what == "handshake deadline" else self.limits.request_timeout
+
+    def _refuse(self, reason: str, detail: str = "") -> None:
+        self.server.refusals.refuse(reason, self.peer, self.presented_identity, detail)
+        self.abort()
+
+    def _write_tls(self) -> None:
+        assert self.tls is not None and self.transport is not None
+        out = self.tls.outgoing()
+        if out:
+            self.transport.write(out)
+
+    # -- handshake ------------------------------------------------------------------------------
+    def _step_handshake(self) -> None:
+        """Advance the handshake with the complete TLS records received so far: in the handshake pool until the
+        PSK lookup (which may block) has run, on the loop after it (what is left is cheap)."""
+        n = _complete_records(self._pending)
+        if n < 0:
+            self._refuse("TLS handshake refused", "not a TLS record")
+            return
+        if n == 0:
+            return
+        records = bytes(self._pending[:n])
+        del self._pending[:n]
+        if self.tls is None:  # the first whole record: only now does the connection cost a TLS object
+            self.tls = self.server.psk.accept(self._peer_address)
+            sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+        tls = self.tls
+        assert self.server._handshakes is not None
+
+        def job() -> tuple[bool, bytes, TlsError | None]:
+            tls.feed(records)
             try:
-                req = wire.read_request(reader, self.max_body)
-            except RspfError as exc:  # malformed or oversized: answer, then close (the stream is unusable)
-                tls.sendall(wire.render_response(wire.error_response(exc, close=True)))
-                return
-            except (TimeoutError, ConnectionError):
-                return
-            if req is None:
-                return
-            resp, close = self.respond(session, tls, req)
-            close = close or not req.keep_alive
-            if close:
-                resp.headers["connection"] = "close"
+                done = tls.handshake_step()
+            except TlsError as exc:
+                return False, tls.outgoing(), exc
+            return done, tls.outgoing(), None
+
+        if tls.presented_identity is not None:
+            self._handshake_done(job(), None)
+        else:
+            self._tls_in_pool = True
+            self.server._handshakes.submit(job, self._from_pool(self._handshake_done))
+
+    def _from_pool(self, callback: Callable[[Any, BaseException | None], None]) \
+            -> Callable[[Any, BaseException | None], None]:
+        loop = self._loop
+
+        def done(result: Any, error: BaseException | None) -> None:
             try:
-                tls.sendall(wire.render_response(resp))
-            except (TimeoutError, ConnectionError):
+                loop.call_soon_threadsafe(callback, result, error)
+            except RuntimeError:  # the loop ended (shutdown)
+                pass
+
+        return done
+
+    def _handshake_done(self, result: Any, error: BaseException | None) -> None:
+        self._tls_in_pool = False
+        if self.state == _CLOSED:
+            return
+        if error is not None:
+            log.error("%s: unexpected error in a TLS handshake step", self.server.name, exc_info=error)
+            self.abort()
+            return
+        done, out, failure = result
+        assert self.transport is not None and self.tls is not None
+        if out:
+            self.transport.write(out)
+        if failure is not None:
+            self._refuse("TLS handshake refused", str(failure))
+            return
+        if not done:
+            self._step_handshake()
+            return
+        self.session = _UNOPENED
+        self.state = _READING
+        self._arm(self.limits.idle_timeout, "idle")
+        data = bytes(self._pending)  # records that came after the client's Finished (some may be in tls already)
+        self._pending.clear()
+        self._on_ciphertext(data)
+
+    # -- requests -------------------------------------------------------------------------------
+    def _on_ciphertext(self, data: bytes) -> None:
+        assert self.tls is not None
+        if data:
+            self.tls.feed(data)
+        try:
+            plain, closed = self.tls.receive()
+        except ConnectionError as exc:
+            self._refuse("TLS record refused", str(exc))
+            return
+        self._write_tls()  # alerts or key updates the records produced
+        if plain:
+            self._http.receive_data(plain)
+            if not self._in_request:
+                self._in_request = True
+                self._arm(self.limits.request_timeout, "request deadline")
+        if closed:
+            self._http.receive_data(b"")
+        if self.state == _READING and not self._busy:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        """Run h11 over what was received until a request is complete (then answer it) or more data is needed."""
+        while self.state == _READING and not self._busy and not self._write_paused:
+            try:
+                event = self._http.next_event()
+            except h11.RemoteProtocolError as exc:
+                hint = exc.error_status_hint
+                err: RspfError = wire.HeaderTooLarge(f"the request head is larger than {wire.MAX_HEADER_BYTES} "
+                                                     "bytes") if hint == 431 else BadRequest(
+                    f"malformed HTTP request: {exc}")
+                self._send_error(err)
                 return
-            if close:
+            if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
+            try:
+                if isinstance(event, h11.Request):
+                    self._on_head(event)
+                elif isinstance(event, h11.Data):
+                    self._body_size += len(event.data)
+                    if self._body_size > self.limits.max_body:
+                        raise wire.PayloadTooLarge(f"the request body is longer than {self.limits.max_body} bytes")
+                    self._body.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    if event.headers:
+                        _check_fields(list(event.headers), "trailer")
+                    self._dispatch()
+                elif isinstance(event, h11.ConnectionClosed):
+                    self._goodbye()
+                    return
+            except RspfError as exc:
+                self._send_error(exc)
+                return
+
+    def _on_head(self, head: h11.Request) -> None:
+        self._head = head
+        self._fields = fields = list(head.headers)  # iterating h11's Headers is slow: once
+        if head.http_version not in _HTTP_VERSIONS:
+            raise wire.HttpVersionNotSupported(f"HTTP/{head.http_version.decode('ascii', 'replace')} is not "
+                                               "supported; use HTTP/1.1")
+        _check_fields(fields, "header")
+        for name, value in fields:
+            if name == b"content-length" and int(value) > self.limits.max_body:
+                raise wire.PayloadTooLarge(f"the request body is {int(value)} bytes; this server accepts at "
+                                           f"most {self.limits.max_body}")
+        self.server.check_request(head)
+        if self._http.they_are_waiting_for_100_continue:
+            self._send(self._http.send(h11.InformationalResponse(status_code=100, headers=[])))
+
+    def _dispatch(self) -> None:
+        head = self._head
+        assert head is not None and self.server._workers is not None
+        self._disarm()  # the request arrived whole
+        try:
+            req = wire.request_from_h11(head.method, head.target, self._fields, b"".join(self._body))
+        except UnicodeDecodeError:
+            raise BadRequest("the request head is not ASCII text") from None
+        self._body, self._body_size = [], 0
+        self._busy = True
+        session, server, tls = self.session, self.server, self.tls
+        assert server._workers is not None and tls is not None
+        if session is _UNOPENED:
+            self._tls_in_pool = True
+
+        def job() -> tuple[Any, tuple[wire.HttpResponse, bool] | None]:
+            opened = server.open_session(tls) if session is _UNOPENED else session
+            return opened, (None if opened is None else server.respond(opened, req))
+
+        server._workers.submit(job, self._from_pool(self._answered))
+
+    def _answered(self, result: Any, error: BaseException | None) -> None:
+        self._busy = self._tls_in_pool = False
+        if self.state == _CLOSED:
+            return
+        assert self.transport is not None and self._head is not None
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if error is not None:
+            log.error("%s: unexpected error while answering a request", self.server.name, exc_info=error)
+            self._send_error(RspfError("the server failed to answer; see its log"))
+            return
+        session, answer = result
+        if answer is None:
+            self._refuse("no usable credential after the handshake")
+            return
+        self.session = session
+        resp, close = answer
+        keep = not close and _keep_alive(self._head, self._fields)
+        headers = {k: v for k, v in resp.headers.items() if k not in _FRAMING_HEADERS}
+        if not keep:
+            headers["connection"] = "close"
+        data = wire.render_response(wire.HttpResponse(resp.status, headers, resp.body))
+        if self._head.method == b"HEAD":
+            data = data[:len(data) - len(resp.body)]
+        self._send(data)
+        if not keep:
+            self._goodbye()
+            return
+        # a fresh h11 cycle; what the client pipelined after this request carries over
+        trailing, eof = self._http.trailing_data
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=wire.MAX_HEADER_BYTES)
+        if trailing:
+            self._http.receive_data(trailing)
+        if eof:
+            self._http.receive_data(b"")
+        self._head = None
+        self._in_request = bool(trailing)  # a pipelined request has begun
+        if self._pending:  # ciphertext that came while the session was opening
+            data, self._pending = bytes(self._pending), bytearray()
+            self._on_ciphertext(data)
+            if self.state != _READING:
+                return
+        if self._write_paused:
+            return  # resume_writing continues
+        self._arm_wait()
+        self._next_request()
+
+    def _send(self, data: bytes | None) -> None:
+        assert self.tls is not None
+        if data:
+            self.tls.send(data)
+            self._write_tls()
+
+    def _send_error(self, exc: RspfError) -> None:
+        """Answer a protocol error or a deadline as a oneM2M error, then close: what follows is not read."""
+        head = self._head
+        ri = rvi = None
+        if head is not None:
+            for name, value in self._fields:
+                if name == b"x-m2m-ri":
+                    ri = value.decode("latin-1")
+                elif name == b"x-m2m-rvi":
+                    rvi = value.decode("latin-1")
+        self.server.refusals.refuse(f"request refused with {int(exc.rsc)}", self.peer,
+                                    self.tls.psk_identity if self.tls is not None else None, str(exc))
+        try:
+            self._send(wire.render_response(wire.error_response(exc, request_id=ri, rvi=rvi, close=True)))
+        except ConnectionError:
+            pass
+        self._goodbye()
+
+    def _goodbye(self) -> None:
+        """Send close_notify and close the connection once written."""
+        if self.tls is not None and not self._tls_in_pool:
+            self.tls.close_notify()
+            self._write_tls()
+        self._close()
+
+
+def _keep_alive(head: h11.Request, fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the client wants the connection kept after this request (RFC 9112 §9.3)."""
+    tokens = {t.strip().lower() for name, value in fields if name == b"connection" for t in value.split(b",")}
+    if b"close" in tokens:
+        return False
+    return head.http_version != b"1.0" or b"keep-alive" in tokens
+
+
+def _check_fields(fields: list[tuple[bytes, bytes]], what: str) -> None:
+    """h11 bounds only an incomplete head; a head (or trailer) that arrives whole is bounded here."""
+    if len(fields) > wire.MAX_HEADER_FIELDS:
+        raise wire.HeaderTooLarge(f"more than {wire.MAX_HEADER_FIELDS} {what} fields")
+    if sum(len(name) + len(value) + 4 for name, value in fields) > wire.MAX_HEADER_BYTES:
+        raise wire.HeaderTooLarge(f"the {what} fields are longer than {wire.MAX_HEADER_BYTES} bytes")
+
+
+def _complete_records(buf: bytearray) -> int:
+    """How many leading bytes of ``buf`` form whole TLS records; -1 when it does not look like TLS."""
+    pos = 0
+    while len(buf) - pos >= TLS_RECORD_HEADER:
+        if buf[pos] not in _TLS_CONTENT_TYPES or buf[pos + 1] != 3:
+            return -1
+        length = int.from_bytes(buf[pos + 3:pos + 5], "big")
+        if length > MAX_TLS_RECORD:
+            return -1
+        if len(buf) - pos - TLS_RECORD_HEADER < length:
+            break
+        pos += TLS_RECORD_HEADER + length
+    return pos
+

@@ -8,7 +8,8 @@ loudly, naming what is missing, when a dependency upgrade removes one of them, a
 
 What the rest of the project sees: :class:`PskServer` / :class:`PskClient` (TLS-PSK contexts),
 :class:`CertClient` (the client side of mutual TLS), :class:`TlsConnection` (the authenticated peer identity,
-the RFC 5705 exporter, socket-like I/O).
+the RFC 5705 exporter, socket-like I/O) and, for the event-driven server (rspf.httpserver),
+:class:`ServerTls`: the same peer view over memory BIOs, no socket.
 
 Clients authenticate the server before a byte of application data leaves them: a :class:`PskClient`
 handshake completes only when the server proved the pre-shared key (a TLS 1.2 PSK suite, or TLS 1.3 with the
@@ -62,8 +63,12 @@ _REQUIRED_LIB = (
 )
 _REQUIRED_CONN = ("export_keying_material", "_reverse_mapping", "set_tlsext_host_name")
 
-#: ``lookup(identity, peer_ip)``: the PSK for a presented psk_identity, or None.
+#: ``lookup(identity, peer_ip)``: the PSK for a presented psk_identity, or None. ``peer_ip`` is the client's
+#: address (None when unknown), for per-source limits. It may block (the CSE fetches unknown KeIDs from the MEF).
 PskLookup = Callable[[str, "str | None"], "Secret | None"]
+#: A TLS record header: content type (20-24), protocol major version 3, minor, 2-byte length.
+TLS_RECORD_HEADER = 5
+MAX_TLS_RECORD = 16384 + 2048
 
 
 def check_psk_support() -> None:
@@ -107,11 +112,11 @@ def _base_context(min_version: str, max_version: str) -> SSL.Context:
 
 
 class PskServer:
-    """Server-side TLS-PSK context. ``lookup(identity)`` returns the PSK for a psk_identity, or None.
+    """Server-side TLS-PSK context. ``lookup(identity, peer_ip)`` returns the PSK for a psk_identity, or None.
 
     The identity the client presented and that the handshake proved is available afterwards as
-    :attr:`TlsConnection.psk_identity`. ``lookup`` runs inside OpenSSL's callback: it must not raise
-    (an exception is logged without detail and the handshake fails).
+    :attr:`TlsConnection.psk_identity` / :attr:`ServerTls.psk_identity`. ``lookup`` runs inside OpenSSL's
+    callback: it must not raise (an exception is logged without detail and the handshake fails).
     """
 
     def __init__(
@@ -162,15 +167,16 @@ class PskServer:
                 return 0
             identity = raw.decode("utf-8")
             conn = _conn_of(ssl_ptr)
+            if conn is not None:
+                conn._rspf_presented = identity  # type: ignore[attr-defined]
             key = self._lookup(identity, getattr(conn, "_rspf_peer_ip", None))
             if key is None:
-                log.info("TLS-PSK: no key for the presented identity; handshake refused")
+                log.debug("TLS-PSK: no key for the presented identity; handshake refused")
                 return 0
             value = key.reveal()
             if len(value) > max_len or not value:
                 return 0
             _ffi.memmove(psk_out, value, len(value))
-            conn = _conn_of(ssl_ptr)
             if conn is not None:
                 conn._rspf_psk_identity = identity  # type: ignore[attr-defined]
             return len(value)
@@ -179,10 +185,15 @@ class PskServer:
             return 0
 
     def wrap(self, sock: socket.socket, timeout: float | None = 30.0) -> TlsConnection:
+        """A blocking server connection on a socket (tests and the bench's reference server)."""
         conn = SSL.Connection(self.context, sock)
         conn._rspf_peer_ip = _peer_name(sock).rpartition(":")[0] or None  # type: ignore[attr-defined]
         conn.set_accept_state()
         return TlsConnection(conn, sock, timeout)
+
+    def accept(self, peer: tuple[str, int]) -> ServerTls:
+        """A server connection over memory BIOs for a client at ``peer`` (the event-driven server)."""
+        return ServerTls(self.context, peer)
 
 
 class PskClient:
@@ -446,7 +457,31 @@ def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-class TlsConnection:
+class TlsPeer:
+    """What a connection proved, common to :class:`TlsConnection` and :class:`ServerTls`."""
+
+    _conn: SSL.Connection
+    psk_identity: str | None
+
+    @property
+    def version(self) -> str:
+        return self._conn.get_protocol_version_name()
+
+    @property
+    def cipher(self) -> str:
+        return self._conn.get_cipher_name() or ""
+
+    def peer_certificate_id(self) -> str | None:
+        """The oneM2M ID a verified peer certificate names (mutual TLS; :func:`certificate_onem2m_id`), or None."""
+        cert = self._conn.get_peer_certificate()
+        return None if cert is None else certificate_onem2m_id(cert.to_cryptography())
+
+    def export_keying_material(self, label: str, length: int) -> Secret:
+        """RFC 5705 exporter, no context value (what ``openssl s_client -keymatexport`` computes)."""
+        return Secret(self._conn.export_keying_material(label.encode("ascii"), length, None), "exporter output")
+
+
+class TlsConnection(TlsPeer):
     """An established (or establishing) TLS connection with socket-like I/O."""
 
     def __init__(self, conn: SSL.Connection, sock: socket.socket, timeout: float | None) -> None:
@@ -474,23 +509,6 @@ class TlsConnection:
         ident = getattr(self._conn, "_rspf_psk_identity", None)
         if ident is not None:
             self.psk_identity = ident
-
-    @property
-    def version(self) -> str:
-        return self._conn.get_protocol_version_name()
-
-    @property
-    def cipher(self) -> str:
-        return self._conn.get_cipher_name() or ""
-
-    def peer_certificate_id(self) -> str | None:
-        """The oneM2M ID a verified peer certificate names (mutual TLS; :func:`certificate_onem2m_id`), or None."""
-        cert = self._conn.get_peer_certificate()
-        return None if cert is None else certificate_onem2m_id(cert.to_cryptography())
-
-    def export_keying_material(self, label: str, length: int) -> Secret:
-        """RFC 5705 exporter, no context value (what ``openssl s_client -keymatexport`` computes)."""
-        return Secret(self._conn.export_keying_material(label.encode("ascii"), length, None), "exporter output")
 
     def recv_into(self, buf: memoryview | bytearray) -> int:
         try:
@@ -520,13 +538,6 @@ class TlsConnection:
     def makefile(self) -> io.BufferedReader:
         return io.BufferedReader(_RawTls(self), 16384)
 
-    def interrupt(self) -> None:
-        """Wake a thread blocked reading this connection (another thread may call this)."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
     def close(self) -> None:
         try:
             self._conn.shutdown()
@@ -539,6 +550,86 @@ class TlsConnection:
 
     def __repr__(self) -> str:
         return f"<TlsConnection peer={self.peer} psk_identity={self.psk_identity!r}>"
+
+
+class ServerTls(TlsPeer):
+    """A server-side TLS connection over memory BIOs: the caller moves bytes between its socket and
+    :meth:`feed` / :meth:`outgoing`, so nothing here waits on the network. One thread at a time."""
+
+    def __init__(self, context: SSL.Context, peer: tuple[str, int]) -> None:
+        self.peer_ip = peer[0]
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.psk_identity: str | None = None
+        self._conn = SSL.Connection(context, None)
+        self._conn._rspf_peer_ip = self.peer_ip  # type: ignore[attr-defined]
+        self._conn.set_accept_state()
+
+    @property
+    def presented_identity(self) -> str | None:
+        """The psk_identity the client offered, proved or not (for refusal logs; never a key)."""
+        return getattr(self._conn, "_rspf_presented", None)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received from the client."""
+        self._conn.bio_write(data)
+
+    def outgoing(self) -> bytes:
+        """Bytes to send to the client (handshake flights, records, alerts), possibly empty."""
+        chunks = []
+        while True:
+            try:
+                chunk = self._conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def handshake_step(self) -> bool:
+        """Advance the handshake with what was fed; True once complete. May run the PSK lookup (which may
+        block). Raises :class:`TlsError` when the handshake fails (an alert may wait in :meth:`outgoing`)."""
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as exc:
+            raise TlsError(f"TLS handshake failed: {_describe(exc)}") from None
+        self.psk_identity = getattr(self._conn, "_rspf_psk_identity", None)
+        return True
+
+    def receive(self) -> tuple[bytes, bool]:
+        """Decrypt what was fed: (plaintext, the client sent close_notify). ConnectionError on a bad record."""
+        out: list[bytes] = []
+        while True:
+            try:
+                data = self._conn.recv(65536)
+            except SSL.WantReadError:
+                return b"".join(out), False
+            except SSL.ZeroReturnError:
+                return b"".join(out), True
+            except SSL.Error as exc:
+                raise ConnectionError(f"TLS record error: {_describe(exc)}") from None
+            if not data:
+                return b"".join(out), False
+            out.append(data)
+
+    def send(self, data: bytes) -> None:
+        """Encrypt ``data``; the records are then in :meth:`outgoing`."""
+        try:
+            self._conn.sendall(data)
+        except SSL.Error as exc:
+            raise ConnectionError(f"TLS write failed: {_describe(exc)}") from None
+
+    def close_notify(self) -> None:
+        """Queue a close_notify alert (in :meth:`outgoing`) if the session got that far."""
+        try:
+            self._conn.shutdown()
+        except SSL.Error:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<ServerTls peer={self.peer} psk_identity={self.psk_identity!r}>"
 
 
 class _RawTls(io.RawIOBase):

@@ -1,8 +1,9 @@
-"""A small threaded WSGI server over TLS-PSK (and optionally certificates): the CSE's secure listener.
+"""The CSE's secure listener: a WSGI server on the event-driven TLS transport (rspf.httpserver).
 
 It serves any WSGI application (the ACME CSE's Flask app) and puts the credential that authenticated the
 connection into every request's environ under ``rspf.credential``, so a handler knows who is talking.
-The credential is established once per TLS connection by a ``resolve`` callback; keep-alive is supported.
+The credential is established once per TLS connection by a ``resolve`` callback (in a handshake pool thread,
+so it may block); keep-alive is supported. The application runs in the server's worker threads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import wire
-from .httpserver import TlsHttpServer
-from .tls import PskServer, TlsConnection
+from .httpserver import ServerLimits, TlsHttpServer
+from .tls import PskServer, ServerTls, TlsPeer
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,21 @@ class PeerCredential:
     enrolee_id: str | None    # Enrolee-ID the MEF returned for this key, if any
 
 
-Resolver = Callable[[TlsConnection], PeerCredential | None]
+Resolver = Callable[[TlsPeer], PeerCredential | None]
+
+
+@dataclass(frozen=True)
+class _Session:
+    credential: PeerCredential
+    environ: dict[str, Any]   # the per-connection part of every request's environ
 
 
 class SecureWsgiServer(TlsHttpServer):
     name = "secure-listener"
 
     def __init__(self, app: Any, psk: PskServer, resolve: Resolver, *, host: str, port: int,
-                 max_body: int = 4 * 1024 * 1024, handshake_timeout: float = 10.0, idle_timeout: float = 60.0,
-                 max_connections: int = 256) -> None:
-        super().__init__(psk, host=host, port=port, max_body=max_body, handshake_timeout=handshake_timeout,
-                         idle_timeout=idle_timeout, max_connections=max_connections)
+                 limits: ServerLimits = ServerLimits()) -> None:
+        super().__init__(psk, host=host, port=port, limits=limits)
         self.app = app
         self.resolve = resolve
 
@@ -53,32 +58,36 @@ class SecureWsgiServer(TlsHttpServer):
         log.info("secure listener on %s:%d (TLS-PSK and certificates)", self.host, self.port)
 
     def stop(self) -> None:
-        self.shutdown(timeout=2.0)
+        self.shutdown(timeout=self.limits.stop_grace + 1.0)
 
-    def open_session(self, tls: TlsConnection) -> PeerCredential | None:
+    def open_session(self, tls: ServerTls) -> _Session | None:
         cred = self.resolve(tls)
         if cred is None:
-            log.info("secure listener: no usable credential from %s; closing", tls.peer)
-        return cred
+            return None
+        host, _, port = tls.peer.rpartition(":")
+        return _Session(cred, {
+            "SERVER_NAME": self.host,
+            "SERVER_PORT": str(self.port),
+            "REMOTE_ADDR": host,
+            "REMOTE_PORT": port,
+            "SSL_PROTOCOL": tls.version,
+            "SSL_CIPHER": tls.cipher,
+            ENVIRON_KEY: cred,
+        })
 
-    def respond(self, session: PeerCredential, tls: TlsConnection,
-                req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
-        status, headers, body = self._call_app(req, tls, session)
+    def respond(self, session: _Session, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+        status, headers, body = self._call_app(self._environ(req, session))
         return wire.HttpResponse(status, headers, body), False
 
-    def _environ(self, req: wire.HttpRequest, tls: TlsConnection, cred: PeerCredential) -> dict[str, Any]:
+    @staticmethod
+    def _environ(req: wire.HttpRequest, session: _Session) -> dict[str, Any]:
         path, _, query = req.target.partition("?")
-        peer_host, _, peer_port = tls.peer.rpartition(":")
         env: dict[str, Any] = {
             "REQUEST_METHOD": req.method,
             "SCRIPT_NAME": "",
             "PATH_INFO": unquote(path, "latin-1"),
             "QUERY_STRING": query,
-            "SERVER_NAME": self.host,
-            "SERVER_PORT": str(self.port),
             "SERVER_PROTOCOL": "HTTP/1.1",
-            "REMOTE_ADDR": peer_host,
-            "REMOTE_PORT": peer_port,
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https",
             "wsgi.input": io.BytesIO(req.body),
@@ -87,9 +96,7 @@ class SecureWsgiServer(TlsHttpServer):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "CONTENT_LENGTH": str(len(req.body)),
-            ENVIRON_KEY: cred,
-            "SSL_PROTOCOL": tls.version,
-            "SSL_CIPHER": tls.cipher,
+            **session.environ,
         }
         for k, v in req.headers.items():
             if k == "content-type":
@@ -100,8 +107,7 @@ class SecureWsgiServer(TlsHttpServer):
                 env["HTTP_" + k.upper().replace("-", "_")] = v
         return env
 
-    def _call_app(self, req: wire.HttpRequest, tls: TlsConnection, cred: PeerCredential) -> tuple[int, dict, bytes]:
-        env = self._environ(req, tls, cred)
+    def _call_app(self, env: dict[str, Any]) -> tuple[int, dict, bytes]:
         result: dict[str, Any] = {}
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
@@ -120,8 +126,4 @@ class SecureWsgiServer(TlsHttpServer):
         except Exception:
             log.exception("secure listener: the application failed")
             return 500, {"x-m2m-rsc": "5000"}, b""
-        headers = result.get("headers", {})
-        headers.pop("content-length", None)
-        headers.pop("transfer-encoding", None)
-        headers.pop("connection", None)
-        return result.get("status", 500), headers, body
+        return result.get("status", 500), result.get("headers", {}), body

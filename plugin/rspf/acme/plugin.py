@@ -44,7 +44,7 @@ from ..fileutil import read_key_file
 from ..ratelimit import RefusalLog
 from ..secret import Secret
 from ..target import KeyCache, KeyCacheLimits
-from ..tls import PskClient, PskServer, TlsConnection
+from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
 from . import access, internals, resources
 from .config import AcmePluginConfig, load
@@ -267,12 +267,12 @@ class RspfSecurityPlugin:
                        wait=self._stop.wait, warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m))
 
     # ------------------------------------------------------------------- secure listener: keys
-    def _psk_lookup(self, identity: str, peer_ip: str | None = None) -> Secret | None:
+    def _psk_lookup(self, identity: str, peer_ip: str | None) -> Secret | None:
         assert self.keycache is not None
         cred, _fetched = self.keycache.lookup(identity, peer_ip)
         return cred.key if cred else None
 
-    def _resolve(self, tls: TlsConnection) -> PeerCredential | None:
+    def _resolve(self, tls: TlsPeer) -> PeerCredential | None:
         assert self.keycache is not None
         ident = tls.psk_identity
         if ident is None:
@@ -304,7 +304,7 @@ class RspfSecurityPlugin:
             except Exception as exc:
                 _acme_log("warn", f"could not record {peer.credential_id} in rule {self.config.ssar}: {exc}")
 
-    def _certificate_credential(self, tls: TlsConnection) -> PeerCredential | None:
+    def _certificate_credential(self, tls: TlsPeer) -> PeerCredential | None:
         subject_id = tls.peer_certificate_id()
         if not subject_id:
             return None

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import ids
 from ..errors import ConfigError
+from ..httpserver import ServerLimits
 from ..keys import check_fqdn
 
 
@@ -28,9 +29,12 @@ class MefConfig:
     max_body_bytes: int = 64 * 1024
     tls_min_version: str = "1.2"
     tls_max_version: str = "1.3"
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 30.0
-    max_connections: int = 256
+    handshake_timeout: float = ServerLimits.handshake_timeout
+    request_timeout: float = ServerLimits.request_timeout
+    idle_timeout: float = ServerLimits.idle_timeout
+    max_connections: int = ServerLimits.max_connections
+    max_connections_per_source: int = ServerLimits.max_per_source
+    workers: int = ServerLimits.workers
     log_level: str = "INFO"
     log_file: Path | None = None
     source: str = "<defaults>"
@@ -95,13 +99,16 @@ class MefConfig:
                 raise err(key, "must be \"1.2\" or \"1.3\"")
         if vmin > vmax:
             raise err("tls_min_version", "is above tls_max_version")
-        hs = float(get("handshake_timeout", (int, float)))
-        idle = float(get("idle_timeout", (int, float)))
-        if hs <= 0 or idle <= 0:
-            raise err("handshake_timeout" if hs <= 0 else "idle_timeout", "must be positive")
-        maxc = get("max_connections", int)
-        if not 1 <= maxc <= 10000:
-            raise err("max_connections", "must be between 1 and 10000")
+        timeouts: dict[str, float] = {}
+        for key in ("handshake_timeout", "request_timeout", "idle_timeout"):
+            timeouts[key] = float(get(key, (int, float)))
+            if not 0 < timeouts[key] <= 3600:
+                raise err(key, "must be more than 0 and at most 3600 seconds")
+        counts: dict[str, int] = {}
+        for key, top in (("max_connections", 100_000), ("max_connections_per_source", 100_000), ("workers", 256)):
+            counts[key] = get(key, int)
+            if not 1 <= counts[key] <= top:
+                raise err(key, f"must be between 1 and {top}")
         level = get("log_level", str).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise err("log_level", "must be debug, info, warning or error")
@@ -122,9 +129,18 @@ class MefConfig:
             fqdn=fqdn.lower(), sp_id=sp_id, listen=listen, port=port,
             database=path_of("database"), master_key_file=path_of("master_key_file"),  # type: ignore[arg-type]
             enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin,
-            tls_max_version=vmax, handshake_timeout=hs, idle_timeout=idle, max_connections=maxc,
-            log_level=level, log_file=path_of("log_file"), source=source,
+            tls_max_version=vmax, handshake_timeout=timeouts["handshake_timeout"],
+            request_timeout=timeouts["request_timeout"], idle_timeout=timeouts["idle_timeout"],
+            max_connections=counts["max_connections"], max_connections_per_source=counts["max_connections_per_source"],
+            workers=counts["workers"], log_level=level, log_file=path_of("log_file"), source=source,
         )
+
+    def server_limits(self) -> ServerLimits:
+        """The transport's limits from this configuration (the rest are the transport's defaults)."""
+        return ServerLimits(handshake_timeout=self.handshake_timeout, request_timeout=self.request_timeout,
+                            idle_timeout=self.idle_timeout, max_connections=self.max_connections,
+                            max_per_source=self.max_connections_per_source, max_body=self.max_body_bytes,
+                            workers=self.workers)
 
 
 EXAMPLE = """\
@@ -140,9 +156,12 @@ enrolment_expiry_seconds = 2592000  # default lifetime of an Enrolment Key (Ke)
 max_body_bytes = 65536
 tls_min_version = "1.2"
 tls_max_version = "1.3"
-handshake_timeout = 10
-idle_timeout = 30
-max_connections = 256
+handshake_timeout = 10              # seconds for a whole TLS handshake
+request_timeout = 30                # seconds for a whole request (head and body)
+idle_timeout = 30                   # seconds a kept-alive connection may wait for its next request
+max_connections = 4096              # open connections in total
+max_connections_per_source = 256    # open connections from one IP address
+workers = 16                        # threads answering requests
 log_level = "info"
 # log_file = "mef.log"
 """

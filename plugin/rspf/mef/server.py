@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import logging
 
+import h11
+
 from .. import keys, wire
-from ..errors import RSC, RspfError
+from ..errors import RSC, OperationNotAllowed, RspfError
 from ..httpserver import TlsHttpServer
-from ..tls import PskServer, TlsConnection
+from ..tls import PskServer, ServerTls
+from . import protocol
 from .config import MefConfig
 from .service import MefService, Session
 
 log = logging.getLogger(__name__)
+
+_METHODS = frozenset(m.encode("ascii") for m in wire.OPERATIONS)
 
 
 class MefServer(TlsHttpServer):
@@ -23,9 +28,7 @@ class MefServer(TlsHttpServer):
     def __init__(self, config: MefConfig, service: MefService) -> None:
         super().__init__(PskServer(service.psk_for, min_version=config.tls_min_version,
                                    max_version=config.tls_max_version),
-                         host=config.listen, port=config.port, max_body=config.max_body_bytes,
-                         handshake_timeout=config.handshake_timeout, idle_timeout=config.idle_timeout,
-                         max_connections=config.max_connections)
+                         host=config.listen, port=config.port, limits=config.server_limits())
         self.config = config
         self.service = service
 
@@ -37,7 +40,7 @@ class MefServer(TlsHttpServer):
                  self.config.tls_min_version, self.config.tls_max_version)
         super().serve_forever()
 
-    def open_session(self, tls: TlsConnection) -> Session | None:
+    def open_session(self, tls: ServerTls) -> Session | None:
         if tls.psk_identity is None:
             return None
         try:
@@ -45,14 +48,19 @@ class MefServer(TlsHttpServer):
                 tls.psk_identity,
                 lambda: tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
         except RspfError as exc:
-            log.info("session from %s refused: %s", tls.peer, exc)
+            self.refusals.refuse("session refused", tls.peer, tls.psk_identity, str(exc))
             return None
         log.debug("session %r from %s (%s, %s)", session, tls.peer, tls.version, tls.cipher)
         return session
 
-    def respond(self, session: Session, tls: TlsConnection, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+    def check_request(self, req: h11.Request) -> None:
+        if req.method not in _METHODS:  # case-sensitive (RFC 9110 §9.1): `get` is not GET
+            raise OperationNotAllowed(f"the HTTP method {req.method[:16].decode('ascii', 'replace')!r} has no "
+                                      "oneM2M operation; use GET, POST, PUT or DELETE")
+
+    def respond(self, session: Session, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
         ri, rvi = req.header("x-m2m-ri"), req.header("x-m2m-rvi")  # echoed only if valid (wire checks)
-        fetch = req.path.startswith("/fetchCredentials")
+        fetch = protocol.is_fetch_path(req.path)
         try:
             prim = wire.to_primitive(req)
             reply = self.service.handle(session, prim.operation, prim.to, prim.originator, prim.content)
@@ -60,10 +68,9 @@ class MefServer(TlsHttpServer):
                                         rvi=prim.rvi), reply.close
         except RspfError as exc:
             if exc.rsc is RSC.INTERNAL_SERVER_ERROR:
-                log.error("request %s failed: %s", "/fetchCredentials/..." if fetch else req.path, exc)
+                log.error("request %s failed: %s", protocol.PATH_FETCH_CREDENTIALS + "/..." if fetch else req.path, exc)
             else:
                 log.info("request from %s refused with %d: %s", session.principal_id, int(exc.rsc), exc)
             if fetch:  # TS-0003 Table 8.3.2.1-6
-                return wire.onem2m_response(exc.rsc, {"rspf:fcRsp": {"status": False, "errorString": str(exc)}},
-                                            request_id=ri, rvi=rvi), False
+                return wire.onem2m_response(exc.rsc, protocol.fetch_error(str(exc)), request_id=ri, rvi=rvi), False
             return wire.error_response(exc, request_id=ri, rvi=rvi), False

@@ -14,7 +14,6 @@ import base64
 import datetime as dt
 import enum
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +71,6 @@ class MefService:
     def __init__(self, config: MefConfig, store: MefStore) -> None:
         self.config = config
         self.store = store
-        self._handshake = threading.local()
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
 
     # -- authentication -------------------------------------------------------------------------
@@ -80,14 +78,12 @@ class MefService:
         """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK. ``peer_ip`` (the
         client's address, from the transport's PSK lookup) is named when the identity is refused.
 
-        Runs in the connection's thread during the handshake; the enrolee record read with the key is kept
-        for :meth:`open_session` in the same thread, so a session costs one query, not two.
+        Runs in a handshake thread of the transport; the session opens later in a worker thread
+        (:meth:`open_session` reads the enrolee again, so a record changed in between is seen).
         """
         found = self.store.enrolee_and_psk(identity)
         if found is not None:
-            self._handshake.found = (identity, found[0])
             return found[1]
-        self._handshake.found = None
         psk = self.store.target_psk(identity)
         if psk is None:
             self.refusals.refused("TLS-PSK identity %r from %s refused: no Enrolee (KpmID) or Enrolment Target has "
@@ -102,9 +98,7 @@ class MefService:
                      exporter_output: Secret | Callable[[], Secret] | None) -> Session:
         """Start a session for an authenticated psk_identity. ``exporter_output`` (or a function computing it,
         called only for an Enrolee) is the session's ``EXPORTER-oneM2M-Bootstrap`` output."""
-        cached = getattr(self._handshake, "found", None)
-        self._handshake.found = None
-        enrolee = cached[1] if cached and cached[0] == psk_identity else self.store.get_enrolee(psk_identity)
+        enrolee = self.store.get_enrolee(psk_identity)
         if enrolee is not None:
             if callable(exporter_output):
                 exporter_output = exporter_output()
