@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 from OpenSSL import SSL
+from rawhttp import read_response
 
 from rspf import wire
 from rspf.errors import TlsError
-from rspf.httpserver import RefusalLog, ServerLimits, TlsHttpServer
+from rspf.httpserver import ServerLimits, TlsHttpServer
+from rspf.ratelimit import RefusalLog
 from rspf.secret import Secret
 from rspf.tls import PskClient, PskServer, ServerTls, TlsConnection
 from rspf.wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
@@ -119,7 +121,7 @@ def tls_closed(tls: TlsConnection) -> bool:
 
 def exchange(tls: TlsConnection, data: bytes) -> wire.HttpResponse:
     tls.sendall(data)
-    return wire.read_response(tls.makefile())
+    return read_response(tls.makefile())
 
 
 def get(target: str = "/x", extra: str = "", body: bytes = b"", method: str = "GET") -> bytes:
@@ -134,7 +136,7 @@ def test_keep_alive_session_serves_several_requests(server: EchoServer) -> None:
     for i in range(3):
         body = f'{{"n":{i}}}'
         tls.sendall(get(f"/r{i}", body=body.encode(), method="POST"))
-        seen = wire.read_response(reader).json()
+        seen = read_response(reader).json()
         assert (seen["session"], seen["method"], seen["target"], seen["body"]) == (IDENTITY, "POST", f"/r{i}", body)
     tls.close()
     assert server.seen[0] == (IDENTITY, "127.0.0.1")  # the lookup got the identity and the peer's address
@@ -151,7 +153,7 @@ def test_pipelined_requests_are_answered_in_order(server: EchoServer) -> None:
     tls = connect(server)
     tls.sendall(get("/a") + get("/b") + get("/close"))
     reader = tls.makefile()
-    assert [wire.read_response(reader).json()["target"] for _ in range(3)] == ["/a", "/b", "/close"]
+    assert [read_response(reader).json()["target"] for _ in range(3)] == ["/a", "/b", "/close"]
     assert tls_closed(tls)
 
 
@@ -160,7 +162,7 @@ def test_chunked_body_and_trailer(server: EchoServer) -> None:
     chunked = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: y\r\n\r\n"
     resp = exchange(tls, get("/c", "Transfer-Encoding: chunked\r\n", method="POST") + chunked + get("/next"))
     assert resp.json()["body"] == "Wikipedia"
-    assert wire.read_response(tls.makefile()).json()["target"] == "/next"  # the trailer did not leak
+    assert read_response(tls.makefile()).json()["target"] == "/next"  # the trailer did not leak
 
 
 @pytest.mark.parametrize("name", ["X-M2M-RI", "x-m2m-ri", "X-M2M-Origin", "X-M2M-RVI", "Host"])
@@ -230,7 +232,7 @@ def test_body_limit_is_inclusive_and_413_above(server: EchoServer) -> None:
     tls = connect(server)
     assert exchange(tls, get(body=b"y" * 1024, method="POST")).json()["body"] == "y" * 1024
     tls.sendall(get(method="POST", extra="Content-Length: 1025\r\n"))  # the head alone: refused before the body
-    resp = wire.read_response(tls.makefile())
+    resp = read_response(tls.makefile())
     assert (resp.status, resp.rsc) == (413, 4000)
     assert tls_closed(tls)
 
@@ -249,7 +251,7 @@ def test_expect_100_continue(server: EchoServer) -> None:
     assert reader.readline().startswith(b"HTTP/1.1 100 ")
     assert reader.readline() == b"\r\n"
     tls.sendall(b"ok")
-    assert wire.read_response(reader).json()["body"] == "ok"
+    assert read_response(reader).json()["body"] == "ok"
 
 
 def test_response_header_with_control_character_is_dropped() -> None:
@@ -314,7 +316,7 @@ def test_silent_tcp_client_is_closed(server: EchoServer) -> None:
 def test_slow_headers_after_the_handshake_get_4008_and_close(server: EchoServer) -> None:
     tls = connect(server)
     tls.sendall(b"GET /slow HTTP/1.1\r\nHost: h\r\nX-M2M-RI: slow-1\r\n")  # the head never ends
-    resp = wire.read_response(tls.makefile())
+    resp = read_response(tls.makefile())
     assert (resp.status, resp.rsc) == (408, 4008)
     assert tls_closed(tls)
 
@@ -322,7 +324,7 @@ def test_slow_headers_after_the_handshake_get_4008_and_close(server: EchoServer)
 def test_slow_body_gets_4008(server: EchoServer) -> None:
     tls = connect(server)
     tls.sendall(get(method="POST", extra="Content-Length: 100\r\n") + b"only a part")
-    assert wire.read_response(tls.makefile()).rsc == 4008
+    assert read_response(tls.makefile()).rsc == 4008
 
 
 def test_idle_keep_alive_session_is_closed(server: EchoServer) -> None:
@@ -442,16 +444,17 @@ def test_shutdown_with_many_idle_connections_is_prompt() -> None:
 
 
 # ------------------------------------------------------------------------------------------ refusal log
-def test_refusal_log_is_rate_limited_and_names_identity_not_key(caplog) -> None:
+def test_refusal_log_is_rate_limited_and_names_identity_not_key(server: EchoServer, caplog) -> None:
     caplog.set_level(logging.WARNING, "rspf.httpserver")
-    refusals = RefusalLog("t", interval=3600, burst=3)
+    server.refusals = RefusalLog(logging.getLogger("rspf.httpserver"), burst=3, interval=3600)
     for i in range(500):
-        refusals.refuse("TLS handshake refused", f"127.0.0.2:{1000 + i}", "evil\r\nid@mef.example.com")
-    refusals.flush()
-    lines = [r.getMessage() for r in caplog.records]
+        server.refuse("TLS handshake refused", f"127.0.0.2:{1000 + i}", "evil\r\nid@mef.example.com")
+    server.refusals.flush()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 4
     assert "'evil\\r\\nid@mef.example.com'" in lines[0]  # repr: the attacker's CR LF cannot forge a log line
-    assert "497 more refusals" in lines[-1] and "127.0.0.2 (497)" in lines[-1]
+    assert "497 more refusals" in lines[-1] and "497 TLS handshake refused" in lines[-1]
+    assert "127.0.0.2 (497)" in lines[-1]
 
 
 def test_wrong_key_is_logged_with_the_identity(server: EchoServer, caplog) -> None:
@@ -486,13 +489,13 @@ def test_wsgi_server_passes_the_credential_and_keeps_alive() -> None:
         reader = tls.makefile()
         for i in range(2):
             tls.sendall(get(f"/cse-in/a%20b?rcn={i}", "X-M2M-Origin: Cae1\r\n", b"{}", "POST"))
-            resp = wire.read_response(reader)
+            resp = read_response(reader)
             assert resp.rsc == 2000
             assert resp.json() == {"cred": IDENTITY, "path": "/cse-in/a b", "query": f"rcn={i}", "input": "{}",
                                    "origin": "Cae1"}
         assert calls[0]["REMOTE_ADDR"] == "127.0.0.1" and calls[0]["SSL_PROTOCOL"].startswith("TLS")
         # the transport's own refusals are oneM2M answers too
         tls.sendall(b"GET / HTTP/1.9\r\nHost: h\r\n\r\n")
-        assert wire.read_response(reader).rsc == 4000
+        assert read_response(reader).rsc == 4000
     finally:
         s.stop()

@@ -16,14 +16,12 @@ answered (:meth:`TlsHttpServer.respond`); both run in a pool thread.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import queue
 import resource
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +30,14 @@ import h11
 
 from . import wire
 from .errors import BadRequest, RequestTimeout, RspfError, TlsError
+from .ratelimit import RefusalLog
 from .tls import MAX_TLS_RECORD, TLS_RECORD_HEADER, PskServer, ServerTls
 
 log = logging.getLogger(__name__)
+
+#: Refused peers: this many WARNING lines per interval (seconds), the rest at INFO and in one summary line
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_INTERVAL = 10.0
 
 #: Handshake bytes a client may send before the handshake completes (a ClientHello is rarely above 2 KB).
 MAX_HANDSHAKE_BYTES = 64 * 1024
@@ -84,55 +87,6 @@ def raise_fd_limit(wanted: int) -> None:
                         target, wanted)
 
 
-class RefusalLog:
-    """WARNING lines for refused peers, at most ``burst`` per ``interval`` seconds, then one summary line.
-
-    A line names the reason, the peer address and the presented identity (never a key); ``repr`` escapes
-    whatever an attacker put in the identity.
-    """
-
-    def __init__(self, name: str, interval: float = 10.0, burst: int = 10) -> None:
-        self.name, self.interval, self.burst = name, interval, burst
-        self._lock = threading.Lock()
-        self._start = time.monotonic()
-        self._logged = 0
-        self._reasons: collections.Counter[str] = collections.Counter()
-        self._sources: collections.Counter[str] = collections.Counter()
-
-    def refuse(self, reason: str, peer: str, identity: str | None = None, detail: str = "") -> None:
-        with self._lock:
-            self._roll()
-            if self._logged < self.burst:
-                self._logged += 1
-                who = f" (psk_identity {identity[:128]!r})" if identity else ""
-                log.warning("%s: %s from %s%s%s", self.name, reason, peer, who, f": {detail}" if detail else "")
-                return
-            self._reasons[reason] += 1
-            self._sources[peer.rpartition(":")[0] or peer] += 1
-
-    def roll(self) -> None:
-        """Write the summary line of the interval if it is over (called every second by the loop)."""
-        with self._lock:
-            self._roll()
-
-    def flush(self) -> None:
-        with self._lock:
-            self._roll(force=True)
-
-    def _roll(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._start < self.interval:
-            return
-        if self._reasons:
-            reasons = ", ".join(f"{n} {r}" for r, n in self._reasons.most_common())
-            top = ", ".join(f"{ip} ({n})" for ip, n in self._sources.most_common(3))
-            log.warning("%s: %d more refusals in the last %.0f s (%s); most from %s", self.name,
-                        sum(self._reasons.values()), now - self._start, reasons, top)
-        self._start, self._logged = now, 0
-        self._reasons.clear()
-        self._sources.clear()
-
-
 class _Pool:
     """A fixed set of daemon threads running jobs in FIFO order; ``done(result, error)`` is called in the thread.
 
@@ -170,7 +124,7 @@ class TlsHttpServer:
         self.psk = psk
         self.host, self.port = host, port
         self.limits = limits
-        self.refusals = RefusalLog(self.name)
+        self.refusals = RefusalLog(log, burst=REFUSAL_LOG_BURST, interval=REFUSAL_LOG_INTERVAL)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -299,20 +253,27 @@ class TlsHttpServer:
         else:
             self._loop.call_later(self._sweep_every, self._tick)
 
+    def refuse(self, reason: str, peer: str, identity: str | None = None, detail: str = "") -> None:
+        """Log a refused peer: the reason, its address and the presented identity (``repr``: whatever an attacker
+        put in it cannot forge a log line), never a key."""
+        who = f" (psk_identity {identity[:128]!r})" if identity else ""
+        self.refusals.refused("%s: %s from %s%s%s", self.name, reason, peer, who, f": {detail}" if detail else "",
+                              reason=reason, source=peer.rpartition(":")[0] or peer)
+
     # -- admission (loop thread) ----------------------------------------------------------------
     def _admit(self, conn: _Connection) -> bool:
         src = self._by_source.get(conn.source)
         if src is not None and len(src) >= self.limits.max_per_source:
-            self.refusals.refuse("connection refused: per-source limit reached", conn.peer,
+            self.refuse("connection refused: per-source limit reached", conn.peer,
                                  detail=f"{len(src)} connections open from this address")
             return False
         if len(self._conns) >= self.limits.max_connections:
             victim = self._victim()
             if victim is None:
-                self.refusals.refuse("connection refused: server full", conn.peer,
+                self.refuse("connection refused: server full", conn.peer,
                                      detail=f"{len(self._conns)} connections, all working")
                 return False
-            self.refusals.refuse("connection shed to admit another", victim.peer, victim.presented_identity,
+            self.refuse("connection shed to admit another", victim.peer, victim.presented_identity,
                                  f"{len(self._by_source[victim.source])} connections open from that address")
             victim.abort()
         self._conns[conn] = None
@@ -475,7 +436,7 @@ class _Connection(asyncio.Protocol):
         if what == "idle":
             self._goodbye()
             return
-        self.server.refusals.refuse(f"{what} ({self._deadline_of(what):g} s) hit", self.peer,
+        self.server.refuse(f"{what} ({self._deadline_of(what):g} s) hit", self.peer,
                                     self.presented_identity)
         if what == "request deadline" and not self._busy and self.tls is not None:
             self._send_error(RequestTimeout(f"the request did not arrive whole within "
@@ -487,7 +448,7 @@ class _Connection(asyncio.Protocol):
         return self.limits.handshake_timeout if what == "handshake deadline" else self.limits.request_timeout
 
     def _refuse(self, reason: str, detail: str = "") -> None:
-        self.server.refusals.refuse(reason, self.peer, self.presented_identity, detail)
+        self.server.refuse(reason, self.peer, self.presented_identity, detail)
         self.abort()
 
     def _write_tls(self) -> None:
@@ -724,7 +685,7 @@ class _Connection(asyncio.Protocol):
                     ri = value.decode("latin-1")
                 elif name == b"x-m2m-rvi":
                     rvi = value.decode("latin-1")
-        self.server.refusals.refuse(f"request refused with {int(exc.rsc)}", self.peer,
+        self.server.refuse(f"request refused with {int(exc.rsc)}", self.peer,
                                     self.tls.psk_identity if self.tls is not None else None, str(exc))
         try:
             self._send(wire.render_response(wire.error_response(exc, request_id=ri, rvi=rvi, close=True)))

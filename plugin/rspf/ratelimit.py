@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 Clock = Callable[[], float]
@@ -90,11 +90,15 @@ class FetchBudget:
 
 
 class RefusalLog:
-    """Refusal reasons for the operator: the first ``burst`` per ``interval`` seconds at WARNING, the rest at
-    INFO; when a new interval starts after some were demoted, one WARNING says how many. So a flood costs at
-    most ``burst + 1`` WARNING lines per interval, and a log at INFO still shows every refusal.
+    """Refusal reasons for the operator, the one rate-limited refusal log of the project (MEF, transport, key
+    cache, ACME plugin): the first ``burst`` refusals per ``interval`` seconds at WARNING, the rest at INFO,
+    counted by reason and by source address when the caller names them. When the interval is over (at the
+    next refusal, or when the owner calls :meth:`roll`, e.g. from a timer) one WARNING line gives the count,
+    the commonest reasons and the busiest sources. So a flood costs at most ``burst + 1`` WARNING lines per
+    interval, and a log at INFO still shows every refusal.
 
-    ``target`` is a logger, or ``emit(level, text)`` for a host with a log of its own (the ACME plugin)."""
+    ``target`` is a logger, or ``emit(level, text)`` for a host with a log of its own (the ACME plugin).
+    Messages must never carry key material; values an attacker chose belong in ``repr`` form."""
 
     def __init__(self, target: logging.Logger | Emit, *, burst: int = 20, interval: float = 60.0,
                  clock: Clock = time.monotonic) -> None:
@@ -108,18 +112,50 @@ class RefusalLog:
         self._start = clock()
         self._count = 0
         self._demoted = 0
+        self._reasons: Counter[str] = Counter()
+        self._sources: Counter[str] = Counter()
 
-    def refused(self, message: str, *args: object) -> None:
+    def refused(self, message: str, *args: object, reason: str | None = None, source: str | None = None) -> None:
+        """Log one refusal (``message % args``); ``reason`` and ``source`` feed the summary of a flood."""
         with self._lock:
-            now = self._clock()
-            summary = 0
-            if now - self._start >= self._interval:
-                summary, self._demoted, self._count, self._start = self._demoted, 0, 0, now
+            summary = self._roll(self._clock())
             self._count += 1
             level = logging.WARNING if self._count <= self._burst else logging.INFO
             if level == logging.INFO:
                 self._demoted += 1
+                if reason:
+                    self._reasons[reason] += 1
+                if source:
+                    self._sources[source] += 1
         if summary:
-            self._emit(logging.WARNING, f"{summary} more refusals in the previous {self._interval:g} s were logged "
-                                        "at INFO only")
+            self._emit(logging.WARNING, summary)
         self._emit(level, message % args if args else message)
+
+    def roll(self) -> None:
+        """Write the summary of an interval that is over (a flood that stopped still gets its count)."""
+        with self._lock:
+            summary = self._roll(self._clock())
+        if summary:
+            self._emit(logging.WARNING, summary)
+
+    def flush(self) -> None:
+        """Write the summary now (at shutdown)."""
+        with self._lock:
+            summary = self._roll(self._clock(), force=True)
+        if summary:
+            self._emit(logging.WARNING, summary)
+
+    def _roll(self, now: float, force: bool = False) -> str | None:
+        if not force and now - self._start < self._interval:
+            return None
+        summary = None
+        if self._demoted:
+            summary = f"{self._demoted} more refusals in the previous {self._interval:g} s were logged at INFO only"
+            if self._reasons:
+                summary += " (" + ", ".join(f"{n} {r}" for r, n in self._reasons.most_common(5)) + ")"
+            if self._sources:
+                summary += "; most from " + ", ".join(f"{ip} ({n})" for ip, n in self._sources.most_common(3))
+        self._start, self._count, self._demoted = now, 0, 0
+        self._reasons.clear()
+        self._sources.clear()
+        return summary

@@ -48,7 +48,7 @@ class MefServer(TlsHttpServer):
                 tls.psk_identity,
                 lambda: tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
         except RspfError as exc:
-            self.refusals.refuse("session refused", tls.peer, tls.psk_identity, str(exc))
+            self.refuse("session refused", tls.peer, tls.psk_identity, str(exc))
             return None
         log.debug("session %r from %s (%s, %s)", session, tls.peer, tls.version, tls.cipher)
         return session
