@@ -17,7 +17,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert r.returncode == 0, out + r.stderr
     assert "registered <AE> Csensor01 (aei Csensor01)" in out and "over TLS-PSK" in out
     assert "applicableCredIDs = ['12-" in out and "allowedAEs        = ['Csensor01']" in out
-    assert "X-M2M-RSC 4126" in out  # no rule admits a registration without a credential
+    assert "without a credential: refused, HTTP 403, X-M2M-RSC 4126" in out  # no rule admits it
+    # the plain port cannot act for an AE that registered with a credential
+    assert "in the name of Csensor01: refused, HTTP 403, X-M2M-RSC 4107" in out
+    assert "deleted in its name: refused, HTTP 403, X-M2M-RSC 4107" in out
     assert "<remoteCSE> cse-in/id-mn1" in out
     assert "The deployment worked end to end" in out
     # every process it started was stopped by PID, cleanly

@@ -179,18 +179,26 @@ def main(workdir: Path) -> int:
         print(f"  allowedAEs        = {rule.get('aae')}")
         print(f"  allowedApp-IDs    = {rule.get('aai')}")
 
-        step(6, "Enforcement: an AE registration on the plain port is refused")
-        req = urllib.request.Request(f"http://127.0.0.1:{http_port}/cse-in", method="POST",
-                                     data=json.dumps({"m2m:ae": {"rn": "rogue", "api": "Nrogue", "rr": False,
-                                                                 "srv": ["3"]}}).encode(),
-                                     headers={"X-M2M-Origin": "Crogue", "X-M2M-RI": "demo2", "X-M2M-RVI": "3",
-                                              "Content-Type": "application/json;ty=2"})
-        try:
-            urllib.request.urlopen(req, timeout=5)
-            print("  UNEXPECTED: the plain-port registration was accepted")
-            return 1
-        except urllib.error.HTTPError as exc:
-            print(f"  refused: HTTP {exc.code}, X-M2M-RSC {exc.headers.get('X-M2M-RSC')}")
+        step(6, "Enforcement: the plain port is no side door")
+        attempts = [
+            ("an AE registration without a credential", "POST", "/cse-in", "Crogue",
+             {"m2m:ae": {"rn": "rogue", "api": "Nrogue", "rr": False, "srv": ["3"]}}, 2),
+            ("a content instance created in the name of Csensor01", "POST", "/cse-in/Csensor01/readings",
+             "Csensor01", {"m2m:cin": {"con": "forged"}}, 4),
+            ("Csensor01's <AE> deleted in its name", "DELETE", "/cse-in/Csensor01", "Csensor01", None, None),
+        ]
+        for what, method, path, origin, content, ty in attempts:
+            headers = {"X-M2M-Origin": origin, "X-M2M-RI": f"demo-{ty}", "X-M2M-RVI": "3"}
+            if ty is not None:
+                headers["Content-Type"] = f"application/json;ty={ty}"
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", method=method, headers=headers,
+                                         data=json.dumps(content).encode() if content is not None else None)
+            try:
+                urllib.request.urlopen(req, timeout=5)
+                print(f"  UNEXPECTED: {what} was accepted on the plain port")
+                return 1
+            except urllib.error.HTTPError as exc:
+                print(f"  {what}: refused, HTTP {exc.code}, X-M2M-RSC {exc.headers.get('X-M2M-RSC')}")
         step(7, "MN-CSE: enrols at start-up, takes its CSE-ID from the securityProfile, registers with the "
                 "IN-CSE over TLS-PSK (Mcc)")
         mn = workdir / "mn-cse"
