@@ -10,7 +10,8 @@ them from its WSGI middlewares; docs/acme-plugin.md lists every check with its R
 * :func:`check_unassociated` -- a request *outside* one (ACME's plain port) with ``enforcement = on``:
   a CSE-ID or the CSE's admin (unless the operator lists it) -> 4107; a non-create request from an AE-ID that
   is not registered here -> 4106; from an AE that registered with a credential -> 4107.
-* :class:`RefusalLog` -- refusal reasons at WARNING, rate-limited so that a flood cannot flood the log.
+
+Refusals are logged by the plugin through :class:`rspf.ratelimit.RefusalLog`.
 """
 
 from __future__ import annotations
