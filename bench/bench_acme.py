@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchutil import cpu_seconds, pct
+from benchutil import cpu_seconds, finish, load_average, pct
 
 from rspf.demo import Processes, acme_ini, free_port, run, wait_http, wait_port
 
@@ -298,7 +297,7 @@ def main() -> int:
         print(f"client: ONE sequential client in this process (no concurrency); Python {platform.python_version()}, "
               f"OpenSSL {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode().split()[1]}, pyOpenSSL "
               f"{OpenSSL.__version__}, cryptography {cryptography.__version__}")
-        print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+        print(f"load average before the run: {load_average()} ({os.cpu_count()} CPUs)")
 
         b = Bench(http_port, secure_port, cse_pid, mef_pid)
         warm_ae, steady_ae, measured = enrolments[0], enrolments[1], enrolments[2:]
@@ -451,16 +450,10 @@ def main() -> int:
         print(f"  B steady-state RETRIEVE:      plain {ms(bs['plain']['median'])} ms, secure "
               f"{ms(bs['secure']['median'])} ms (medians) -> {ratio_b:.2f}x (mean {ratio_b_mean:.2f}x; target <= "
               f"{TARGET_B:g}x): {'TARGET MET' if ratio_b <= TARGET_B else 'TARGET MISSED'}")
-        print(f"  total time {time.monotonic() - t_start:.0f} s; load average now "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"  total time {time.monotonic() - t_start:.0f} s; load average now {load_average()}")
         return 0
     finally:
-        print("\nstopping the processes started here")
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {home}")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
+        finish(procs, home, args.keep)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
-import shutil
 import socket
 import statistics
 import struct
@@ -48,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_acme import APP_ID, enrol_all, setup
-from benchutil import cpu_seconds
+from benchutil import cpu_seconds, finish, load_average
 
 from rspf.demo import Processes, free_port
 
@@ -282,7 +280,7 @@ def main() -> int:
         attacker = Attacker([mef_port, secure_port], args.conns, args.sources)
         print(f"attack: {args.conns} connections to the MEF and {args.conns} to the secure listener from "
               f"127.0.0.2..127.0.0.{1 + args.sources} (half trickle a ClientHello a byte every "
-              f"{TRICKLE_SECONDS:g} s, half idle); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+              f"{TRICKLE_SECONDS:g} s, half idle); load average {load_average()}")
         rates: dict[str, dict[str, list[float]]] = {op: {"quiet": [], "attack": []}
                                                     for op in ("enrol", "register", "retrieve")}
         pids = {"MEF": mef_pid, "CSE": cse_pid, "attacker": attacker.proc.pid}
@@ -319,18 +317,12 @@ def main() -> int:
             ratio = a / q
             print(f"  {name}: quiet {q:.1f}/s, under attack {a:.1f}/s -> {ratio:.2f} (target >= {TARGET:g}): "
                   f"{'TARGET MET' if ratio >= TARGET else 'TARGET MISSED'}")
-        print(f"  total time {time.monotonic() - t_start:.0f} s; load average now "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"  total time {time.monotonic() - t_start:.0f} s; load average now {load_average()}")
         return 0
     finally:
-        print("\nstopping the processes started here")
         if attacker is not None:
             attacker.close()
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {home}")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
+        finish(procs, home, args.keep)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchutil import cpu_seconds, pct
+from benchutil import cpu_seconds, load_average, pct
 
 from rspf.demo import free_port, wait_port
 
@@ -377,7 +377,7 @@ def main() -> int:
               f"bare pid {bare.pid} port {bare_port}, {args.clients} client processes "
               f"({time.monotonic() - t_setup:.1f} s)")
         print("MEF log_level = \"warning\" (set for the benchmark so that logging does not dominate)")
-        print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        print(f"load average before the run: {load_average()} "
               f"(the machine is shared: other work skews every figure)")
         print(f"{OpenSSL.SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, pyOpenSSL {OpenSSL.__version__}, "
               f"cryptography {cryptography.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")

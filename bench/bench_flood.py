@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import re
 import secrets
-import shutil
 import socket
 import statistics
 import sys
@@ -35,6 +33,7 @@ import time
 from pathlib import Path
 
 from bench_acme import APP_ID, CSE_ID, MEF_FQDN, enrol_all, setup
+from benchutil import finish, load_average
 
 from rspf.demo import Processes, free_port
 
@@ -139,7 +138,7 @@ def main() -> int:
         mef_pid, cse_pid = procs.procs[0][1].pid, procs.procs[1][1].pid
         mef_log = home / "mef" / "mef.log"
         print(f"setup: MEF pid {mef_pid} :{mef_port} (log_level info), ACME IN-CSE pid {cse_pid} ({CSE_ID}) TLS-PSK "
-              f":{secure_port} ({t_setup:.1f} s); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+              f":{secure_port} ({t_setup:.1f} s); load average {load_average()}")
         enrolments = enrol_all(rows, mef_port, home)
         warm, before, during = enrolments[0], enrolments[1:1 + args.legit], enrolments[1 + args.legit:]
 
@@ -212,12 +211,7 @@ def main() -> int:
             if w.is_alive():
                 w.terminate()  # by its handle (its PID), started here
                 w.join(5)
-        print("\nstopping the processes started here")
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {home}")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
+        finish(procs, home, args.keep)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -23,3 +26,17 @@ def pct(values: list[float], q: float) -> float:
     if not s:
         return float("nan")
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def finish(procs: Any, home: Path, keep: bool) -> None:
+    """Stop every process the bench started (by PID, through ``procs``) and remove its folder unless kept."""
+    print("\nstopping the processes started here")
+    procs.stop_all()
+    if keep:
+        print(f"kept {home}")
+    else:
+        shutil.rmtree(home, ignore_errors=True)

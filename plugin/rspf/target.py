@@ -287,13 +287,9 @@ class KeyCache:
                                    source or "?", self.mef_fqdn)
             return None, False
         ke_id = keys.normalise_ke_id(ke_id)
-        hit = self.cached(ke_id)
-        if hit:
-            return hit, False
-        if self._recently_refused(ke_id):
-            self._refusals.refused("KeID %s from %s refused: the MEF refused it less than %g s ago", ke_id,
-                                   source or "?", self.limits.negative_ttl)
-            return None, False
+        known = self._known(ke_id, source)
+        if known is not None:
+            return known
         slot = self._enter(ke_id)
         if slot is None:
             self._refusals.refused("KeID %s from %s refused: %d KeIDs are already waiting for the MEF",
@@ -311,14 +307,21 @@ class KeyCache:
         finally:
             self._leave(ke_id, slot)
 
-    def _lookup_locked(self, ke_id: str, source: str | None) -> tuple[FetchedCredential | None, bool]:
-        hit = self.cached(ke_id)  # fetched by the thread we waited for
+    def _known(self, ke_id: str, source: str | None) -> tuple[FetchedCredential | None, bool] | None:
+        """What the cache already knows of ``ke_id``: its key, or a refusal the MEF gave recently; None if nothing."""
+        hit = self.cached(ke_id)
         if hit:
             return hit, False
         if self._recently_refused(ke_id):
             self._refusals.refused("KeID %s from %s refused: the MEF refused it less than %g s ago", ke_id,
                                    source or "?", self.limits.negative_ttl)
             return None, False
+        return None
+
+    def _lookup_locked(self, ke_id: str, source: str | None) -> tuple[FetchedCredential | None, bool]:
+        known = self._known(ke_id, source)  # fetched or refused meanwhile, by the thread we waited for
+        if known is not None:
+            return known
         exhausted = self._budget.allowed(source)
         if exhausted:
             budget = f"source {source}" if exhausted == "source" else "all sources together"
