@@ -296,6 +296,27 @@ def test_invalid_request_identifier_is_4000(world: World, ri: str) -> None:
     assert "x-m2m-ri" not in got
 
 
+@pytest.mark.parametrize(("what", "content_type", "body"), [
+    ("UTF-16", "application/json;ty=4", json.dumps({"m2m:cin": {"con": "u16"}}).encode("utf-16")),
+    ("a byte-order mark", "application/json;ty=4", b"\xef\xbb\xbf" + json.dumps({"m2m:cin": {"con": "b"}}).encode()),
+    ("not JSON", "application/json;ty=4", b"{\"m2m:cin\": "),
+])
+def test_malformed_json_is_4000_with_the_request_identifier(world: World, what: str, content_type: str,
+                                                             body: bytes) -> None:
+    """Lenient decoding is no way in: JSON that is not UTF-8 text is refused, and the answer still echoes RI."""
+    headers = dict(_headers(world, "ri-json"), **{"Content-Type": content_type})
+    status, got, _body = _raw(world, "POST", f"/cse-in/{world.owner.enrolee_id}/box", headers, body)
+    assert (status, got.get("x-m2m-rsc"), got.get("x-m2m-ri")) == (400, "4000", "ri-json"), what
+    listed = world.secure(world.owner, "GET", f"/cse-in/{world.owner.enrolee_id}/box?rcn=4")
+    assert "u16" not in json.dumps(listed.pc("m2m:cnt")), "a refused request created nothing"
+
+
+@pytest.mark.parametrize("method", ["get", "Post", "PATCH"])
+def test_methods_outside_the_binding_are_4005(world: World, method: str) -> None:
+    status, got, _body = _raw(world, method, "/cse-in", _headers(world, "ri-m"))
+    assert (status, got.get("x-m2m-rsc"), got.get("x-m2m-ri")) == (405, "4005", "ri-m")
+
+
 def test_longest_request_identifier_is_echoed(world: World) -> None:
     ri = "r" * 256
     status, got, _body = _raw(world, "GET", "/cse-in", _headers(world, ri))

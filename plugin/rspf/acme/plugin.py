@@ -612,7 +612,7 @@ def _answer_with_rsc(app: Any, environ: dict[str, Any], start_response: Any, ri:
         if code >= 400:
             return _onem2m_error(start_response, _Refusal(rsc, f"{status} from the CSE"), ri)
         headers.append(("X-M2M-RSC", str(int(rsc))))
-    if ri and "x-m2m-ri" not in names:
-        headers.append(("X-M2M-RI", ri))
+    if ri:  # the request's (validated) identifier, also where ACME wrote another value ("None" on some errors)
+        headers = [(name, value) for name, value in headers if name.lower() != "x-m2m-ri"] + [("X-M2M-RI", ri)]
     start_response(status, headers)
     return chunks
