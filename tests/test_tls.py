@@ -266,3 +266,29 @@ def test_bad_versions_are_refused(kw):
         tls.PskClient(**kw)
     with pytest.raises(TlsError):
         tls.PskServer(lookup_for({}), **kw)
+
+
+@pytest.mark.parametrize("hangup", ["close", "reset"])
+def test_a_server_that_hangs_up_is_a_network_fault_not_a_refusal(hangup):
+    """A server that closes or resets the connection gave no verdict on the key: the message says the handshake did
+    not complete (worth retrying), not that the identity or key was refused."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(4096)  # the ClientHello
+        if hangup == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(TlsError) as info:
+            tls.PskClient().connect("127.0.0.1", port, IDENTITY, KEY, timeout=10)
+    finally:
+        t.join(10)
+        listener.close()
+    assert "did not complete" in str(info.value) and "refused" not in str(info.value)
+    assert KEY_HEX not in str(info.value)

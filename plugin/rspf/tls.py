@@ -266,6 +266,9 @@ class PskClient:
                     f"the server at {where} answered with a certificate ({subject}) instead of proving the "
                     f"pre-shared key for psk_identity {identity!r}: it is not the expected {expected}; "
                     "nothing was sent to it") from None
+            if isinstance(exc, _HandshakeInterrupted):  # a network fault, not a refusal: worth retrying
+                raise TlsError(f"the TLS-PSK handshake with {where} did not complete ({exc}); nothing was sent "
+                               "to it") from None
             raise TlsError(
                 f"the server at {where} refused the TLS-PSK handshake for psk_identity {identity!r} "
                 f"({exc}). A server that does not know this identity, holds another key or offers no "
@@ -481,6 +484,10 @@ class TlsPeer:
         return Secret(self._conn.export_keying_material(label.encode("ascii"), length, None), "exporter output")
 
 
+class _HandshakeInterrupted(TlsError):
+    """A client handshake that ended without the server's verdict (timeout, connection closed or reset)."""
+
+
 class TlsConnection(TlsPeer):
     """An established (or establishing) TLS connection with socket-like I/O."""
 
@@ -499,13 +506,17 @@ class TlsConnection(TlsPeer):
             self._conn.do_handshake()
         except SSL.WantReadError:
             self.close()
-            raise TlsError("TLS handshake timed out") from None
+            raise _HandshakeInterrupted("TLS handshake timed out") from None
+        except SSL.SysCallError as exc:  # the peer closed or reset the connection: no TLS alert, no verdict
+            self.close()
+            raise _HandshakeInterrupted(f"the connection broke during the TLS handshake: {_describe(exc)}") from None
         except SSL.Error as exc:
             self.close()
             raise TlsError(f"TLS handshake failed: {_describe(exc)}") from None
         except OSError as exc:
             self.close()
-            raise TlsError(f"TLS handshake failed: {exc.strerror or type(exc).__name__}") from None
+            raise _HandshakeInterrupted(f"the connection broke during the TLS handshake: "
+                                        f"{exc.strerror or type(exc).__name__}") from None
         ident = getattr(self._conn, "_rspf_psk_identity", None)
         if ident is not None:
             self.psk_identity = ident
