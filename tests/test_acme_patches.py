@@ -1,7 +1,9 @@
-"""Pins every ACME function the plugin wraps or calls by keyword (rspf/acme/internals.py, resources.py).
+"""Pins every ACME function the plugin wraps, overrides or calls by keyword (rspf/acme/patches.py, and the
+Resource classes and Dispatcher calls of rspf/acme/resources.py).
 
 An ACME upgrade that changes one of these signatures fails here, by name, instead of somewhere in a
-running CSE. Together with the version guard (check_acme_version) this is the plugin's contract with ACME.
+running CSE. Together with the version guard (patches.check_acme_version) this is the plugin's contract
+with ACME.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ def params(fn: Any) -> list[str]:
 def pinned() -> list[tuple[str, Any, list[str]]]:
     from acmecse.plugins.bindings.HttpServer import HttpServer
     from acmecse.resources import Resource as resource_module
+    from acmecse.runtime.configurations.CSEConfiguration import CSEConfiguration
+    from acmecse.runtime.EventManager import EventManager
     from acmecse.runtime.Factory import Factory
     from acmecse.runtime.Importer import Importer
     from acmecse.runtime.Storage import Storage
+    from acmecse.services.Dispatcher import Dispatcher
     from acmecse.services.RegistrationManager import RegistrationManager
     from acmecse.services.SecurityManager import SecurityManager
+    from acmecse.services.Validator import Validator
 
     return [
         ("RegistrationManager.handleAERegistration", RegistrationManager.handleAERegistration,
@@ -44,18 +50,33 @@ def pinned() -> list[tuple[str, Any, list[str]]]:
         ("addToInternalAttributes", resource_module.addToInternalAttributes, ["name"]),
         ("HttpServer.addEndpoint", HttpServer.addEndpoint,
          ["self", "endpoint", "endpoint_name", "handler", "methods", "strictSlashes"]),
+        # overridden by the Resource classes of resources.py, built by the factory patch
+        ("Resource.__init__", resource_module.Resource.__init__, ["self", "dct", "create"]),
+        ("Resource.activate", resource_module.Resource.activate, ["self", "parentResource", "originator"]),
+        ("Resource.validate", resource_module.Resource.validate, ["self", "originator", "dct", "parentResource"]),
+        # called by the patches
+        ("Importer._parseAttribute", Importer._parseAttribute,
+         ["self", "attr", "fn", "typeShortname", "sname", "checkListType"]),
+        ("Validator.getAttributePolicy", Validator.getAttributePolicy, ["self", "rtype", "attr", "specific"]),
+        ("Validator.addAttributePolicy", Validator.addAttributePolicy, ["self", "rtype", "attr", "attrPolicy"]),
+        ("CSEConfiguration.validateConfiguration", CSEConfiguration.validateConfiguration,
+         ["self", "config", "initial"]),
+        ("EventManager.addHandler", EventManager.addHandler, ["self", "event", "func"]),
+        # called by resources.py (originator by keyword)
+        ("Dispatcher.updateLocalResource", Dispatcher.updateLocalResource,
+         ["self", "resource", "dct", "doUpdateCheck", "originator"]),
     ]
 
 
 @pytest.mark.parametrize(("name", "fn", "expected"), pinned(), ids=[p[0] for p in pinned()])
 def test_signature_of_every_patched_acme_function(name: str, fn: Any, expected: list[str]) -> None:
-    assert params(fn) == expected, f"ACME changed {name}: re-check rspf/acme/internals.py and resources.py"
+    assert params(fn) == expected, f"ACME changed {name}: re-check rspf/acme/patches.py and resources.py"
 
 
 def test_the_handlers_the_secure_listener_recognises_exist() -> None:
     from acmecse.plugins.bindings.HttpServer import HttpServer
 
-    from rspf.acme.internals import _ONEM2M_HANDLERS
+    from rspf.acme.host import _ONEM2M_HANDLERS
 
     for name in _ONEM2M_HANDLERS:
         assert params(getattr(HttpServer, name)) == ["self", "path"], name
@@ -75,7 +96,21 @@ def test_the_events_status_and_constants_the_plugin_reads_exist() -> None:
     assert {"post", "get", "put", "delete"} <= {f.__name__ for f in HttpServer.operation2method.values()}
 
 
-def test_the_version_guard_accepts_this_acme() -> None:
-    from rspf.acme.internals import check_version
+def test_the_resource_descriptions_take_the_fields_the_factory_patch_sets() -> None:
+    import dataclasses
 
-    check_version()
+    from acmecse.etc.Types import ResourceDescription
+
+    fields = {f.name for f in dataclasses.fields(ResourceDescription)}
+    assert {"type", "typeName", "fullName", "attributes", "childResourceTypes"} <= fields
+
+
+def test_the_version_guard_accepts_this_acme_and_refuses_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rspf.acme import patches
+
+    patches.check_acme_version()  # the installed ACME is supported
+    monkeypatch.setattr(patches, "acme_version", lambda: "2027.1.0")
+    with pytest.raises(RuntimeError, match=r"2026\.5\.x.*2027\.1\.0.*rspf/acme/patches\.py"):
+        patches.check_acme_version()
+    with pytest.raises(RuntimeError, match="2027.1.0"):
+        patches.install_resource_types()  # refuses before it changes anything
