@@ -162,7 +162,7 @@ class RspfSecurityPlugin:
         self.keycache.origin = host.cse_id()  # the Enrolment Target's ID at the MEF: known only now
         self.listener = SecureWsgiServer(self._secure_app(app), self._psk, self._resolve,
                                          host=self.config.secure_listen,
-                                         port=self.config.secure_port)
+                                         port=self.config.secure_port, limits=self.config.limits)
         self.listener.start()
         _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
                           f"{self.config.secure_listen}:{self.listener.port}; enforcement "
