@@ -8,7 +8,9 @@ with ACME.
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,3 +116,48 @@ def test_the_version_guard_accepts_this_acme_and_refuses_another(monkeypatch: py
         patches.check_acme_version()
     with pytest.raises(RuntimeError, match="2027.1.0"):
         patches.install_resource_types()  # refuses before it changes anything
+
+
+def acme_writes(source: str) -> list[str]:
+    """Statements that directly change something reached through a name imported from ``acmecse``: an
+    assignment to (or ``del`` of) its attribute or item, or ``setattr``/``delattr`` on it. A heuristic: a
+    write through a local alias or a mutating method call is not seen, so review still matters."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("acmecse"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("acmecse")}
+
+    def root(expr: ast.expr) -> str | None:
+        while isinstance(expr, (ast.Attribute, ast.Subscript)):
+            expr = expr.value
+        return expr.id if isinstance(expr, ast.Name) else None
+
+    found = []
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Delete):
+            targets = node.targets
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+            targets = [ast.Attribute(value=node.args[0], attr="?")] if node.args else []
+        for t in targets:
+            if isinstance(t, (ast.Attribute, ast.Subscript)) and root(t) in names:
+                found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_no_plugin_module_but_patches_changes_acme() -> None:
+    """The architecture's rule: every touch of ACME internals sits in rspf/acme/patches.py."""
+    import rspf.acme
+
+    folder = Path(rspf.acme.__file__).parent
+    assert acme_writes((folder / "patches.py").read_text()), "the scanner finds the patches it is meant to find"
+    for path in sorted(folder.glob("*.py")):
+        if path.name != "patches.py":
+            assert acme_writes(path.read_text()) == [], f"{path.name} changes ACME: move that to patches.py"

@@ -48,7 +48,7 @@ _PATCH_MARK = "_rspf_resources_patch"
 _install_lock = threading.Lock()
 
 
-# ================================================================================ version guard
+# -------------------------------------------------------------------------------- version guard
 def acme_version() -> str:
     """The installed ``acmecse`` distribution version (e.g. ``2026.5.3``)."""
     try:
@@ -233,7 +233,7 @@ def route_registrar_over_psk(base_url: str, send: Sender) -> None:
         table[op] = routed
 
 
-# ==================================================================================== ACME surgery
+# ------------------------------------------------------------------------------ resource types
 def install_resource_types() -> None:
     """Teach the running ACME the types mssp (11), asar (19) and svsn (20). Idempotent.
 
