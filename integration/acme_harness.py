@@ -162,16 +162,21 @@ class AcmeCse:
         (cli or mef.cli).ok("acme", "install", "--base-dir", self.base, "--mef", mef.address, "--mef-fqdn", FQDN,
                             "--secure-port", self.secure_port, *options)
 
-    def set_rspf(self, key: str, value: str) -> None:
-        """Replace one ``key=value`` line of the [rspf] section written by ``rspf acme install``."""
-        lines, in_section, done = self.ini.read_text().splitlines(), False, False
+    def set_rspf(self, key: str, value: str, *, add: bool = False) -> None:
+        """Replace one ``key=value`` line of the [rspf] section written by ``rspf acme install``; with ``add``,
+        a key the section does not have is added to it."""
+        lines, in_section, done, start = self.ini.read_text().splitlines(), False, False, None
         for i, line in enumerate(lines):
             s = line.strip()
             if s.startswith("[") and s.endswith("]"):
                 in_section = s == "[rspf]"
+                start = i if in_section else start
             elif in_section and s.split("=", 1)[0].strip() == key:
                 lines[i] = f"{key}={value}"
                 done = True
+        if not done and add and start is not None:
+            lines.insert(start + 1, f"{key}={value}")
+            done = True
         assert done, f"no {key} in the [rspf] section of {self.ini}"
         self.ini.write_text("\n".join(lines) + "\n")
 

@@ -44,6 +44,7 @@ TY_CIN = 4
 APP = "Nmatrix"
 RULE = "rspf-enrolled"
 LISTED = "/id-in"  # the operator's plainPortOriginators on the enforcing CSE (the CSE's own CSE-ID)
+MAX_BODY = 65536  # [rspf] maxBodyBytes of both CSEs
 
 KINDS = ("owner", "other", "unregistered", "cse", "admin", "listed")
 OPS = ("create-ae", "create-cin", "retrieve", "update", "delete", "update-rule")
@@ -133,6 +134,7 @@ def _start(root: Any, mef: MefHome, target: TargetInfo, mode: str) -> AcmeCse:
     cse.install(mef, *options, extra_ini="[http]\nenableUpperTesterEndpoint=true")
     if mode == "off":
         cse.set_rspf("secureWebUI", "true")
+    cse.set_rspf("maxBodyBytes", str(MAX_BODY), add=True)  # below the transport's default: proves it is applied
     cse.start()
     return cse
 
@@ -237,12 +239,15 @@ def test_refusals_are_logged_with_the_identity_and_never_a_key(world: World) -> 
 
 
 # ------------------------------------------------------------------------------------- secure listener
-def _raw(w: World, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict, bytes]:
-    """One request with exactly these headers over the owner's TLS-PSK association."""
+def _raw(w: World, method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
+         content_length: int | None = None) -> tuple[int, dict, bytes]:
+    """One request with exactly these headers over the owner's TLS-PSK association (``content_length``: the
+    length to declare instead of the body's)."""
     tls = PskClient().connect(HOST, w.cse.secure_port, w.owner.ke_id, w.owner.registrar_key, timeout=20)
     try:
+        length = len(body) if content_length is None else content_length
         head = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", "Connection: close",
-                f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+                f"Content-Length: {length}", *(f"{k}: {v}" for k, v in headers.items())]
         tls.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         reader = tls.makefile()
         status = int(reader.readline().split()[1])
@@ -321,6 +326,21 @@ def test_longest_request_identifier_is_echoed(world: World) -> None:
     ri = "r" * 256
     status, got, _body = _raw(world, "GET", "/cse-in", _headers(world, ri))
     assert (status, got.get("x-m2m-rsc"), got.get("x-m2m-ri")) == (200, "2000", ri)
+
+
+def test_the_body_limit_is_the_one_in_acme_ini(world: World) -> None:
+    """``maxBodyBytes`` (64 KiB here, 4 MiB by default) reaches the secure listener: a body one byte longer
+    is refused from its head (413, RSC 4000) and creates nothing; one of exactly that size goes to ACME."""
+    world.ensure()
+    box = f"/cse-in/{world.owner.enrolee_id}/box"
+    headers = dict(_headers(world, "ri-big"), **{"Content-Type": "application/json;ty=4"})
+    status, got, _body = _raw(world, "POST", box, headers, content_length=MAX_BODY + 1)
+    assert (status, got.get("x-m2m-rsc")) == (413, "4000"), got
+    prefix = json.dumps({"m2m:cin": {"con": ""}})
+    body = prefix[:-3] + "x" * (MAX_BODY - len(prefix)) + prefix[-3:]
+    assert len(body) == MAX_BODY
+    status, got, _body = _raw(world, "POST", box, headers, body.encode())
+    assert status != 413 and "x-m2m-rsc" in got, got  # ACME's answer (its own size rules may still refuse)
 
 
 # ---------------------------------------------------------------------------------------------- reset

@@ -2,10 +2,10 @@
 
 A temporary ACME base directory gets an acme.ini (memory database, free loopback port) and a plugin shim
 ``plugins/RspfResTest.py`` that imports a small test plugin. The plugin calls
-``rspf.acme.resources.install_resource_types()`` in ``@init`` (and makes SIGTERM a graceful exit); in
+``rspf.acme.patches.install_resource_types()`` in ``@init`` (and makes SIGTERM a graceful exit); in
 ``@start`` it serves a tiny JSON RPC on another loopback port so the tests can call the lookup/update helpers
 inside the CSE process. ACME runs as ``acmecse --headless`` and imports the INSTALLED ``rspf`` (after
-changing plugin/rspf/acme/resources.py: ``pip install --no-deps --force-reinstall .``).
+changing plugin/rspf/acme/: ``pip install --no-deps --force-reinstall .``).
 
 Readiness is polled: user plugins start after every ACME binding/core plugin, so once the RPC answers,
 ACME's HTTP server is fully set up (an HTTP request during ACME's start-up can make its web UI plugin fail
@@ -64,7 +64,9 @@ def _call(fn, args):
     if fn == "ping":
         return "pong"
     if fn == "install":
-        r.install_resource_types()
+        from rspf.acme.patches import install_resource_types
+
+        install_resource_types()
         return None
     if fn == "find_svsn":
         return _ri(r.find_service_subscribed_node(*args))
@@ -115,7 +117,7 @@ class RspfResTestPlugin:
     def init(self):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_a: sys.exit(0))
-        from rspf.acme.resources import install_resource_types
+        from rspf.acme.patches import install_resource_types
 
         install_resource_types()
 
@@ -715,11 +717,3 @@ def test_matches(resources_module: Any, pattern: str, value: str, expected: bool
 def test_matches_none(resources_module: Any) -> None:
     assert resources_module.matches(None, "x") is False and resources_module.matches("*", None) is False
 
-
-def test_version_guard(resources_module: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    resources_module.check_acme_version()  # the installed ACME is supported
-    monkeypatch.setattr(resources_module, "acme_version", lambda: "2027.1.0")
-    with pytest.raises(RuntimeError, match=r"2026\.5\.x.*2027\.1\.0"):
-        resources_module.check_acme_version()
-    with pytest.raises(RuntimeError, match="2027.1.0"):
-        resources_module.install_resource_types()

@@ -150,7 +150,7 @@ def plain(secure_app: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> An
 
     from acmecse.etc.Constants import RuntimeConstants as RC
 
-    from rspf.acme import internals
+    from rspf.acme import patches
     from rspf.acme.config import load
 
     (tmp_path / "t.psk").write_text("00" * 32)
@@ -163,7 +163,7 @@ def plain(secure_app: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> An
     plugin.config = load(parser, tmp_path)
     monkeypatch.setattr(RC, "cseOriginators", ["CAdmin", "/id-in/CAdmin", "//sp.example.com/id-in/CAdmin"],
                         raising=False)
-    monkeypatch.setattr(internals, "registered_ae", lambda stem: {"Cbound": (True, "12-k@mef.example.com"),
+    monkeypatch.setattr(patches, "registered_ae", lambda stem: {"Cbound": (True, "12-k@mef.example.com"),
                                                                    "Cfree": (True, None)}.get(stem, (False, None)))
     return plugin, plugin._plain_middleware(plugin.httpServer.flaskApp.wsgi_app)
 
@@ -186,19 +186,19 @@ def test_plain_port_with_enforcement(plain: Any, path: str, origin: str | None, 
 
 
 def test_the_gate_denies_what_the_middleware_did_not_check(plain: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rspf.acme import internals
+    from rspf.acme import host
     from rspf.acme.plugin import CHECKED_KEY
 
     plugin, _app = plain
     environ: dict[str, Any] = {"PATH_INFO": "/__ut__", "REMOTE_ADDR": "127.0.0.9"}
-    monkeypatch.setattr(internals, "current_environ", lambda: environ)
-    monkeypatch.setattr(internals, "cse_resetting", lambda: False)
+    monkeypatch.setattr(host, "current_environ", lambda: environ)
+    monkeypatch.setattr(host, "cse_resetting", lambda: False)
     assert plugin._gate("CAdmin") is False           # e.g. the upper tester's oneM2M request
     environ[CHECKED_KEY] = True
     assert plugin._gate("CAdmin") is True            # it passed the middleware
     del environ[CHECKED_KEY]
-    monkeypatch.setattr(internals, "cse_resetting", lambda: True)
+    monkeypatch.setattr(host, "cse_resetting", lambda: True)
     assert plugin._gate("CAdmin") is True            # ACME's own reset
-    monkeypatch.setattr(internals, "current_environ", lambda: None)
-    monkeypatch.setattr(internals, "cse_resetting", lambda: False)
+    monkeypatch.setattr(host, "current_environ", lambda: None)
+    monkeypatch.setattr(host, "cse_resetting", lambda: False)
     assert plugin._gate("CAdmin") is True            # no HTTP request: ACME's start-up script, background work

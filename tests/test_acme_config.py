@@ -6,6 +6,7 @@ Pure configuration handling: no ACME process is started here (integration/test_a
 from __future__ import annotations
 
 import configparser
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from rspf.acme.config import load
 from rspf.acme.install import SHIM_NAME, install
 from rspf.errors import ConfigError
+from rspf.httpserver import ServerLimits
 
 
 @pytest.fixture()
@@ -161,3 +163,70 @@ def test_cli_install_defaults_to_enforcement_on(base: Path) -> None:
                                   "--kpm-file", "kpm.hex", "--node-id", "urn:dev:ops:1", "--secure-port", "8444"])
     assert r.exit_code == 0, r.output
     assert "\nenforcement=on\n" in (base / "acme.ini").read_text()
+
+
+# --------------------------------------------------------------------- the secure listener's transport limits
+LIMIT_KEYS = {"handshakeTimeout": "handshake_timeout", "requestTimeout": "request_timeout",
+              "idleTimeout": "idle_timeout", "maxConnections": "max_connections",
+              "maxConnectionsPerSource": "max_per_source", "maxBodyBytes": "max_body", "workers": "workers"}
+
+
+def test_absent_limit_keys_are_the_transport_defaults(base: Path) -> None:
+    c = parse(base)
+    assert c is not None and c.limits == ServerLimits()
+
+
+def test_limit_keys_set_the_listener_limits(base: Path) -> None:
+    c = parse(base, handshakeTimeout="2.5", requestTimeout="12", idleTimeout="7", maxConnections="500",
+              maxConnectionsPerSource="20", maxBodyBytes="65536", workers="4")
+    assert c is not None
+    assert c.limits == dataclasses.replace(ServerLimits(), handshake_timeout=2.5, request_timeout=12.0,
+                                           idle_timeout=7.0, max_connections=500, max_per_source=20,
+                                           max_body=65536, workers=4)
+    assert isinstance(c.limits.max_body, int) and isinstance(c.limits.request_timeout, float)
+
+
+def test_one_limit_key_changes_only_its_limit(base: Path) -> None:
+    for key, field in LIMIT_KEYS.items():
+        value = {"maxBodyBytes": "3000", "maxConnections": "1000"}.get(key, "3")
+        c = parse(base, **{key: value})
+        assert c is not None
+        changed = {f for f in LIMIT_KEYS.values() if getattr(c.limits, f) != getattr(ServerLimits(), f)}
+        assert changed == {field}, key
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("handshakeTimeout", "0", "must be between 0.1 and 3600"),
+    ("handshakeTimeout", "-5", "must be between"),
+    ("handshakeTimeout", "ten", "must be a number, not 'ten'"),
+    ("handshakeTimeout", "nan", "must be between"),
+    ("requestTimeout", "inf", "must be between"),
+    ("requestTimeout", "3601", "must be between"),
+    ("idleTimeout", "0", "must be between"),
+    ("maxConnections", "0", "must be between 1 and 100000"),
+    ("maxConnections", "100001", "must be between"),
+    ("maxConnections", "1.5", "must be a number"),
+    ("maxConnectionsPerSource", "0", "must be between"),
+    ("maxBodyBytes", "100", "must be between 1024 and"),
+    ("maxBodyBytes", "4M", "must be a number"),
+    ("workers", "0", "must be between 1 and 256"),
+    ("workers", "257", "must be between"),
+])
+def test_a_bad_limit_stops_start_up_naming_the_key_and_the_file(base: Path, key: str, value: str,
+                                                                needle: str) -> None:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_dict({"rspf": {**GOOD, key: value}})
+    with pytest.raises(ConfigError) as err:
+        load(parser, base, "/etc/acme/acme.ini")
+    assert str(err.value).startswith(f"/etc/acme/acme.ini [rspf] {key}: ") and needle in str(err.value)
+
+
+def test_per_source_connections_cannot_exceed_all_connections(base: Path) -> None:
+    with pytest.raises(ConfigError, match=r"acme\.ini \[rspf\] maxConnectionsPerSource: must not be above "
+                                          r"maxConnections \(100\)"):
+        parse(base, maxConnections="100", maxConnectionsPerSource="101")
+    c = parse(base, maxConnections="100", maxConnectionsPerSource="100")
+    assert c is not None and c.limits.max_per_source == c.limits.max_connections == 100
+    c = parse(base, maxConnections="100")  # the per-source default (256) shrinks to the total
+    assert c is not None and c.limits.max_per_source == 100 < ServerLimits().max_per_source

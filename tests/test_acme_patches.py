@@ -1,12 +1,16 @@
-"""Pins every ACME function the plugin wraps or calls by keyword (rspf/acme/internals.py, resources.py).
+"""Pins every ACME function the plugin wraps, overrides or calls by keyword (rspf/acme/patches.py, and the
+Resource classes and Dispatcher calls of rspf/acme/resources.py).
 
 An ACME upgrade that changes one of these signatures fails here, by name, instead of somewhere in a
-running CSE. Together with the version guard (check_acme_version) this is the plugin's contract with ACME.
+running CSE. Together with the version guard (patches.check_acme_version) this is the plugin's contract
+with ACME.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +26,15 @@ def params(fn: Any) -> list[str]:
 def pinned() -> list[tuple[str, Any, list[str]]]:
     from acmecse.plugins.bindings.HttpServer import HttpServer
     from acmecse.resources import Resource as resource_module
+    from acmecse.runtime.configurations.CSEConfiguration import CSEConfiguration
+    from acmecse.runtime.EventManager import EventManager
     from acmecse.runtime.Factory import Factory
     from acmecse.runtime.Importer import Importer
     from acmecse.runtime.Storage import Storage
+    from acmecse.services.Dispatcher import Dispatcher
     from acmecse.services.RegistrationManager import RegistrationManager
     from acmecse.services.SecurityManager import SecurityManager
+    from acmecse.services.Validator import Validator
 
     return [
         ("RegistrationManager.handleAERegistration", RegistrationManager.handleAERegistration,
@@ -44,18 +52,33 @@ def pinned() -> list[tuple[str, Any, list[str]]]:
         ("addToInternalAttributes", resource_module.addToInternalAttributes, ["name"]),
         ("HttpServer.addEndpoint", HttpServer.addEndpoint,
          ["self", "endpoint", "endpoint_name", "handler", "methods", "strictSlashes"]),
+        # overridden by the Resource classes of resources.py, built by the factory patch
+        ("Resource.__init__", resource_module.Resource.__init__, ["self", "dct", "create"]),
+        ("Resource.activate", resource_module.Resource.activate, ["self", "parentResource", "originator"]),
+        ("Resource.validate", resource_module.Resource.validate, ["self", "originator", "dct", "parentResource"]),
+        # called by the patches
+        ("Importer._parseAttribute", Importer._parseAttribute,
+         ["self", "attr", "fn", "typeShortname", "sname", "checkListType"]),
+        ("Validator.getAttributePolicy", Validator.getAttributePolicy, ["self", "rtype", "attr", "specific"]),
+        ("Validator.addAttributePolicy", Validator.addAttributePolicy, ["self", "rtype", "attr", "attrPolicy"]),
+        ("CSEConfiguration.validateConfiguration", CSEConfiguration.validateConfiguration,
+         ["self", "config", "initial"]),
+        ("EventManager.addHandler", EventManager.addHandler, ["self", "event", "func"]),
+        # called by resources.py (originator by keyword)
+        ("Dispatcher.updateLocalResource", Dispatcher.updateLocalResource,
+         ["self", "resource", "dct", "doUpdateCheck", "originator"]),
     ]
 
 
 @pytest.mark.parametrize(("name", "fn", "expected"), pinned(), ids=[p[0] for p in pinned()])
 def test_signature_of_every_patched_acme_function(name: str, fn: Any, expected: list[str]) -> None:
-    assert params(fn) == expected, f"ACME changed {name}: re-check rspf/acme/internals.py and resources.py"
+    assert params(fn) == expected, f"ACME changed {name}: re-check rspf/acme/patches.py and resources.py"
 
 
 def test_the_handlers_the_secure_listener_recognises_exist() -> None:
     from acmecse.plugins.bindings.HttpServer import HttpServer
 
-    from rspf.acme.internals import _ONEM2M_HANDLERS
+    from rspf.acme.host import _ONEM2M_HANDLERS
 
     for name in _ONEM2M_HANDLERS:
         assert params(getattr(HttpServer, name)) == ["self", "path"], name
@@ -75,7 +98,66 @@ def test_the_events_status_and_constants_the_plugin_reads_exist() -> None:
     assert {"post", "get", "put", "delete"} <= {f.__name__ for f in HttpServer.operation2method.values()}
 
 
-def test_the_version_guard_accepts_this_acme() -> None:
-    from rspf.acme.internals import check_version
+def test_the_resource_descriptions_take_the_fields_the_factory_patch_sets() -> None:
+    import dataclasses
 
-    check_version()
+    from acmecse.etc.Types import ResourceDescription
+
+    fields = {f.name for f in dataclasses.fields(ResourceDescription)}
+    assert {"type", "typeName", "fullName", "attributes", "childResourceTypes"} <= fields
+
+
+def test_the_version_guard_accepts_this_acme_and_refuses_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rspf.acme import patches
+
+    patches.check_acme_version()  # the installed ACME is supported
+    monkeypatch.setattr(patches, "acme_version", lambda: "2027.1.0")
+    with pytest.raises(RuntimeError, match=r"2026\.5\.x.*2027\.1\.0.*rspf/acme/patches\.py"):
+        patches.check_acme_version()
+    with pytest.raises(RuntimeError, match="2027.1.0"):
+        patches.install_resource_types()  # refuses before it changes anything
+
+
+def acme_writes(source: str) -> list[str]:
+    """Statements that directly change something reached through a name imported from ``acmecse``: an
+    assignment to (or ``del`` of) its attribute or item, or ``setattr``/``delattr`` on it. A heuristic: a
+    write through a local alias or a mutating method call is not seen, so review still matters."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("acmecse"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("acmecse")}
+
+    def root(expr: ast.expr) -> str | None:
+        while isinstance(expr, (ast.Attribute, ast.Subscript)):
+            expr = expr.value
+        return expr.id if isinstance(expr, ast.Name) else None
+
+    found = []
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Delete):
+            targets = node.targets
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+            targets = [ast.Attribute(value=node.args[0], attr="?")] if node.args else []
+        for t in targets:
+            if isinstance(t, (ast.Attribute, ast.Subscript)) and root(t) in names:
+                found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_no_plugin_module_but_patches_changes_acme() -> None:
+    """The architecture's rule: every touch of ACME internals sits in rspf/acme/patches.py."""
+    import rspf.acme
+
+    folder = Path(rspf.acme.__file__).parent
+    assert acme_writes((folder / "patches.py").read_text()), "the scanner finds the patches it is meant to find"
+    for path in sorted(folder.glob("*.py")):
+        if path.name != "patches.py":
+            assert acme_writes(path.read_text()) == [], f"{path.name} changes ACME: move that to patches.py"

@@ -14,6 +14,7 @@ from rspf.acme.config import AcmePluginConfig
 from rspf.acme.plugin import RspfSecurityPlugin
 from rspf.enrolee import Backoff, Enrolment, Renewer
 from rspf.errors import TlsError, TransportError
+from rspf.httpserver import ServerLimits
 from rspf.secret import Secret
 
 UTC = dt.UTC
@@ -111,7 +112,8 @@ def plugin_with(fake: FakeEnrolee, current: Enrolment, renew_before: int) -> Rsp
         mef_psk_identity=None, mef_psk_file=None, secure_listen="127.0.0.1", secure_port=1, cert_file=None,
         key_file=None, ca_file=None, enforcement=False, plain_port_originators=(), secure_web_ui=False,
         ssar="rspf-enrolled", ssar_shard_size=256,
-        create_subscription=False, allowed_app_ids=("*",), secure_registrar=False, location=None)
+        create_subscription=False, allowed_app_ids=("*",), secure_registrar=False, location=None,
+        limits=ServerLimits())
     p.enrolee = fake  # type: ignore[assignment]
     p.enrolment = current
     return p

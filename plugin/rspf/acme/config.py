@@ -7,12 +7,14 @@ naming the key.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import ids
 from ..errors import ConfigError
+from ..httpserver import ServerLimits
 from ..keys import check_fqdn
 
 SECTION = "rspf"
@@ -51,6 +53,7 @@ class AcmePluginConfig:
     allowed_app_ids: tuple[str, ...]
     secure_registrar: bool
     location: str | None
+    limits: ServerLimits  #: the secure listener's transport limits (keys absent from acme.ini: ServerLimits())
 
     @property
     def fetch_identity(self) -> tuple[str, Path]:
@@ -157,6 +160,22 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
     for o in listed:
         if not _ORIGINATOR.fullmatch(o) or "*" in o:
             raise err("plainPortOriginators", f"{o!r} is not an originator (a CSE-ID or AE-ID, no wildcards)")
+
+    d = ServerLimits()  # the transport's defaults: a key absent from acme.ini keeps its ServerLimits value
+    max_connections = int(number("maxConnections", d.max_connections, 1, 100_000))
+    # absent: the default, but never above maxConnections; set above it: a mistake worth stopping for
+    max_per_source = int(number("maxConnectionsPerSource", min(d.max_per_source, max_connections), 1, 100_000))
+    if max_per_source > max_connections:
+        raise err("maxConnectionsPerSource", f"must not be above maxConnections ({max_connections})")
+    limits = dataclasses.replace(
+        d,
+        handshake_timeout=number("handshakeTimeout", d.handshake_timeout, 0.1, 3600, integer=False),
+        request_timeout=number("requestTimeout", d.request_timeout, 0.1, 3600, integer=False),
+        idle_timeout=number("idleTimeout", d.idle_timeout, 0.1, 3600, integer=False),
+        max_connections=max_connections, max_per_source=max_per_source,
+        max_body=int(number("maxBodyBytes", d.max_body, 1024, 64 * 1024 * 1024)),
+        workers=int(number("workers", d.workers, 1, 256)),
+    )
     return AcmePluginConfig(
         mef_host=host.strip("[]"), mef_port=int(port), mef_fqdn=(fqdn or "").lower(), enrol=enrol, kpm_id=kpm_id,
         kpm_file=kpm_file, node_id=node_id,
@@ -170,5 +189,5 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         plain_port_originators=listed, secure_web_ui=flag("secureWebUI", False), ssar=ssar,
         ssar_shard_size=int(number("ssarShardSize", 256, 1, 100000)),
         create_subscription=flag("createSubscription", True), allowed_app_ids=apps,
-        secure_registrar=flag("secureRegistrar", True), location=get("location"),
+        secure_registrar=flag("secureRegistrar", True), location=get("location"), limits=limits,
     )

@@ -44,6 +44,8 @@ securePort={secure_port}
 {cert_file_line}
 {key_file_line}
 {ca_file_line}
+# Its transport limits: handshakeTimeout, requestTimeout, idleTimeout, maxConnections, maxConnectionsPerSource,
+# maxBodyBytes, workers (absent: the transport's defaults, listed in docs/acme-plugin.md).
 # on: the originator checks of TS-0004 §7.3.2.1 on every port; AEs that registered with a credential, CSEs and
 # the admin are served only on the secure listener (docs/acme-plugin.md). off: compatibility mode, for ACME's
 # own tests; the plain port is then as open as ACME without the plugin.

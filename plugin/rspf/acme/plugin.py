@@ -46,7 +46,7 @@ from ..secret import Secret
 from ..target import KeyCache, KeyCacheLimits
 from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
-from . import access, internals, resources
+from . import access, host, patches, resources
 from .config import AcmePluginConfig, load
 
 log = logging.getLogger("rspf.acme")
@@ -103,11 +103,11 @@ class RspfSecurityPlugin:
     # ------------------------------------------------------------------------------- lifecycle
     @init
     def init(self) -> None:
-        internals.check_version()
+        patches.check_acme_version()
         # Headless ACME ignores SIGINT and skips its graceful shutdown on SIGTERM: make SIGTERM graceful.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_a: sys.exit(0))
-        resources.install_resource_types()
+        patches.install_resource_types()
 
     @configure
     def configure(self, config: Any) -> None:
@@ -116,13 +116,13 @@ class RspfSecurityPlugin:
             if self.config is None:
                 _acme_log("info", "no [rspf] section (or enable = false): the plugin is inactive")
                 return
-            if self.config.enforcement and (others := internals.other_bindings_enabled(config)):
+            if self.config.enforcement and (others := host.other_bindings_enabled(config)):
                 raise ConfigError(f"acme.ini [rspf] enforcement: 'on' needs the {', '.join(others)} binding(s) "
                                   "disabled (they bypass the secure listener)")
             # Hooks before ACME serves its first request (its bindings start after @configure).
-            internals.wrap_ae_registration(self._check_ae_registration)
-            internals.wrap_access(self._gate, self._proven_cse_access)
-            internals.on_reset(self._reset_begin, self._reset_end)
+            patches.wrap_ae_registration(self._check_ae_registration)
+            patches.wrap_access(self._gate, self._proven_cse_access)
+            patches.on_reset(self._reset_begin, self._reset_end)
             self._setup_keys()
             self._psk = PskServer(self._psk_lookup)
             c = self.config
@@ -130,7 +130,7 @@ class RspfSecurityPlugin:
                 self._psk.use_certificates(c.cert_file, c.key_file, c.ca_file)  # bad files stop start-up here
             if self.config.enrol:
                 self.enrolment = self._enrol_at_startup()
-                internals.apply_identity(config, self.enrolment.profile)
+                patches.apply_identity(config, self.enrolment.profile)
                 _acme_log("info", f"CSE-ID {self.enrolment.enrolee_id} from the securityProfile "
                                   f"(KeID {self.enrolment.ke_id}, expires {self.enrolment.profile['expiry']})")
         except RspfError as exc:
@@ -142,7 +142,7 @@ class RspfSecurityPlugin:
     @validate
     def validate(self, config: Any) -> None:
         if self.config is not None and self.enrolment is not None and self.config.secure_registrar:
-            internals.apply_registrar(config, self.enrolment.profile)
+            patches.apply_registrar(config, self.enrolment.profile)
             reg = self.enrolment.profile["registrar"]
             _acme_log("info", f"registrar {reg['cseID']} at {reg['cseBaseURI']} (Mcc over TLS-PSK)")
 
@@ -150,19 +150,19 @@ class RspfSecurityPlugin:
     def start(self) -> None:
         if self.config is None:
             return
-        app = internals.wrap_wsgi(self.httpServer, self._plain_middleware)
+        app = patches.wrap_wsgi(self.httpServer, self._plain_middleware)
         self._ensure_subscription()
-        if self.config.enforcement and internals.upper_tester_enabled():
+        if self.config.enforcement and host.upper_tester_enabled():
             _acme_log("warn", "[http] enableUpperTesterEndpoint is on: anyone who reaches the plain port can reset "
                               "this CSE through /__ut__ (a test tool; keep it off in production)")
         if self.enrolment is not None and self.config.secure_registrar:
             parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
-            internals.route_registrar_over_psk(f"{parts.scheme}://{parts.netloc}", self._send_to_registrar)
+            patches.route_registrar_over_psk(f"{parts.scheme}://{parts.netloc}", self._send_to_registrar)
         assert self.keycache is not None and self._psk is not None
-        self.keycache.origin = internals.cse_id()  # the Enrolment Target's ID at the MEF: known only now
+        self.keycache.origin = host.cse_id()  # the Enrolment Target's ID at the MEF: known only now
         self.listener = SecureWsgiServer(self._secure_app(app), self._psk, self._resolve,
                                          host=self.config.secure_listen,
-                                         port=self.config.secure_port)
+                                         port=self.config.secure_port, limits=self.config.limits)
         self.listener.start()
         _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
                           f"{self.config.secure_listen}:{self.listener.port}; enforcement "
@@ -173,8 +173,8 @@ class RspfSecurityPlugin:
 
     def _ensure_subscription(self) -> None:
         assert self.config is not None
-        if self.config.create_subscription and internals.is_in_cse():
-            resources.ensure_subscription(internals.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
+        if self.config.create_subscription and host.is_in_cse():
+            resources.ensure_subscription(host.cse_id(), self.config.ssar, list(self.config.allowed_app_ids))
         elif self.config.create_subscription:
             _acme_log("info", "not an IN-CSE: service subscriptions live on the IN-CSE; none created here")
 
@@ -199,7 +199,7 @@ class RspfSecurityPlugin:
     def _internal() -> bool:
         """ACME's own work: its reset re-runs the start-up script, which creates the admin AE inside the HTTP
         request that asked for the reset. ACME answers every other request 5000 meanwhile."""
-        return internals.cse_resetting()
+        return host.cse_resetting()
 
     @stop
     def stop(self) -> None:
@@ -290,13 +290,13 @@ class RspfSecurityPlugin:
         assert self.config is not None
         if peer.enrolee_id is None or peer.enrolee_id.startswith("/"):
             return  # CSEs register as <remoteCSE>; SSARs govern AEs
-        if not internals.is_in_cse():
+        if not host.is_in_cse():
             return  # only the IN-CSE hosts <serviceSubscribedAppRule> (TS-0004 Table 6.3.4.2.1-1)
         with self._record_lock:
             if peer.credential_id in self._recorded:
                 return
             try:
-                rule = resources.record_enrolled(internals.cse_id(), self.config.ssar, peer.credential_id,
+                rule = resources.record_enrolled(host.cse_id(), self.config.ssar, peer.credential_id,
                                                  peer.enrolee_id, self.config.ssar_shard_size)
                 self._recorded.add(peer.credential_id)
                 _acme_log("info", f"recorded {peer.credential_id} / {peer.enrolee_id} in <serviceSubscribedAppRule> "
@@ -328,7 +328,7 @@ class RspfSecurityPlugin:
                     ri = None
                     raise BadRequest("X-M2M-RI must be present, printable ASCII and at most "
                                      f"{access.MAX_REQUEST_ID} characters")
-                kind = internals.endpoint_kind(plugin.httpServer, environ)
+                kind = host.endpoint_kind(plugin.httpServer, environ)
                 method = environ.get("REQUEST_METHOD", "")
                 if kind == "method-not-allowed" or method not in _ONEM2M_METHODS:
                     raise OperationNotAllowed(f"the method {access.shown(method)} is not allowed on "
@@ -339,8 +339,8 @@ class RspfSecurityPlugin:
                 if cred is None:  # the listener authenticates every connection; never serve one it did not
                     raise NotAuthenticated("no credential is bound to this connection")
                 if kind == "onem2m":
-                    access.check_associated(cred, environ.get("HTTP_X_M2M_ORIGIN", ""), internals.cse_id(),
-                                            internals.sp_id())
+                    access.check_associated(cred, environ.get("HTTP_X_M2M_ORIGIN", ""), host.cse_id(),
+                                            host.sp_id())
             except RspfError as exc:
                 plugin._refused(exc, environ)
                 return _onem2m_error(start_response, exc, ri)
@@ -362,14 +362,14 @@ class RspfSecurityPlugin:
             if ENVIRON_KEY in environ or config is None or not config.enforcement:
                 environ[CHECKED_KEY] = True  # the secure listener's request (checked there), or compatibility mode
                 return app(environ, start_response)
-            if internals.endpoint_kind(plugin.httpServer, environ) != "onem2m":
+            if host.endpoint_kind(plugin.httpServer, environ) != "onem2m":
                 return app(environ, start_response)  # web UI, tools: ACME's; the gate keeps them off the resources
             try:
                 access.check_unassociated(
                     environ.get("REQUEST_METHOD", ""), access.resource_type(environ.get("CONTENT_TYPE")),
-                    environ.get("HTTP_X_M2M_ORIGIN", ""), own_cse_id=internals.cse_id(), sp_id=internals.sp_id(),
-                    admins=internals.admin_originators(), listed=config.plain_port_originators,
-                    lookup=internals.registered_ae)
+                    environ.get("HTTP_X_M2M_ORIGIN", ""), own_cse_id=host.cse_id(), sp_id=host.sp_id(),
+                    admins=host.admin_originators(), listed=config.plain_port_originators,
+                    lookup=patches.registered_ae)
             except RspfError as exc:
                 plugin._refused(exc, environ)
                 ri = environ.get("HTTP_X_M2M_RI")
@@ -385,7 +385,7 @@ class RspfSecurityPlugin:
         denied -- unless it is the CSE's own work."""
         if self.config is None or not self.config.enforcement:
             return True
-        environ = internals.current_environ()
+        environ = host.current_environ()
         if environ is None or environ.get(CHECKED_KEY) or self._internal():
             return True
         self._refusals.refused(f"{access.shown(environ.get('PATH_INFO'))} from {environ.get('REMOTE_ADDR')}: the "
@@ -412,13 +412,13 @@ class RspfSecurityPlugin:
         * read and discover its own service subscription: the <serviceSubscribedNode> whose CSE-ID is its
           own and the rules it links (TS-0001 §10.2.2.2: a registrar that is not the IN-CSE retrieves them).
         """
-        environ = internals.current_environ()
+        environ = host.current_environ()
         cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
         if not (cred and cred.kind == "psk" and cred.enrolee_id and cred.enrolee_id.startswith("/")
                 and originator == cred.enrolee_id):
             return False
         if operation == "create":
-            return ty == internals.CSR_TYPE
+            return ty == host.CSR_TYPE
         if resource is None or operation not in ("retrieve", "discover"):
             return False
         if resource.ty == resources.SVSN:
@@ -436,7 +436,7 @@ class RspfSecurityPlugin:
         the association's; outside one (enforcement on) there is none, and only a rule without
         applicableCredIDs admits the registration."""
         assert self.config is not None
-        environ = internals.current_environ()
+        environ = host.current_environ()
         if environ is None or self._internal():
             return None
         cred: PeerCredential | None = environ.get(ENVIRON_KEY)
@@ -447,7 +447,7 @@ class RspfSecurityPlugin:
         app_id = ae.api  # ACME resources answer None for an absent attribute
         rules = self._rules_for_registration()
         if rules is None:
-            self._refuse_registration(4128, f"no <serviceSubscribedNode> for {internals.cse_id()}: no service "
+            self._refuse_registration(4128, f"no <serviceSubscribedNode> for {host.cse_id()}: no service "
                                             "subscription is established for this CSE", environ, cred)
         if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules):
             return credential_id
@@ -468,11 +468,11 @@ class RspfSecurityPlugin:
     def _rules_for_registration(self) -> list[Any] | None:
         """The rules of this CSE's <serviceSubscribedNode>; None when there is none. A plugin that creates the
         service subscription re-creates it first if it is gone (after ACME's reset purged it)."""
-        if internals.is_in_cse() or self.enrolment is None:
-            svsn = resources.find_service_subscribed_node(internals.cse_id())
-            if svsn is None and self.config is not None and self.config.create_subscription and internals.is_in_cse():
+        if host.is_in_cse() or self.enrolment is None:
+            svsn = resources.find_service_subscribed_node(host.cse_id())
+            if svsn is None and self.config is not None and self.config.create_subscription and host.is_in_cse():
                 self._ensure_subscription()
-                svsn = resources.find_service_subscribed_node(internals.cse_id())
+                svsn = resources.find_service_subscribed_node(host.cse_id())
             return resources.rules_of(svsn) if svsn is not None else None
         # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
         return self._remote_rules()
@@ -484,7 +484,7 @@ class RspfSecurityPlugin:
 
     def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
                              cred: PeerCredential | None) -> NoReturn:
-        error = internals.acme_error(rsc, message)
+        error = host.acme_error(rsc, message)
         self._refused(_Refusal(RSC(rsc), message), environ, cred)
         raise error
 
@@ -499,7 +499,7 @@ class RspfSecurityPlugin:
         """This CSE's <serviceSubscribedNode> and linked rules, read from its registrar over TLS-PSK; None when
         there is no node for it (or the registrar cannot be read, which is logged)."""
         assert self.enrolment is not None
-        me = internals.cse_id()
+        me = host.cse_id()
         parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
         try:
             tls = self._connect_registrar(parts, 10.0)

@@ -14,9 +14,10 @@ request path, attribute validation from attribute policies, ACP / creator based 
 <subscription> children and notifications, and they are listed in the CSEBase's ``srt``. All three are
 IN-CSE types: on an MN/ASN-CSE a CREATE is refused with OPERATION_NOT_ALLOWED (TS-0004 §7.3.3.3).
 
-Every touch of ACME internals needed for that lives in :func:`install_resource_types` and the helpers it
-calls (see "ACME surgery" below); the other functions read and write the resources through ACME's
-Dispatcher like any internal CSE component does.
+This module defines them (type numbers and names, attributes, child types, attribute policies in ACME's
+``*.ap`` format, and the Resource classes with their checks); :func:`rspf.acme.patches.install_resource_types`
+installs them into ACME, the one place that touches ACME internals for that. The functions below read and
+write the resources through ACME's Dispatcher like any internal CSE component does.
 
 Helpers for the AE registration check (TS-0001 §10.2.2.2) and the RSPF rule update (TS-0003 §8.3.1.2):
 :func:`find_service_subscribed_node`, :func:`rules_of`, :func:`rule_allows`, :func:`matches`,
@@ -25,67 +26,66 @@ Helpers for the AE registration check (TS-0001 §10.2.2.2) and the RSPF rule upd
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterable
-from importlib import metadata
 from typing import Any
 
 from .. import ids
 
 __all__ = [
     "ASAR",
+    "ATTRIBUTES",
+    "CHILDREN",
+    "CSEBASE_CHILDREN",
+    "ENUM_NAMES",
     "MSSP",
-    "SUPPORTED_ACME",
+    "OWN_TYPES",
+    "POLICIES",
     "SVSN",
-    "acme_version",
+    "TYPES",
     "add_to_rule",
-    "check_acme_version",
     "ensure_subscription",
     "find_service_subscribed_node",
-    "install_resource_types",
     "matches",
     "resolve_local",
+    "resource_classes",
     "rule_allows",
     "rules_of",
 ]
-
-#: The ACME releases this module's surgery was written and tested against (``acmecse`` 2026.5.x).
-SUPPORTED_ACME = (2026, 5)
 
 MSSP = 11  #: resource type of <m2mServiceSubscriptionProfile>
 ASAR = 19  #: resource type of <serviceSubscribedAppRule>
 SVSN = 20  #: resource type of <serviceSubscribedNode>
 
 # ACME ResourceTypes member name, numeric type, type short name, full name
-_TYPES: tuple[tuple[str, int, str, str], ...] = (
+TYPES: tuple[tuple[str, int, str, str], ...] = (
     ("MSSP", MSSP, "m2m:mssp", "M2MServiceSubscriptionProfile"),
     ("ASAR", ASAR, "m2m:asar", "ServiceSubscribedAppRule"),
     ("SVSN", SVSN, "m2m:svsn", "ServiceSubscribedNode"),
 )
-_OWN_TYS = frozenset((MSSP, ASAR, SVSN))
+OWN_TYPES = frozenset((MSSP, ASAR, SVSN))  #: the three types defined here
 
 # Universal and common attributes of all three types (TS-0004 Tables 7.4.19.1-2, 7.4.20.1-2, 7.4.29.1-2).
 _COMMON = ["rn", "ty", "ri", "pi", "ct", "lt", "et", "lbl", "acpi", "daci"]
-_ATTRIBUTES = {
+ATTRIBUTES = {
     "MSSP": _COMMON,
     "SVSN": _COMMON + ["ni", "csi", "di", "rlk", "nrq"],
     "ASAR": _COMMON + ["apci", "aai", "aae", "ari"],
 }
 # Allowed child types; <transaction> is not implemented by ACME 2026.5, so it is left out.
-_CHILDREN = {
+CHILDREN = {
     "MSSP": ["SVSN", "SUB"],
     "SVSN": ["SUB"],
     "ASAR": ["SUB"],
 }
-_CSEBASE_CHILDREN = ["MSSP", "ASAR"]
+CSEBASE_CHILDREN = ["MSSP", "ASAR"]
 
 # Resource specific attributes in ACME's attribute-policy format (the format of its ``*.ap`` files).
 # Short names from TS-0004 Table 8.2.3-1 (CSE-ID is ``csi``, nodeID ``ni``, deviceIdentifier ``di``).
 # ``rlk`` and the SSAR lists use cardinality "01" (not ACME's "01L") because an *empty* list is meaningful
 # there: an empty ruleLinks means "no AE may register" (TS-0001 §9.6.20), an empty apci/aai/aae matches
 # nothing, which is not the same as the attribute being absent (absent apci = no security association).
-_POLICIES: dict[str, dict[str, Any]] = {
+POLICIES: dict[str, dict[str, Any]] = {
     # <serviceSubscribedNode>
     "ni": {"rtypes": ["SVSN"], "lname": "nodeID", "type": "string", "car": "1", "oc": "M", "ou": "NP"},
     "csi": {"rtypes": ["SVSN"], "lname": "CSE-ID", "type": "ID", "car": "01", "oc": "O", "ou": "NP"},
@@ -104,45 +104,17 @@ _POLICIES: dict[str, dict[str, Any]] = {
     "ari": {"rtypes": ["ASAR"], "lname": "allowedRole-IDs", "type": "list", "ltype": "string", "car": "01",
             "oc": "O", "ou": "O"},
 }
-for _p in _POLICIES.values():
+for _p in POLICIES.values():
     _p.setdefault("ns", "m2m")
     _p.setdefault("od", "O")
     _p.setdefault("annc", "NA")  # none of the three types is announceable
 del _p
 
 # TS-0004 Table 6.3.4.2.1-1 long names, added to ACME's m2m:resourceType enumeration (filterCriteria ty, chty).
-_ENUM_NAMES = {MSSP: "m2mServiceSubscriptionProfile", ASAR: "serviceSubscribedAppRule", SVSN: "serviceSubscribedNode"}
+ENUM_NAMES = {MSSP: "m2mServiceSubscriptionProfile", ASAR: "serviceSubscribedAppRule", SVSN: "serviceSubscribedNode"}
 
-_PATCH_MARK = "_rspf_resources_patch"
-_install_lock = threading.Lock()
 _rule_lock = threading.Lock()
 _classes: dict[str, type] = {}
-
-
-# ================================================================================ version guard
-def acme_version() -> str:
-    """The installed ``acmecse`` distribution version (e.g. ``2026.5.3``)."""
-    try:
-        return metadata.version("acmecse")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source checkout
-        from acmecse.etc.Constants import Constants
-
-        return str(Constants.version)
-
-
-def check_acme_version() -> None:
-    """Raise RuntimeError unless the ACME in this interpreter is 2026.5.x."""
-    version = acme_version()
-    m = re.match(r"(\d+)\.0*(\d+)\.", version)
-    if not m or (int(m.group(1)), int(m.group(2))) != SUPPORTED_ACME:
-        import acmecse
-
-        raise RuntimeError(
-            f"the onem2m-rspf plugin supports ACME (acmecse) 2026.5.x only; this is acmecse {version} "
-            f"({acmecse.__file__}). What rspf/acme/resources.py and rspf/acme/internals.py change in ACME "
-            "(resource types, factory, policies, storage lookups, registration and access hooks, Mcc routing) "
-            "must be re-checked against the new release."
-        )
 
 
 # ============================================================================ wildcard matching
@@ -180,90 +152,10 @@ def _any_match(patterns: Iterable[str] | None, value: str | None) -> bool:
     return any(matches(p, value) for p in patterns if isinstance(p, str) and "*" in p)
 
 
-# ==================================================================================== ACME surgery
-def install_resource_types() -> None:
-    """Teach the running ACME the types mssp (11), asar (19) and svsn (20). Idempotent.
-
-    Call it from a plugin's ``@init`` (or ``@configure``/``@validate``): that is before ACME imports its
-    resource type definitions (``Importer.importResourcePolicies`` -> ``Factory.initResources``) and its
-    attribute policies (``Importer.importPolicies``), and before ``init.as`` creates the CSEBase, so the
-    CSEBase's ``srt`` lists the new types. Later calls are no-ops once installed; a *first* call after ACME
-    has already built its resource tables raises RuntimeError (the tables are not rebuilt under load).
-
-    What it changes, all in memory, nothing on disk:
-
-    1. ``ResourceTypes`` (IntEnum) gets members MSSP=11, ASAR=19, SVSN=20;
-    2. ``Factory.initResources`` is wrapped: before it runs, ResourceDescriptions for the three types are
-       put into ``Types.resourceTypeDetails`` (type names ``m2m:mssp`` etc., attributes, child types) and
-       MSSP/ASAR are added to the CSEBase's child types, so ACME's own code derives the name mappings,
-       the creatable/updatable lists and ``srt``; ``Factory.resourceClassMapping`` becomes a property that
-       adds our resource classes to the class map ACME assigns there;
-    3. ``Importer.assignAttributePolicies`` is wrapped: before it runs, the attribute policies of the new
-       attributes are parsed with ACME's own ``.ap`` parser and registered with the Validator, and 11/19/20
-       are added to the ``m2m:resourceType`` enumeration (filterCriteria ``ty``, ACP ``chty``);
-    4. ``Storage.retrieveResource(csi=...)`` and ``Storage.searchByFragment({'csi': ...})`` skip svsn
-       resources: ACME looks up <CSEBase>/<remoteCSE> by the ``csi`` field, which svsn shares;
-    5. ``Importer.importScripts`` is wrapped: afterwards a CSEBase created by an older run (persistent
-       database) gets the new types added to its ``srt``.
-
-    Why in memory and not as files in ``<baseDir>/init/``: ACME reads ``*.rtp`` (resource types) only from
-    its own package directory (``cse.resourcesPath``), so the types must be injected anyway; an ``*.ap`` in
-    ``<baseDir>/init/`` would work for the attribute policies (parsed after ACME's own, once the enum knows
-    the type names) but leaves files in the operator's directory; and an ``*.ep`` cannot extend
-    ``m2m:resourceType`` -- a same-named enumeration replaces ACME's, and the policies parsed before it
-    keep their own deep copies of the values.
-    """
-    check_acme_version()
-    with _install_lock:
-        from acmecse.runtime.Factory import Factory
-
-        if getattr(Factory.initResources, _PATCH_MARK, False):
-            return  # already installed (this process)
-        if Factory().__dict__.get("resourceClassMapping"):
-            raise RuntimeError(
-                "install_resource_types() was called after ACME built its resource type tables; call it from "
-                "a plugin's @init (before Importer.importResourcePolicies)"
-            )
-        _extend_resource_types_enum()
-        _patch_factory()
-        _patch_importer()
-        _patch_storage()
-
-
-def _mark(fn: Any, original: Any) -> Any:
-    setattr(fn, _PATCH_MARK, True)
-    fn._rspf_original = original
-    fn.__name__ = getattr(original, "__name__", fn.__name__)
-    fn.__doc__ = getattr(original, "__doc__", None)
-    return fn
-
-
-def _extend_resource_types_enum() -> None:
-    """Add MSSP/ASAR/SVSN members to ACME's ResourceTypes IntEnum (Python 3.11+ enum internals)."""
-    from acmecse.etc.Types import ResourceTypes
-
-    for name, value, _tn, _fn in _TYPES:
-        existing = ResourceTypes._value2member_map_.get(value)
-        if existing is not None:
-            if existing.name != name:
-                raise RuntimeError(f"ACME already defines resource type {value} as {existing.name}")
-            continue
-        member = int.__new__(ResourceTypes, value)
-        member._name_ = name
-        member._value_ = value
-        member.__objclass__ = ResourceTypes  # type: ignore[attr-defined]
-        member._sort_order_ = len(ResourceTypes._member_names_)  # type: ignore[attr-defined]
-        ResourceTypes._member_map_[name] = member
-        ResourceTypes._member_names_.append(name)  # type: ignore[attr-defined]
-        ResourceTypes._value2member_map_[value] = member
-        type.__setattr__(ResourceTypes, name, member)  # EnumType.__setattr__ refuses member names
-        if not (ResourceTypes(value) is member and ResourceTypes[name] is member and member in list(ResourceTypes)
-                and ResourceTypes.has(value) and ResourceTypes.to(name) is member):
-            raise RuntimeError(f"could not add {name}={value} to ACME's ResourceTypes on this Python version")
-
-
-def _resource_classes() -> dict[str, type]:
-    """Our Resource subclasses (built lazily: importing ACME's Resource needs a configured ACME)."""
+# ============================================================================== resource classes
+def resource_classes() -> dict[str, type]:
+    """The ACME Resource classes of the three types, by ResourceTypes member name (built lazily: importing
+    ACME's Resource needs a configured ACME)."""
     if _classes:
         return _classes
     from acmecse.etc.Constants import RuntimeConstants as RC
@@ -302,174 +194,6 @@ def _resource_classes() -> dict[str, type]:
 
     _classes.update(MSSP=M2MServiceSubscriptionProfile, SVSN=ServiceSubscribedNode, ASAR=ServiceSubscribedAppRule)
     return _classes
-
-
-def _class_map_entries() -> dict[Any, tuple[type, Any]]:
-    from acmecse.etc.Types import ResourceTypes
-
-    out: dict[Any, tuple[type, Any]] = {}
-    for name, cls in _resource_classes().items():
-        out[ResourceTypes[name]] = (cls, lambda dct, tySN, create, _cls=cls: _cls(dct, create=create))
-    return out
-
-
-def _register_descriptions() -> None:
-    """Put our ResourceDescriptions into Types.resourceTypeDetails (ACME re-reads its .rtp on every import)."""
-    from acmecse.etc.Types import ResourceDescription, ResourceTypes, resourceTypeDetails
-
-    for name, _value, type_name, full_name in _TYPES:
-        ty = ResourceTypes[name]
-        resourceTypeDetails[ty] = ResourceDescription(
-            type=ty, typeName=type_name, fullName=full_name,
-            attributes=list(_ATTRIBUTES[name]),
-            childResourceTypes=[ResourceTypes[c] for c in _CHILDREN[name]],
-        )
-    cse = resourceTypeDetails.get(ResourceTypes.CSEBase)
-    if cse is None:  # pragma: no cover - ACME always defines the CSEBase
-        raise RuntimeError("ACME's resource type definitions have no CSEBase")
-    if cse.childResourceTypes is None:
-        cse.childResourceTypes = []
-    for c in _CSEBASE_CHILDREN:
-        if ResourceTypes[c] not in cse.childResourceTypes:
-            cse.childResourceTypes.append(ResourceTypes[c])
-
-
-def _patch_factory() -> None:
-    from acmecse.etc import Types
-    from acmecse.etc.Constants import RuntimeConstants as RC
-    from acmecse.etc.Types import CSEType
-    from acmecse.runtime.Factory import Factory
-
-    # ACME assigns a fresh dict literal to self.resourceClassMapping inside initResources() and then derives
-    # everything (class attributes, attribute lists, child types, factories) from it; a data descriptor
-    # lets ACME's own loop do that for our classes too.
-    key = "_rspf_resourceClassMapping"
-
-    def _get(self: Any) -> dict:
-        return self.__dict__.setdefault(key, {})
-
-    def _set(self: Any, value: dict) -> None:
-        mapping = dict(value)
-        for ty, entry in _class_map_entries().items():
-            mapping.setdefault(ty, entry)
-        self.__dict__[key] = mapping
-
-    Factory.resourceClassMapping = property(_get, _set, doc="ACME's class map plus rspf's mssp/asar/svsn")
-
-    original = Factory.initResources
-
-    def initResources(self: Any) -> bool:
-        _register_descriptions()
-        ok = original(self)
-        if ok and RC.cseType != CSEType.IN:
-            # IN-CSE only types: not "supported" on an MN/ASN (creation is refused there as well)
-            Types._resourceTypesSupportedResourceTypes[:] = [
-                t for t in Types._resourceTypesSupportedResourceTypes if int(t) not in _OWN_TYS]
-        return ok
-
-    Factory.initResources = _mark(initResources, original)  # type: ignore[method-assign]
-
-
-def _inject_policies(importer: Any) -> None:
-    """Register our attribute policies (parsed by ACME's own .ap parser) and extend m2m:resourceType."""
-    from acmecse.etc.Types import ResourceTypes
-
-    validator = importer.validator
-    # Importer deep-copies each parsed policy, so every policy of etype m2m:resourceType (filterCriteria ty,
-    # request ty, ACP chty, childResourceRef typ, ...) has its own copy of the enumeration values.
-    enums = [importer._enumValues.get("m2m:resourceType")]
-    enums += [p.evalues for p in validator.getAllAttributePolicies().values() if p.etype == "m2m:resourceType"]
-    for enum in enums:
-        if isinstance(enum, dict):
-            for value, long_name in _ENUM_NAMES.items():
-                enum.setdefault(value, long_name)
-    for sname, definition in _POLICIES.items():
-        policy = importer._parseAttribute(dict(definition), "rspf.acme.resources", sname=sname)
-        if policy is None:
-            raise RuntimeError(f"ACME refused the attribute policy for {sname}; see the ACME log")
-        for rtype in policy.rtypes:
-            if validator.getAttributePolicy(rtype, sname, specific=True) is None:
-                validator.addAttributePolicy(rtype, sname, policy)
-    # sanity: every attribute of our types must have a policy now (common ones come from ACME's ALL policies)
-    for name, attrs in _ATTRIBUTES.items():
-        for sname in attrs:
-            if validator.getAttributePolicy(ResourceTypes[name], sname) is None:
-                raise RuntimeError(f"no ACME attribute policy for {name}.{sname}")
-
-
-def _ensure_srt() -> None:
-    """A CSEBase created before the types were installed (persistent DB) lists them in srt afterwards."""
-    from acmecse.etc.Types import ResourceTypes
-    from acmecse.resources.CSEBase import getCSE
-
-    cse = getCSE()
-    if cse is None:
-        return
-    wanted = [int(t) for t in ResourceTypes.supportedResourceTypes()]
-    srt = list(cse.srt or [])
-    missing = [t for t in wanted if int(t) in _OWN_TYS and int(t) not in srt]
-    extra = [t for t in srt if int(t) in _OWN_TYS and int(t) not in wanted]
-    if missing or extra:
-        cse.setAttribute("srt", sorted([t for t in srt if t not in extra] + missing))
-        cse.dbUpdate()
-
-
-def _patch_importer() -> None:
-    from acmecse.runtime.Importer import Importer
-
-    original_assign = Importer.assignAttributePolicies
-
-    def assignAttributePolicies(self: Any) -> bool:
-        _inject_policies(self)
-        return original_assign(self)
-
-    Importer.assignAttributePolicies = _mark(assignAttributePolicies, original_assign)  # type: ignore[method-assign]
-
-    original_scripts = Importer.importScripts
-
-    def importScripts(self: Any) -> bool:
-        ok = original_scripts(self)
-        if ok:
-            _ensure_srt()
-        return ok
-
-    Importer.importScripts = _mark(importScripts, original_scripts)  # type: ignore[method-assign]
-
-
-def _patch_storage() -> None:
-    from acmecse.etc.ResponseStatusCodes import INTERNAL_SERVER_ERROR, NOT_FOUND
-    from acmecse.runtime.Storage import Storage
-
-    original_retrieve = Storage.retrieveResource
-
-    def retrieveResource(self: Any, ri: str | None = None, csi: str | None = None, srn: str | None = None,
-                         aei: str | None = None) -> Any:
-        if csi and not ri and not srn:
-            # ACME: "get the CSE by its csi" -- CSEBase/remoteCSE only, never a serviceSubscribedNode
-            docs = [d for d in self.db.searchResources(csi=csi) if d.get("ty") not in _OWN_TYS]
-            if len(docs) == 1:
-                return self.factory.resourceFromDict(docs[0])
-            if not docs:
-                raise NOT_FOUND("resource not found")
-            raise INTERNAL_SERVER_ERROR("database inconsistency")
-        return original_retrieve(self, ri=ri, csi=csi, srn=srn, aei=aei)
-
-    Storage.retrieveResource = _mark(retrieveResource, original_retrieve)  # type: ignore[method-assign]
-
-    original_search = Storage.searchByFragment
-
-    def searchByFragment(self: Any, dct: dict, filter: Any = None) -> list:  # ACME's parameter name
-        if isinstance(dct, dict) and "csi" in dct and "ty" not in dct:
-            # ACME: "try whether there is a CSE or CSR" with this csi -- not a serviceSubscribedNode
-            inner = filter
-
-            def not_a_node(doc: Any) -> bool:
-                return doc.get("ty") not in _OWN_TYS and (inner is None or inner(doc))
-
-            return original_search(self, dct, not_a_node)
-        return original_search(self, dct, filter)
-
-    Storage.searchByFragment = _mark(searchByFragment, original_search)  # type: ignore[method-assign]
 
 
 # ==================================================================================== lookups
