@@ -206,6 +206,8 @@ class RspfSecurityPlugin:
         self._stop.set()
         if self.listener:
             self.listener.stop()
+        if self.keycache:
+            self.keycache.close()  # the kept-alive connections to the MEF
 
     # ------------------------------------------------------------------------------- enrolment
     def _setup_keys(self) -> None:
