@@ -734,6 +734,7 @@ def _wire_name(name: str) -> bytes | None:
 
 @functools.lru_cache(maxsize=64)
 def _reason(status: int) -> bytes:
+    """The reason phrase sent with a status (none for a status HTTP does not name)."""
     try:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
