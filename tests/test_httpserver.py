@@ -268,6 +268,93 @@ def test_response_header_with_control_character_is_dropped() -> None:
         s.shutdown(WAIT)
 
 
+def raw_head(reader: Any) -> list[bytes]:
+    """The status line and header lines of the next answer, as sent."""
+    lines = []
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        lines.append(line.rstrip(b"\r\n"))
+    return lines
+
+
+def test_answers_are_framed_with_canonical_names_and_a_reason(server: EchoServer) -> None:
+    tls = connect(server)
+    tls.sendall(get())
+    reader = tls.makefile()
+    lines = raw_head(reader)
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    assert b"X-M2M-RSC: 2000" in lines and b"Content-Type: application/json" in lines  # oneM2M peers' spelling
+    length = [line for line in lines if line.startswith(b"Content-Length: ")]
+    assert len(length) == 1
+    assert json.loads(reader.read(int(length[0].split(b": ")[1])))["target"] == "/x"
+    assert exchange(tls, get("/again")).json()["target"] == "/again"  # kept alive, the next cycle is framed too
+
+
+def test_head_answer_has_the_length_but_no_body(server: EchoServer) -> None:
+    tls = connect(server)
+    reader = tls.makefile()
+    tls.sendall(get("/h", method="HEAD") + get("/after"))
+    lines = raw_head(reader)
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    length = [int(line.split(b": ")[1]) for line in lines if line.startswith(b"Content-Length: ")]
+    assert length and length[0] > 0  # what a GET would carry ...
+    assert read_response(reader).json()["target"] == "/after"  # ... but no body: the next answer follows at once
+
+
+def test_application_headers_that_cannot_be_sent_are_dropped_and_framing_is_ours() -> None:
+    class Odd(EchoServer):
+        def respond(self, session: str, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+            if req.path == "/204":
+                return wire.HttpResponse(204, {"x-m2m-rsc": "2002"}, b"stray"), False
+            headers = {"x-m2m-rsc": "2000", "bad name": "x", "x-euro": "\u20ac", "x-tab": "a\tb", "x-del": "a\x7f",
+                       "x-pad": "  padded  ", "content-length": "999", "transfer-encoding": "chunked",
+                       "connection": "keep-alive"}
+            return wire.HttpResponse(200, headers, b"body"), False
+
+    s = start(Odd(FAST))
+    try:
+        tls = connect(s)
+        reader = tls.makefile()
+        tls.sendall(get())
+        lines = raw_head(reader)
+        assert sorted(lines[1:]) == [b"Content-Length: 4", b"X-M2M-RSC: 2000", b"X-Pad: padded"], lines
+        assert reader.read(4) == b"body"
+        tls.sendall(get("/204"))
+        lines = raw_head(reader)
+        assert lines == [b"HTTP/1.1 204 No Content", b"X-M2M-RSC: 2002"]  # no length, no body (RFC 9110)
+        assert exchange(tls, get("/204")).rsc == 2002  # the stray body was not sent: the connection is in step
+    finally:
+        s.shutdown(WAIT)
+
+
+@pytest.mark.parametrize("status", [99, 1000])
+def test_a_status_http_cannot_carry_is_5000(status: int) -> None:
+    class Strange(EchoServer):
+        def respond(self, session: str, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+            return wire.HttpResponse(status, {"x-m2m-rsc": "2000"}, b""), False
+
+    s = start(Strange(FAST))
+    try:
+        tls = connect(s)
+        resp = exchange(tls, get())
+        assert (resp.status, resp.rsc, resp.header("connection")) == (500, 5000, "close")
+        assert tls_closed(tls)
+    finally:
+        s.shutdown(WAIT)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    get(extra="Connection: close\r\n"),
+    get().replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    get(extra="Connection: keep-alive\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1),  # h11 keeps no 1.0 connection
+])
+def test_client_that_ends_the_connection_gets_connection_close(server: EchoServer, request_bytes: bytes) -> None:
+    tls = connect(server)
+    tls.sendall(request_bytes + get("/never"))
+    resp = read_response(tls.makefile())
+    assert resp.json()["target"] == "/x" and resp.header("connection") == "close"
+    assert tls_closed(tls), "the request after the last one was answered"
+
+
 def test_application_failure_is_5000_and_the_server_lives_on() -> None:
     class Failing(EchoServer):
         def respond(self, session: str, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:

@@ -16,14 +16,17 @@ answered (:meth:`TlsHttpServer.respond`); both run in a pool thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import queue
+import re
 import resource
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -44,6 +47,10 @@ MAX_HANDSHAKE_BYTES = 64 * 1024
 _TLS_CONTENT_TYPES = frozenset(range(20, 25))
 _HTTP_VERSIONS = (b"1.0", b"1.1")
 _FRAMING_HEADERS = frozenset(("content-length", "connection", "transfer-encoding"))
+#: Statuses whose answer never has a body (RFC 9110 §15.3.5, §15.4.5)
+_BODILESS = frozenset((204, 304))
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -639,26 +646,19 @@ class _Connection(asyncio.Protocol):
             return
         self.session = session
         resp, close = answer
-        keep = not close and _keep_alive(self._head, self._fields)
-        headers = {k: v for k, v in resp.headers.items() if k not in _FRAMING_HEADERS}
-        if not keep:
-            headers["connection"] = "close"
-        data = wire.render_response(wire.HttpResponse(resp.status, headers, resp.body))
-        if self._head.method == b"HEAD":
-            data = data[:len(data) - len(resp.body)]
-        self._send(data)
-        if not keep:
-            self._goodbye()
+        try:
+            self._reply(resp, close)
+        except h11.LocalProtocolError as exc:  # e.g. a status h11 cannot send (refused before anything is sent)
+            log.error("%s: the application's answer cannot be sent: %s", self.server.name, exc)
+            self._send_error(RspfError("the server failed to answer; see its log"))
             return
-        # a fresh h11 cycle; what the client pipelined after this request carries over
-        trailing, eof = self._http.trailing_data
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=wire.MAX_HEADER_BYTES)
-        if trailing:
-            self._http.receive_data(trailing)
-        if eof:
-            self._http.receive_data(b"")
+        http = self._http
+        if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+            self._goodbye()  # either side ends the connection (h11 sent Connection: close)
+            return
+        http.start_next_cycle()  # what the client pipelined after this request stays in h11's buffer
         self._head = None
-        self._in_request = bool(trailing)  # a pipelined request has begun
+        self._in_request = bool(http.trailing_data[0])  # a pipelined request has begun
         if self._pending:  # ciphertext that came while the session was opening
             data, self._pending = bytes(self._pending), bytearray()
             self._on_ciphertext(data)
@@ -675,8 +675,24 @@ class _Connection(asyncio.Protocol):
             self.tls.send(data)
             self._write_tls()
 
+    def _reply(self, resp: wire.HttpResponse, close: bool) -> None:
+        """Send one answer through h11. h11 frames it, sends no body after HEAD, and adds ``Connection: close``
+        when either side ends the connection (``close``, the client's ``Connection: close``, HTTP/1.0)."""
+        no_body = resp.status in _BODILESS or self._head is not None and self._head.method == b"HEAD"
+        head = h11.Response(status_code=resp.status, reason=_reason(resp.status),
+                            headers=_response_fields(resp, close))
+        http = self._http
+        data = http.send(head)
+        if resp.body and not no_body:
+            data += http.send(h11.Data(data=resp.body))
+        self._send(data + http.send(h11.EndOfMessage()))
+
     def _send_error(self, exc: RspfError) -> None:
-        """Answer a protocol error or a deadline as a oneM2M error, then close: what follows is not read."""
+        """Answer a protocol error or a deadline as a oneM2M error, then close: what follows is not read.
+
+        h11 frames the answer when its state allows one (nothing of an answer sent yet in this cycle, even after
+        the client's protocol error); otherwise part or all of an answer is already on the wire, another would
+        be read as garbage, and the connection is closed without one (docs/transport.md)."""
         head = self._head
         ri = rvi = None
         if head is not None:
@@ -687,10 +703,11 @@ class _Connection(asyncio.Protocol):
                     rvi = value.decode("latin-1")
         self.server.refuse(f"request refused with {int(exc.rsc)}", self.peer,
                                     self.tls.psk_identity if self.tls is not None else None, str(exc))
-        try:
-            self._send(wire.render_response(wire.error_response(exc, request_id=ri, rvi=rvi, close=True)))
-        except ConnectionError:
-            pass
+        if self._http.our_state is h11.IDLE or self._http.our_state is h11.SEND_RESPONSE:
+            try:
+                self._reply(wire.error_response(exc, request_id=ri, rvi=rvi), close=True)
+            except ConnectionError:
+                pass
         self._goodbye()
 
     def _goodbye(self) -> None:
@@ -701,12 +718,48 @@ class _Connection(asyncio.Protocol):
         self._close()
 
 
-def _keep_alive(head: h11.Request, fields: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the client wants the connection kept after this request (RFC 9112 §9.3)."""
-    tokens = {t.strip().lower() for name, value in fields if name == b"connection" for t in value.split(b",")}
-    if b"close" in tokens:
-        return False
-    return head.http_version != b"1.0" or b"keep-alive" in tokens
+@functools.lru_cache(maxsize=512)
+def _wire_name(name: str) -> bytes | None:
+    """How a response header is named on the wire: the usual spelling (X-M2M-RSC, Content-Type; some oneM2M
+    peers are picky about case), or None for a framing header (h11's and ours) or a name that is not a token."""
+    if name.lower() in _FRAMING_HEADERS:
+        return None
+    if name.lower().startswith("x-m2m-"):
+        spelled = "X-M2M-" + name[6:].upper()
+    else:
+        spelled = "-".join(part.capitalize() for part in name.split("-"))
+    raw = spelled.encode("latin-1", "replace")
+    return raw if _TOKEN.fullmatch(raw) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _reason(status: int) -> bytes:
+    """The reason phrase sent with a status (none for a status HTTP does not name)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _response_fields(resp: wire.HttpResponse, close: bool) -> list[tuple[bytes, bytes]]:
+    """The answer's header fields for h11. A value with a control character would split the header block (and
+    h11 refuses it): that header is dropped, never sent. Framing is h11's: Content-Length is computed here."""
+    fields = []
+    for key, value in resp.headers.items():
+        name = _wire_name(key)
+        if name is None:
+            continue
+        try:
+            raw = value.strip(" ").encode("latin-1")
+        except UnicodeEncodeError:
+            continue
+        if _CONTROL.search(raw) is None:
+            fields.append((name, raw))
+    if resp.status != 204:  # RFC 9110 §8.6: no Content-Length in a 204
+        fields.append((b"Content-Length", b"%d" % len(resp.body)))
+    if close:
+        fields.append((b"Connection", b"close"))
+    return fields
 
 
 def _check_fields(fields: list[tuple[bytes, bytes]], what: str) -> None:

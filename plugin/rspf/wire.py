@@ -1,8 +1,8 @@
 """oneM2M HTTP binding essentials (TS-0009 style), sans-I/O.
 
-Server side: h11 frames requests (rspf.httpserver); this module turns a framed request into an
-:class:`HttpRequest` (:func:`request_from_h11`) and a oneM2M primitive (:func:`to_primitive`), and renders
-answers. Client side (until the h11 client replaces them): :func:`render_request` / :func:`read_response`.
+h11 frames requests and answers (rspf.httpserver, rspf.client); this module turns a framed request into an
+:class:`HttpRequest` (:func:`request_from_h11`) and a oneM2M primitive (:func:`to_primitive`), and builds the
+oneM2M answers (:func:`onem2m_response`, :func:`error_response`) that the server sends through h11.
 Bounded: header block, header count and body sizes are limited, so a peer cannot make us buffer without end.
 """
 
@@ -25,7 +25,6 @@ _JSON_TYPES = ("application/json", "application/vnd.onem2m-res+json")
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _RI = re.compile(r"^[\x21-\x7e]{1,256}$")
 _DIGITS = re.compile(r"[0-9]{1,12}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 OPERATIONS = {"POST": "CREATE", "GET": "RETRIEVE", "PUT": "UPDATE", "DELETE": "DELETE"}
 
@@ -85,39 +84,6 @@ def request_from_h11(method: bytes, target: bytes, fields: list[tuple[bytes, byt
     for name, value in fields:
         _add_header(headers, name.decode("ascii"), value.decode("latin-1"))
     return HttpRequest(method.decode("ascii"), target.decode("ascii"), headers, body)
-
-
-_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
-            415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 505: "HTTP Version Not Supported"}
-
-
-def reason(status: int) -> str:
-    """The reason phrase sent with a status code."""
-    return _REASONS.get(status, "Status")
-
-
-def safe_header_value(value: str) -> bool:
-    """False for a value with a control character (it would split the header block)."""
-    return _CONTROL.search(value) is None
-
-
-def render_response(resp: HttpResponse) -> bytes:
-    head = [f"HTTP/1.1 {resp.status} {reason(resp.status)}"]
-    hdrs = dict(resp.headers)
-    hdrs["content-length"] = str(len(resp.body))
-    for k, v in hdrs.items():
-        if safe_header_value(str(v)):  # a control character would split the header block: drop the header
-            head.append(f"{canonical_name(k)}: {v}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body
-
-
-def canonical_name(name: str) -> str:
-    """The usual spelling of a header name (X-M2M-RSC, Content-Type)."""
-    if name.lower().startswith("x-m2m-"):
-        return "X-M2M-" + name[6:].upper()
-    return "-".join(p.capitalize() for p in name.split("-"))
 
 
 # ---------------------------------------------------------------------------------------------
