@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -548,6 +549,10 @@ def test_wrong_key_is_logged_with_the_identity(server: EchoServer, caplog) -> No
     caplog.set_level(logging.WARNING, "rspf.httpserver")
     with pytest.raises(TlsError):
         connect(server, IDENTITY, Secret(b"\x01" * 32))
+    # the client may see the failure before the server's loop has logged it: poll for the line
+    deadline = time.monotonic() + WAIT
+    while "TLS handshake refused from 127.0.0.1" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
     server.refusals.flush()
     assert "TLS handshake refused from 127.0.0.1" in caplog.text and IDENTITY in caplog.text
     assert KEY.reveal().hex() not in caplog.text
