@@ -126,6 +126,10 @@ class _Pool:
 
 class TlsHttpServer:
     name = "server"
+    #: Whether the PSK lookup may wait on the network (the CSE fetching a key from the MEF): then the handshake
+    #: step that runs it goes to the handshake pool. A server whose lookup only reads local state sets False and
+    #: saves the pool round trip.
+    lookup_may_block = True
 
     def __init__(self, psk: PskServer, *, host: str, port: int, limits: ServerLimits) -> None:
         self.psk = psk
@@ -495,7 +499,7 @@ class _Connection(asyncio.Protocol):
                 return False, tls.outgoing(), exc
             return done, tls.outgoing(), None
 
-        if tls.presented_identity is not None:
+        if tls.presented_identity is not None or not self.server.lookup_may_block:
             self._handshake_done(job(), None)
         else:
             self._tls_in_pool = True

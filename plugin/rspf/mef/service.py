@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import enum
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ from .config import MefConfig
 from .store import EnroleeRecord, MefStore, utcnow
 
 log = logging.getLogger(__name__)
+
+#: Enrolee records kept between a handshake and its session (one per handshake in progress; the oldest go first)
+HANDOVER_SIZE = 1024
 
 class Principal(enum.Enum):
     ENROLEE = "enrolee"
@@ -72,17 +76,23 @@ class MefService:
         self.config = config
         self.store = store
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
+        self._handover: dict[str, EnroleeRecord] = {}  # enrolee records read at the handshake, by identity
+        self._handover_lock = threading.Lock()
 
     # -- authentication -------------------------------------------------------------------------
     def psk_for(self, identity: str, peer_ip: str | None = None) -> Secret | None:
         """The PSK for a presented psk_identity: an enrolee's Kpm (KpmID) or a Target's PSK. ``peer_ip`` (the
         client's address, from the transport's PSK lookup) is named when the identity is refused.
 
-        Runs in a handshake thread of the transport; the session opens later in a worker thread
-        (:meth:`open_session` reads the enrolee again, so a record changed in between is seen).
+        The enrolee record read with the key is kept (a bounded handover, the most recent first) for
+        :meth:`open_session`, which follows in another thread: a session costs one query, not two.
         """
         found = self.store.enrolee_and_psk(identity)
         if found is not None:
+            with self._handover_lock:
+                self._handover[identity] = found[0]
+                while len(self._handover) > HANDOVER_SIZE:
+                    self._handover.pop(next(iter(self._handover)))
             return found[1]
         psk = self.store.target_psk(identity)
         if psk is None:
@@ -98,7 +108,10 @@ class MefService:
                      exporter_output: Secret | Callable[[], Secret] | None) -> Session:
         """Start a session for an authenticated psk_identity. ``exporter_output`` (or a function computing it,
         called only for an Enrolee) is the session's ``EXPORTER-oneM2M-Bootstrap`` output."""
-        enrolee = self.store.get_enrolee(psk_identity)
+        with self._handover_lock:
+            enrolee = self._handover.pop(psk_identity, None)
+        if enrolee is None:
+            enrolee = self.store.get_enrolee(psk_identity)
         if enrolee is not None:
             if callable(exporter_output):
                 exporter_output = exporter_output()
