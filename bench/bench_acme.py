@@ -178,7 +178,7 @@ class Bench:
     def register_secure(self, enrolment) -> dict:
         from rspf.ae import SecureAE
 
-        ae = SecureAE(enrolment, tls_client=self.tls)
+        ae = SecureAE.from_enrolment(enrolment, tls_client=self.tls)
         t0 = time.perf_counter()
         with ae.session() as cse:
             t1 = time.perf_counter()
@@ -380,7 +380,7 @@ def main() -> int:
         print(f"\nB. steady state: RETRIEVE of the AE's own <container>, {args.steady_rounds} rounds x "
               f"{args.retrieves} "
               "of each kind, each kind on ONE established connection")
-        sae = SecureAE(steady_ae, tls_client=b.tls)
+        sae = SecureAE.from_enrolment(steady_ae, tls_client=b.tls)
         ctx: dict = {}
         with sae.session() as cse:
             cse.register(APP_ID)

@@ -193,7 +193,7 @@ class Legit:
 
         e = next(self.fresh)
         t0 = time.perf_counter()
-        with SecureAE(e, tls_client=self.tls).session() as cse:
+        with SecureAE.from_enrolment(e, tls_client=self.tls).session() as cse:
             cse.register(APP_ID)
             if "m2m:ae" not in cse.retrieve(e.enrolee_id):
                 raise RuntimeError("RETRIEVE after registration failed")
@@ -204,7 +204,7 @@ class Legit:
 
         e = self.registered[self.n % len(self.registered)]
         t0 = time.perf_counter()
-        with SecureAE(e, tls_client=self.tls).session() as cse:
+        with SecureAE.from_enrolment(e, tls_client=self.tls).session() as cse:
             if "m2m:ae" not in cse.retrieve(e.enrolee_id):
                 raise RuntimeError("RETRIEVE failed")
         return time.perf_counter() - t0
@@ -268,7 +268,7 @@ def main() -> int:
         tls = PskClient()
         legit = Legit([], enrolments[n_fresh:], enrolments[:n_fresh], tls)
         for e in legit.registered:  # the AEs of the RETRIEVE operation register before the run
-            with SecureAE(e, tls_client=tls).session() as cse:
+            with SecureAE.from_enrolment(e, tls_client=tls).session() as cse:
                 cse.register(APP_ID)
         legit.enrolees = [Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port,
                                                 mef_fqdn=row[0].split("@")[1], kpm_id=row[0],

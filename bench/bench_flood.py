@@ -101,7 +101,7 @@ def first_registration(enrolment) -> tuple[float, int]:
     refused = 0
     while True:
         try:
-            with SecureAE(enrolment, tls_client=PskClient()).session() as cse:
+            with SecureAE.from_enrolment(enrolment, tls_client=PskClient()).session() as cse:
                 data = cse.register(APP_ID)
             break
         except TransportError:

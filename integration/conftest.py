@@ -4,6 +4,8 @@
 * ``mef_home``  -- init + enrolee dev1 (/id-mn1, urn:dev:ops:001, registrar /id-in) + Target /id-in; not running.
 * ``mef``       -- ``mef_home`` with ``rspf mef serve`` running (stderr in ``mef.log``); stopped by PID afterwards.
 * ``module_mef`` -- the same, shared by the tests of one module.
+* ``mef_target`` -- a running MEF with the IN-CSE registered as Enrolment Target (for the ACME tests), shared by the
+  tests of one module.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .support import Cli, CliResult, MefHome, run_cli  # noqa: F401  (re-exported for tests)
+from .acme_harness import new_mef
+from .support import Cli, CliResult, MefHome, TargetInfo, run_cli  # noqa: F401  (re-exported for tests)
 
 
 @pytest.fixture
@@ -47,6 +50,16 @@ def module_mef(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MefHome]:
     home.start()
     try:
         yield home
+    finally:
+        home.stop()
+
+
+@pytest.fixture(scope="module")
+def mef_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MefHome, TargetInfo]]:
+    home, target = new_mef(tmp_path_factory.mktemp("mef"))
+    home.start()
+    try:
+        yield home, target
     finally:
         home.stop()
 

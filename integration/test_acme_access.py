@@ -34,7 +34,6 @@ from .acme_harness import (
     Resp,
     ae_body,
     import_ae_batch,
-    new_mef,
     secure_request,
     wait_until,
 )
@@ -137,16 +136,6 @@ def _start(root: Any, mef: MefHome, target: TargetInfo, mode: str) -> AcmeCse:
     cse.set_rspf("maxBodyBytes", str(MAX_BODY), add=True)  # below the transport's default: proves it is applied
     cse.start()
     return cse
-
-
-@pytest.fixture(scope="module")
-def mef_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MefHome, TargetInfo]]:
-    home, target = new_mef(tmp_path_factory.mktemp("mef"))
-    home.start()
-    try:
-        yield home, target
-    finally:
-        home.stop()
 
 
 @pytest.fixture(scope="module", params=["on", "off"])

@@ -58,16 +58,6 @@ SSAR = "rspf-enrolled"       # the rule the plugin creates and records enrolled 
 
 # ------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def mef_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MefHome, TargetInfo]]:
-    home, target = new_mef(tmp_path_factory.mktemp("mef"))
-    home.start()
-    try:
-        yield home, target
-    finally:
-        home.stop()
-
-
-@pytest.fixture(scope="module")
 def mef(mef_target: tuple[MefHome, TargetInfo]) -> MefHome:
     """The module's running MEF (in this module it replaces conftest's function-scoped ``mef``)."""
     return mef_target[0]

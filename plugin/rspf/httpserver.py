@@ -130,6 +130,10 @@ class TlsHttpServer:
     #: step that runs it goes to the handshake pool. A server whose lookup only reads local state sets False and
     #: saves the pool round trip.
     lookup_may_block = True
+    #: Whether answering a request may wait on the network (ACME's app: registrar requests, notifications): then
+    #: it runs in the worker pool. A server whose work is local CPU and a local database sets False: it answers on
+    #: the loop and saves two thread hand-offs per request.
+    work_may_block = True
 
     def __init__(self, psk: PskServer, *, host: str, port: int, limits: ServerLimits) -> None:
         self.psk = psk
@@ -630,6 +634,13 @@ class _Connection(asyncio.Protocol):
             opened = server.open_session(tls) if session is _UNOPENED else session
             return opened, (None if opened is None else server.respond(opened, req))
 
+        if not server.work_may_block:
+            try:
+                result, error = job(), None
+            except Exception as exc:  # logged by _answered, answered 5000
+                result, error = None, exc
+            self._answered(result, error)
+            return
         server._workers.submit(job, self._from_pool(self._answered))
 
     def _answered(self, result: Any, error: BaseException | None) -> None:

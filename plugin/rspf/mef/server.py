@@ -25,6 +25,7 @@ _METHODS = frozenset(m.encode("ascii") for m in wire.OPERATIONS)
 class MefServer(TlsHttpServer):
     name = "mef"
     lookup_may_block = False  # the PSK lookup reads the local store (one indexed query)
+    work_may_block = False  # the service reads and writes the local store; it never waits on the network
 
     def __init__(self, config: MefConfig, service: MefService) -> None:
         super().__init__(PskServer(service.psk_for, min_version=config.tls_min_version,
