@@ -49,11 +49,17 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from benchutil import cpu_seconds, finish, load_average, pct
 
 from rspf.demo import Processes, acme_ini, free_port, run, wait_http, wait_port
+
+if TYPE_CHECKING:
+    from rspf.ae import CseSession
+    from rspf.enrolee import Enrolment
 
 TARGET_A = 3.0   # first-contact secure registration <= 3x the plain one
 TARGET_B = 1.2   # steady-state secure RETRIEVE <= 1.2x the plain one
@@ -62,6 +68,71 @@ SP_ID = "//sp.bench.example.com"
 CSE_ID, CSE_NAME = "id-in", "cse-in"
 TARGET_IDENTITY = "id-in@sp.bench.example.com"
 APP_ID = "Nbench-app"
+
+# (kpm_id, kpm hex, enrolee_id, node_id) of one AE enrolee imported into the MEF
+Row = tuple[str, str, str, str]
+
+
+class Timing(TypedDict):
+    """One registration, in seconds: total = connect + request + close."""
+    total: float
+    connect: float
+    request: float
+    close: float
+
+
+class BatchResult(TypedDict):
+    """A batch of registrations of one kind; CPU figures are seconds per registration."""
+    kind: str
+    n: int
+    wall: float
+    lat: list[Timing]
+    cse_cpu: float
+    mef_cpu: float
+    cli_cpu: float
+
+
+class SteadyResult(TypedDict):
+    """A batch of RETRIEVEs of one kind; lat in seconds, CPU figures seconds per RETRIEVE."""
+    kind: str
+    n: int
+    lat: list[float]
+    cse_cpu: float
+    cli_cpu: float
+    closes: int
+
+
+class SteadyCtx(TypedDict, total=False):
+    """What the B RETRIEVEs run on: the secure session and the plain keep-alive connection."""
+    secure_session: CseSession
+    secure_path: str
+    plain_conn: http.client.HTTPConnection
+    plain_origin: str
+    plain_path: str
+
+
+class RegistrationSummary(TypedDict):
+    """A: one kind over all rounds (seconds; rate in registrations per second)."""
+    median: float
+    mean: float
+    p95: float
+    round_medians: list[float]
+    connect: float
+    request: float
+    cse_cpu: float
+    mef_cpu: float
+    cli_cpu: float
+    rate: float
+
+
+class RetrieveSummary(TypedDict):
+    """B: one kind over all rounds (seconds)."""
+    median: float
+    mean: float
+    p95: float
+    round_medians: list[float]
+    cse_cpu: float
+    cli_cpu: float
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -84,7 +155,7 @@ class Plain:
         return h
 
     def request(self, conn: http.client.HTTPConnection, method: str, path: str, origin: str,
-                content: dict | None = None, ty: int | None = None) -> tuple[int, str, bytes]:
+                content: dict[str, Any] | None = None, ty: int | None = None) -> tuple[int, str, bytes]:
         body = json.dumps(content, separators=(",", ":")).encode() if content is not None else None
         conn.request(method, path, body=body, headers=self.headers(origin, ty))
         resp = conn.getresponse()
@@ -94,7 +165,7 @@ class Plain:
 
 # ------------------------------------------------------------------------------------------ setup
 def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port: int, procs: Processes,
-          plain_server: str, mef_log_level: str = "warning") -> tuple[list, float]:
+          plain_server: str, mef_log_level: str = "warning") -> tuple[list[Row], float]:
     """MEF + ACME with the plugin; returns (enrolee rows, seconds)."""
     t0 = time.monotonic()
     bindir = Path(sys.executable).parent
@@ -111,7 +182,7 @@ def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port:
     run([rspf, "keygen", str(base / "mef-target.psk")])
     run([rspf, "mef", "target", "add", "-c", str(cfg), "--psk-identity", TARGET_IDENTITY,
          "--psk-file", str(base / "mef-target.psk"), "--target-id", f"/{CSE_ID}"])
-    rows = []
+    rows: list[Row] = []
     with open(home / "mef" / "batch.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri"])
@@ -143,14 +214,14 @@ def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port:
     return rows, time.monotonic() - t0
 
 
-def enrol_all(rows: list, mef_port: int, home: Path) -> list:
+def enrol_all(rows: list[Row], mef_port: int, home: Path) -> list[Enrolment]:
     """Every AE enrols with the MEF through the library (not timed as part of A or B)."""
     from rspf.enrolee import Enrolee, EnroleeConfig
     from rspf.secret import Secret
     from rspf.tls import PskClient
 
     tls = PskClient()
-    out = []
+    out: list[Enrolment] = []
     for kpm_id, kpm_hex, _eid, node_id in rows:
         e = Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port, mef_fqdn=MEF_FQDN, kpm_id=kpm_id,
                                   kpm=Secret(bytes.fromhex(kpm_hex), "Kpm"), node_id=node_id,
@@ -175,7 +246,7 @@ class Bench:
         return cpu_seconds(self.cse_pid), cpu_seconds(self.mef_pid), time.process_time()
 
     # A --------------------------------------------------------------------------------------
-    def register_secure(self, enrolment) -> dict:
+    def register_secure(self, enrolment: Enrolment) -> Timing:
         from rspf.ae import SecureAE
 
         ae = SecureAE.from_enrolment(enrolment, tls_client=self.tls)
@@ -190,7 +261,7 @@ class Bench:
             raise RuntimeError(f"secure registration of {enrolment.enrolee_id} answered {data!r:.200}")
         return {"total": t3 - t0, "connect": t1 - t0, "request": t2 - t1, "close": t3 - t2}
 
-    def register_plain(self) -> dict:
+    def register_plain(self) -> Timing:
         self.plain_seq += 1
         origin = f"Cplain{self.plain_seq:05d}"
         body = {"m2m:ae": {"rn": origin, "api": APP_ID, "rr": False, "srv": ["3"]}}
@@ -206,10 +277,16 @@ class Bench:
             raise RuntimeError(f"plain registration of {origin}: HTTP {status}, RSC {rsc}: {data[:200]!r}")
         return {"total": t3 - t0, "connect": t1 - t0, "request": t2 - t1, "close": t3 - t2}
 
-    def batch(self, kind: str, items: list) -> dict:
+    def _register(self, kind: str, enrolment: Enrolment | None) -> Timing:
+        if kind == "secure":
+            assert enrolment is not None, "a secure registration needs an enrolment"
+            return self.register_secure(enrolment)
+        return self.register_plain()
+
+    def batch(self, kind: str, items: Sequence[Enrolment | None]) -> BatchResult:
         c0 = self._cpu()
         t0 = time.perf_counter()
-        lat = [self.register_secure(e) if kind == "secure" else self.register_plain() for e in items]
+        lat = [self._register(kind, e) for e in items]
         wall = time.perf_counter() - t0
         c1 = self._cpu()
         n = len(items)
@@ -217,9 +294,9 @@ class Bench:
                 "cse_cpu": (c1[0] - c0[0]) / n, "mef_cpu": (c1[1] - c0[1]) / n, "cli_cpu": (c1[2] - c0[2]) / n}
 
     # B --------------------------------------------------------------------------------------
-    def steady(self, kind: str, m: int, ctx: dict) -> dict:
+    def steady(self, kind: str, m: int, ctx: SteadyCtx) -> SteadyResult:
         c0 = self._cpu()
-        lat = []
+        lat: list[float] = []
         closes = 0
         if kind == "secure":
             cse = ctx["secure_session"]
@@ -234,18 +311,18 @@ class Bench:
             conn, origin, path = ctx["plain_conn"], ctx["plain_origin"], ctx["plain_path"]
             for _ in range(m):
                 t0 = time.perf_counter()
-                status, rsc, data = self.plain.request(conn, "GET", path, origin)
+                status, rsc, body = self.plain.request(conn, "GET", path, origin)
                 lat.append(time.perf_counter() - t0)
                 if conn.sock is None:  # the server said "Connection: close"; http.client reconnects next time
                     closes += 1
             if rsc != "2000":
-                raise RuntimeError(f"plain RETRIEVE: HTTP {status}, RSC {rsc}: {data[:200]!r}")
+                raise RuntimeError(f"plain RETRIEVE: HTTP {status}, RSC {rsc}: {body[:200]!r}")
         c1 = self._cpu()
         return {"kind": kind, "n": m, "lat": lat, "cse_cpu": (c1[0] - c0[0]) / m, "cli_cpu": (c1[2] - c0[2]) / m,
                 "closes": closes}
 
 
-def retrieve_rule(http_port: int) -> dict:
+def retrieve_rule(http_port: int) -> dict[str, Any]:
     req = urllib.request.Request(f"http://127.0.0.1:{http_port}/{CSE_NAME}/rspf-enrolled",
                                  headers={"X-M2M-Origin": "CAdmin", "X-M2M-RI": "bench-rule", "X-M2M-RVI": "3",
                                           "Accept": "application/json"})
@@ -307,7 +384,7 @@ def main() -> int:
               "each on a NEW connection")
         b.register_plain()
         b.register_secure(warm_ae)   # warm-up (first use of code paths in ACME and the plugin): not counted
-        results: dict[str, list[dict]] = {"plain": [], "secure": []}
+        results: dict[str, list[BatchResult]] = {"plain": [], "secure": []}
         hdr = (f"  {'round':>5} {'kind':6} {'n':>3} {'p50 ms':>7} {'p95 ms':>7} {'mean ms':>7} | "
                f"{'conn p50':>8} {'req p50':>7} {'close':>5} | {'CSE cpu':>7} {'MEF cpu':>7} {'cli cpu':>7} ms/op")
         print(hdr)
@@ -324,10 +401,10 @@ def main() -> int:
                       f"{ms(statistics.median(x['close'] for x in res['lat'])):>5} | {ms(res['cse_cpu']):>7} "
                       f"{ms(res['mef_cpu']):>7} {ms(res['cli_cpu']):>7}", flush=True)
 
-        def all_of(kind: str, key: str = "total") -> list[float]:
+        def all_of(kind: str, key: Literal["total", "connect", "request"] = "total") -> list[float]:
             return [x[key] for res in results[kind] for x in res["lat"]]
 
-        a = {}
+        a: dict[str, RegistrationSummary] = {}
         for kind in ("plain", "secure"):
             tot = all_of(kind)
             a[kind] = {
@@ -363,7 +440,7 @@ def main() -> int:
         print(f"  check: <serviceSubscribedAppRule> rspf-enrolled has {len(rule.get('apci') or [])} applicableCredIDs "
               f"and {len(rule.get('aae') or [])} allowedAEs (expected {n_sec} each: warm-up + measured)")
         # breakdown (not a target): the same handshake again, now that the CSE holds these keys
-        again = []
+        again: list[float] = []
         for e in measured[:args.aes]:
             t0 = time.perf_counter()
             conn_tls = b.tls.connect("127.0.0.1", secure_port, e.ke_id, e.registrar_key)
@@ -381,7 +458,7 @@ def main() -> int:
               f"{args.retrieves} "
               "of each kind, each kind on ONE established connection")
         sae = SecureAE.from_enrolment(steady_ae, tls_client=b.tls)
-        ctx: dict = {}
+        ctx: SteadyCtx = {}
         with sae.session() as cse:
             cse.register(APP_ID)
             cse.create_container("data")
@@ -397,26 +474,27 @@ def main() -> int:
                                             {"m2m:cnt": {"rn": "data"}}, 3)
             if rsc != "2001":
                 raise RuntimeError(f"plain container for B: HTTP {st} RSC {rsc} {data[:200]!r}")
-            ctx.update(plain_conn=conn, plain_origin=plain_origin, plain_path=f"/{CSE_NAME}/{plain_origin}/data")
+            ctx.update({"plain_conn": conn, "plain_origin": plain_origin,
+                        "plain_path": f"/{CSE_NAME}/{plain_origin}/data"})
             plain_sock = conn.sock
             b.steady("plain", 50, ctx)       # warm-up, not counted
             b.steady("secure", 50, ctx)
-            steady: dict[str, list[dict]] = {"plain": [], "secure": []}
+            steady: dict[str, list[SteadyResult]] = {"plain": [], "secure": []}
             print(f"  {'round':>5} {'kind':6} {'n':>4} {'p50 ms':>7} {'mean ms':>7} {'p95 ms':>7} | "
                   f"{'CSE cpu':>7} {'cli cpu':>7} ms/op")
             for r in range(args.steady_rounds):
                 order = ("plain", "secure") if r % 2 == 0 else ("secure", "plain")
                 for kind in order:
-                    res = b.steady(kind, args.retrieves, ctx)
-                    steady[kind].append(res)
-                    lat = res["lat"]
-                    print(f"  {r + 1:>5} {kind:6} {res['n']:>4} {ms(statistics.median(lat)):>7} "
-                          f"{ms(statistics.fmean(lat)):>7} {ms(pct(lat, .95)):>7} | {ms(res['cse_cpu']):>7} "
-                          f"{ms(res['cli_cpu']):>7}", flush=True)
+                    sres = b.steady(kind, args.retrieves, ctx)
+                    steady[kind].append(sres)
+                    lat = sres["lat"]
+                    print(f"  {r + 1:>5} {kind:6} {sres['n']:>4} {ms(statistics.median(lat)):>7} "
+                          f"{ms(statistics.fmean(lat)):>7} {ms(pct(lat, .95)):>7} | {ms(sres['cse_cpu']):>7} "
+                          f"{ms(sres['cli_cpu']):>7}", flush=True)
             same_plain = conn.sock is plain_sock
             plain_closes = sum(res["closes"] for res in steady["plain"])
             conn.close()
-        bs = {}
+        bs: dict[str, RetrieveSummary] = {}
         for kind in ("plain", "secure"):
             lat = [x for res in steady[kind] for x in res["lat"]]
             bs[kind] = {"median": statistics.median(lat), "mean": statistics.fmean(lat), "p95": pct(lat, .95),
@@ -434,9 +512,9 @@ def main() -> int:
                   f"{args.retrieves * args.steady_rounds} responses (\"Connection: close\"); http.client reconnected "
                   "each time, so every plain RETRIEVE included a new TCP connection")
         for kind in ("plain", "secure"):
-            x = bs[kind]
-            print(f"  {kind:6}: median {ms(x['median'])} ms, mean {ms(x['mean'])} ms, p95 {ms(x['p95'])} ms per "
-                  f"RETRIEVE; CPU/RETRIEVE: ACME {ms(x['cse_cpu'])} ms, client {ms(x['cli_cpu'])} ms")
+            y = bs[kind]
+            print(f"  {kind:6}: median {ms(y['median'])} ms, mean {ms(y['mean'])} ms, p95 {ms(y['p95'])} ms per "
+                  f"RETRIEVE; CPU/RETRIEVE: ACME {ms(y['cse_cpu'])} ms, client {ms(y['cli_cpu'])} ms")
         print(f"  ratio secure/plain: median {ratio_b:.2f}, mean {ratio_b_mean:.2f}  [per-round pairs median "
               f"{pair_b:.2f}, ACME CPU {bs['secure']['cse_cpu'] / bs['plain']['cse_cpu']:.2f}]")
         print(f"  B target secure <= {TARGET_B:g} x plain (median): "

@@ -43,16 +43,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from bench_acme import APP_ID, enrol_all, setup
 from benchutil import cpu_seconds, finish, load_average
 
 from rspf.demo import Processes, free_port
 
+if TYPE_CHECKING:
+    from rspf.enrolee import Enrolee, Enrolment
+    from rspf.tls import PskClient
+
 TARGET = 0.8
 TRICKLE_SECONDS = 2.0
 LINGER_0 = struct.pack("ii", 1, 0)
+
+
+class AttackStats(TypedDict):
+    """The attacker's counts: connections open now per port, and totals since it started."""
+    open: dict[int, int]
+    opened: int
+    closed_by_server: int
+    connect_failed: int
 
 
 # ------------------------------------------------------------------------------------------ attacker
@@ -80,8 +92,8 @@ def attacker_main(ports: list[int], conns: int, sources: int, pipe: Any) -> None
 async def _attack(ports: list[int], conns: int, sources: int, pipe: Any) -> None:
     loop = asyncio.get_running_loop()
     hello = _client_hello()
-    stats = {"open": {p: 0 for p in ports}, "opened": 0, "closed_by_server": 0, "connect_failed": 0}
-    running: list[asyncio.Task] = []
+    stats: AttackStats = {"open": {p: 0 for p in ports}, "opened": 0, "closed_by_server": 0, "connect_failed": 0}
+    running: list[asyncio.Task[None]] = []
     holding = asyncio.Event()
 
     async def slot(port: int, source: str, slow: bool) -> None:
@@ -152,11 +164,11 @@ class Attacker:
             raise RuntimeError(f"the attacker did not answer {cmd!r}")
         return self.pipe.recv()
 
-    def start(self, timeout: float = 60.0) -> dict:
+    def start(self, timeout: float = 60.0) -> AttackStats:
         self.ask("start")
         deadline = time.monotonic() + timeout
         while True:
-            st = self.ask("stats")
+            st: AttackStats = self.ask("stats")
             if all(st["open"][p] >= self.conns * 0.95 for p in self.ports) or time.monotonic() > deadline:
                 return st
             time.sleep(0.2)
@@ -178,7 +190,8 @@ class Attacker:
 class Legit:
     """The legitimate client's three operations; each returns its duration (or raises)."""
 
-    def __init__(self, enrolees: list, registered: list, fresh: list, tls_client: Any) -> None:
+    def __init__(self, enrolees: list[Enrolee], registered: list[Enrolment], fresh: list[Enrolment],
+                 tls_client: PskClient) -> None:
         self.enrolees, self.registered, self.fresh = enrolees, registered, iter(fresh)
         self.tls = tls_client
         self.n = 0
@@ -283,7 +296,9 @@ def main() -> int:
               f"{TRICKLE_SECONDS:g} s, half idle); load average {load_average()}")
         rates: dict[str, dict[str, list[float]]] = {op: {"quiet": [], "attack": []}
                                                     for op in ("enrol", "register", "retrieve")}
-        pids = {"MEF": mef_pid, "CSE": cse_pid, "attacker": attacker.proc.pid}
+        attacker_pid = attacker.proc.pid
+        assert attacker_pid is not None, "the attacker process was started in Attacker()"
+        pids = {"MEF": mef_pid, "CSE": cse_pid, "attacker": attacker_pid}
         warm = legit.round(min(3.0, args.seconds), 0)  # warm-up (first use of code paths): not counted
         print(f"warm-up: {warm['enrol'][0]:.1f} enrolments/s, {warm['retrieve'][0]:.1f} retrieves/s (not counted)")
         print(f"\n  {'round':>5} {'kind':7} {'MEF enrol/s':>11} {'err':>3} {'CSE reg+get/s':>13} {'err':>3} "

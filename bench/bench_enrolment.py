@@ -134,8 +134,8 @@ def bare_server_main(port: int, keys_file: str) -> None:
                 resp = wire.onem2m_response(RSC.OK, {"m2m:dbg": "ok"},
                                             request_id=fields.get(b"x-m2m-ri", b"").decode("latin-1"),
                                             rvi=fields.get(b"x-m2m-rvi", b"").decode("latin-1"), close=True)
-                fields = [*resp.headers.items(), ("content-length", str(len(resp.body)))]
-                data = http.send(h11.Response(status_code=resp.status, headers=fields))
+                out_headers = [*resp.headers.items(), ("content-length", str(len(resp.body)))]
+                data = http.send(h11.Response(status_code=resp.status, headers=out_headers))
                 data += http.send(h11.Data(data=resp.body)) + http.send(h11.EndOfMessage())
                 try:
                     tls.sendall(data)

@@ -163,7 +163,9 @@ def main() -> int:
             w.start()
             workers.append(w)
 
-        peak, during_times, during_refused = rss0, [], []
+        peak = rss0
+        during_times: list[float] = []
+        during_refused: list[int] = []
         marks = [args.handshakes * (i + 1) // (args.legit + 1) for i in range(args.legit)]
         last_print = time.monotonic()
         while any(w.is_alive() for w in workers):
