@@ -45,16 +45,55 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from benchutil import cpu_seconds, load_average, pct
 
 from rspf.demo import free_port, wait_port
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from rspf.tls import TlsConnection
 
 TARGET_RATIO = 0.5
 MEF_FQDN = "mef.bench.example.com"
 SP_ID = "//sp.bench.example.com"
 REGISTRAR_CSE_ID = "/id-in"
 REGISTRAR_URI = "https://127.0.0.1:8443/cse-in"
+
+
+class WorkerReport(TypedDict):
+    """What one client process sends back after a command (seconds; errors counted by kind)."""
+    done: int
+    errors: dict[str, int]
+    elapsed: float
+    cpu: float
+    lat: list[float]
+    tls: tuple[str, str]
+
+
+class RoundResult(TypedDict):
+    """All client processes over one run of one kind; server_cpu (seconds) is added by the caller."""
+    kind: str
+    done: int
+    elapsed: float
+    rate: float
+    errors: dict[str, int]
+    client_cpu: float
+    lat: list[float]
+    tls: tuple[str, str]
+    server_cpu: NotRequired[float]
+
+
+class KindSummary(TypedDict):
+    """One kind over all rounds: median rate, per-round rates, error count, CPU seconds per op."""
+    rate: float
+    rates: list[float]
+    errors: int
+    srv: float
+    cli: float
+    tls: tuple[str, str]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -175,7 +214,7 @@ def bare_server_main(port: int, keys_file: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ load generator
-def worker_main(conn, index: int, enrolees: list[tuple[str, str, str]], mef_port: int, bare_port: int,
+def worker_main(conn: Connection, index: int, enrolees: list[tuple[str, str, str]], mef_port: int, bare_port: int,
                 store_dir: str) -> None:
     """One client process: waits for (kind, start_at, seconds) commands and reports its counts."""
     import logging
@@ -192,7 +231,7 @@ def worker_main(conn, index: int, enrolees: list[tuple[str, str, str]], mef_port
 
         last: tuple[str, str] = ("?", "?")
 
-        def connect(self, *args, **kwargs):  # type: ignore[override]
+        def connect(self, *args: Any, **kwargs: Any) -> TlsConnection:
             tls = super().connect(*args, **kwargs)
             self.last = (tls.version, tls.cipher)
             return tls
@@ -251,8 +290,9 @@ def worker_main(conn, index: int, enrolees: list[tuple[str, str, str]], mef_port
                 now = time.perf_counter()
             i += 1
         elapsed = now - t0
-        conn.send({"done": done, "errors": errors, "elapsed": elapsed, "cpu": time.process_time() - cpu0,
-                   "lat": lat, "tls": tls_client.last})
+        report: WorkerReport = {"done": done, "errors": errors, "elapsed": elapsed, "cpu": time.process_time() - cpu0,
+                                "lat": lat, "tls": tls_client.last}
+        conn.send(report)
     conn.close()
 
 
@@ -271,12 +311,12 @@ class LoadGenerator:
             self.pipes.append(parent)
             self.procs.append(p)
 
-    def run(self, kind: str, seconds: float) -> dict:
+    def run(self, kind: str, seconds: float) -> RoundResult:
         start_at = time.time() + 0.3  # every client starts at the same moment
         for pipe in self.pipes:
             pipe.send((kind, start_at, seconds))
         try:
-            results = [pipe.recv() for pipe in self.pipes]
+            results: list[WorkerReport] = [pipe.recv() for pipe in self.pipes]
         except (EOFError, OSError):
             raise RuntimeError("a client process died; see its traceback above") from None
         done = sum(r["done"] for r in results)
@@ -390,7 +430,7 @@ def main() -> int:
         for kind in ("bare", "full"):
             r = load.run(kind, args.warmup)
             print(f"warm-up {kind}: {r['done']} ops, {sum(r['errors'].values())} errors")
-        rounds: list[dict] = []
+        rounds: list[RoundResult] = []
         print()
         print(f"{'round':>5} {'kind':<5} {'ops':>6} {'secs':>6} {'ops/s':>8} {'errors':>6} {'p50 ms':>7} "
               f"{'p95 ms':>7} {'srv CPU ms/op':>13} {'cli CPU ms/op':>13}")
@@ -409,7 +449,7 @@ def main() -> int:
                 if mef.poll() is not None or bare.poll() is not None:
                     raise RuntimeError("a server exited during the run; see its stderr below")
 
-        def summary(kind: str) -> dict:
+        def summary(kind: str) -> KindSummary:
             rs = [r for r in rounds if r["kind"] == kind]
             return {"rate": statistics.median(r["rate"] for r in rs),
                     "rates": [r["rate"] for r in rs],

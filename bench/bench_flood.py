@@ -31,11 +31,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench_acme import APP_ID, CSE_ID, MEF_FQDN, enrol_all, setup
 from benchutil import finish, load_average
 
 from rspf.demo import Processes, free_port
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+    from multiprocessing.sharedctypes import Synchronized
+
+    from rspf.enrolee import Enrolment
 
 TARGET_RSS_MB = 25.0
 TARGET_MEF_CALLS = 1000
@@ -63,7 +70,8 @@ def mef_fetches(log: Path) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------- flood processes
-def flood(source: str, count: int, port: int, deadline: float, done, errors) -> None:
+def flood(source: str, count: int, port: int, deadline: float, done: Synchronized[int],
+          errors: Synchronized[int]) -> None:
     """``count`` handshakes from ``source`` with made-up KeIDs; counts into the shared ``done`` / ``errors``."""
     from rspf.errors import TransportError
     from rspf.secret import Secret
@@ -71,10 +79,11 @@ def flood(source: str, count: int, port: int, deadline: float, done, errors) -> 
 
     plain_connect = socket.create_connection
 
-    def from_source(address, timeout=None, source_address=None, **kw):  # this process floods from `source` only
+    def from_source(address: tuple[str | None, Any], timeout: float | None = None, source_address: object = None,
+                    **kw: Any) -> socket.socket:  # this process floods from `source` only
         return plain_connect(address, timeout, (source, 0), **kw)
 
-    socket.create_connection = from_source  # type: ignore[assignment]
+    socket.create_connection = from_source
     client = PskClient()
     for _ in range(count):
         if time.time() > deadline:
@@ -91,7 +100,7 @@ def flood(source: str, count: int, port: int, deadline: float, done, errors) -> 
 
 
 # --------------------------------------------------------------------------------------- legitimate AEs
-def first_registration(enrolment) -> tuple[float, int]:
+def first_registration(enrolment: Enrolment) -> tuple[float, int]:
     """Seconds from the first attempt until the AE is registered, and how many handshakes were refused."""
     from rspf.ae import SecureAE
     from rspf.errors import TransportError
@@ -128,7 +137,7 @@ def main() -> int:
     t_start = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="rspf-bench-flood-"))
     procs = Processes()
-    workers: list = []
+    workers: list[SpawnProcess] = []
     try:
         mef_port, http_port, secure_port = free_port(), free_port(), free_port()
         while len({mef_port, http_port, secure_port}) < 3:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rspf.demo import Processes
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -32,7 +35,7 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def finish(procs: Any, home: Path, keep: bool) -> None:
+def finish(procs: Processes, home: Path, keep: bool) -> None:
     """Stop every process the bench started (by PID, through ``procs``) and remove its folder unless kept."""
     print("\nstopping the processes started here")
     procs.stop_all()
