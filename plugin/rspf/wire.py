@@ -23,7 +23,8 @@ SUPPORTED_RVI = ("2a", "3", "4", "5")
 _SINGLE = ("content-length", "host", "x-m2m-origin", "x-m2m-ri", "x-m2m-rvi", "content-type")
 _JSON_TYPES = ("application/json", "application/vnd.onem2m-res+json")
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
-_RI = re.compile(r"^[\x21-\x7e]{1,256}$")
+MAX_REQUEST_ID = 256  #: longest X-M2M-RI accepted (the MEF and the CSE's secure listener)
+_RI = re.compile(rf"^[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}$")
 _DIGITS = re.compile(r"[0-9]{1,12}")
 
 OPERATIONS = {"POST": "CREATE", "GET": "RETRIEVE", "PUT": "UPDATE", "DELETE": "DELETE"}

@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import BadRequest, NotAuthenticated, SecurityAssociationRequired
+from ..wire import MAX_REQUEST_ID
 from ..wsgi import PeerCredential
 
-MAX_REQUEST_ID = 256  #: longest X-M2M-RI accepted on the secure listener
 AE_TYPE = 2  #: resource type <AE>
 
 
@@ -81,7 +81,8 @@ def shown(value: str | None, limit: int = 80) -> str:
 
 
 def valid_request_id(value: str | None) -> bool:
-    """X-M2M-RI: present, printable ASCII, at most 256 characters."""
+    """X-M2M-RI on the secure listener: present, printable ASCII (spaces too: ACME takes any string), at most
+    :data:`rspf.wire.MAX_REQUEST_ID` characters. The MEF's own rule (rspf.wire) also refuses spaces."""
     return bool(value) and len(value or "") <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in value or "")
 
 

@@ -45,6 +45,7 @@ from ..ratelimit import RefusalLog
 from ..secret import Secret
 from ..target import KeyCache, KeyCacheLimits
 from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
+from ..wire import MAX_REQUEST_ID
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
 from . import access, host, patches, resources
 from .config import AcmePluginConfig, load
@@ -329,7 +330,7 @@ class RspfSecurityPlugin:
                 if not access.valid_request_id(ri):
                     ri = None
                     raise BadRequest("X-M2M-RI must be present, printable ASCII and at most "
-                                     f"{access.MAX_REQUEST_ID} characters")
+                                     f"{MAX_REQUEST_ID} characters")
                 kind = host.endpoint_kind(plugin.httpServer, environ)
                 method = environ.get("REQUEST_METHOD", "")
                 if kind == "method-not-allowed" or method not in _ONEM2M_METHODS:
