@@ -92,6 +92,12 @@ def test_fetch_response_round_trip_and_redacted_repr() -> None:
     got = p.parse_fetch_response(p.fetch_response(key, "Cae1", "20991231T000000"))
     assert (got.key, got.enrolee_id, got.lifetime) == (key, "Cae1", "20991231T000000")
     assert key.hex() not in repr(got) and "redacted" in repr(got)
+    assert got.allowed_app_ids is None
+
+
+def test_fetch_response_carries_allowed_app_ids() -> None:
+    got = p.parse_fetch_response(p.fetch_response(bytes(32), "Cae1", "20991231T000000", ("Nmeter", "Nfleet*")))
+    assert got.allowed_app_ids == ("Nmeter", "Nfleet*")
 
 
 @pytest.mark.parametrize("data", [
@@ -101,6 +107,12 @@ def test_fetch_response_round_trip_and_redacted_repr() -> None:
     {"rspf:fcRsp": {"status": True, "credential": "!!", "enroleeID": "C", "lifetime": "t"}},
     {"rspf:fcRsp": {"status": True, "credential": base64.b64encode(b"short").decode(), "enroleeID": "C",
                     "lifetime": "t"}},
+    {"rspf:fcRsp": {"status": True, "credential": base64.b64encode(bytes(32)).decode(), "enroleeID": "C",
+                    "lifetime": "t", "allowedAppIDs": "Nmeter"}},
+    {"rspf:fcRsp": {"status": True, "credential": base64.b64encode(bytes(32)).decode(), "enroleeID": "C",
+                    "lifetime": "t", "allowedAppIDs": [""]}},
+    {"rspf:fcRsp": {"status": True, "credential": base64.b64encode(bytes(32)).decode(), "enroleeID": "C",
+                    "lifetime": "t", "allowedAppIDs": ["N"] * 65}},
 ])
 def test_fetch_response_refusals(data: object) -> None:
     with pytest.raises(BadRequest):

@@ -163,14 +163,27 @@ class FetchedKey:
     key: bytes
     enrolee_id: str
     lifetime: str  # m2m:timestamp of expiry
+    #: App-ID patterns the enrolee may register with (our extension ``allowedAppIDs``, docs/mef-interface.md);
+    #: None when the MEF sets none for this enrolee: the Target then applies its own configured default.
+    allowed_app_ids: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:
-        return f"FetchedKey(key=<redacted>, enrolee_id={self.enrolee_id!r}, lifetime={self.lifetime!r})"
+        return (f"FetchedKey(key=<redacted>, enrolee_id={self.enrolee_id!r}, lifetime={self.lifetime!r}, "
+                f"allowed_app_ids={self.allowed_app_ids!r})")
 
 
-def fetch_response(key: bytes, enrolee_id: str, lifetime: str) -> dict[str, Any]:
-    return {FC_RSP: {"status": True, "credential": base64.b64encode(key).decode(), "enroleeID": enrolee_id,
-                     "lifetime": lifetime}}
+#: Most App-ID patterns one fetchCredentials answer may carry, and the longest pattern.
+MAX_ALLOWED_APP_IDS = 64
+MAX_APP_ID_LENGTH = 256
+
+
+def fetch_response(key: bytes, enrolee_id: str, lifetime: str,
+                   allowed_app_ids: tuple[str, ...] | None = None) -> dict[str, Any]:
+    rsp: dict[str, Any] = {"status": True, "credential": base64.b64encode(key).decode(), "enroleeID": enrolee_id,
+                           "lifetime": lifetime}
+    if allowed_app_ids is not None:
+        rsp["allowedAppIDs"] = list(allowed_app_ids)
+    return {FC_RSP: rsp}
 
 
 def fetch_error(message: str) -> dict[str, Any]:
@@ -188,7 +201,13 @@ def parse_fetch_response(data: Any) -> FetchedKey:
         raise BadRequest("the MEF's fetchCredentials response lacks credential, enroleeID or lifetime") from None
     if len(key) != 32 or not isinstance(enrolee_id, str) or not isinstance(lifetime, str):
         raise BadRequest("the MEF's fetchCredentials response is malformed")
-    return FetchedKey(key, enrolee_id, lifetime)
+    apps = rsp.get("allowedAppIDs")
+    if apps is None:
+        return FetchedKey(key, enrolee_id, lifetime)
+    if (not isinstance(apps, list) or len(apps) > MAX_ALLOWED_APP_IDS
+            or not all(isinstance(a, str) and 0 < len(a) <= MAX_APP_ID_LENGTH for a in apps)):
+        raise BadRequest("the MEF's fetchCredentials response has a malformed allowedAppIDs list")
+    return FetchedKey(key, enrolee_id, lifetime, tuple(apps))
 
 
 def error_text(data: Any) -> str | None:
