@@ -591,3 +591,63 @@ def test_wsgi_server_passes_the_credential_and_keeps_alive() -> None:
         assert read_response(reader).rsc == 4000
     finally:
         s.stop()
+
+
+# -- the worker pool ------------------------------------------------------------------------------
+def _pool_run(pool: Any, job: Any) -> tuple[Any, BaseException | None]:
+    done = threading.Event()
+    out: list[tuple[Any, BaseException | None]] = []
+
+    def finished(result: Any, error: BaseException | None) -> None:
+        out.append((result, error))
+        done.set()
+
+    pool.submit(job, finished)
+    assert done.wait(10)
+    return out[0]
+
+
+def test_pool_hands_the_next_job_to_the_thread_that_went_idle_last() -> None:
+    from rspf.httpserver import _Pool
+
+    pool = _Pool(4, "t")
+    try:
+        names = [_pool_run(pool, lambda: threading.current_thread().name)[0] for _ in range(20)]
+        assert len(set(names)) == 1  # one warm thread under a sequential load, not a round over all four
+        result, error = _pool_run(pool, lambda: 1 / 0)
+        assert result is None and isinstance(error, ZeroDivisionError)  # a failing job reaches ``done``
+    finally:
+        pool.stop()
+
+
+def test_pool_runs_a_backlog_in_order_and_stop_ends_every_thread() -> None:
+    from rspf.httpserver import _Pool
+
+    pool = _Pool(2, "t")
+    gate = threading.Event()
+    order: list[int] = []
+    all_done = threading.Event()
+
+    def blocked() -> None:
+        assert gate.wait(10)
+
+    def record(i: int) -> Any:
+        def job() -> None:
+            order.append(i)
+        return job
+
+    def finished(_result: Any, _error: BaseException | None) -> None:
+        if len(order) == 5:
+            all_done.set()
+
+    for _ in range(2):
+        pool.submit(blocked, lambda r, e: None)  # both threads busy: what follows waits in the backlog
+    for i in range(5):
+        pool.submit(record(i), finished)
+    gate.set()
+    assert all_done.wait(10)
+    assert sorted(order) == list(range(5)) and order[0] in (0, 1)  # taken from the backlog first-in first-out
+    pool.stop()
+    for t in pool._threads:
+        t.join(5)
+        assert not t.is_alive()

@@ -6,6 +6,7 @@ Each test runs one in-process server thread on 127.0.0.1 (port 0), joins it, and
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 import pytest
@@ -292,3 +293,27 @@ def test_a_server_that_hangs_up_is_a_network_fault_not_a_refusal(hangup):
         listener.close()
     assert "did not complete" in str(info.value) and "refused" not in str(info.value)
     assert KEY_HEX not in str(info.value)
+
+
+def test_socket_timeouts_are_set_only_when_they_change_by_more_than_the_slack():
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    try:
+        conn = tls.TlsConnection(SSL.Connection(SSL.Context(SSL.TLS_METHOD), a), a, 5.0)
+
+        def applied() -> float:
+            sec, usec = struct.unpack("ll", a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+            return sec + usec / 1e6
+
+        assert applied() == pytest.approx(5.0)
+        conn.set_timeout(5.0 - tls.TIMEOUT_SLACK / 2)  # a deadline counted down by a few ms: not applied
+        assert applied() == pytest.approx(5.0)
+        conn.set_timeout(2.0)
+        assert applied() == pytest.approx(2.0)
+        conn.set_timeout(None)  # no timeout: always applied
+        assert applied() == 0.0
+    finally:
+        a.close()
+        b.close()

@@ -97,14 +97,12 @@ class OneM2MClient:
 
     def _recv(self, until: float) -> bytes:
         self.tls.set_timeout(self._remaining(until))
-        buf = bytearray(16384)
         try:
-            n = self.tls.recv_into(buf)
+            return self.tls.recv(65536)
         except TimeoutError:
             raise TransportError(f"{self.tls.peer} did not answer within {self.deadline:g} s") from None
         except OSError as exc:
             raise TransportError(f"the connection to {self.tls.peer} failed while reading: {_why(exc)}") from None
-        return bytes(buf[:n])
 
     def _receive(self, until: float) -> HttpResponse:
         head: h11.Response | None = None

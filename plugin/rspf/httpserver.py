@@ -16,10 +16,10 @@ answered (:meth:`TlsHttpServer.respond`); both run in a pool thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
-import queue
 import re
 import resource
 import socket
@@ -44,6 +44,7 @@ REFUSAL_LOG_INTERVAL = 10.0
 
 #: Handshake bytes a client may send before the handshake completes (a ClientHello is rarely above 2 KB).
 MAX_HANDSHAKE_BYTES = 64 * 1024
+_READ_SIZE = 64 * 1024
 _TLS_CONTENT_TYPES = frozenset(range(20, 25))
 _HTTP_VERSIONS = (b"1.0", b"1.1")
 _FRAMING_HEADERS = frozenset(("content-length", "connection", "transfer-encoding"))
@@ -94,34 +95,79 @@ def raise_fd_limit(wanted: int) -> None:
                         target, wanted)
 
 
+_Job = tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]
+
+
 class _Pool:
     """A fixed set of daemon threads running jobs in FIFO order; ``done(result, error)`` is called in the thread.
 
-    Daemon threads: a job stuck on the network cannot hold the process at exit (unlike concurrent.futures).
+    The thread that went idle last takes the next job (a stack of idle threads): under a steady load one warm
+    thread answers one request after another instead of each request waking the coldest thread. Daemon
+    threads: a job stuck on the network cannot hold the process at exit (unlike concurrent.futures).
     """
 
     def __init__(self, size: int, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)]
+        self._lock = threading.Lock()
+        self._backlog: collections.deque[_Job] = collections.deque()
+        self._idle: list[_Worker] = []
+        self._stopping = False
+        self._threads = [_Worker(self, f"{name}-{i}") for i in range(size)]
         for t in self._threads:
             t.start()
 
     def submit(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
-        self._jobs.put((job, done))
+        with self._lock:
+            if self._idle:
+                self._idle.pop().hand((job, done))
+            else:
+                self._backlog.append((job, done))
 
-    def _run(self) -> None:
-        while (item := self._jobs.get()) is not None:
+    def _next(self, worker: _Worker) -> _Job | None:
+        """The next job of ``worker`` from the backlog, or None after it joined the idle stack."""
+        with self._lock:
+            if self._backlog:
+                return self._backlog.popleft()
+            if not self._stopping:
+                self._idle.append(worker)
+            return None  # the worker ends if the pool is stopping, else waits to be handed a job
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.hand(None)
+
+
+class _Worker(threading.Thread):
+    def __init__(self, pool: _Pool, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._pool = pool
+        self._wake = threading.Lock()
+        self._wake.acquire()  # released by hand()
+        self._job: _Job | None = None
+
+    def hand(self, job: _Job | None) -> None:
+        self._job = job
+        self._wake.release()
+
+    def run(self) -> None:
+        item = self._pool._next(self)
+        while True:
+            if item is None:
+                if self._pool._stopping:  # stopped before this thread joined the idle stack
+                    return
+                self._wake.acquire()
+                item = self._job
+                if item is None:  # stopped while idle
+                    return
             job, done = item
             try:
                 result, error = job(), None
             except BaseException as exc:  # handed to the loop, which logs it
                 result, error = None, exc
             done(result, error)
-
-    def stop(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
+            item = self._pool._next(self)
 
 
 class TlsHttpServer:
@@ -150,6 +196,8 @@ class TlsHttpServer:
         self._by_source: dict[str, dict[_Connection, None]] = {}
         self._handshakes: _Pool | None = None
         self._workers: _Pool | None = None
+        #: Where the loop reads every socket into (asyncio's default reads allocate 256 KiB per read)
+        self._read_buffer = memoryview(bytearray(_READ_SIZE))
 
     # -- what subclasses provide (both run in a pool thread) -------------------------------------
     def open_session(self, tls: ServerTls) -> Any | None:
@@ -319,7 +367,7 @@ _HANDSHAKE, _READING, _CLOSED = range(3)
 _UNOPENED = object()  # the handshake is done; the session opens with the first request, in the same pool job
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection, driven by the loop thread. Pool jobs never touch ``tls`` at the same time as the
     loop: while one may (``_tls_in_pool``: a handshake step that can run the PSK lookup, or the job opening the
     session) the loop only buffers ciphertext in ``_pending``.
@@ -365,7 +413,13 @@ class _Connection(asyncio.Protocol):
         self._peer_address = (str(peer[0]), int(peer[1]))
         self._arm(self.limits.handshake_timeout, "handshake deadline")
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server._read_buffer  # one per server: what is read is consumed (copied) before the next read
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server._read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.state == _CLOSED:
             return
         if self._busy and not self._reading_paused and self.transport is not None:
@@ -547,7 +601,7 @@ class _Connection(asyncio.Protocol):
         self._on_ciphertext(data)
 
     # -- requests -------------------------------------------------------------------------------
-    def _on_ciphertext(self, data: bytes) -> None:
+    def _on_ciphertext(self, data: bytes | memoryview) -> None:
         assert self.tls is not None
         if data:
             self.tls.feed(data)

@@ -50,6 +50,8 @@ CERT_CIPHERS = "ECDHE-ECDSA-AES128-CBC-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:ECDH
 #: TLS 1.3 external PSK through OpenSSL's old-style callbacks needs a SHA-256 suite.
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
 
+#: Seconds by which a socket timeout may differ from the one asked for before it is set again (TlsConnection).
+TIMEOUT_SLACK = 0.05
 MAX_PSK_IDENTITY = 128  # RFC 4279 allows up to 2^16-1; OpenSSL caps at PSK_MAX_IDENTITY_LEN (256)
 VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
@@ -60,6 +62,7 @@ _REQUIRED_LIB = (
     "SSL_CTX_use_psk_identity_hint",
     "SSL_session_reused",
     "X509_verify_cert_error_string",
+    "BIO_get_mem_data",
 )
 _REQUIRED_CONN = ("export_keying_material", "_reverse_mapping", "set_tlsext_host_name")
 
@@ -496,9 +499,16 @@ class TlsConnection(TlsPeer):
         self._sock = sock
         self.psk_identity: str | None = None
         self.peer = _peer_name(sock)
+        self._timeout = timeout
         _set_timeout(sock, timeout)
 
     def set_timeout(self, timeout: float | None) -> None:
+        """Bound each later wait by ``timeout`` seconds. A change of less than TIMEOUT_SLACK is not applied (two
+        system calls per change): a deadline counted down per read may then be overrun by that much."""
+        last = self._timeout
+        if timeout is not None and last is not None and abs(timeout - last) < TIMEOUT_SLACK:
+            return
+        self._timeout = timeout
         _set_timeout(self._sock, timeout)
 
     def handshake(self) -> None:
@@ -521,19 +531,23 @@ class TlsConnection(TlsPeer):
         if ident is not None:
             self.psk_identity = ident
 
-    def recv_into(self, buf: memoryview | bytearray) -> int:
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` decrypted bytes; b"" at the end of the stream. TimeoutError, ConnectionError."""
         try:
-            data = self._conn.recv(len(buf))
+            return self._conn.recv(size)
         except SSL.ZeroReturnError:
-            return 0
+            return b""
         except SSL.WantReadError:
             raise TimeoutError("TLS read timed out") from None
         except SSL.SysCallError as exc:
             if exc.args and exc.args[0] in (-1, 0):  # unexpected EOF
-                return 0
+                return b""
             raise ConnectionError(_describe(exc)) from None
         except SSL.Error as exc:
             raise ConnectionError(f"TLS record error: {_describe(exc)}") from None
+
+    def recv_into(self, buf: memoryview | bytearray) -> int:
+        data = self.recv(len(buf))
         n = len(data)
         buf[:n] = data
         return n
@@ -580,22 +594,14 @@ class ServerTls(TlsPeer):
         """The psk_identity the client offered, proved or not (for refusal logs; never a key)."""
         return getattr(self._conn, "_rspf_presented", None)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Bytes received from the client."""
         self._conn.bio_write(data)
 
     def outgoing(self) -> bytes:
         """Bytes to send to the client (handshake flights, records, alerts), possibly empty."""
-        chunks = []
-        while True:
-            try:
-                chunk = self._conn.bio_read(65536)
-            except SSL.WantReadError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        n = _mem_pending(self._conn._from_ssl)  # type: ignore[attr-defined]
+        return self._conn.bio_read(n) if n else b""
 
     def handshake_step(self) -> bool:
         """Advance the handshake with what was fed; True once complete. May run the PSK lookup (which may
@@ -612,9 +618,10 @@ class ServerTls(TlsPeer):
     def receive(self) -> tuple[bytes, bool]:
         """Decrypt what was fed: (plaintext, the client sent close_notify). ConnectionError on a bad record."""
         out: list[bytes] = []
+        conn = self._conn
         while True:
             try:
-                data = self._conn.recv(65536)
+                data = conn.recv(65536)
             except SSL.WantReadError:
                 return b"".join(out), False
             except SSL.ZeroReturnError:
@@ -624,6 +631,8 @@ class ServerTls(TlsPeer):
             if not data:
                 return b"".join(out), False
             out.append(data)
+            if not conn.pending() and not _mem_pending(conn._into_ssl):  # type: ignore[attr-defined]
+                return b"".join(out), False  # nothing more to decrypt: spare the call that would say so
 
     def send(self, data: bytes) -> None:
         """Encrypt ``data``; the records are then in :meth:`outgoing`."""
@@ -652,6 +661,11 @@ class _RawTls(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         return self._tls.recv_into(memoryview(b).cast("B"))
+
+
+def _mem_pending(bio: Any) -> int:
+    """Bytes waiting in a memory BIO (OpenSSL's BIO_get_mem_data: their count for a memory BIO)."""
+    return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
 
 
 def _peer_name(sock: socket.socket) -> str:

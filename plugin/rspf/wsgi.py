@@ -95,9 +95,10 @@ class SecureWsgiServer(TlsHttpServer):
             "wsgi.multithread": True,
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
-            "CONTENT_LENGTH": str(len(req.body)),
             **session.environ,
         }
+        if req.body or "content-length" in req.headers or "transfer-encoding" in req.headers:
+            env["CONTENT_LENGTH"] = str(len(req.body))  # PEP 3333: absent when the request has no body
         for k, v in req.headers.items():
             if k == "content-type":
                 env["CONTENT_TYPE"] = v

@@ -4,6 +4,7 @@ and which of its HTTP endpoints a request reaches. Nothing here changes ACME (th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 CSR_TYPE = 16  # <remoteCSE>
@@ -91,15 +92,27 @@ def flask_app(http_server: Any) -> Any:
 _ONEM2M_HANDLERS = frozenset({"handleGET", "handlePOST", "handlePUT", "handleDELETE", "handlePATCH"})
 
 
+#: The environ keys URL matching reads (werkzeug's bind_to_environ and match): the cache key of endpoint_kind.
+_ROUTING_KEYS = ("REQUEST_METHOD", "PATH_INFO", "SCRIPT_NAME", "wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME",
+                 "SERVER_PORT")
+
+
 def endpoint_kind(http_server: Any, environ: dict[str, Any]) -> str:
     """Which of the Flask app's endpoints an HTTP request reaches: "onem2m" (ACME's resource tree handlers),
     "webui" (ACME's web UI and its ``/`` redirect), "other" (upper tester, management, structure),
     "not-found" or "method-not-allowed". Matching uses the app's own URL map, so it follows ``[http] root`` and
-    ``[webui] root``."""
+    ``[webui] root``. The map is fixed once ACME serves (Flask refuses new routes after the first request), so
+    answers are cached per method, path and host (bounded: a flood of distinct paths only evicts)."""
+    return _endpoint_kind(http_server, tuple(environ.get(k) for k in _ROUTING_KEYS))
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_kind(http_server: Any, routing: tuple[Any, ...]) -> str:
     from werkzeug.exceptions import MethodNotAllowed, NotFound
     from werkzeug.routing import RequestRedirect
 
     app = flask_app(http_server)
+    environ = {k: v for k, v in zip(_ROUTING_KEYS, routing, strict=True) if v is not None}
     try:
         endpoint, _args = app.url_map.bind_to_environ(environ).match()
     except MethodNotAllowed:
