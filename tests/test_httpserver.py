@@ -593,6 +593,37 @@ def test_wsgi_server_passes_the_credential_and_keeps_alive() -> None:
         s.stop()
 
 
+def test_close_credentials_closes_only_the_matching_connections_opened_or_not() -> None:
+    other = "dev2@mef.example.com"
+    keys_ = {IDENTITY: KEY, other: KEY}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("X-M2M-RSC", "2000")])
+        return [b""]
+
+    s = SecureWsgiServer(app, PskServer(lambda i, ip: keys_.get(i)),
+                         lambda tls: PeerCredential("psk", tls.psk_identity, "12-" + tls.psk_identity, "Cae1"),
+                         host="127.0.0.1", port=0, limits=FAST)
+    s.start()
+    try:
+        used, fresh, kept = connect(s), connect(s), connect(s, other)
+        assert exchange(used, get()).rsc == 2000  # a session opened by a request
+        assert exchange(kept, get()).rsc == 2000
+        seen: list[tuple[str | None, str | None]] = []
+
+        def revoked(identity: str | None, cred: PeerCredential | None) -> bool:
+            seen.append((identity, cred.identity if cred else None))
+            return identity == IDENTITY
+
+        assert s.close_credentials(revoked) == 2  # ``fresh`` has no session yet: matched by its TLS identity
+        assert (IDENTITY, None) in seen and (IDENTITY, IDENTITY) in seen
+        assert tls_closed(used) and tls_closed(fresh)
+        assert exchange(kept, get()).rsc == 2000  # another credential's connection is untouched
+    finally:
+        s.stop()
+    assert s.close_credentials(lambda i, c: True) == 0  # a stopped server has nothing to close
+
+
 # -- the worker pool ------------------------------------------------------------------------------
 def _pool_run(pool: Any, job: Any) -> tuple[Any, BaseException | None]:
     done = threading.Event()

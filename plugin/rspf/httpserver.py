@@ -316,6 +316,39 @@ class TlsHttpServer:
         else:
             self._loop.call_later(self._sweep_every, self._tick)
 
+    def close_where(self, predicate: Callable[[ServerTls, Any], bool], timeout: float = 5.0) -> int:
+        """Close at once every connection whose handshake is done and for which ``predicate(tls, session)``
+        is true (``session`` is None until the first request opened it); e.g. the connections of a revoked
+        credential. Called from any thread but the loop's; runs on the loop (keep ``predicate`` cheap) and
+        returns how many were closed (0 when the server is not running or did not answer in ``timeout``)."""
+        loop = self._loop
+        if loop is None or self._stop.is_set():
+            return 0
+        done = threading.Event()
+        closed: list[int] = [0]
+
+        def run() -> None:
+            try:
+                for conn in list(self._conns):
+                    tls = conn.tls
+                    if conn.state != _READING or tls is None:
+                        continue
+                    session = None if conn.session is _UNOPENED else conn.session
+                    if predicate(tls, session):
+                        conn.abort()
+                        closed[0] += 1
+            except Exception:
+                log.exception("%s: closing connections failed", self.name)
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop ended
+            return 0
+        done.wait(timeout)
+        return closed[0]
+
     def refuse(self, reason: str, peer: str, identity: str | None = None, detail: str = "") -> None:
         """Log a refused peer: the reason, its address and the presented identity (``repr``: whatever an attacker
         put in it cannot forge a log line), never a key."""

@@ -1,5 +1,5 @@
 """Bounded budgets against floods: token buckets (one global, one per source address) and a log that says
-why something was refused without letting a flood fill the log.
+why something was refused without letting a flood fill the log; and the one retry backoff of the clients.
 
 Every structure here has a fixed maximum size; time comes from an injectable clock (seconds, monotonic).
 """
@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 Clock = Callable[[], float]
 #: Where a :class:`RefusalLog` writes: ``emit(logging level, text)``
@@ -159,3 +160,17 @@ class RefusalLog:
         self._reasons.clear()
         self._sources.clear()
         return summary
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry delays: ``first`` seconds, doubling up to ``ceiling``; each delay is drawn in [d/2, d]."""
+
+    first: float = 1.0
+    ceiling: float = 300.0
+    #: longest sleep between checks while nothing is due (a changed clock or profile is noticed within it)
+    max_idle: float = 3600.0
+
+    def delay(self, failures: int, draw: float) -> float:
+        d = min(self.ceiling, self.first * 2 ** max(0, failures - 1))
+        return d / 2 + d / 2 * draw

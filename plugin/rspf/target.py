@@ -8,12 +8,12 @@ fetches for KeIDs it does not hold are rate-limited per source address and globa
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,7 +21,8 @@ from . import keys
 from .client import OneM2MClient
 from .errors import BadRequest, RemoteError, RspfError, TransportError
 from .mef import protocol
-from .ratelimit import Clock, FetchBudget, RefusalLog
+from .profile import parse_timestamp
+from .ratelimit import Backoff, Clock, FetchBudget, RefusalLog
 from .secret import Secret
 from .tls import PskClient
 
@@ -35,6 +36,14 @@ class FetchedCredential:
     key: Secret
     enrolee_id: str
     lifetime: str  # m2m:timestamp of expiry
+
+    @property
+    def expires_at(self) -> float | None:
+        """POSIX time of :attr:`lifetime`; None when the MEF sent a timestamp that cannot be read."""
+        try:
+            return parse_timestamp(self.lifetime).timestamp()
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class KeyCacheLimits:
     pool_size: int = 4              # kept-alive connections to the MEF
     pool_idle: float = 10.0         # a pooled connection idle longer is discarded (below the MEF's idle_timeout, 30 s)
     timeout: float = 10.0           # connect + handshake, and the whole-response deadline, of one MEF request
+    revocation_poll: float = 2.0    # seconds between two reads of the MEF's revocation feed
+    max_revoked: int = 65_536       # revoked KeIDs remembered (a fetch that was running when one was revoked
+                                    # is then discarded; the MEF refuses later fetches of it anyway)
     log_burst: int = 20             # refusals logged at WARNING per log_interval; the rest at INFO
     log_interval: float = 60.0
 
@@ -185,6 +197,7 @@ class KeyCache:
         self._fetch_slots = threading.BoundedSemaphore(lim.max_in_flight)
         self._entries: OrderedDict[str, tuple[FetchedCredential, float]] = OrderedDict()
         self._refused: OrderedDict[str, float] = OrderedDict()
+        self._revoked: OrderedDict[str, None] = OrderedDict()
         self._budget = FetchBudget(source_rate=lim.source_rate, source_burst=lim.source_burst,
                                    global_rate=lim.global_rate, global_burst=lim.global_burst,
                                    max_sources=lim.max_sources, clock=clock)
@@ -215,6 +228,39 @@ class KeyCache:
 
     def close(self) -> None:
         self._pool.close()
+
+    def revocation_page(self, after: int | None) -> protocol.RevocationPage:
+        """One answer of the MEF's revocation feed (docs/mef-interface.md) on a pooled connection."""
+        def request(client: OneM2MClient) -> protocol.RevocationPage:
+            client.originator = self.origin
+            return protocol.parse_revocations_response(client.call("GET", protocol.revocations_path(after)))
+
+        return self._pool.run(request)
+
+    def revoke(self, ke_ids: Iterable[str]) -> int:
+        """Forget the keys of ``ke_ids`` and refuse them from now on, also when a fetch of one that was running
+        ends later. Returns how many keys were held."""
+        dropped = 0
+        with self._lock:
+            for ke_id in ke_ids:
+                if self._entries.pop(ke_id, None) is not None:
+                    dropped += 1
+                self._revoked.pop(ke_id, None)
+                self._revoked[ke_id] = None
+                while len(self._revoked) > self.limits.max_revoked:
+                    self._revoked.popitem(last=False)
+        return dropped
+
+    def is_revoked(self, ke_id: str) -> bool:
+        with self._lock:
+            return ke_id in self._revoked
+
+    def flush(self) -> int:
+        """Forget every key (the revocation feed lost track: each key is fetched again, and so re-checked)."""
+        with self._lock:
+            n = len(self._entries)
+            self._entries.clear()
+        return n
 
     def is_mef_key_id(self, identity: str) -> bool:
         try:
@@ -248,17 +294,18 @@ class KeyCache:
             while len(self._refused) > self.limits.max_negative:
                 self._refused.popitem(last=False)
 
-    def _store(self, ke_id: str, cred: FetchedCredential) -> None:
+    def _store(self, ke_id: str, cred: FetchedCredential) -> bool:
+        """Keep a fetched key; False (not kept) when it was revoked while the fetch ran."""
         now = self._clock()
-        try:
-            expires = dt.datetime.strptime(cred.lifetime, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC).timestamp()
-        except ValueError:
-            expires = now
+        expires = cred.expires_at or now
         with self._lock:
+            if ke_id in self._revoked:
+                return False
             self._entries[ke_id] = (cred, min(expires, now + self.limits.max_age))
             self._entries.move_to_end(ke_id)
             while len(self._entries) > self.limits.max_entries:
                 self._entries.popitem(last=False)
+        return True
 
     def _enter(self, ke_id: str) -> _InFlight | None:
         with self._lock:
@@ -312,6 +359,9 @@ class KeyCache:
         hit = self.cached(ke_id)
         if hit:
             return hit, False
+        if self.is_revoked(ke_id):
+            self._refusals.refused("KeID %s from %s refused: the MEF revoked it", ke_id, source or "?")
+            return None, False
         if self._recently_refused(ke_id):
             self._refusals.refused("KeID %s from %s refused: the MEF refused it less than %g s ago", ke_id,
                                    source or "?", self.limits.negative_ttl)
@@ -354,5 +404,62 @@ class KeyCache:
             return None, False
         finally:
             self._fetch_slots.release()
-        self._store(ke_id, cred)
+        if not self._store(ke_id, cred):
+            self._refusals.refused("KeID %s from %s refused: the MEF revoked it while it was fetched", ke_id,
+                                   source or "?")
+            return None, False
         return cred, True
+
+
+class RevocationFollower:
+    """Follows the MEF's revocation feed (docs/mef-interface.md), so a revoked or expired KeID stops working at
+    this Target within seconds: each :meth:`step` reads what was revoked since the last one and hands it to
+    ``on_revoked``; ``on_gap`` is called when the follower cannot know everything it missed (the MEF pruned
+    past its position, or its log restarted), and should forget every key so each is fetched, and so checked,
+    again. Returns the seconds to wait before the next step: ``interval``, or a growing backoff while the MEF
+    is unreachable (then the key cache's age limit, ``keyCacheSeconds``, is what bounds a revoked key's use).
+    """
+
+    #: Pages read in one step at most (a feed that never says "complete" cannot hold the follower).
+    MAX_PAGES = 64
+
+    def __init__(self, fetch_page: Callable[[int | None], protocol.RevocationPage],
+                 on_revoked: Callable[[list[protocol.Revocation]], None], on_gap: Callable[[], None], *,
+                 interval: float = 2.0, backoff: Backoff = Backoff(first=1.0, ceiling=30.0),
+                 draw: Callable[[], float] = random.random, warn: Callable[[str], None] = log.warning,
+                 info: Callable[[str], None] = log.info) -> None:
+        self._fetch, self._on_revoked, self._on_gap = fetch_page, on_revoked, on_gap
+        self.interval, self.backoff, self._draw, self._warn, self._info = interval, backoff, draw, warn, info
+        self.position: int | None = None  # the newest sequence number applied here
+        self.failures = 0
+
+    def step(self) -> float:
+        try:
+            for _ in range(self.MAX_PAGES):
+                page = self._fetch(self.position)
+                if self.position is None or page.gap or page.last < self.position:
+                    # first contact (keys fetched before it were never checked against the feed), items
+                    # pruned before this follower read them, or the MEF's log restarted: start afresh
+                    self._on_gap()
+                    if self.position is not None:
+                        self._info(f"revocation feed: lost track at position {self.position} (the MEF is at "
+                                   f"{page.last}); every key held here is fetched again")
+                if page.items:
+                    self._on_revoked(list(page.items))
+                if page.complete:
+                    self.position = page.last
+                    break
+                if not page.items:
+                    raise BadRequest("the MEF's revocation feed said more items follow but sent none")
+                self.position = page.items[-1].seq
+        except RspfError as exc:
+            self.failures += 1
+            delay = self.backoff.delay(self.failures, self._draw())
+            self._warn(f"revocation feed: the MEF could not be read ({exc}); attempt {self.failures}, retrying in "
+                       f"{delay:.1f} s; until then a revoked key stays usable here for at most the key cache's "
+                       "age limit")
+            return delay
+        if self.failures:
+            self._info(f"revocation feed: the MEF answers again after {self.failures} failed attempt(s)")
+            self.failures = 0
+        return self.interval

@@ -33,6 +33,7 @@ class PeerCredential:
     identity: str             # psk_identity (KeID / KpmID / ...) or certificate subject ID
     credential_id: str        # TS-0003 §10.4 Credential-ID, e.g. 12-<KeID>
     enrolee_id: str | None    # Enrolee-ID the MEF returned for this key, if any
+    not_after: float | None = None  # POSIX time the credential expires (its connections are closed then)
 
 
 Resolver = Callable[[TlsPeer], PeerCredential | None]
@@ -59,6 +60,12 @@ class SecureWsgiServer(TlsHttpServer):
 
     def stop(self) -> None:
         self.shutdown(timeout=self.limits.stop_grace + 1.0)
+
+    def close_credentials(self, predicate: Callable[[str | None, PeerCredential | None], bool]) -> int:
+        """Close the connections for which ``predicate(psk_identity, credential)`` is true (``credential`` is
+        None until a connection's first request); see :meth:`TlsHttpServer.close_where`."""
+        return self.close_where(lambda tls, session: predicate(
+            tls.psk_identity, session.credential if isinstance(session, _Session) else None))
 
     def open_session(self, tls: ServerTls) -> _Session | None:
         cred = self.resolve(tls)

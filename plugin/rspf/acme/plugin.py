@@ -41,9 +41,10 @@ from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
 from ..errors import RSC, BadRequest, ConfigError, NotAuthenticated, NotFound, OperationNotAllowed, RspfError
 from ..fileutil import read_key_file
+from ..mef.protocol import Revocation
 from ..ratelimit import RefusalLog
 from ..secret import Secret
-from ..target import KeyCache, KeyCacheLimits
+from ..target import KeyCache, KeyCacheLimits, RevocationFollower
 from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
 from ..wire import MAX_REQUEST_ID
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
@@ -97,6 +98,7 @@ class RspfSecurityPlugin:
         self._record_lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._follower: threading.Thread | None = None
         self._registrar_client = PskClient()
         self._psk: PskServer | None = None
         self._refusals = RefusalLog(_acme_refusal, interval=REFUSAL_LOG_INTERVAL)
@@ -171,6 +173,8 @@ class RspfSecurityPlugin:
         if self.enrolee is not None:
             self._renewer = threading.Thread(target=self._renewal().run, name="rspf-renew", daemon=True)
             self._renewer.start()
+        self._follower = threading.Thread(target=self._follow_revocations, name="rspf-revocations", daemon=True)
+        self._follower.start()
 
     def _ensure_subscription(self) -> None:
         assert self.config is not None
@@ -269,6 +273,52 @@ class RspfSecurityPlugin:
         return Renewer(self.enrolee, self.config.renew_before_seconds, self.enrolment, on_renewed=self._renewed,
                        wait=self._stop.wait, warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m))
 
+    # ------------------------------------------------------------------- revocation and expiry
+    def _follow_revocations(self) -> None:
+        """Until stop: read the MEF's revocation feed every few seconds (rspf.target.RevocationFollower) and
+        close the connections of credentials that expired."""
+        assert self.keycache is not None
+        follower = RevocationFollower(self.keycache.revocation_page, self._revoked, self._lost_track,
+                                      interval=self.keycache.limits.revocation_poll,
+                                      warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m))
+        delay = 0.0
+        while not self._stop.wait(delay):
+            delay = follower.step()
+            self._close_expired()
+
+    def _revoked(self, items: list[Revocation]) -> None:
+        """KeIDs the MEF revoked: their keys go, their connections close, their rule entries go."""
+        assert self.keycache is not None
+        ke_ids = {item.ke_id for item in items}
+        held = self.keycache.revoke(ke_ids)
+        closed = self._close_connections(lambda ident, _cred: ident is not None and _ke_id_or_none(ident) in ke_ids)
+        for item in items:
+            self._forget_recorded(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
+            _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now on")
+        if held or closed:
+            _acme_log("warn", f"revocation: {held} key(s) dropped from the cache, {closed} connection(s) closed")
+
+    def _lost_track(self) -> None:
+        """The revocation feed cannot say everything that was revoked (first contact, or its log was pruned
+        or restarted): every key is fetched, and so checked, again; PSK connections reconnect to be checked."""
+        assert self.keycache is not None
+        self.keycache.flush()
+        closed = self._close_connections(lambda ident, _cred: ident is not None)
+        if closed:
+            _acme_log("warn", f"revocation feed: lost track; {closed} TLS-PSK connection(s) closed to be checked "
+                              "again")
+
+    def _close_expired(self) -> None:
+        now = time.time()
+        closed = self._close_connections(
+            lambda _ident, cred: cred is not None and cred.not_after is not None and cred.not_after <= now)
+        if closed:
+            _acme_log("warn", f"{closed} connection(s) closed: their credential expired")
+
+    def _close_connections(self, predicate: Any) -> int:
+        listener = self.listener
+        return listener.close_credentials(predicate) if listener is not None else 0
+
     # ------------------------------------------------------------------- secure listener: keys
     def _psk_lookup(self, identity: str, peer_ip: str | None) -> Secret | None:
         assert self.keycache is not None
@@ -284,7 +334,8 @@ class RspfSecurityPlugin:
         cred = self.keycache.cached(ke_id)
         if cred is None:
             return None
-        peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, ke_id), cred.enrolee_id)
+        peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, ke_id), cred.enrolee_id,
+                              cred.expires_at)
         self._record_enrolled(peer)
         return peer
 
@@ -562,6 +613,13 @@ class _Refusal(RspfError):
     def __init__(self, rsc: RSC, message: str) -> None:
         super().__init__(message)
         self.rsc = rsc
+
+
+def _ke_id_or_none(identity: str) -> str | None:
+    try:
+        return keys.normalise_ke_id(identity)
+    except RspfError:
+        return None
 
 
 def _onem2m_error(start_response: Any, exc: RspfError, ri: str | None) -> list[bytes]:

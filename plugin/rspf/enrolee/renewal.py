@@ -12,26 +12,12 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import RspfError
+from ..ratelimit import Backoff
 from .client import Enrolee, Enrolment
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Retry delays: ``first`` seconds, doubling up to ``ceiling``; each delay is drawn in [d/2, d]."""
-
-    first: float = 1.0
-    ceiling: float = 300.0
-    #: longest sleep between checks while nothing is due (a changed clock or profile is noticed within it)
-    max_idle: float = 3600.0
-
-    def delay(self, failures: int, draw: float) -> float:
-        d = min(self.ceiling, self.first * 2 ** max(0, failures - 1))
-        return d / 2 + d / 2 * draw
 
 
 def _utcnow() -> dt.datetime:

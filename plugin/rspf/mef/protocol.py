@@ -219,3 +219,83 @@ def error_text(data: Any) -> str | None:
         if isinstance(inner, dict) and isinstance(inner.get("errorString"), str):
             return inner["errorString"]
     return None
+
+
+# ------------------------------------------------------------------------------ revocation feed (our extension)
+#: RETRIEVE /revocations          -> the feed's current position only (no items)
+#: RETRIEVE /revocations/<after>  -> what was revoked after sequence number <after>, oldest first
+PATH_REVOCATIONS = "/revocations"
+REVS = "rspf:revs"
+#: Most items one answer carries; ``complete`` is false when more follow.
+MAX_REVOCATIONS_PER_ANSWER = 256
+_SEQ_TEXT = re.compile(r"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """KeID ``ke_id`` stopped being usable; ``cause`` is the MEF's word for why (its revocation log's causes,
+    docs/mef-interface.md), shown to operators, never acted on: every cause means the same to a Target."""
+
+    seq: int
+    ke_id: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class RevocationPage:
+    """One answer of the feed. ``last``: the newest sequence number the MEF has written. ``gap``: items after
+    the asked position were already pruned, so the follower cannot know every KeID it missed."""
+
+    last: int
+    items: tuple[Revocation, ...]
+    complete: bool
+    gap: bool
+
+
+def revocations_path(after: int | None = None) -> str:
+    if after is None:
+        return PATH_REVOCATIONS
+    if after < 0:
+        raise BadRequest("a revocation sequence number is not negative")
+    return f"{PATH_REVOCATIONS}/{after}"
+
+
+def is_revocations_path(path: str) -> bool:
+    return path == PATH_REVOCATIONS or path.startswith(PATH_REVOCATIONS + "/")
+
+
+def parse_revocations_path(path: str) -> int | None:
+    """The position asked for (None: only the current position); BadRequest when malformed."""
+    if path == PATH_REVOCATIONS:
+        return None
+    tail = path[len(PATH_REVOCATIONS) + 1:]
+    if not _SEQ_TEXT.fullmatch(tail):
+        raise BadRequest(f"the target must be {PATH_REVOCATIONS} or {PATH_REVOCATIONS}/<sequence number>")
+    return int(tail)
+
+
+def revocations_response(page: RevocationPage) -> dict[str, Any]:
+    return {REVS: {"last": page.last, "complete": page.complete, "gap": page.gap,
+                   "items": [{"seq": r.seq, "keID": r.ke_id, "cause": r.cause} for r in page.items]}}
+
+
+def parse_revocations_response(data: Any) -> RevocationPage:
+    rsp = data.get(REVS) if isinstance(data, dict) else None
+    if not isinstance(rsp, dict):
+        raise BadRequest("the MEF sent a malformed revocation feed answer")
+    last, items, complete, gap = rsp.get("last"), rsp.get("items"), rsp.get("complete"), rsp.get("gap")
+    if (not isinstance(last, int) or isinstance(last, bool) or last < 0 or not isinstance(items, list)
+            or len(items) > MAX_REVOCATIONS_PER_ANSWER or not isinstance(complete, bool) or not isinstance(gap, bool)):
+        raise BadRequest("the MEF sent a malformed revocation feed answer")
+    out = []
+    previous = -1
+    for item in items:
+        seq = item.get("seq") if isinstance(item, dict) else None
+        ke_id = item.get("keID") if isinstance(item, dict) else None
+        cause = item.get("cause") if isinstance(item, dict) else None
+        if (not isinstance(seq, int) or isinstance(seq, bool) or not previous < seq <= last
+                or not isinstance(ke_id, str) or not isinstance(cause, str) or len(cause) > 32):
+            raise BadRequest("the MEF's revocation feed answer has a malformed or out-of-order item")
+        out.append(Revocation(seq, keys.normalise_ke_id(ke_id), cause))
+        previous = seq
+    return RevocationPage(last, tuple(out), complete, gap)
