@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 import sys
 import threading
@@ -42,7 +43,7 @@ from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
 from ..errors import RSC, BadRequest, ConfigError, NotAuthenticated, NotFound, OperationNotAllowed, RspfError
 from ..fileutil import read_key_file
 from ..mef.protocol import Revocation
-from ..ratelimit import RefusalLog
+from ..ratelimit import Backoff, RefusalLog
 from ..secret import Secret
 from ..target import KeyCache, KeyCacheLimits, RevocationFollower
 from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
@@ -81,6 +82,10 @@ def _acme_log(level: str, message: str) -> None:
     except Exception:  # pragma: no cover - logging must never break the CSE
         pass
     getattr(log, {"warn": "warning"}.get(level, level))(message)
+
+
+#: Retries of the enrolment at start-up while the MEF is unreachable (within [rspf] startupRetrySeconds)
+_STARTUP_BACKOFF = Backoff(first=0.5, ceiling=10.0)
 
 
 @plugin(property="rspfSecurity", priority=10, tags=["security"])
@@ -242,7 +247,7 @@ class RspfSecurityPlugin:
             _acme_log("info", f"using the stored securityProfile (KeID {stored.ke_id})")
             return stored
         deadline = time.monotonic() + self.config.startup_retry_seconds
-        delay = 0.5
+        failures = 0
         while True:
             try:
                 enrolment = self.enrolee.enrol()
@@ -253,13 +258,14 @@ class RspfSecurityPlugin:
                     _acme_log("warn", f"MEF unreachable or refused ({exc}); keeping the stored securityProfile "
                                       f"until {stored.profile['expiry']} and renewing in the background")
                     return stored
+                failures += 1
+                delay = _STARTUP_BACKOFF.delay(failures, random.random())
                 if time.monotonic() + delay > deadline:
                     raise RspfError(f"could not enrol with the MEF at {self.config.mef_host}:{self.config.mef_port}"
                                     f" within {self.config.startup_retry_seconds:g} s and no valid securityProfile "
                                     f"is stored: {exc}") from None
                 _acme_log("warn", f"MEF unreachable or refused ({exc}); retrying in {delay:.1f} s")
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
 
     def _renewed(self, fresh: Enrolment, previous: Enrolment | None) -> None:
         if previous is not None and fresh.enrolee_id != previous.enrolee_id:
