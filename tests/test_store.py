@@ -88,7 +88,8 @@ def test_add_get_list_enrolees(store):
     assert got.rm_uri == "https://dm.example.com"
     assert got.enrolment_expiry_seconds == 600
     assert got.valid_until == dt.datetime(2030, 1, 1, tzinfo=UTC)
-    assert got.state == "active" and got.allowed_app_ids is None and got.created is not None and got.last_enrolled is None
+    assert got.state == "active" and got.allowed_app_ids is None
+    assert got.created is not None and got.last_enrolled is None
     assert store.get_enrolee(r2.kpm_id).enrolee_type == "AE"
     assert [e.kpm_id for e in store.list_enrolees()] == sorted([r1.kpm_id, r2.kpm_id])
     assert store.count_enrolees() == 2

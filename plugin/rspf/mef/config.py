@@ -146,7 +146,8 @@ class MefConfig:
         return cls(
             fqdn=fqdn.lower(), sp_id=sp_id, listen=listen, port=port,
             database=path_of("database"), master_key_file=path_of("master_key_file"),  # type: ignore[arg-type]
-            enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin, tls_max_version=vmax, handshake_timeout=timeouts["handshake_timeout"],
+            enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin, tls_max_version=vmax,
+            handshake_timeout=timeouts["handshake_timeout"],
             request_timeout=timeouts["request_timeout"], idle_timeout=timeouts["idle_timeout"],
             max_connections=counts["max_connections"], max_connections_per_source=counts["max_connections_per_source"],
             workers=counts["workers"], log_level=level, log_file=path_of("log_file"), source=source,
