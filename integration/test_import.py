@@ -54,7 +54,7 @@ def test_csv_batch_of_300_imports(mef_home: MefHome) -> None:
     assert first["remoteManagementURI"] == "https://dm.example.com"
     assert first["enrolmentExpirySeconds"] == 3600
     assert first["validUntil"] == "2030-01-01T00:00:00+00:00"
-    assert first["revoked"] is False and first["lastEnrolled"] is None
+    assert first["state"] == "active" and first["lastEnrolled"] is None
 
     # an imported enrolee really enrols with the Kpm from the batch
     last = rows[-1]
