@@ -455,17 +455,17 @@ def enrolee_import(config_path: Path, file: Path, dry_run: bool) -> None:
                                  progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
     except RspfError as exc:
         _fail(exc)
-    for w in result.warnings[:50]:
-        click.echo(f"{file}:{w.line}: warning: {w.message}", err=True)
-    if len(result.warnings) > 50:
-        click.echo(f"... and {len(result.warnings) - 50} more warnings", err=True)
-    if result.errors:
+    if result.errors:  # (warnings are shown once the file is valid)
         for e in result.errors[:50]:
             click.echo(f"{file}:{e.line}: {e.message}" if e.line else f"{file}: {e.message}", err=True)
         if len(result.errors) > 50:
             click.echo(f"... and {len(result.errors) - 50} more bad rows", err=True)
         click.echo(f"error: {len(result.errors)} bad row(s); nothing was imported", err=True)
         sys.exit(2)
+    for w in result.warnings[:50]:
+        click.echo(f"{file}:{w.line}: warning: {w.message}", err=True)
+    if len(result.warnings) > 50:
+        click.echo(f"... and {len(result.warnings) - 50} more warnings", err=True)
     if dry_run:
         click.echo(f"dry run: {file} is valid; it would import {result.count} enrolee(s) "
                    f"({len(result.warnings)} warning(s)); nothing was changed")

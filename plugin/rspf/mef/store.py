@@ -248,6 +248,8 @@ class MefStore:
                 except StoreError:
                     raise StoreError(f"the master key {key_path} does not open the database {self.path} "
                                      "(wrong or replaced key file)") from None
+            if version == SCHEMA_VERSION:
+                return
             if version == 1:
                 self._migrate_v1(db)
             for statement in _DDL.split(";"):
