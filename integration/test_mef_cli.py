@@ -483,6 +483,13 @@ def test_rotate_kpm(home: MefHome) -> None:
     assert re.fullmatch(r"[0-9a-f]{64}\n", printed.stdout), printed.stdout
     assert "rotated" in printed.stderr
 
+    # a revoked enrolee gets no new Kpm, and no key file is left behind
+    mef_ok(home, "enrolee", "revoke", dev.kpm_id)
+    refused = home.cli("mef", "enrolee", "rotate-kpm", "-c", home.config, dev.kpm_id, "--kpm-out",
+                       home.root / "after-revoke.kpm")
+    assert refused.rc == 2 and "revoked" in refused.stderr, str(refused)
+    assert not (home.root / "after-revoke.kpm").exists()
+
 
 def test_revoke_one_key(home: MefHome) -> None:
     dev = new_enrolee(home)
