@@ -184,6 +184,7 @@ def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port:
          "--psk-file", str(base / "mef-target.psk"), "--target-id", f"/{CSE_ID}"])
     rows: list[Row] = []
     with open(home / "mef" / "batch.csv", "w", newline="") as f:
+        os.fchmod(f.fileno(), 0o600)  # it holds keys: the MEF refuses a batch others can read
         w = csv.writer(f)
         w.writerow(["kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri"])
         for n in range(n_secure):

@@ -251,7 +251,7 @@ class MefHome:
             infos.append(info)
             self.enrolees[n] = info
         path = self.root / f"{prefix}-batch.csv"
-        with open(path, "w", newline="") as f:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", newline="") as f:  # holds keys
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
@@ -345,7 +345,7 @@ class MefHome:
         return self.cli(*args, *extra, ke_id, suid)
 
     def show(self, kpm_id: str) -> dict[str, Any]:
-        return self.cli.ok("mef", "enrolee", "show", "-c", self.config, kpm_id).json()
+        return self.cli.ok("mef", "enrolee", "show", "-c", self.config, kpm_id, "--json").json()
 
     def revoke(self, kpm_id: str) -> CliResult:
         return self.cli.ok("mef", "enrolee", "revoke", "-c", self.config, kpm_id)

@@ -11,13 +11,13 @@ from pathlib import Path
 from .support import FQDN, REGISTRAR, REGISTRAR_URI, EnroleeInfo, MefHome, write_private
 
 COLUMNS = ["kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri", "targets", "rm_uri",
-           "enrolment_expiry_seconds", "valid_until"]
+           "enrolment_expiry_seconds", "valid_until", "allowed_app_ids"]
 
 
 def row(prefix: str, i: int, **over) -> dict[str, str]:
     r = {"kpm_id": f"{prefix}{i:04d}@{FQDN}", "kpm": secrets.token_hex(32), "enrolee_id": f"/id-{prefix}{i:04d}",
          "node_id": f"urn:dev:ops:{prefix}{i:04d}", "registrar_cse_id": REGISTRAR, "registrar_uri": REGISTRAR_URI,
-         "targets": "", "rm_uri": "", "enrolment_expiry_seconds": "", "valid_until": ""}
+         "targets": "", "rm_uri": "", "enrolment_expiry_seconds": "", "valid_until": "", "allowed_app_ids": ""}
     r.update(over)
     return r
 
@@ -54,7 +54,7 @@ def test_csv_batch_of_300_imports(mef_home: MefHome) -> None:
     assert first["remoteManagementURI"] == "https://dm.example.com"
     assert first["enrolmentExpirySeconds"] == 3600
     assert first["validUntil"] == "2030-01-01T00:00:00+00:00"
-    assert first["revoked"] is False and first["lastEnrolled"] is None
+    assert first["state"] == "active" and first["lastEnrolled"] is None
 
     # an imported enrolee really enrols with the Kpm from the batch
     last = rows[-1]
@@ -152,9 +152,51 @@ def test_unusable_batch_files_are_usage_errors(mef_home: MefHome) -> None:
         "nothing.csv": (",".join(COLUMNS) + "\n", "no enrolees"),
     }
     for name, (text, message) in cases.items():
-        path = home.root / name
-        path.write_text(text)
+        path = write_private(home.root / name, text)
         res = home.cli("mef", "enrolee", "import", "-c", home.config, path)
         assert res.rc == 2, str(res)
         assert message in res.stderr, str(res)
     assert kpm_ids(home) == {f"dev1@{FQDN}"}
+
+
+def test_a_batch_readable_by_others_is_refused(mef_home: MefHome) -> None:
+    home = mef_home
+    path = write_csv(home.root / "open.csv", [row("o", i) for i in range(1, 4)])
+    for mode in (0o644, 0o640):
+        os.chmod(path, mode)
+        for extra in ([], ["--dry-run"]):
+            res = home.cli("mef", "enrolee", "import", "-c", home.config, path, *extra)
+            assert res.rc == 2, str(res)
+            assert "readable by group or others" in res.stderr and "chmod 600" in res.stderr, str(res)
+    assert kpm_ids(home) == {f"dev1@{FQDN}"}
+
+
+def test_dry_run_says_what_it_would_do_and_changes_nothing(mef_home: MefHome) -> None:
+    home = mef_home
+    rows = [row("d", i) for i in range(1, 6)]
+    rows[0]["allowed_app_ids"] = "Nmy-app;Nx*"
+    rows[1]["registrar_cse_id"] = "/id-nope"        # line 3: no Target credential for that registrar
+    rows[2]["node_id"] = "urn:dev:ops:001"           # line 4: dev1's Node-ID
+    rows[4]["kpm"] = rows[3]["kpm"]                  # line 6: the Kpm of line 5
+    path = write_csv(home.root / "dry.csv", rows)
+    before = home.database.read_bytes()
+    res = home.cli("mef", "enrolee", "import", "-c", home.config, path, "--dry-run")
+    assert res.rc == 0, str(res)
+    assert "dry run:" in res.stdout and "would import 5 enrolee(s)" in res.stdout
+    assert "nothing was changed" in res.stdout
+    assert f"{path}:3: warning: the registrar /id-nope has no Enrolment Target credential" in res.stderr
+    assert f"{path}:4: warning: its Node-ID urn:dev:ops:001 is also registered for dev1@{FQDN}" in res.stderr
+    assert f"{path}:6: warning: its Kpm is also the Kpm of the enrolee on line 5" in res.stderr
+    assert f"{path}:2: warning" not in res.stderr  # /id-in has a Target credential
+    assert rows[3]["kpm"] not in res.output.lower()
+    assert kpm_ids(home) == {f"dev1@{FQDN}"} and home.database.read_bytes() == before
+
+    rows[1]["registrar_uri"] = "http://127.0.0.1:8080/cse-in"
+    bad = write_csv(home.root / "dry-bad.csv", rows)
+    res = home.cli("mef", "enrolee", "import", "-c", home.config, bad, "--dry-run")
+    assert res.rc == 2 and f"{bad}:3: registrar_uri must be the https://" in res.stderr, str(res)
+
+    res = home.cli("mef", "enrolee", "import", "-c", home.config, path)
+    assert res.rc == 0 and "imported 5 enrolee(s)" in res.stdout, str(res)
+    assert home.show(rows[0]["kpm_id"])["allowedAppIDs"] == ["Nmy-app", "Nx*"]
+    assert home.show(rows[1]["kpm_id"])["allowedAppIDs"] is None

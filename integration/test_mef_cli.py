@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import re
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -205,7 +207,7 @@ def test_revoked_enrolee_cannot_enrol_and_its_keys_are_gone(home: MefHome) -> No
     assert TLS_REFUSED in res.stderr
     assert dev.store.read_bytes() == before, "a failed enrolment changed the store"
     shown = home.show(dev.kpm_id)
-    assert shown["revoked"] is True and shown["lastEnrolled"] == last
+    assert shown["state"] == "revoked" and shown["lastEnrolled"] == last
 
     out = home.root / f"revoked-{dev.kpm_id}.hex"
     assert_refused(home.fetch(home.targets["in"], data["keID"], key_out=out), 4004)
@@ -398,3 +400,279 @@ def test_renewal_window_is_capped_at_half_the_lifetime(home: MefHome) -> None:
     _age_stored_enrolment(home, dev, 35)  # ~55 s left: inside the capped window -> re-enrolled
     third = enrol_ok(home, dev, "--renew-before", "100")
     assert third["enrolled"] is True and third["keID"] != first["keID"]
+
+
+# ------------------------------------------------------------------------------ operator lifecycle
+def mef_request(home: MefHome, identity: str, key_file: Path, origin: str, method: str, path: str,
+                content: object = None):
+    """One raw oneM2M request over a fresh TLS-PSK session (the answer's HTTP headers are kept)."""
+    from rspf.client import OneM2MClient
+    from rspf.fileutil import read_key_file
+    from rspf.tls import PskClient
+
+    tls = PskClient().connect(home.host, home.port, identity, read_key_file(key_file), server_name=FQDN, timeout=10)
+    client = OneM2MClient(tls, origin, host=FQDN, deadline=10)
+    try:
+        return client.request(method, path, content)
+    finally:
+        client.close()
+
+
+def fetched(home: MefHome, ke_id: str, target: str = "in"):
+    """The parsed fetchCredentials answer for the registrar (FetchedKey, with allowedAppIDs)."""
+    from rspf.mef import protocol
+
+    t = home.targets[target]
+    resp = mef_request(home, t.psk_identity, t.psk_file, t.target_id, "GET", protocol.fetch_path(ke_id, 22))
+    assert resp.rsc == 2000, (resp.status, resp.body)
+    return protocol.parse_fetch_response(resp.json())
+
+
+def mef_ok(home: MefHome, group: str, command: str, *rest) -> str:
+    return home.cli.ok("mef", group, command, "-c", home.config, *rest).stdout
+
+
+def test_suspended_enrolee_cannot_enrol_nor_be_fetched_until_resumed(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev)
+    fetched_key(home, data["keID"])
+    before = dev.store.read_bytes()
+    assert "suspended" in mef_ok(home, "enrolee", "suspend", dev.kpm_id)
+    assert home.show(dev.kpm_id)["state"] == "suspended"
+    res = home.enrol(dev, "--force")
+    assert res.rc == 1 and TLS_REFUSED in res.stderr, str(res)
+    assert dev.store.read_bytes() == before
+    out = home.root / f"suspended-{dev.kpm_id}.hex"
+    assert_refused(home.fetch(home.targets["in"], data["keID"], key_out=out), 4004, "suspended")
+    assert not out.exists()
+    again = home.cli("mef", "enrolee", "suspend", "-c", home.config, dev.kpm_id)
+    assert again.rc == 2 and "only an active enrolee can be suspended" in again.stderr, str(again)
+
+    mef_ok(home, "enrolee", "resume", dev.kpm_id)
+    assert home.show(dev.kpm_id)["state"] == "active"
+    fetched_key(home, data["keID"])  # its unexpired key is served again
+    enrol_ok(home, dev, "--force")
+
+
+def test_rotate_kpm(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev)
+    gen = home.show(dev.kpm_id)["kpmGeneration"]
+    # refusals change nothing
+    for extra in ([], ["--kpm-out", home.root / "x.kpm", "--print-kpm"], ["--kpm-out", dev.kpm_file]):
+        res = home.cli("mef", "enrolee", "rotate-kpm", "-c", home.config, dev.kpm_id, *extra)
+        assert res.rc == 2 and res.stderr.startswith("error: "), str(res)
+    assert not (home.root / "x.kpm").exists()
+    assert home.show(dev.kpm_id)["kpmGeneration"] == gen
+    missing = home.cli("mef", "enrolee", "rotate-kpm", "-c", home.config, f"nobody@{FQDN}", "--kpm-out",
+                       home.root / "nobody.kpm")
+    assert missing.rc == 2 and not (home.root / "nobody.kpm").exists(), str(missing)
+
+    new_kpm = home.root / f"{dev.kpm_id}.new.kpm"
+    res = home.cli.ok("mef", "enrolee", "rotate-kpm", "-c", home.config, dev.kpm_id, "--kpm-out", new_kpm)
+    assert mode(new_kpm) == 0o600 and read_hex(new_kpm) not in res.output
+    assert home.show(dev.kpm_id)["kpmGeneration"] == gen + 1
+    assert home.show(dev.kpm_id)["keyIDs"] == []
+    old = home.enrol(dev, "--force")
+    assert old.rc == 1 and TLS_REFUSED in old.stderr, str(old)  # the old Kpm at once
+    assert_refused(home.fetch(home.targets["in"], data["keID"], key_out=home.root / "old.hex"), 4004)
+    res = home.enrol(dev, "--force", kpm_file=new_kpm)
+    assert res.rc == 0, str(res)
+
+    printed = home.cli.ok("mef", "enrolee", "rotate-kpm", "-c", home.config, dev.kpm_id, "--print-kpm")
+    assert re.fullmatch(r"[0-9a-f]{64}\n", printed.stdout), printed.stdout
+    assert "rotated" in printed.stderr
+
+    # a revoked enrolee gets no new Kpm, and no key file is left behind
+    mef_ok(home, "enrolee", "revoke", dev.kpm_id)
+    refused = home.cli("mef", "enrolee", "rotate-kpm", "-c", home.config, dev.kpm_id, "--kpm-out",
+                       home.root / "after-revoke.kpm")
+    assert refused.rc == 2 and "revoked" in refused.stderr, str(refused)
+    assert not (home.root / "after-revoke.kpm").exists()
+
+
+def test_revoke_one_key(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    data = enrol_ok(home, dev)
+    res = home.cli("mef", "enrolee", "revoke-key", "-c", home.config, f"{secrets.token_hex(16)}@{FQDN}")
+    assert res.rc == 2 and "no stored Enrolment Key" in res.stderr, str(res)
+    fetched_key(home, data["keID"])
+    home.cli.ok("mef", "enrolee", "revoke-key", "-c", home.config, data["keID"].upper())
+    assert_refused(home.fetch(home.targets["in"], data["keID"], key_out=home.root / "rk.hex"), 4004)
+    assert home.show(dev.kpm_id)["state"] == "active"
+    enrol_ok(home, dev, "--force")  # the enrolee itself may enrol again
+
+
+def test_delete_enrolee(home: MefHome) -> None:
+    dev = new_enrolee(home)
+    enrol_ok(home, dev)
+    res = home.cli("mef", "enrolee", "delete", "-c", home.config, dev.kpm_id)
+    assert res.rc == 2 and "--yes" in res.stderr, str(res)
+    assert home.show(dev.kpm_id)["state"] == "active"
+    home.cli.ok("mef", "enrolee", "delete", "-c", home.config, dev.kpm_id, "--yes")
+    gone = home.cli("mef", "enrolee", "show", "-c", home.config, dev.kpm_id)
+    assert gone.rc == 2 and "no enrolee has the KpmID" in gone.stderr
+    res = home.enrol(dev, "--force")
+    assert res.rc == 1 and TLS_REFUSED in res.stderr, str(res)
+    # both identifiers are free again
+    home.cli.ok("mef", "enrolee", "add", "-c", home.config, "--kpm-id", dev.kpm_id, "--kpm-file", dev.kpm_file,
+                "--enrolee-id", dev.enrolee_id, "--node-id", dev.node_id, "--registrar-cse-id", "/id-in",
+                "--registrar-uri", "https://127.0.0.1:8443/cse-in")
+
+
+def test_allowed_app_ids_reach_the_target_and_update(home: MefHome) -> None:
+    dev = new_enrolee(home, "--app-id", "Nmy-app", "--app-id", "Nother*")
+    assert home.show(dev.kpm_id)["allowedAppIDs"] == ["Nmy-app", "Nother*"]
+    data = enrol_ok(home, dev)
+    assert fetched(home, data["keID"]).allowed_app_ids == ("Nmy-app", "Nother*")
+    home.cli.ok("mef", "enrolee", "update", "-c", home.config, dev.kpm_id, "--app-id", "Nnew")
+    assert fetched(home, data["keID"]).allowed_app_ids == ("Nnew",)
+    home.cli.ok("mef", "enrolee", "update", "-c", home.config, dev.kpm_id, "--clear-app-ids")
+    assert fetched(home, data["keID"]).allowed_app_ids is None
+    bad = home.cli("mef", "enrolee", "update", "-c", home.config, dev.kpm_id, "--app-id", "x" * 257)
+    assert bad.rc == 2 and "longer than 256" in bad.stderr, str(bad)
+    assert home.show(dev.kpm_id)["allowedAppIDs"] is None
+
+
+def test_update_changes_the_named_fields_and_refuses_bad_values(home: MefHome) -> None:
+    dev = new_enrolee(home, "--rm-uri", "https://dm.example.com")
+    before = home.show(dev.kpm_id)
+    home.cli.ok("mef", "enrolee", "update", "-c", home.config, dev.kpm_id, "--valid-until", "2031-01-01T00:00:00Z",
+                "--clear-rm-uri", "--target", "/id-x:22")
+    after = home.show(dev.kpm_id)
+    assert after["validUntil"] == "2031-01-01T00:00:00+00:00" and after["remoteManagementURI"] is None
+    assert after["targets"] == [{"id": "/id-x", "suids": [22]}]
+    assert {k: v for k, v in after.items() if k not in ("validUntil", "remoteManagementURI", "targets")} == \
+        {k: v for k, v in before.items() if k not in ("validUntil", "remoteManagementURI", "targets")}
+    for extra, text in ((["--registrar-uri", "http://in.example.com/cse-in"], "https://"),
+                        (["--valid-until", "soon"], "ISO 8601"), ([], "nothing to change"),
+                        (["--rm-uri", "https://x.example.com", "--clear-rm-uri"], "not both")):
+        res = home.cli("mef", "enrolee", "update", "-c", home.config, dev.kpm_id, *extra)
+        assert res.rc == 2 and text in res.stderr, str(res)
+    assert home.show(dev.kpm_id) == after
+    res = home.cli("mef", "enrolee", "update", "-c", home.config, f"nobody@{FQDN}", "--node-id", "x")
+    assert res.rc == 2 and "no enrolee has the KpmID" in res.stderr, str(res)
+
+
+def test_add_checks_https_registrar_and_warns(home: MefHome) -> None:
+    before = home.list_enrolees()
+    refused = home.cli("mef", "enrolee", "add", "-c", home.config, "--kpm-id", f"h@{FQDN}", "--kpm-file",
+                       home.keygen(f"h{next(_names)}.kpm"), "--enrolee-id", "/id-h", "--node-id", "urn:h",
+                       "--registrar-cse-id", "/id-in", "--registrar-uri", "http://127.0.0.1:8080/cse-in")
+    assert refused.rc == 2 and "registrar_uri must be the https://" in refused.stderr, str(refused)
+    assert home.list_enrolees() == before
+    # a registrar with no Target credential: registered, with a warning
+    n = next(_names)
+    kpm = home.keygen(f"w{n}.kpm")
+    added = home.cli.ok("mef", "enrolee", "add", "-c", home.config, "--kpm-id", f"w{n}@{FQDN}", "--kpm-file", kpm,
+                        "--enrolee-id", f"/id-w{n}", "--node-id", "urn:dev:ops:001", "--registrar-cse-id", "/id-nope",
+                        "--registrar-uri", "https://127.0.0.1:8443/cse-nope")
+    assert "warning: the registrar /id-nope has no Enrolment Target credential" in added.stderr
+    assert "warning: its Node-ID urn:dev:ops:001 is also registered for dev1@" in added.stderr
+    # the same Kpm again: a warning naming the other enrolee (never the key)
+    m = next(_names)
+    again = home.cli.ok("mef", "enrolee", "add", "-c", home.config, "--kpm-id", f"w{m}@{FQDN}", "--kpm-file", kpm,
+                        "--enrolee-id", f"/id-w{m}", "--node-id", f"urn:dev:ops:w{m}", "--registrar-cse-id", "/id-in",
+                        "--registrar-uri", "https://127.0.0.1:8443/cse-in")
+    assert f"warning: its Kpm is also the Kpm of w{n}@{FQDN}" in again.stderr
+    assert "registrar /id-in" not in again.stderr  # /id-in has a Target credential
+    assert read_hex(kpm) not in again.output
+
+
+def test_list_filters_paging_and_json(mef_home: MefHome) -> None:
+    home = mef_home
+    infos = home.import_batch("ls", 5)
+    mef_ok(home, "enrolee", "suspend", infos[1].kpm_id)
+    mef_ok(home, "enrolee", "revoke", infos[2].kpm_id)
+    home.cli.ok("mef", "enrolee", "update", "-c", home.config, infos[3].kpm_id, "--valid-until", "2030-01-01T00:00:00Z",
+                "--registrar-cse-id", "/id-in2")
+
+    def listed(*args) -> list[str]:
+        return [e["kpmID"] for e in home.cli.ok("mef", "enrolee", "list", "-c", home.config, "--json", *args).json()]
+
+    assert listed("--state", "suspended") == [infos[1].kpm_id]
+    assert listed("--state", "revoked") == [infos[2].kpm_id]
+    assert listed("--registrar", "/id-in2") == [infos[3].kpm_id]
+    assert listed("--expiring-before", "2030-06-01T00:00:00Z") == [infos[3].kpm_id]
+    assert listed("--expiring-before", "2029-06-01") == []
+    everything = listed()
+    assert len(everything) == 6 and everything == sorted(everything)
+    assert listed("--limit", "2") + listed("--limit", "2", "--offset", "2") + listed("--offset", "4") == everything
+    table = home.cli.ok("mef", "enrolee", "list", "-c", home.config, "--state", "active", "--limit", "2").stdout
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["KpmID", "Enrolee-ID", "Node-ID"] and "state" in lines[0]
+    assert lines[-1] == "1-2 of 4 enrolee(s)" and len(lines) == 4
+    bad = home.cli("mef", "enrolee", "list", "-c", home.config, "--expiring-before", "tomorrow")
+    assert bad.rc == 2 and "ISO 8601" in bad.stderr, str(bad)
+    bad = home.cli("mef", "enrolee", "list", "-c", home.config, "--state", "sleeping")
+    assert bad.rc == 2, str(bad)
+    shown = home.cli.ok("mef", "enrolee", "show", "-c", home.config, infos[0].kpm_id).stdout
+    assert shown.splitlines()[0].split() == ["kpmID", infos[0].kpm_id] and "state" in shown
+
+
+def test_target_commands(mef_home: MefHome) -> None:
+    home = mef_home
+    for cmd in ("add", "list", "show", "revoke"):
+        helped = home.cli.ok("mef", "target", cmd, "--help").stdout
+        assert len(helped.split("\n\n")[1].strip()) > 20, helped  # a sentence, not just the usage line
+    table = home.cli.ok("mef", "target", "list", "-c", home.config).stdout.splitlines()
+    assert table[0].split()[:4] == ["PSK", "identity", "Target-ID", "state"]
+    assert table[1].split()[:3] == ["id-in@sp.example.com", "/id-in", "active"]
+    assert table[-1] == "1 Target credential(s)"
+    listed = home.cli.ok("mef", "target", "list", "-c", home.config, "--json").json()
+    assert [(t["pskIdentity"], t["targetID"], t["state"]) for t in listed] == [("id-in@sp.example.com", "/id-in",
+                                                                                "active")]
+    assert home.targets["in"].psk_hex not in json.dumps(listed)
+    shown = home.cli.ok("mef", "target", "show", "-c", home.config, "id-in@sp.example.com", "--json").json()
+    assert shown == listed[0]
+    missing = home.cli("mef", "target", "show", "-c", home.config, "nobody")
+    assert missing.rc == 2 and "no Enrolment Target" in missing.stderr
+
+
+# ------------------------------------------------------------------- key hygiene on a running MEF
+def test_retired_ke_id_is_refused_after_the_grace_and_purged(mef_home: MefHome) -> None:
+    home = mef_home
+    home.set_config("key_retirement_grace_seconds", "2")
+    home.set_config("purge_interval_seconds", "0.5")
+    home.start()
+    dev = home.enrolees["dev1"]
+    first = enrol_ok(home, dev)["keID"]
+    second = enrol_ok(home, dev, "--force")["keID"]
+    fetched_key(home, first)  # within the grace the previous KeID still works
+    deadline = time.monotonic() + 20
+    while first in home.show(dev.kpm_id)["keyIDs"]:  # retired after 2 s, then purged by the running MEF
+        assert time.monotonic() < deadline, "the retired KeID was never purged"
+        time.sleep(0.2)
+    assert_refused(home.fetch(home.targets["in"], first, key_out=home.root / "first.hex"), 4004)
+    fetched_key(home, second)
+    assert "purged 0 expired and 1 retired Enrolment Keys" in home.log_text()
+
+
+def test_enrolment_rate_limit_is_answered_with_5207_and_retry_after(mef_home: MefHome) -> None:
+    home = mef_home
+    home.set_config("enrolment_rate_burst", "2")
+    home.set_config("enrolment_rate_interval_seconds", "3600")
+    home.start()
+    dev = home.enrolees["dev1"]
+    enrol_ok(home, dev)
+    enrol_ok(home, dev, "--force")
+    before = dev.store.read_bytes()
+    res = home.enrol(dev, "--force")
+    assert_refused(res, 5207, "enrolled too often")
+    assert re.search(r"try again in (\d+) s", res.stderr), str(res)
+    assert dev.store.read_bytes() == before
+    resp = mef_request(home, dev.kpm_id, dev.kpm_file, dev.enrolee_id, "POST", "/securityProfile",
+                       {"rspf:spReq": {"nodeID": dev.node_id}})
+    assert (resp.status, resp.rsc) == (429, 5207)
+    assert 3500 <= int(resp.header("retry-after") or 0) <= 3600, resp.headers
+    assert len(home.show(dev.kpm_id)["keyIDs"]) == 2
+
+
+def test_live_key_cap_on_a_running_mef(mef_home: MefHome) -> None:
+    home = mef_home
+    home.set_config("max_live_keys_per_enrolee", "2")
+    home.start()
+    dev = home.enrolees["dev1"]
+    ke_ids = [enrol_ok(home, dev, *(["--force"] if n else []))["keID"] for n in range(3)]
+    assert home.show(dev.kpm_id)["keyIDs"] == ke_ids[1:]
+    assert_refused(home.fetch(home.targets["in"], ke_ids[0], key_out=home.root / "capped.hex"), 4004)

@@ -6,18 +6,26 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 
 import pytest
 
-from rspf.errors import BadRequest
-from rspf.mef.admin import FIELDS, enrolee_from_fields, import_enrolees, parse_targets
+from rspf.errors import BadRequest, ConfigError
+from rspf.mef.admin import (
+    FIELDS,
+    enrolee_from_fields,
+    import_enrolees,
+    parse_app_ids,
+    parse_targets,
+    updated_enrolee,
+)
 from rspf.mef.store import TargetGrant, TargetRecord
 from rspf.secret import Secret
 
 SP_ID = "//sp.example.com"
 KPM_HEX = "a1" * 32
 HEADER = "kpm_id,kpm,enrolee_id,node_id,registrar_cse_id,registrar_uri,targets,rm_uri,enrolment_expiry_seconds," \
-         "valid_until"
+         "valid_until,allowed_app_ids"
 
 
 def fields(n: int = 1, **kw):
@@ -148,6 +156,19 @@ def test_bad_target_suid_is_named(targets):
 # import_enrolees
 
 
+@pytest.fixture(autouse=True)
+def private_files():
+    """Batch files hold keys: the tests write them 0600, as an operator must."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def run_import(store, path, **kw):
+    result = import_enrolees(store, path, sp_id=SP_ID, **kw)
+    return result.count, result.errors
+
+
 def write_csv(tmp_path, rows: list[str], name="batch.csv"):
     path = tmp_path / name
     path.write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
@@ -158,7 +179,7 @@ def test_csv_import_good_file(store, tmp_path):
     rows = [csv_line(fields(i)) for i in range(1, 6)]
     rows[2] = csv_line(fields(3, targets="/id-x:22,23;/id-y:24", rm_uri="https://dm.example.com",
                               enrolment_expiry_seconds=600, valid_until="2030-01-01T00:00:00Z"))
-    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    n, errors = run_import(store, write_csv(tmp_path, rows))
     assert (n, errors) == (5, [])
     assert store.count_enrolees() == 5
     e3 = store.get_enrolee("dev3@mef.example.com")
@@ -172,7 +193,7 @@ def test_csv_import_with_bom_crlf_and_only_required_columns(store, tmp_path):
     head = "kpm_id,kpm,enrolee_id,node_id,registrar_cse_id,registrar_uri"
     lines = [head] + [",".join(fields(i)[c] for c in head.split(",")) for i in (1, 2)]
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
-    assert import_enrolees(store, path, sp_id=SP_ID) == (2, [])
+    assert run_import(store, path) == (2, [])
 
 
 def test_json_import_good_file(store, tmp_path):
@@ -181,7 +202,7 @@ def test_json_import_good_file(store, tmp_path):
     rows[1]["enrolment_expiry_seconds"] = 120
     path = tmp_path / "batch.json"
     path.write_text(json.dumps(rows))
-    assert import_enrolees(store, path, sp_id=SP_ID) == (3, [])
+    assert run_import(store, path) == (3, [])
     assert store.get_enrolee("dev1@mef.example.com").targets == [TargetGrant("/id-x", (23,))]
     assert store.get_enrolee("dev2@mef.example.com").enrolment_expiry_seconds == 120
 
@@ -192,7 +213,7 @@ def test_csv_three_bad_rows_import_nothing_and_report_exact_lines(store, tmp_pat
     rows[4] = csv_line(fields(5, enrolee_id="bad-id"))    # line 6
     rows[7] = csv_line(fields(8, registrar_uri="x"))      # line 9
     path = write_csv(tmp_path, rows)
-    n, errors = import_enrolees(store, path, sp_id=SP_ID)
+    n, errors = run_import(store, path)
     assert n == 0
     assert [e.line for e in errors] == [3, 6, 9]
     assert "kpm" in errors[0].message
@@ -206,13 +227,13 @@ def test_csv_three_bad_rows_import_nothing_and_report_exact_lines(store, tmp_pat
 
 def test_csv_line_numbers_count_blank_lines(store, tmp_path):
     rows = [csv_line(fields(1)), "", csv_line(fields(2, node_id="a b")), "", "", csv_line(fields(3, kpm="00"))]
-    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    n, errors = run_import(store, write_csv(tmp_path, rows))
     assert n == 0 and [e.line for e in errors] == [4, 7]
 
 
 def test_csv_short_and_long_rows(store, tmp_path):
     rows = [csv_line(fields(1)), "dev2,abc", csv_line(fields(3)) + ",extra,columns"]
-    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    n, errors = run_import(store, write_csv(tmp_path, rows))
     assert n == 0
     assert [e.line for e in errors] == [3, 4]
     assert "required" in errors[0].message and "columns" in errors[1].message
@@ -224,7 +245,7 @@ def test_csv_multiline_record_reports_its_first_line(store, tmp_path):
         [fields(2, node_id="two\nlines").get(f, "") for f in HEADER.split(",")])
     rows = [csv_line(fields(1)), multi.getvalue(), csv_line(fields(3))]
     assert rows[1].count("\n") == 1  # the record for line 3 spans lines 3 and 4
-    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    n, errors = run_import(store, write_csv(tmp_path, rows))
     assert n == 0 and [e.line for e in errors] == [3]
 
 
@@ -235,7 +256,7 @@ def test_json_three_bad_rows_import_nothing_and_report_positions(store, tmp_path
     rows[6]["unknown_column"] = 1           # 7
     path = tmp_path / "batch.json"
     path.write_text(json.dumps(rows, indent=2))
-    n, errors = import_enrolees(store, path, sp_id=SP_ID)
+    n, errors = run_import(store, path)
     assert n == 0
     assert [e.line for e in errors] == [2, 4, 7]
     assert "unknown_column" in errors[2].message
@@ -246,7 +267,7 @@ def test_duplicates_within_the_file(store, tmp_path):
     rows = [csv_line(fields(i)) for i in range(1, 5)]
     rows.append(csv_line(fields(9, kpm_id="dev2@mef.example.com")))    # line 6: KpmID of line 3
     rows.append(csv_line(fields(10, enrolee_id="/id-mn4")))            # line 7: Enrolee-ID of line 5
-    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    n, errors = run_import(store, write_csv(tmp_path, rows))
     assert n == 0
     assert [(e.line, "line 3" in e.message) for e in errors][0] == (6, True)
     assert errors[1].line == 7 and "line 5" in errors[1].message and "enrolee_id" in errors[1].message
@@ -263,7 +284,7 @@ def test_already_registered_kpm_id_enrolee_id_and_target_identity(store, tmp_pat
             csv_line(fields(4, enrolee_id="/id-mn1")),            # line 4: Enrolee-ID already registered
             csv_line(fields(5, kpm_id="in@sp.example.com")),      # line 5: a Target's PSK identity
             csv_line(fields(6))]
-    n, errors = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    n, errors = run_import(store, write_csv(tmp_path, rows))
     assert n == 0
     assert [e.line for e in errors] == [3, 4, 5]
     assert all("already registered" in e.message for e in errors)
@@ -273,11 +294,11 @@ def test_already_registered_kpm_id_enrolee_id_and_target_identity(store, tmp_pat
 def test_empty_files(store, tmp_path):
     only_header = tmp_path / "h.csv"
     only_header.write_text(HEADER + "\n")
-    n, errors = import_enrolees(store, only_header, sp_id=SP_ID)
+    n, errors = run_import(store, only_header)
     assert n == 0 and len(errors) == 1 and "no enrolees" in errors[0].message
     empty_list = tmp_path / "e.json"
     empty_list.write_text("[]")
-    assert import_enrolees(store, empty_list, sp_id=SP_ID)[0] == 0
+    assert run_import(store, empty_list)[0] == 0
 
 
 @pytest.mark.parametrize("name, text, match", [
@@ -290,9 +311,147 @@ def test_unusable_files(store, tmp_path, name, text, match):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(BadRequest, match=match):
-        import_enrolees(store, path, sp_id=SP_ID)
+        run_import(store, path)
     assert store.count_enrolees() == 0
 
 
 def test_fields_constant_matches_the_csv_header():
     assert tuple(HEADER.split(",")) == FIELDS
+
+
+
+# ---------------------------------------------------------------------------------------------
+# allowed App-IDs, https registrar, update
+
+
+def test_app_ids_as_text_or_list_deduplicated():
+    assert parse_app_ids("Nmy-app; Nother*;Nmy-app") == ("Nmy-app", "Nother*")
+    assert parse_app_ids(["Nmy-app", "*"]) == ("Nmy-app", "*")
+    assert parse_app_ids(None) is None and parse_app_ids("") is None
+    rec, _ = enrolee_from_fields(fields(allowed_app_ids="Nmy-app;Rx*"), sp_id=SP_ID)
+    assert rec.allowed_app_ids == ("Nmy-app", "Rx*")
+    rec, _ = enrolee_from_fields(fields(), sp_id=SP_ID)
+    assert rec.allowed_app_ids is None
+
+
+@pytest.mark.parametrize("value, match", [
+    ("Nmy-app;;Nx", "empty"),
+    (["Nmy-app", ""], "empty"),
+    ("N" + "x" * 256, "longer than 256"),
+    (["has space"], "without spaces"),
+    ([f"N{i}" for i in range(65)], "at most 64"),
+    ([1, 2], "must be text"),
+    (42, "text like"),
+])
+def test_bad_app_ids_are_refused_with_a_reason(value, match):
+    with pytest.raises(BadRequest, match=match):
+        parse_app_ids(value)
+    with pytest.raises(BadRequest, match="allowed_app_ids"):
+        enrolee_from_fields(fields(allowed_app_ids=value), sp_id=SP_ID)
+
+
+def test_app_ids_at_the_limits_are_accepted():
+    assert len(parse_app_ids([f"N{i}" for i in range(64)])) == 64
+    assert parse_app_ids(["N" + "x" * 255]) == ("N" + "x" * 255,)
+
+
+@pytest.mark.parametrize("uri", ["http://in.example.com/cse-in", "coaps://in.example.com/cse-in",
+                                 "HTTPS//in.example.com", "https://"])
+def test_registrar_uri_must_be_https(uri):
+    with pytest.raises(BadRequest, match="registrar_uri must be the https://"):
+        enrolee_from_fields(fields(registrar_uri=uri), sp_id=SP_ID)
+
+
+def test_update_changes_only_the_named_fields(store):
+    rec, kpm = enrolee_from_fields(fields(targets="/id-x:22", rm_uri="https://dm.example.com"), sp_id=SP_ID)
+    store.add_enrolee(rec, kpm)
+    store.suspend_enrolee(rec.kpm_id)
+    current = store.get_enrolee(rec.kpm_id)
+    new = updated_enrolee(current, {"allowed_app_ids": ["Nmy-app"], "rm_uri": None,
+                                    "registrar_uri": "https://in2.example.com/cse-in"}, sp_id=SP_ID)
+    assert new.allowed_app_ids == ("Nmy-app",) and new.rm_uri is None
+    assert new.registrar_uri == "https://in2.example.com/cse-in"
+    assert new.targets == current.targets and new.node_id == current.node_id
+    assert (new.state, new.created, new.kpm_generation) == ("suspended", current.created, current.kpm_generation)
+    cleared = updated_enrolee(new, {"allowed_app_ids": None, "targets": None}, sp_id=SP_ID)
+    assert cleared.allowed_app_ids is None and cleared.targets == []
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({}, "nothing to change"),
+    ({"kpm": KPM_HEX}, "unknown field"),
+    ({"enrolee_id": "/id-other"}, "unknown field"),
+    ({"registrar_uri": "http://in.example.com/cse-in"}, "https://"),
+    ({"node_id": None}, "node_id is required"),
+    ({"enrolment_expiry_seconds": 5}, "at least 60"),
+    ({"allowed_app_ids": [""]}, "empty"),
+])
+def test_bad_updates_are_refused(store, changes, match):
+    rec, _kpm = enrolee_from_fields(fields(), sp_id=SP_ID)
+    with pytest.raises(BadRequest, match=match):
+        updated_enrolee(rec, changes, sp_id=SP_ID)
+
+
+# ---------------------------------------------------------------------------------------------
+# import: private files, dry run, warnings
+
+
+def test_a_batch_file_readable_by_others_is_refused(store, tmp_path):
+    path = write_csv(tmp_path, [csv_line(fields(1))])
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(path, mode)
+        with pytest.raises(ConfigError, match="readable by group or others"):
+            import_enrolees(store, path, sp_id=SP_ID)
+        with pytest.raises(ConfigError, match="chmod 600"):
+            import_enrolees(store, path, sp_id=SP_ID, dry_run=True)
+    assert store.count_enrolees() == 0
+
+
+def test_dry_run_validates_and_changes_nothing(store, tmp_path):
+    good = write_csv(tmp_path, [csv_line(fields(i)) for i in (1, 2)])
+    result = import_enrolees(store, good, sp_id=SP_ID, dry_run=True)
+    assert (result.count, result.errors) == (2, [])
+    assert store.count_enrolees() == 0
+    bad = write_csv(tmp_path, [csv_line(fields(1)), csv_line(fields(2, node_id=""))], name="bad.csv")
+    result = import_enrolees(store, bad, sp_id=SP_ID, dry_run=True)
+    assert result.count == 0 and [(e.line, "node_id" in e.message) for e in result.errors] == [(3, True)]
+    assert store.count_enrolees() == 0
+
+
+def test_app_ids_column_is_imported(store, tmp_path):
+    path = write_csv(tmp_path, [csv_line(fields(1, allowed_app_ids="Nmy-app;Nx*")), csv_line(fields(2))])
+    assert run_import(store, path) == (2, [])
+    assert store.get_enrolee("dev1@mef.example.com").allowed_app_ids == ("Nmy-app", "Nx*")
+    assert store.get_enrolee("dev2@mef.example.com").allowed_app_ids is None
+
+
+def test_warnings_for_a_registrar_without_target_and_repeated_kpm_or_node_id(store, tmp_path):
+    rec0, kpm0 = enrolee_from_fields(fields(0, kpm="b2" * 32, node_id="urn:dev:ops:seen"), sp_id=SP_ID)
+    store.add_enrolee(rec0, kpm0)
+    rows = [csv_line(fields(1)),  # KPM_HEX, no Target for /id-in
+            csv_line(fields(2, kpm="b2" * 32, node_id="urn:dev:ops:001")),  # Kpm of dev0, Node-ID of line 2
+            csv_line(fields(3, kpm="c3" * 32, node_id="urn:dev:ops:seen", targets="/id-x:22"))]
+    result = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert result.count == 3 and result.errors == []
+    by_line: dict[int, list[str]] = {}
+    for w in result.warnings:
+        by_line.setdefault(w.line, []).append(w.message)
+    assert all(any("registrar /id-in has no Enrolment Target credential" in m for m in by_line[line])
+               for line in (2, 3, 4))
+    assert any("Kpm is also the Kpm of dev0@mef.example.com" in m for m in by_line[3])
+    assert any("Node-ID urn:dev:ops:001 repeats the one on line 2" in m for m in by_line[3])
+    assert any("Node-ID urn:dev:ops:seen is also registered for dev0@mef.example.com" in m for m in by_line[4])
+    assert any("Enrolment Target /id-x has no Enrolment Target credential" in m for m in by_line[4])
+    assert KPM_HEX not in repr(result) and "b2" * 32 not in repr(result)
+
+
+def test_no_warning_when_the_registrar_can_fetch(store, tmp_path):
+    store.add_target(TargetRecord("in@sp.example.com", "//sp.example.com/id-in"), Secret(b"p" * 32))
+    rows = [csv_line(fields(1, kpm="d4" * 32, targets="/id-mn9:22")),
+            csv_line(fields(9, kpm="e5" * 32, enrolee_id="/id-mn9", registrar_cse_id="/id-in"))]
+    result = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert result.count == 2 and result.warnings == []  # /id-mn9 is a CSE of the same batch
+    store.revoke_target("in@sp.example.com")
+    rec, kpm = enrolee_from_fields(fields(5, kpm="f6" * 32), sp_id=SP_ID)
+    from rspf.mef.admin import Fetchers, registration_warnings
+    assert any("registrar /id-in" in w for w in registration_warnings(store, rec, kpm, Fetchers(store, SP_ID)))

@@ -514,3 +514,193 @@ def test_service_is_independent_of_config_instance(tmp_path, store, enrolee):
     svc = MefService(cfg, store)
     s = enrolee_session(svc, enrolee)
     assert s.ke_id == f"{EXPORTER[:16].hex()}@mef2.example.org"
+
+
+# ---------------------------------------------------------------------------------------------
+# key hygiene: retirement, cap, rate limit, suspended enrolees, allowed App-IDs, purge
+
+
+def make_service(tmp_path, store, clock=None, **cfg):
+    from rspf.mef.config import MefConfig
+
+    config = MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID, "enrolment_expiry_seconds": 3600, **cfg},
+                                 base_dir=tmp_path)
+    return MefService(config, store, clock=clock) if clock else MefService(config, store)
+
+
+def exporter(n: int) -> bytes:
+    """The n-th distinct fake exporter output (its RelativeKeID is n)."""
+    return n.to_bytes(16, "big") + EXPORTER[16:]
+
+
+def enrol_as(service, rec, n: int):
+    s = enrolee_session(service, rec, exporter(n))
+    service.handle(s, "CREATE", "/securityProfile", rec.kpm_id, {"rspf:spReq": {"nodeID": rec.node_id}})
+    return s.ke_id
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_re_enrolment_retires_the_previous_ke_id_after_the_grace(tmp_path, store, enrolee):
+    svc = make_service(tmp_path, store, key_retirement_grace_seconds=300)
+    first, second = enrol_as(svc, enrolee, 1), enrol_as(svc, enrolee, 2)
+    t = svc.open_session(IN_PSK_ID, None)
+    assert fetch(svc, t, ke_id=first).rsc is RSC.OK  # within the grace
+    key = store.get_enrolment_key(first)
+    assert key.retire_at is not None and 299 <= (key.retire_at - key.created).total_seconds() <= 301
+    assert store.get_enrolment_key(second).retire_at is None
+    later = key.retire_at
+    assert store.get_enrolment_key(first, now=later) is None and store.get_enrolment_key(second, now=later)
+
+
+def test_grace_zero_retires_at_once_and_fetch_is_refused(tmp_path, store, enrolee):
+    svc = make_service(tmp_path, store, key_retirement_grace_seconds=0)
+    first = enrol_as(svc, enrolee, 1)
+    enrol_as(svc, enrolee, 2)
+    with pytest.raises(NotFound, match="retired"):
+        fetch(svc, svc.open_session(IN_PSK_ID, None), ke_id=first)
+
+
+def test_live_key_cap(tmp_path, store, enrolee):
+    svc = make_service(tmp_path, store, max_live_keys_per_enrolee=2)
+    ke_ids = [enrol_as(svc, enrolee, n) for n in (1, 2, 3)]
+    assert store.enrolment_key_ids(enrolee.kpm_id) == ke_ids[1:]
+    assert [(r.ke_id, r.cause) for r in store.revocations_since(0)[0]] == [(ke_ids[0], "live-key-cap")]
+
+
+def test_enrolment_rate_limit_answers_5207_with_a_retry_hint(tmp_path, store, enrolee):
+    from rspf.errors import EnrolmentRateLimited
+
+    clock = FakeClock()
+    svc = make_service(tmp_path, store, clock, enrolment_rate_burst=2, enrolment_rate_interval_seconds=60)
+    enrol_as(svc, enrolee, 1)
+    enrol_as(svc, enrolee, 2)
+    s = enrolee_session(svc, enrolee, exporter(3))
+    with pytest.raises(EnrolmentRateLimited, match="try again in 60 s") as info:
+        svc.handle(s, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    assert info.value.rsc == 5207 and info.value.retry_after == 60 and RSC(5207).http_status == 429
+    with pytest.raises(EnrolmentRateLimited):  # the exchange is refused the same way
+        svc.handle(s, "CREATE", "/enrolmentExchange", enrolee.kpm_id,
+                   {"rspf:enrolReq": {"certificateEnrolment": False, "mafEnrolment": False, "remoteManagement": False}})
+    assert store.get_enrolment_key(s.ke_id) is None and len(store.enrolment_key_ids(enrolee.kpm_id)) == 2
+    clock.now += 45
+    with pytest.raises(EnrolmentRateLimited, match="try again in 15 s"):
+        svc.handle(s, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    clock.now += 15
+    assert enrol_as(svc, enrolee, 4) in store.enrolment_key_ids(enrolee.kpm_id)
+    # another enrolee has its own budget
+    other, kpm = enrolee_record_and_kpm(2)
+    store.add_enrolee(other, kpm)
+    enrol_as(svc, other, 5)
+
+
+def enrolee_record_and_kpm(n):
+    from rspf.mef.store import EnroleeRecord
+
+    return (EnroleeRecord(kpm_id=f"dev{n}@{MEF_FQDN}", enrolee_id=f"/id-mn{n}", node_id=f"urn:dev:ops:{n:03d}",
+                          registrar_cse_id="/id-in", registrar_uri="https://in.example.com:8443/cse-in"),
+            Secret(bytes([n]) * 32, "Kpm"))
+
+
+def test_an_enrolment_that_completes_its_exchange_is_charged_once(tmp_path, store, enrolee):
+    clock = FakeClock()
+    svc = make_service(tmp_path, store, clock, enrolment_rate_burst=1)
+    s = enrolee_session(svc, enrolee)
+    svc.handle(s, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    # the same session goes on with its exchange although the budget is now spent
+    reply = svc.handle(s, "CREATE", "/enrolmentExchange", enrolee.kpm_id,
+                       {"rspf:enrolReq": {"certificateEnrolment": False, "mafEnrolment": False,
+                                          "remoteManagement": True}})
+    assert reply.rsc is RSC.OK
+
+
+def test_suspended_enrolee_keys_are_not_served_and_come_back_on_resume(service, store, enrolee):
+    enrolled(service, enrolee)
+    t = service.open_session(IN_PSK_ID, None)
+    store.suspend_enrolee(enrolee.kpm_id)
+    with pytest.raises(NotFound) as info:
+        fetch(service, t)
+    assert info.value.rsc == 4004
+    assert service.psk_for(enrolee.kpm_id) is None  # nor can it enrol
+    store.resume_enrolee(enrolee.kpm_id)
+    assert fetch(service, t).rsc is RSC.OK
+
+
+def test_a_session_open_when_the_enrolee_is_suspended_stores_nothing(service, store, enrolee):
+    s = enrolee_session(service, enrolee)
+    store.suspend_enrolee(enrolee.kpm_id)
+    with pytest.raises(AccessDenied, match="suspended"):
+        service.handle(s, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    assert store.enrolment_key_ids(enrolee.kpm_id) == []
+
+
+def test_a_session_with_the_old_kpm_stores_nothing_after_rotation(service, store, enrolee):
+    s = enrolee_session(service, enrolee)
+    store.rotate_kpm(enrolee.kpm_id, Secret(b"n" * 32, "Kpm"))
+    with pytest.raises(AccessDenied, match="new Kpm"):
+        service.handle(s, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    assert store.enrolment_key_ids(enrolee.kpm_id) == []
+    assert service.psk_for(enrolee.kpm_id) == Secret(b"n" * 32)
+
+
+def test_fetch_carries_the_allowed_app_ids(service, store, enrolee):
+    from dataclasses import replace
+
+    from rspf.mef.protocol import parse_fetch_response
+
+    enrolled(service, enrolee)
+    t = service.open_session(IN_PSK_ID, None)
+    assert "allowedAppIDs" not in fetch(service, t).content["rspf:fcRsp"]  # not set: not sent
+    store.update_enrolee(replace(store.get_enrolee(enrolee.kpm_id), allowed_app_ids=("Nmy-app", "Nx*")))
+    got = parse_fetch_response(fetch(service, t).content)
+    assert got.allowed_app_ids == ("Nmy-app", "Nx*")
+
+
+def test_a_thousand_re_enrolments_leave_a_bounded_database(tmp_path, store, enrolee):
+    """1,000 re-enrolments of one enrolee with a small grace: the keys and the log stay bounded once purged,
+    and the database file stops growing (freed pages are reused)."""
+    import os
+
+    svc = make_service(tmp_path, store, key_retirement_grace_seconds=0, enrolment_rate_burst=100_000)
+    db = tmp_path / "mef.sqlite"
+
+    def size() -> int:
+        return sum(os.path.getsize(p) for p in tmp_path.glob("mef.sqlite*"))
+
+    sizes = []
+    for n in range(1, 1001):
+        enrol_as(svc, enrolee, n)
+        if n % 100 == 0:
+            now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+            svc.purge(now=now)
+            store.purge(now=now + dt.timedelta(seconds=1), keep_log=dt.timedelta(0))  # the log rows, as days pass
+            sizes.append(size())
+    assert len(store.enrolment_key_ids(enrolee.kpm_id)) == 1
+    assert store._one("SELECT count(*) FROM enrolment_keys") == (1,)
+    assert store.revocations_since(0) == ([], 999)
+    assert db.exists() and max(sizes[2:]) <= sizes[1] * 1.5 + 64 * 1024, sizes
+
+
+def test_key_hygiene_config_defaults_and_bounds(tmp_path):
+    from rspf.errors import ConfigError
+    from rspf.mef.config import EXAMPLE, MefConfig
+
+    cfg = MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID}, base_dir=tmp_path)
+    assert (cfg.key_retirement_grace_seconds, cfg.max_live_keys_per_enrolee, cfg.enrolment_rate_burst,
+            cfg.enrolment_rate_interval_seconds, cfg.purge_interval_seconds, cfg.revocation_log_days) == \
+        (300, 3, 5, 60.0, 60.0, 30)
+    for key in ("key_retirement_grace_seconds", "max_live_keys_per_enrolee", "enrolment_rate_burst",
+                "enrolment_rate_interval_seconds", "purge_interval_seconds", "revocation_log_days"):
+        assert f"\n{key} = " in EXAMPLE  # the file `mef init` writes names every key
+    for key, bad in (("key_retirement_grace_seconds", -1), ("max_live_keys_per_enrolee", 0),
+                     ("enrolment_rate_burst", 0), ("enrolment_rate_interval_seconds", 0),
+                     ("purge_interval_seconds", 86401), ("revocation_log_days", 0), ("revocation_log_days", 1.5),
+                     ("max_live_keys_per_enrolee", True)):
+        with pytest.raises(ConfigError, match=f"\\[mef\\] {key}"):
+            MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID, key: bad}, source="mef.toml")

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from rspf.errors import ConfigError, Conflict, NotFound, StoreError
+from rspf.errors import AccessDenied, BadRequest, ConfigError, Conflict, NotFound, StoreError
 from rspf.fileutil import new_key_file
 from rspf.mef.store import EnroleeRecord, MefStore, TargetGrant, TargetRecord
 from rspf.secret import Secret
@@ -88,7 +88,8 @@ def test_add_get_list_enrolees(store):
     assert got.rm_uri == "https://dm.example.com"
     assert got.enrolment_expiry_seconds == 600
     assert got.valid_until == dt.datetime(2030, 1, 1, tzinfo=UTC)
-    assert got.revoked is False and got.created is not None and got.last_enrolled is None
+    assert got.state == "active" and got.allowed_app_ids is None
+    assert got.created is not None and got.last_enrolled is None
     assert store.get_enrolee(r2.kpm_id).enrolee_type == "AE"
     assert [e.kpm_id for e in store.list_enrolees()] == sorted([r1.kpm_id, r2.kpm_id])
     assert store.count_enrolees() == 2
@@ -168,7 +169,7 @@ def test_revoke_enrolee(store):
     store.put_enrolment_key("33" * 16 + "@mef.example.com", rec(2).kpm_id, KE_MARK, now, later)
     store.revoke_enrolee(rec(1).kpm_id)
     assert store.enrolee_psk(rec(1).kpm_id) is None
-    assert store.get_enrolee(rec(1).kpm_id).revoked is True
+    assert store.get_enrolee(rec(1).kpm_id).state == "revoked"
     assert store.get_enrolment_key("11" * 16 + "@mef.example.com") is None
     rows = store._one("SELECT count(*) FROM enrolment_keys WHERE kpm_id=?", (rec(1).kpm_id,))
     assert rows[0] == 0  # removed, not just hidden
@@ -230,7 +231,7 @@ def test_purge_expired_keys(store):
     t0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
     store.put_enrolment_key("01" * 16 + "@x.example", rec(1).kpm_id, KE_MARK, t0, t0 + dt.timedelta(hours=1))
     store.put_enrolment_key("02" * 16 + "@x.example", rec(1).kpm_id, KE_MARK, t0, t0 + dt.timedelta(hours=3))
-    assert store.purge_expired_keys(now=t0 + dt.timedelta(hours=2)) == 1
+    assert store.purge(now=t0 + dt.timedelta(hours=2)).expired == 1
     assert store.get_enrolment_key("02" * 16 + "@x.example", now=t0) is not None
 
 
@@ -327,3 +328,330 @@ def test_sealed_rows_cannot_be_swapped(store):
         db.execute("UPDATE enrolees SET kpm=? WHERE kpm_id=?", (blob, rec(2).kpm_id))
     with pytest.raises(StoreError):
         store.enrolee_psk(rec(2).kpm_id)
+
+
+# ------------------------------------------------------------------------- schema 2: migration from 1
+V1_DDL = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE enrolees (kpm_id TEXT PRIMARY KEY, kpm BLOB NOT NULL, enrolee_id TEXT NOT NULL, node_id TEXT NOT NULL,
+    registrar_cse_id TEXT NOT NULL, registrar_uri TEXT NOT NULL, targets TEXT NOT NULL, rm_uri TEXT,
+    enrolment_expiry_seconds INTEGER, valid_until TEXT, revoked INTEGER NOT NULL DEFAULT 0, created TEXT NOT NULL,
+    last_enrolled TEXT);
+CREATE UNIQUE INDEX enrolees_by_id ON enrolees(enrolee_id);
+CREATE TABLE targets (psk_identity TEXT PRIMARY KEY, psk BLOB NOT NULL, target_id TEXT NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0, created TEXT NOT NULL);
+CREATE TABLE enrolment_keys (ke_id TEXT PRIMARY KEY, kpm_id TEXT NOT NULL REFERENCES enrolees(kpm_id),
+    ke BLOB NOT NULL, created TEXT NOT NULL, expires TEXT NOT NULL);
+CREATE INDEX keys_by_enrolee ON enrolment_keys(kpm_id);
+"""
+
+
+def make_v1_database(paths) -> str:
+    """A schema-1 database as the previous release wrote it: two enrolees (dev2 revoked), a Target, a key."""
+    from rspf.sealing import Sealer
+
+    db_path, mk = paths
+    sealer = Sealer(new_key_file(mk), b"mef store")
+    fd = os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    db = sqlite3.connect(db_path)
+    db.executescript(V1_DDL)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO meta VALUES ('key_check', ?)",
+               (sealer.seal(b"onem2m-rspf key check", b"meta:key_check").hex(),))
+    for n, revoked in ((1, 0), (2, 1)):
+        kpm_id = rec(n).kpm_id
+        db.execute("INSERT INTO enrolees VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (kpm_id, sealer.seal(kpm(n).reveal(), b"kpm:" + kpm_id.encode()), f"/id-mn{n}", f"urn:dev:{n}",
+                    "/id-in", "https://in.example.com/cse-in", '[["/id-x", [23]]]', None, 600, None, revoked,
+                    "2026-01-01T00:00:00+00:00", None))
+    db.execute("INSERT INTO targets VALUES (?,?,?,0,?)", ("in@sp.example.com",
+               sealer.seal(PSK_MARK.reveal(), b"target:in@sp.example.com"), "/id-in", "2026-01-01T00:00:00+00:00"))
+    ke_id = "ab" * 16 + "@mef.example.com"
+    db.execute("INSERT INTO enrolment_keys VALUES (?,?,?,?,?)", (ke_id, rec(1).kpm_id,
+               sealer.seal(KE_MARK.reveal(), b"ke:" + ke_id.encode()), "2026-01-01T00:00:00+00:00",
+               "2099-01-01T00:00:00+00:00"))
+    db.commit()
+    db.close()
+    return ke_id
+
+
+def test_a_version_1_database_is_upgraded_in_place(paths):
+    ke_id = make_v1_database(paths)
+    s = MefStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("2",)
+    one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
+    assert (one.state, two.state) == ("active", "revoked")
+    assert one.targets == [TargetGrant("/id-x", (23,))] and one.enrolment_expiry_seconds == 600
+    assert one.allowed_app_ids is None and one.kpm_generation == 1
+    assert s.enrolee_psk(rec(1).kpm_id) == kpm(1) and s.enrolee_psk(rec(2).kpm_id) is None
+    assert s.enrolees_with_kpm(kpm(1)) == [rec(1).kpm_id]  # fingerprints were computed for the old rows
+    assert s.get_enrolment_key(ke_id).enrolment_key == KE_MARK
+    assert s.target_psk("in@sp.example.com") == PSK_MARK
+    columns = {r[1] for r in s._all("PRAGMA table_info(enrolees)")}
+    assert "revoked" not in columns and {"state", "allowed_app_ids", "kpm_fingerprint"} <= columns
+    assert s.revocations_since(0) == ([], 0)
+    s.suspend_enrolee(rec(1).kpm_id)  # the new features work on the upgraded file
+    assert s.revocations_since(0)[1] == 1
+    s.close()
+    s2 = MefStore(*paths, create=False)  # and it opens again as version 2, without migrating twice
+    assert s2.get_enrolee(rec(1).kpm_id).state == "suspended"
+    s2.close()
+
+
+def test_a_failed_migration_changes_nothing(paths):
+    make_v1_database(paths)
+    db = sqlite3.connect(paths[0])
+    db.execute("UPDATE enrolees SET kpm=x'00' WHERE kpm_id=?", (rec(1).kpm_id,))  # a damaged sealed Kpm
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="damaged"):
+        MefStore(*paths)
+    db = sqlite3.connect(paths[0])
+    assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone() == ("1",)
+    assert "revoked" in {r[1] for r in db.execute("PRAGMA table_info(enrolees)")}
+    db.close()
+
+
+def test_an_unknown_schema_version_is_refused(paths):
+    MefStore(*paths).close()
+    db = sqlite3.connect(paths[0])
+    db.execute("UPDATE meta SET value='3' WHERE name='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 3"):
+        MefStore(*paths)
+
+
+# ------------------------------------------------------------------------------------ lifecycle
+T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
+HOUR = dt.timedelta(hours=1)
+
+
+def ke(n: int) -> str:
+    return f"{n:032x}@mef.example.com"
+
+
+def causes(store) -> list[tuple[str, str, str]]:
+    return [(r.ke_id, r.enrolee_id, r.cause) for r in store.revocations_since(0, 10_000)[0]]
+
+
+def test_suspend_and_resume(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + 24 * HOUR)
+    store.put_enrolment_key(ke(2), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)  # expired at T0+1h
+    assert store.suspend_enrolee(rec(1).kpm_id, now=T0 + 2 * HOUR) == 1
+    assert store.get_enrolee(rec(1).kpm_id).state == "suspended"
+    assert store.enrolee_psk(rec(1).kpm_id) is None  # no enrolment
+    assert store.get_enrolment_key(ke(1), now=T0 + 2 * HOUR) is None  # its key is not served
+    assert causes(store) == [(ke(1), "/id-mn1", "enrolee-suspended")]  # only the key that was still usable
+    with pytest.raises(AccessDenied):  # a session opened before the suspension stores nothing
+        store.put_enrolment_key(ke(3), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    assert store.enrolment_key_ids(rec(1).kpm_id) == [ke(1), ke(2)]
+    with pytest.raises(Conflict, match="only an active"):
+        store.suspend_enrolee(rec(1).kpm_id)
+    store.resume_enrolee(rec(1).kpm_id)
+    assert store.enrolee_psk(rec(1).kpm_id) == kpm(1)
+    assert store.get_enrolment_key(ke(1), now=T0 + 2 * HOUR).enrolment_key == KE_MARK
+    with pytest.raises(Conflict, match="only a suspended"):
+        store.resume_enrolee(rec(1).kpm_id)
+    with pytest.raises(NotFound):
+        store.suspend_enrolee("nobody")
+
+
+def test_revoked_is_final(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    assert store.revoke_enrolee(rec(1).kpm_id, now=T0) == 1
+    assert causes(store) == [(ke(1), "/id-mn1", "enrolee-revoked")]
+    for change in (store.revoke_enrolee, store.resume_enrolee, store.suspend_enrolee):
+        with pytest.raises(Conflict, match="revoked"):
+            change(rec(1).kpm_id)
+    with pytest.raises(Conflict, match="revoked"):
+        store.rotate_kpm(rec(1).kpm_id, kpm(9))
+    assert store.get_enrolee(rec(1).kpm_id).state == "revoked"
+    assert store.enrolees_with_kpm(kpm(9)) == []
+
+
+def test_delete_frees_the_ids_and_logs_the_keys(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    assert store.delete_enrolee(rec(1).kpm_id, now=T0) == 1
+    assert store.get_enrolee(rec(1).kpm_id) is None and not store.has_enrolee_id("/id-mn1")
+    assert store._one("SELECT count(*) FROM enrolment_keys") == (0,)
+    assert causes(store) == [(ke(1), "/id-mn1", "enrolee-deleted")]
+    store.add_enrolee(rec(1), kpm(2))  # both IDs can be registered again
+    with pytest.raises(NotFound):
+        store.delete_enrolee("nobody")
+
+
+def test_rotate_kpm(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    old = store.get_enrolee(rec(1).kpm_id)
+    assert store.rotate_kpm(rec(1).kpm_id, kpm(7), now=T0) == 1
+    assert store.enrolee_psk(rec(1).kpm_id) == kpm(7)  # the new Kpm at once, the old one never again
+    assert store.enrolees_with_kpm(kpm(1)) == [] and store.enrolees_with_kpm(kpm(7)) == [rec(1).kpm_id]
+    assert store.get_enrolee(rec(1).kpm_id).kpm_generation == old.kpm_generation + 1
+    assert store.get_enrolment_key(ke(1), now=T0) is None
+    assert causes(store) == [(ke(1), "/id-mn1", "kpm-rotated")]
+    # a session that authenticated with the old Kpm (generation 1) cannot store a key afterwards
+    with pytest.raises(AccessDenied, match="new Kpm"):
+        store.put_enrolment_key(ke(2), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR, kpm_generation=old.kpm_generation)
+    assert store.enrolment_key_ids(rec(1).kpm_id) == []
+    store.put_enrolment_key(ke(2), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR, kpm_generation=old.kpm_generation + 1)
+    with pytest.raises(NotFound):
+        store.rotate_kpm("nobody", kpm(8))
+
+
+def test_update_enrolee(store):
+    store.add_enrolee(rec(1), kpm(1))
+    changed = rec(1, registrar_cse_id="/id-in2", registrar_uri="https://in2.example.com/cse-in",
+                  targets=[TargetGrant("/id-x", (22,))], allowed_app_ids=("Nmy-app", "Nother*"),
+                  valid_until=T0, node_id="urn:dev:new")
+    store.update_enrolee(changed)
+    got = store.get_enrolee(rec(1).kpm_id)
+    assert (got.registrar_cse_id, got.registrar_uri, got.targets, got.allowed_app_ids, got.valid_until,
+            got.node_id) == ("/id-in2", "https://in2.example.com/cse-in", [TargetGrant("/id-x", (22,))],
+                             ("Nmy-app", "Nother*"), T0, "urn:dev:new")
+    assert got.public_dict()["allowedAppIDs"] == ["Nmy-app", "Nother*"]
+    assert store.enrolee_psk(rec(1).kpm_id) is None  # valid_until T0 is past: no enrolment
+    assert store.enrolees_with_node_id("urn:dev:new") == [rec(1).kpm_id]
+    with pytest.raises(NotFound):
+        store.update_enrolee(rec(2))
+
+
+def test_revoke_one_key(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    store.put_enrolment_key(ke(2), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    assert store.revoke_key(ke(1), now=T0) == rec(1).kpm_id
+    assert store.get_enrolment_key(ke(1), now=T0) is None
+    assert store.get_enrolment_key(ke(2), now=T0) is not None
+    assert causes(store) == [(ke(1), "/id-mn1", "key-revoked")]
+    with pytest.raises(NotFound):
+        store.revoke_key(ke(1))
+    assert len(causes(store)) == 1
+
+
+def test_re_enrolment_retires_earlier_keys_after_the_grace(store):
+    store.add_enrolee(rec(1), kpm(1))
+    grace = dt.timedelta(seconds=300)
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + 24 * HOUR, retire_after=grace)
+    t1 = T0 + dt.timedelta(seconds=10)
+    assert store.put_enrolment_key(ke(2), rec(1).kpm_id, KE_MARK, t1, t1 + 24 * HOUR, retire_after=grace) == []
+    assert store.get_enrolment_key(ke(1), now=t1 + grace - dt.timedelta(seconds=1)) is not None  # in the grace
+    assert store.get_enrolment_key(ke(1), now=t1 + grace) is None  # retired
+    assert store.get_enrolment_key(ke(2), now=t1 + grace) is not None  # the new one is not
+    # a third enrolment does not push the first key's retirement back
+    t2 = t1 + dt.timedelta(seconds=100)
+    store.put_enrolment_key(ke(3), rec(1).kpm_id, KE_MARK, t2, t2 + 24 * HOUR, retire_after=grace)
+    assert store.get_enrolment_key(ke(1), now=t1 + grace) is None
+    assert causes(store) == []  # nothing logged until the purge removes it
+    counts = store.purge(now=t1 + grace)
+    assert (counts.retired, counts.expired) == (1, 0)
+    assert causes(store) == [(ke(1), "/id-mn1", "retired")]
+    assert store.enrolment_key_ids(rec(1).kpm_id) == [ke(2), ke(3)]
+
+
+def test_live_key_cap_retires_the_oldest_at_once(store):
+    store.add_enrolee(rec(1), kpm(1))
+    grace = dt.timedelta(seconds=300)
+    for n in (1, 2):
+        assert store.put_enrolment_key(ke(n), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR, retire_after=grace,
+                                       max_live_keys=2) == []
+    assert store.put_enrolment_key(ke(3), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR, retire_after=grace,
+                                   max_live_keys=2) == [ke(1)]
+    assert store.get_enrolment_key(ke(1), now=T0) is None
+    assert store.get_enrolment_key(ke(2), now=T0) is not None and store.get_enrolment_key(ke(3), now=T0) is not None
+    assert causes(store) == [(ke(1), "/id-mn1", "live-key-cap")]
+    assert store.enrolment_key_ids(rec(1).kpm_id) == [ke(2), ke(3)]
+
+
+def test_purge_logs_expiry_and_prunes_the_log(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    counts = store.purge(now=T0 + HOUR)
+    assert (counts.expired, counts.retired, counts.log_rows) == (1, 0, 0)
+    rows, newest = store.revocations_since(0)
+    assert [(r.ke_id, r.cause, r.time) for r in rows] == [(ke(1), "expired", T0 + HOUR)] and newest == 1
+    assert store.purge(now=T0 + HOUR + dt.timedelta(days=30), keep_log=dt.timedelta(days=30)).log_rows == 0
+    assert store.purge(now=T0 + HOUR + dt.timedelta(days=30, seconds=1), keep_log=dt.timedelta(days=30)).log_rows == 1
+    assert store.revocations_since(0) == ([], 1)  # the newest number survives the pruning
+
+
+def test_purge_works_in_batches(store, monkeypatch):
+    import rspf.mef.store as store_module
+
+    monkeypatch.setattr(store_module, "PURGE_BATCH", 3)
+    store.add_enrolee(rec(1), kpm(1))
+    for n in range(1, 11):
+        store.put_enrolment_key(ke(n), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    assert store.purge(now=T0 + HOUR).expired == 10
+    assert store.enrolment_key_ids(rec(1).kpm_id) == []
+    assert [r.ke_id for r in store.revocations_since(0)[0]] == [ke(n) for n in range(1, 11)]
+
+
+def test_revocations_since_pages_in_order(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.add_enrolee(rec(2), kpm(2))
+    for n in range(1, 6):
+        store.put_enrolment_key(ke(n), rec(1 + n % 2).kpm_id, KE_MARK, T0, T0 + HOUR)
+    for n in range(1, 6):
+        store.revoke_key(ke(n), now=T0)
+    first, newest = store.revocations_since(0, limit=2)
+    assert [r.seq for r in first] == [1, 2] and newest == 5
+    rest, newest = store.revocations_since(first[-1].seq, limit=100)
+    assert [r.seq for r in rest] == [3, 4, 5] and [r.ke_id for r in first + rest] == [ke(n) for n in range(1, 6)]
+    assert [r.enrolee_id for r in first + rest] == ["/id-mn2", "/id-mn1", "/id-mn2", "/id-mn1", "/id-mn2"]
+    assert store.revocations_since(5) == ([], 5)
+    for bad in (0, -1, 10_001):
+        with pytest.raises(BadRequest):
+            store.revocations_since(0, limit=bad)
+
+
+def test_revocation_numbers_are_never_reused_after_pruning(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.put_enrolment_key(ke(1), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    store.revoke_key(ke(1), now=T0)
+    store.purge(now=T0 + dt.timedelta(days=60))
+    assert store.revocations_since(0) == ([], 1)
+    store.put_enrolment_key(ke(2), rec(1).kpm_id, KE_MARK, T0, T0 + 100 * 24 * HOUR)
+    store.revoke_key(ke(2))
+    rows, newest = store.revocations_since(0)
+    assert [r.seq for r in rows] == [2] and newest == 2
+
+
+def test_revocations_since_is_an_indexed_range_scan(store):
+    plan = " ".join(str(r[-1]) for r in store._all(
+        "EXPLAIN QUERY PLAN SELECT seq, ke_id, enrolee_id, cause, time FROM revocations WHERE seq > ?"
+        " ORDER BY seq LIMIT ?", (0, 10)))
+    assert "SEARCH revocations USING INTEGER PRIMARY KEY (rowid>?)" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+def test_list_filters_and_paging(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.add_enrolee(rec(2, registrar_cse_id="/id-in2", valid_until=T0), kpm(2))
+    store.add_enrolee(rec(3, valid_until=T0 + 48 * HOUR), kpm(3))
+    store.suspend_enrolee(rec(3).kpm_id)
+    assert [e.kpm_id for e in store.list_enrolees(state="suspended")] == [rec(3).kpm_id]
+    assert [e.kpm_id for e in store.list_enrolees(registrar="/id-in2")] == [rec(2).kpm_id]
+    assert [e.kpm_id for e in store.list_enrolees(expiring_before=T0 + HOUR)] == [rec(2).kpm_id]
+    assert [e.kpm_id for e in store.list_enrolees(expiring_before=T0 + 72 * HOUR)] == [rec(2).kpm_id, rec(3).kpm_id]
+    assert [e.kpm_id for e in store.list_enrolees(limit=2)] == [rec(1).kpm_id, rec(2).kpm_id]
+    assert [e.kpm_id for e in store.list_enrolees(limit=2, offset=2)] == [rec(3).kpm_id]
+    assert store.count_enrolees(state="active") == 2 and store.count_enrolees(registrar="/id-in2", state="active") == 1
+
+
+def test_duplicate_kpm_and_node_id_lookups(store):
+    store.add_enrolee(rec(1), kpm(1))
+    store.add_enrolee(rec(2, node_id="urn:dev:1"), kpm(1))
+    assert store.enrolees_with_kpm(kpm(1)) == [rec(1).kpm_id, rec(2).kpm_id]
+    assert store.enrolees_with_kpm(kpm(3)) == []
+    assert store.enrolees_with_node_id("urn:dev:1") == [rec(1).kpm_id, rec(2).kpm_id]
+    # the fingerprint is keyed: the stored value is not a plain hash of the Kpm
+    import hashlib
+
+    stored = store._all("SELECT kpm_fingerprint FROM enrolees")
+    assert all(row[0] != hashlib.sha256(kpm(1).reveal()).digest() for row in stored)

@@ -11,13 +11,17 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import __version__
 from .acme.config import DEFAULT_ENFORCEMENT
 from .errors import ConfigError, RemoteError, RspfError, TransportError
+
+if TYPE_CHECKING:
+    from .mef.config import MefConfig
+    from .mef.store import MefStore
 
 log = logging.getLogger("rspf")
 
@@ -78,7 +82,7 @@ config_option = click.option("-c", "--config", "config_path", required=True,
                              type=click.Path(dir_okay=False, path_type=Path), help="MEF configuration (TOML).")
 
 
-def _load(config_path: Path, **overrides: Any):
+def _load(config_path: Path, **overrides: Any) -> tuple[MefConfig, MefStore]:
     from .mef.config import MefConfig
     from .mef.store import MefStore
     try:
@@ -119,30 +123,77 @@ def mef_init(config_path: Path, fqdn: str, sp_id: str, listen: str, port: int) -
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Override [mef] port.")
 @click.option("--listen", default=None, help="Override [mef] listen.")
 def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
-    """Run the MEF until SIGTERM or Ctrl-C."""
+    """Run the MEF until SIGTERM or Ctrl-C. Every purge_interval_seconds it deletes expired and retired keys
+    and old revocation log rows."""
+    import threading
+
     from .mef.server import MefServer
     from .mef.service import MefService
     cfg, store = _load(config_path, port=port, listen=listen)
     _setup_logging(cfg.log_level, cfg.log_file)
-    server = MefServer(cfg, MefService(cfg, store))
+    service = MefService(cfg, store)
+    server = MefServer(cfg, service)
     try:
         server.bind()
     except RspfError as exc:
         _fail(exc)
+    stopping = threading.Event()
+
+    def purge_loop() -> None:
+        while True:
+            try:
+                service.purge()
+            except Exception as exc:  # e.g. the database is busy: log it, try again next time
+                log.error("purge failed: %s", exc)
+            if stopping.wait(cfg.purge_interval_seconds):
+                return
 
     def stop(*_a: Any) -> None:
         server.request_stop()  # only a flag: the serving thread does the shutdown below
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    purger = threading.Thread(target=purge_loop, name="mef-purge", daemon=True)
+    purger.start()
     server.serve_forever()
+    stopping.set()
     server.shutdown()
+    purger.join(timeout=30)
     log.info("MEF stopped")
 
 
 @mef.group("enrolee")
 def mef_enrolee() -> None:
-    """Register, list, show, revoke and import enrolees."""
+    """Register, change, list and retire enrolees (devices and CSEs that enrol with this MEF)."""
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _echo_fields(values: dict[str, Any]) -> None:
+    width = max(len(k) for k in values)
+    for key, value in values.items():
+        if isinstance(value, list):
+            value = ", ".join(v if isinstance(v, str) else json.dumps(v) for v in value) or "-"
+        click.echo(f"{key:{width}}  {'-' if value is None else value}")
+
+
+def _enrolee_or_fail(store: Any, kpm_id: str) -> Any:
+    rec = store.get_enrolee(kpm_id)
+    if rec is None:
+        _fail(ConfigError(f"no enrolee has the KpmID {kpm_id}"))
+    return rec
+
+
+app_id_option = click.option("--app-id", "app_ids", multiple=True, metavar="PATTERN",
+                             help="An App-ID (pattern, '*' wildcards) this enrolee may register with; repeat for "
+                                  "more. Sent to Targets with its keys. Not set: the Target's own default applies.")
 
 
 @mef_enrolee.command("add")
@@ -153,17 +204,21 @@ def mef_enrolee() -> None:
 @click.option("--enrolee-id", required=True, help="CSE-ID (/id-mn) or AE-ID (Cmy-sensor) to provision.")
 @click.option("--node-id", required=True, help="The device's M2M-Node-ID.")
 @click.option("--registrar-cse-id", required=True, help="SP-relative CSE-ID of the registrar, e.g. /id-in.")
-@click.option("--registrar-uri", required=True, help="URI of the registrar's CSEBase.")
+@click.option("--registrar-uri", required=True, help="https:// URI of the registrar's CSEBase.")
 @click.option("--target", "targets", multiple=True, help="Extra Enrolment Target and SUIDs, e.g. /id-in:22,23.")
 @click.option("--rm-uri", default=None, help="Remote management server to instruct during the exchange.")
 @click.option("--expiry-seconds", type=int, default=None, help="Lifetime of this enrolee's Enrolment Keys.")
 @click.option("--valid-until", default=None, help="No enrolment after this ISO 8601 date-time.")
+@app_id_option
 def enrolee_add(config_path: Path, kpm_id: str, kpm_file: Path, enrolee_id: str, node_id: str,
                 registrar_cse_id: str, registrar_uri: str, targets: tuple[str, ...], rm_uri: str | None,
-                expiry_seconds: int | None, valid_until: str | None) -> None:
-    """Register one enrolee (its Kpm is read from a file and never printed)."""
+                expiry_seconds: int | None, valid_until: str | None, app_ids: tuple[str, ...]) -> None:
+    """Register one enrolee (its Kpm is read from a file and never printed).
+
+    Warns (and still registers) when the registrar or a Target has no credential to fetch keys with yet, or
+    when another enrolee has the same Kpm or Node-ID."""
     from .fileutil import read_key_file
-    from .mef.admin import enrolee_from_fields
+    from .mef.admin import Fetchers, enrolee_from_fields, registration_warnings
     cfg, store = _load(config_path)
     try:
         kpm = read_key_file(kpm_file, "Kpm file")
@@ -171,88 +226,266 @@ def enrolee_add(config_path: Path, kpm_id: str, kpm_file: Path, enrolee_id: str,
             "kpm_id": kpm_id, "kpm": kpm.reveal().hex(), "enrolee_id": enrolee_id, "node_id": node_id,
             "registrar_cse_id": registrar_cse_id, "registrar_uri": registrar_uri, "targets": ";".join(targets),
             "rm_uri": rm_uri, "enrolment_expiry_seconds": expiry_seconds, "valid_until": valid_until,
+            "allowed_app_ids": list(app_ids) or None,
         }, sp_id=cfg.sp_id)
+        warnings = registration_warnings(store, rec, kpm, Fetchers(store, cfg.sp_id))
         store.add_enrolee(rec, kpm)
     except RspfError as exc:
         _fail(exc)
+    _warn(warnings)
     click.echo(f"added enrolee {rec.enrolee_id} (KpmID {rec.kpm_id})")
+
+
+@mef_enrolee.command("update")
+@config_option
+@click.argument("kpm_id")
+@click.option("--node-id", default=None, help="New M2M-Node-ID.")
+@click.option("--registrar-cse-id", default=None, help="New registrar CSE-ID, e.g. /id-in.")
+@click.option("--registrar-uri", default=None, help="New https:// URI of the registrar's CSEBase.")
+@click.option("--target", "targets", multiple=True, help="Extra Targets (replace the current ones), e.g. /id-x:22.")
+@click.option("--clear-targets", is_flag=True, help="Remove every extra Target.")
+@click.option("--rm-uri", default=None, help="New remote management server URI.")
+@click.option("--clear-rm-uri", is_flag=True, help="Remove the remote management server.")
+@click.option("--expiry-seconds", type=int, default=None, help="New lifetime of this enrolee's Enrolment Keys.")
+@click.option("--clear-expiry-seconds", is_flag=True, help="Use the MEF's default key lifetime again.")
+@click.option("--valid-until", default=None, help="New end of enrolment (ISO 8601 date-time).")
+@click.option("--clear-valid-until", is_flag=True, help="No end of enrolment.")
+@app_id_option
+@click.option("--clear-app-ids", is_flag=True, help="Set no App-IDs (the Target's own default applies).")
+def enrolee_update(config_path: Path, kpm_id: str, node_id: str | None, registrar_cse_id: str | None,
+                   registrar_uri: str | None, targets: tuple[str, ...], clear_targets: bool, rm_uri: str | None,
+                   clear_rm_uri: bool, expiry_seconds: int | None, clear_expiry_seconds: bool,
+                   valid_until: str | None, clear_valid_until: bool, app_ids: tuple[str, ...],
+                   clear_app_ids: bool) -> None:
+    """Change an enrolee's registration (not its KpmID, Enrolee-ID or Kpm: see rotate-kpm).
+
+    Only the fields named change; list options (--target, --app-id) replace the whole list. Keys already
+    issued keep working; what changed applies to the next enrolment and the next key fetch."""
+    from .mef.admin import Fetchers, registration_warnings, updated_enrolee
+    changes: dict[str, Any] = {}
+    for name, value, clear in (("targets", ";".join(targets), clear_targets), ("rm_uri", rm_uri, clear_rm_uri),
+                               ("enrolment_expiry_seconds", expiry_seconds, clear_expiry_seconds),
+                               ("valid_until", valid_until, clear_valid_until),
+                               ("allowed_app_ids", list(app_ids), clear_app_ids)):
+        if clear and value not in (None, "", []):
+            _fail(ConfigError(f"give a new {name} or clear it, not both"))
+        if clear:
+            changes[name] = None
+        elif value not in (None, "", []):
+            changes[name] = value
+    for name, value in (("node_id", node_id), ("registrar_cse_id", registrar_cse_id),
+                        ("registrar_uri", registrar_uri)):
+        if value is not None:
+            changes[name] = value
+    cfg, store = _load(config_path)
+    rec = _enrolee_or_fail(store, kpm_id)
+    try:
+        new = updated_enrolee(rec, changes, sp_id=cfg.sp_id)
+        warnings = registration_warnings(store, new, None, Fetchers(store, cfg.sp_id))
+        store.update_enrolee(new)
+    except RspfError as exc:
+        _fail(exc)
+    _warn(warnings)
+    click.echo(f"updated enrolee {kpm_id}: {', '.join(sorted(changes))}")
 
 
 @mef_enrolee.command("list")
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def enrolee_list(config_path: Path, as_json: bool) -> None:
-    """List enrolees (never their keys)."""
+@click.option("--state", type=click.Choice(["active", "suspended", "revoked"]), default=None,
+              help="Only enrolees in this state.")
+@click.option("--registrar", default=None, help="Only enrolees with this registrar CSE-ID (/id-in).")
+@click.option("--expiring-before", default=None,
+              help="Only enrolees whose valid-until is before this ISO 8601 date-time.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many (default: all).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many first.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def enrolee_list(config_path: Path, state: str | None, registrar: str | None, expiring_before: str | None,
+                 limit: int | None, offset: int, as_json: bool) -> None:
+    """List enrolees (never their keys), ordered by KpmID."""
+    import datetime as dt
+    before = None
+    if expiring_before is not None:
+        try:
+            before = dt.datetime.fromisoformat(expiring_before)
+        except ValueError:
+            _fail(ConfigError("--expiring-before must be an ISO 8601 date-time, e.g. 2027-01-01T00:00:00Z"))
+        if before.tzinfo is None:
+            before = before.replace(tzinfo=dt.UTC)
     _cfg, store = _load(config_path)
-    rows = [r.public_dict() for r in store.list_enrolees()]
+    filters: dict[str, Any] = {"state": state, "registrar": registrar, "expiring_before": before}
+    rows = [r.public_dict() for r in store.list_enrolees(**filters, limit=limit, offset=offset)]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        _echo_json(rows)
         return
-    click.echo(f"{'KpmID':40} {'Enrolee-ID':24} {'Node-ID':24} {'state':8} last enrolled")
+    click.echo(f"{'KpmID':40} {'Enrolee-ID':24} {'Node-ID':24} {'registrar':12} {'state':9} {'valid until':25} "
+               "last enrolled")
     for r in rows:
-        state = "revoked" if r["revoked"] else "active"
-        click.echo(f"{r['kpmID']:40} {r['enroleeID']:24} {r['nodeID']:24} {state:8} {r['lastEnrolled'] or '-'}")
-    click.echo(f"{len(rows)} enrolee(s)")
+        click.echo(f"{r['kpmID']:40} {r['enroleeID']:24} {r['nodeID']:24} {r['registrarCSEID']:12} {r['state']:9} "
+                   f"{r['validUntil'] or '-':25} {r['lastEnrolled'] or '-'}")
+    total = store.count_enrolees(**filters)
+    shown = f"{offset + 1}-{offset + len(rows)} of {total}" if rows else f"none of {total}"
+    click.echo(f"{shown} enrolee(s)")
 
 
 @mef_enrolee.command("show")
 @config_option
 @click.argument("kpm_id")
-def enrolee_show(config_path: Path, kpm_id: str) -> None:
-    """Show one enrolee (everything but Kpm)."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def enrolee_show(config_path: Path, kpm_id: str, as_json: bool) -> None:
+    """Show one enrolee (everything but Kpm) and its stored KeIDs."""
     _cfg, store = _load(config_path)
-    rec = store.get_enrolee(kpm_id)
-    if rec is None:
-        _fail(ConfigError(f"no enrolee has the KpmID {kpm_id}"))
-    click.echo(json.dumps(rec.public_dict(), indent=2))
+    rec = _enrolee_or_fail(store, kpm_id)
+    shown = {**rec.public_dict(), "keyIDs": store.enrolment_key_ids(kpm_id)}
+    if as_json:
+        _echo_json(shown)
+    else:
+        _echo_fields(shown)
+
+
+def _state_change(config_path: Path, kpm_id: str, change: str) -> Any:
+    _cfg, store = _load(config_path)
+    try:
+        return getattr(store, f"{change}_enrolee")(kpm_id)
+    except RspfError as exc:
+        _fail(exc)
+
+
+@mef_enrolee.command("suspend")
+@config_option
+@click.argument("kpm_id")
+def enrolee_suspend(config_path: Path, kpm_id: str) -> None:
+    """Suspend an active enrolee: no enrolment and no key fetch (4004) until 'resume'. Its keys are kept."""
+    n = _state_change(config_path, kpm_id, "suspend")
+    click.echo(f"suspended {kpm_id} ({n} usable Enrolment Key(s) no longer served)")
+
+
+@mef_enrolee.command("resume")
+@config_option
+@click.argument("kpm_id")
+def enrolee_resume(config_path: Path, kpm_id: str) -> None:
+    """Make a suspended enrolee active again (its unexpired, unretired keys are served again)."""
+    _state_change(config_path, kpm_id, "resume")
+    click.echo(f"resumed {kpm_id}")
 
 
 @mef_enrolee.command("revoke")
 @config_option
 @click.argument("kpm_id")
 def enrolee_revoke(config_path: Path, kpm_id: str) -> None:
-    """Revoke an enrolee: no new enrolment, and its Enrolment Keys stop being served."""
+    """Revoke an enrolee for good: no new enrolment, and its Enrolment Keys are deleted."""
+    n = _state_change(config_path, kpm_id, "revoke")
+    click.echo(f"revoked {kpm_id} ({n} Enrolment Key(s) deleted)")
+
+
+@mef_enrolee.command("delete")
+@config_option
+@click.argument("kpm_id")
+@click.option("--yes", is_flag=True, help="Confirm: the enrolee, its Kpm and its keys are deleted for good.")
+def enrolee_delete(config_path: Path, kpm_id: str, yes: bool) -> None:
+    """Delete an enrolee with its Kpm and keys (its KpmID and Enrolee-ID can be registered again)."""
+    if not yes:
+        _fail(ConfigError(f"deleting {kpm_id} cannot be undone; repeat with --yes"))
+    n = _state_change(config_path, kpm_id, "delete")
+    click.echo(f"deleted {kpm_id} ({n} Enrolment Key(s) deleted)")
+
+
+@mef_enrolee.command("rotate-kpm")
+@config_option
+@click.argument("kpm_id")
+@click.option("--kpm-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the new Kpm here (hex, mode 0600; the file must not exist).")
+@click.option("--print-kpm", is_flag=True, help="Print the new Kpm (hex) on stdout instead.")
+def enrolee_rotate_kpm(config_path: Path, kpm_id: str, kpm_out: Path | None, print_kpm: bool) -> None:
+    """Give an enrolee a new random Kpm. The old Kpm stops working at once (also in a session already open
+    with it), and the Enrolment Keys made with it are deleted: the device must get the new Kpm and enrol."""
+    import secrets
+
+    from .fileutil import write_private
+    from .secret import Secret
+    if (kpm_out is None) == (not print_kpm):
+        _fail(ConfigError("say where the new Kpm goes: --kpm-out FILE or --print-kpm (exactly one)"))
+    if kpm_out is not None and kpm_out.exists():
+        _fail(ConfigError(f"{kpm_out} already exists; refusing to overwrite a key"))
     _cfg, store = _load(config_path)
+    _enrolee_or_fail(store, kpm_id)
+    kpm = Secret(secrets.token_bytes(32), "Kpm")
     try:
-        store.revoke_enrolee(kpm_id)
+        if kpm_out is not None:
+            write_private(kpm_out, kpm.reveal().hex().encode() + b"\n")
+        try:
+            n = store.rotate_kpm(kpm_id, kpm)
+        except BaseException:
+            if kpm_out is not None:
+                kpm_out.unlink()  # the rotation did not happen: no new key file either
+            raise
     except RspfError as exc:
         _fail(exc)
-    click.echo(f"revoked {kpm_id}")
+    if print_kpm:
+        click.echo(kpm.reveal().hex())
+    click.echo(f"rotated the Kpm of {kpm_id} ({n} Enrolment Key(s) deleted)"
+               + (f"; new Kpm in {kpm_out} (0600)" if kpm_out else ""), err=print_kpm)
+
+
+@mef_enrolee.command("revoke-key")
+@config_option
+@click.argument("ke_id")
+def enrolee_revoke_key(config_path: Path, ke_id: str) -> None:
+    """Revoke one Enrolment Key (KeID) at once; the enrolee stays active and may enrol again."""
+    from .keys import normalise_ke_id
+    _cfg, store = _load(config_path)
+    try:
+        kpm_id = store.revoke_key(normalise_ke_id(ke_id))
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"revoked KeID {normalise_ke_id(ke_id)} of {kpm_id}")
 
 
 @mef_enrolee.command("import")
 @config_option
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def enrolee_import(config_path: Path, file: Path) -> None:
-    """Import a manufacturing batch (CSV with a header row, or a JSON list). All rows or none."""
+@click.option("--dry-run", is_flag=True, help="Validate everything and say what would be imported; change nothing.")
+def enrolee_import(config_path: Path, file: Path, dry_run: bool) -> None:
+    """Import a manufacturing batch (CSV with a header row, or a JSON list). All rows or none.
+
+    The file holds keys: it must not be readable by group or others (chmod 600)."""
     from .mef.admin import import_enrolees
     cfg, store = _load(config_path)
     try:
-        written, errors = import_enrolees(store, file, sp_id=cfg.sp_id,
-                                          progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
+        result = import_enrolees(store, file, sp_id=cfg.sp_id, dry_run=dry_run,
+                                 progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
     except RspfError as exc:
         _fail(exc)
-    if errors:
-        for e in errors[:50]:
+    if result.errors:  # (warnings are shown once the file is valid)
+        for e in result.errors[:50]:
             click.echo(f"{file}:{e.line}: {e.message}" if e.line else f"{file}: {e.message}", err=True)
-        if len(errors) > 50:
-            click.echo(f"... and {len(errors) - 50} more bad rows", err=True)
-        click.echo(f"error: {len(errors)} bad row(s); nothing was imported", err=True)
+        if len(result.errors) > 50:
+            click.echo(f"... and {len(result.errors) - 50} more bad rows", err=True)
+        click.echo(f"error: {len(result.errors)} bad row(s); nothing was imported", err=True)
         sys.exit(2)
-    click.echo(f"imported {written} enrolee(s) from {file}")
+    for w in result.warnings[:50]:
+        click.echo(f"{file}:{w.line}: warning: {w.message}", err=True)
+    if len(result.warnings) > 50:
+        click.echo(f"... and {len(result.warnings) - 50} more warnings", err=True)
+    if dry_run:
+        click.echo(f"dry run: {file} is valid; it would import {result.count} enrolee(s) "
+                   f"({len(result.warnings)} warning(s)); nothing was changed")
+    else:
+        click.echo(f"imported {result.count} enrolee(s) from {file}")
 
 
 @mef.group("target")
 def mef_target() -> None:
-    """Register the credentials Enrolment Targets use to fetch keys from the MEF."""
+    """Register the credentials Enrolment Targets (e.g. an IN-CSE) use to fetch keys from the MEF."""
 
 
 @mef_target.command("add")
 @config_option
 @click.option("--psk-identity", required=True, help="The psk_identity the Target presents to the MEF.")
-@click.option("--psk-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--psk-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File with the Target's PSK as hex (mode 0600); see 'rspf keygen'.")
 @click.option("--target-id", required=True, help="The Target's CSE-ID (/id-in) or absolute ID.")
 def target_add(config_path: Path, psk_identity: str, psk_file: Path, target_id: str) -> None:
+    """Register a Target credential (the PSK is read from a file and never printed)."""
     from . import ids
     from .fileutil import read_key_file
     from .mef.admin import PSK_ID_RE
@@ -271,16 +504,41 @@ def target_add(config_path: Path, psk_identity: str, psk_file: Path, target_id: 
 
 @mef_target.command("list")
 @config_option
-def target_list(config_path: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def target_list(config_path: Path, as_json: bool) -> None:
+    """List Target credentials (never their PSKs)."""
     _cfg, store = _load(config_path)
-    for t in store.list_targets():
-        click.echo(f"{t.psk_identity:40} {t.target_id:32} {'revoked' if t.revoked else 'active'}")
+    rows = [t.public_dict() for t in store.list_targets()]
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'PSK identity':40} {'Target-ID':32} {'state':8} created")
+    for r in rows:
+        click.echo(f"{r['pskIdentity']:40} {r['targetID']:32} {r['state']:8} {r['created'] or '-'}")
+    click.echo(f"{len(rows)} Target credential(s)")
+
+
+@mef_target.command("show")
+@config_option
+@click.argument("psk_identity")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def target_show(config_path: Path, psk_identity: str, as_json: bool) -> None:
+    """Show one Target credential (never its PSK)."""
+    _cfg, store = _load(config_path)
+    target = store.get_target(psk_identity)
+    if target is None:
+        _fail(ConfigError(f"no Enrolment Target has the PSK identity {psk_identity}"))
+    if as_json:
+        _echo_json(target.public_dict())
+    else:
+        _echo_fields(target.public_dict())
 
 
 @mef_target.command("revoke")
 @config_option
 @click.argument("psk_identity")
 def target_revoke(config_path: Path, psk_identity: str) -> None:
+    """Revoke a Target credential: the MEF refuses its handshakes from now on."""
     _cfg, store = _load(config_path)
     try:
         store.revoke_target(psk_identity)

@@ -31,6 +31,7 @@ class RSC(IntEnum):
     INTERNAL_SERVER_ERROR = 5000
     NOT_IMPLEMENTED = 5001
     TARGET_NOT_REACHABLE = 5103
+    NOT_ACCEPTABLE = 5207
 
     @property
     def http_status(self) -> int:
@@ -59,6 +60,7 @@ _HTTP_STATUS = {
     RSC.INTERNAL_SERVER_ERROR: 500,
     RSC.NOT_IMPLEMENTED: 501,
     RSC.TARGET_NOT_REACHABLE: 404,  # TS-0009 maps 5103 to 404 Not Found
+    RSC.NOT_ACCEPTABLE: 429,  # project decision: used only for the MEF's enrolment rate limit (with Retry-After)
 }
 
 
@@ -116,6 +118,17 @@ class ContentsUnacceptable(RspfError):
 
 class ProfileInvalid(ContentsUnacceptable):
     """A securityProfile does not satisfy resources/securityProfile.json."""
+
+
+class EnrolmentRateLimited(RspfError):
+    """An enrolee enrolled too often: the MEF answers 5207 NOT_ACCEPTABLE, HTTP 429 with ``Retry-After``
+    (project decision, docs/mef-interface.md). ``retry_after`` is in whole seconds."""
+
+    rsc = RSC.NOT_ACCEPTABLE
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConfigError(RspfError):

@@ -1,7 +1,8 @@
-"""Validation of enrolee and target registrations (admin CLI: add, import).
+"""Validation of enrolee and target registrations (admin CLI: add, update, import).
 
 Every field is checked before anything is written; a batch import validates every row first and then
-writes them all in one transaction, or writes nothing.
+writes them all in one transaction, or writes nothing. What is allowed but suspicious (a registrar with no
+credential to fetch keys, a repeated Kpm or Node-ID) is returned as warnings.
 """
 
 from __future__ import annotations
@@ -12,22 +13,28 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .. import ids, keys
 from ..errors import BadRequest
+from ..fileutil import check_private
 from ..secret import Secret
+from . import protocol
 from .store import EnroleeRecord, MefStore, TargetGrant
 
 PSK_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 NODE_ID_RE = re.compile(r"[\x21-\x7e]{1,256}")
 URI_RE = re.compile(r"(https|http|coaps|mqtts)://[\x21-\x7e]{1,1000}")
+REGISTRAR_URI_RE = re.compile(r"https://[\x21-\x7e]{1,1000}")
+APP_ID_RE = re.compile(r"[\x21-\x3a\x3c-\x7e]+")  # printable ASCII without spaces and ';' (the CSV separator)
 
 FIELDS = ("kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri", "targets", "rm_uri",
-          "enrolment_expiry_seconds", "valid_until")
+          "enrolment_expiry_seconds", "valid_until", "allowed_app_ids")
 REQUIRED = ("kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri")
+#: Fields `enrolee update` may change (the KpmID, Kpm and Enrolee-ID stay; a new Kpm is `rotate-kpm`)
+UPDATABLE = tuple(f for f in FIELDS if f not in ("kpm_id", "kpm", "enrolee_id"))
 
 
 def parse_kpm(text: str) -> Secret:
@@ -78,44 +85,74 @@ def parse_targets(value: Any) -> list[TargetGrant]:
     return grants
 
 
-def enrolee_from_fields(row: dict[str, Any], *, sp_id: str) -> tuple[EnroleeRecord, Secret]:
-    """Validate one enrolee's fields; raise BadRequest naming the field."""
-    unknown = sorted(k for k in row if k not in FIELDS)
+def parse_app_ids(value: Any) -> tuple[str, ...] | None:
+    """Allowed App-ID patterns as ``Nmy-app;Nother*`` or a JSON list; None or "" when not set."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(";")]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise BadRequest("allowed_app_ids must be text like Nmy-app;Nother* or a list")
+    patterns: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise BadRequest("allowed_app_ids: each App-ID pattern must be text")
+        if not item:
+            raise BadRequest("allowed_app_ids: an App-ID pattern is empty")
+        if len(item) > protocol.MAX_APP_ID_LENGTH:
+            raise BadRequest(f"allowed_app_ids: the pattern {item[:40]!r}... is longer than "
+                             f"{protocol.MAX_APP_ID_LENGTH} characters")
+        if not APP_ID_RE.fullmatch(item):
+            raise BadRequest(f"allowed_app_ids: {item!r} must be printable ASCII without spaces or ';'")
+        if item not in patterns:
+            patterns.append(item)
+    if len(patterns) > protocol.MAX_ALLOWED_APP_IDS:
+        raise BadRequest(f"allowed_app_ids: at most {protocol.MAX_ALLOWED_APP_IDS} patterns, got {len(patterns)}")
+    return tuple(patterns)
+
+
+def _check_row(row: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in row if k not in allowed)
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
-    for name in REQUIRED:
-        if row.get(name) in (None, ""):
-            raise BadRequest(f"{name} is required")
-    for name in FIELDS:
+    for name in allowed:
         if name in row and row[name] is not None and not isinstance(row[name], (str, int, list)):
             raise BadRequest(f"{name} has an unusable type")
 
-    def text(name: str) -> str:
-        v = row[name]
-        if not isinstance(v, str):
-            raise BadRequest(f"{name} must be text")
-        return v.strip()
 
-    kpm_id = text("kpm_id")
+def _text(row: dict[str, Any], name: str) -> str:
+    v = row.get(name)
+    if v in (None, ""):
+        raise BadRequest(f"{name} is required")
+    if not isinstance(v, str):
+        raise BadRequest(f"{name} must be text")
+    return v.strip()
+
+
+def _record(row: dict[str, Any], *, sp_id: str) -> EnroleeRecord:
+    """Validate every field of an enrolee but its Kpm; raise BadRequest naming the field."""
+    kpm_id = _text(row, "kpm_id")
     if not PSK_ID_RE.fullmatch(kpm_id):
         raise BadRequest("kpm_id must be 1 to 128 printable ASCII characters without spaces")
-    kpm = parse_kpm(text("kpm"))
-    enrolee_id = text("enrolee_id")
+    enrolee_id = _text(row, "enrolee_id")
     if not (ids.is_cse_id(enrolee_id) or ids.is_ae_id(enrolee_id)):
         raise BadRequest("enrolee_id must be a CSE-ID (/id-mn) or an AE-ID starting with C or S (Cmy-sensor)")
-    node_id = text("node_id")
+    node_id = _text(row, "node_id")
     if not NODE_ID_RE.fullmatch(node_id):
         raise BadRequest("node_id must be 1 to 256 printable ASCII characters without spaces")
-    registrar = text("registrar_cse_id")
+    registrar = _text(row, "registrar_cse_id")
     if not ids.is_cse_id(registrar):
         raise BadRequest("registrar_cse_id must be an SP-relative CSE-ID such as /id-in")
     try:
         keys.target_fqdn(sp_id + registrar)
     except BadRequest:
         raise BadRequest("registrar_cse_id cannot be written as an FQDN label (use letters, digits, '-')") from None
-    uri = text("registrar_uri")
-    if not URI_RE.fullmatch(uri):
-        raise BadRequest("registrar_uri must be the CSEBase URI, e.g. https://in.example.com:8443/cse-in")
+    uri = _text(row, "registrar_uri")
+    if not REGISTRAR_URI_RE.fullmatch(uri):
+        raise BadRequest("registrar_uri must be the https:// URI of the registrar's CSEBase, e.g. "
+                         "https://in.example.com:8443/cse-in (an enrolee reaches its registrar over TLS only)")
     targets = parse_targets(row.get("targets"))
     rm_uri = row.get("rm_uri") or None
     if rm_uri is not None and (not isinstance(rm_uri, str) or not URI_RE.fullmatch(rm_uri)):
@@ -139,10 +176,80 @@ def enrolee_from_fields(row: dict[str, Any], *, sp_id: str) -> tuple[EnroleeReco
             raise BadRequest("valid_until must be an ISO 8601 date-time, e.g. 2027-12-31T00:00:00Z") from None
         if valid_until.tzinfo is None:
             valid_until = valid_until.replace(tzinfo=dt.UTC)
-    rec = EnroleeRecord(kpm_id=kpm_id, enrolee_id=enrolee_id, node_id=node_id, registrar_cse_id=registrar,
-                        registrar_uri=uri, targets=targets, rm_uri=rm_uri, enrolment_expiry_seconds=expiry,
-                        valid_until=valid_until)
-    return rec, kpm
+    return EnroleeRecord(kpm_id=kpm_id, enrolee_id=enrolee_id, node_id=node_id, registrar_cse_id=registrar,
+                         registrar_uri=uri, targets=targets, rm_uri=rm_uri, enrolment_expiry_seconds=expiry,
+                         valid_until=valid_until, allowed_app_ids=parse_app_ids(row.get("allowed_app_ids")))
+
+
+def enrolee_from_fields(row: dict[str, Any], *, sp_id: str) -> tuple[EnroleeRecord, Secret]:
+    """Validate one enrolee's fields; raise BadRequest naming the field."""
+    _check_row(row, FIELDS)
+    for name in REQUIRED:
+        if row.get(name) in (None, ""):
+            raise BadRequest(f"{name} is required")
+    rec = _record(row, sp_id=sp_id)
+    return rec, parse_kpm(_text(row, "kpm"))
+
+
+def updated_enrolee(rec: EnroleeRecord, changes: dict[str, Any], *, sp_id: str) -> EnroleeRecord:
+    """``rec`` with ``changes`` (field name -> new value; None or "" clears an optional field), validated
+    like a new registration. Its state, times and Kpm generation are kept."""
+    _check_row(changes, UPDATABLE)
+    if not changes:
+        raise BadRequest("nothing to change: name at least one field")
+    current: dict[str, Any] = {
+        "kpm_id": rec.kpm_id, "enrolee_id": rec.enrolee_id, "node_id": rec.node_id,
+        "registrar_cse_id": rec.registrar_cse_id, "registrar_uri": rec.registrar_uri,
+        "targets": [{"id": t.target_id, "suids": list(t.suids)} for t in rec.targets], "rm_uri": rec.rm_uri,
+        "enrolment_expiry_seconds": rec.enrolment_expiry_seconds,
+        "valid_until": rec.valid_until.isoformat() if rec.valid_until else None,
+        "allowed_app_ids": list(rec.allowed_app_ids) if rec.allowed_app_ids is not None else None,
+    }
+    new = _record({**current, **changes}, sp_id=sp_id)
+    return replace(new, state=rec.state, created=rec.created, last_enrolled=rec.last_enrolled,
+                   kpm_generation=rec.kpm_generation)
+
+
+class Fetchers:
+    """Who can fetch keys from this MEF: the IDs (absolute form) of the registered, unrevoked Enrolment
+    Target credentials, plus enrolled CSEs (which may fetch with their KpmID)."""
+
+    def __init__(self, store: MefStore, sp_id: str) -> None:
+        self._store, self._sp_id = store, sp_id
+        self._targets = {ids.absolute_id(t.target_id, sp_id) for t in store.list_targets() if not t.revoked}
+        self._batch_cses: set[str] = set()
+
+    def add_batch_cse(self, enrolee_id: str) -> None:
+        """A CSE enrolee of the batch being imported (it will be able to fetch once imported)."""
+        if ids.is_cse_id(enrolee_id):
+            self._batch_cses.add(ids.absolute_id(enrolee_id, self._sp_id))
+
+    def can_fetch(self, target_id: str) -> bool:
+        absolute = ids.absolute_id(target_id, self._sp_id)
+        if absolute in self._targets or absolute in self._batch_cses:
+            return True
+        relative = ids.sp_relative_cse_id(absolute, self._sp_id)
+        return bool(relative and ids.is_cse_id(relative) and self._store.has_enrolee_id(relative))
+
+
+def registration_warnings(store: MefStore, rec: EnroleeRecord, kpm: Secret | None, fetchers: Fetchers) -> list[str]:
+    """What is suspicious but allowed about a registration: a registrar or Target with no credential to fetch
+    keys with (yet), a Kpm or Node-ID another enrolee already has."""
+    warnings = []
+    for target_id in [rec.registrar_cse_id, *(t.target_id for t in rec.targets)]:
+        if not fetchers.can_fetch(target_id):
+            role = "registrar" if target_id == rec.registrar_cse_id else "Enrolment Target"
+            warnings.append(f"the {role} {target_id} has no Enrolment Target credential at this MEF (and is not an "
+                            "enrolled CSE): it cannot fetch this enrolee's keys until 'rspf mef target add' "
+                            "registers one")
+    if kpm is not None:
+        others = [k for k in store.enrolees_with_kpm(kpm) if k != rec.kpm_id]
+        if others:
+            warnings.append(f"its Kpm is also the Kpm of {', '.join(others[:5])}: every Kpm should be unique")
+    others = [k for k in store.enrolees_with_node_id(rec.node_id) if k != rec.kpm_id]
+    if others:
+        warnings.append(f"its Node-ID {rec.node_id} is also registered for {', '.join(others[:5])}")
+    return warnings
 
 
 @dataclass
@@ -185,14 +292,31 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line, {k: v for k, v in row.items() if v not in (None, "")}
 
 
-def import_enrolees(store: MefStore, path: Path, *, sp_id: str,
-                    progress: Callable[[int], None] | None = None) -> tuple[int, list[RowError]]:
-    """Validate every row; if all are good write them in one transaction. Returns (written, errors)."""
+@dataclass
+class ImportResult:
+    count: int  # written (or, for a dry run, that would be written)
+    errors: list[RowError]
+    warnings: list[RowError]
+
+
+def import_enrolees(store: MefStore, path: Path, *, sp_id: str, progress: Callable[[int], None] | None = None,
+                    dry_run: bool = False) -> ImportResult:
+    """Validate every row; if all are good (and not ``dry_run``) write them in one transaction. The file holds
+    keys: one readable by group or others is refused like a key file."""
+    check_private(path, "enrolee batch file")
     good: list[tuple[EnroleeRecord, Secret]] = []
     errors: list[RowError] = []
+    warnings: list[RowError] = []
     seen_kpm: dict[str, int] = {}
     seen_eid: dict[str, int] = {}
-    for n, (line, row) in enumerate(read_rows(path), 1):
+    seen_key: dict[bytes, int] = {}
+    seen_node: dict[str, int] = {}
+    fetchers = Fetchers(store, sp_id)
+    rows = list(read_rows(path))
+    for _line, row in rows:
+        if isinstance(row.get("enrolee_id"), str):
+            fetchers.add_batch_cse(row["enrolee_id"].strip())
+    for n, (line, row) in enumerate(rows, 1):
         if progress and n % 500 == 0:
             progress(n)
         try:
@@ -212,10 +336,21 @@ def import_enrolees(store: MefStore, path: Path, *, sp_id: str,
             seen_kpm[rec.kpm_id] = line
             seen_eid[rec.enrolee_id] = line
             good.append((rec, kpm))
+            notes = registration_warnings(store, rec, kpm, fetchers)
+            key = kpm.reveal()
+            if key in seen_key:
+                notes.append(f"its Kpm is also the Kpm of the enrolee on line {seen_key[key]}")
+            if rec.node_id in seen_node:
+                notes.append(f"its Node-ID {rec.node_id} repeats the one on line {seen_node[rec.node_id]}")
+            seen_key.setdefault(key, line)
+            seen_node.setdefault(rec.node_id, line)
+            warnings += [RowError(line, note) for note in notes]
         except BadRequest as exc:
             errors.append(RowError(line, str(exc)))
     if errors:
-        return 0, errors
+        return ImportResult(0, errors, warnings)
     if not good:
-        return 0, [RowError(0, "the file holds no enrolees")]
-    return store.add_enrolees(good), []
+        return ImportResult(0, [RowError(0, "the file holds no enrolees")], warnings)
+    if dry_run:
+        return ImportResult(len(good), [], warnings)
+    return ImportResult(store.add_enrolees(good), [], warnings)

@@ -26,6 +26,12 @@ class MefConfig:
     database: Path = Path("mef.sqlite")
     master_key_file: Path = Path("mef.masterkey")
     enrolment_expiry_seconds: int = 30 * 24 * 3600
+    key_retirement_grace_seconds: int = 300
+    max_live_keys_per_enrolee: int = 3
+    enrolment_rate_burst: int = 5
+    enrolment_rate_interval_seconds: float = 60.0
+    purge_interval_seconds: float = 60.0
+    revocation_log_days: int = 30
     max_body_bytes: int = 64 * 1024
     tls_min_version: str = "1.2"
     tls_max_version: str = "1.3"
@@ -90,6 +96,18 @@ class MefConfig:
         exp = get("enrolment_expiry_seconds", int)
         if exp < 60:
             raise err("enrolment_expiry_seconds", "must be at least 60")
+        hygiene: dict[str, int] = {}
+        for key, low, top in (("key_retirement_grace_seconds", 0, 30 * 24 * 3600),
+                              ("max_live_keys_per_enrolee", 1, 1000), ("enrolment_rate_burst", 1, 100_000),
+                              ("revocation_log_days", 1, 3650)):
+            hygiene[key] = get(key, int)
+            if not low <= hygiene[key] <= top:
+                raise err(key, f"must be between {low} and {top}")
+        periods: dict[str, float] = {}
+        for key in ("enrolment_rate_interval_seconds", "purge_interval_seconds"):
+            periods[key] = float(get(key, (int, float)))
+            if not 0 < periods[key] <= 86400:
+                raise err(key, "must be more than 0 and at most 86400 seconds")
         max_body = get("max_body_bytes", int)
         if not 1024 <= max_body <= 16 * 1024 * 1024:
             raise err("max_body_bytes", "must be between 1024 and 16777216")
@@ -128,11 +146,16 @@ class MefConfig:
         return cls(
             fqdn=fqdn.lower(), sp_id=sp_id, listen=listen, port=port,
             database=path_of("database"), master_key_file=path_of("master_key_file"),  # type: ignore[arg-type]
-            enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin,
-            tls_max_version=vmax, handshake_timeout=timeouts["handshake_timeout"],
+            enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin, tls_max_version=vmax,
+            handshake_timeout=timeouts["handshake_timeout"],
             request_timeout=timeouts["request_timeout"], idle_timeout=timeouts["idle_timeout"],
             max_connections=counts["max_connections"], max_connections_per_source=counts["max_connections_per_source"],
             workers=counts["workers"], log_level=level, log_file=path_of("log_file"), source=source,
+            key_retirement_grace_seconds=hygiene["key_retirement_grace_seconds"],
+            max_live_keys_per_enrolee=hygiene["max_live_keys_per_enrolee"],
+            enrolment_rate_burst=hygiene["enrolment_rate_burst"], revocation_log_days=hygiene["revocation_log_days"],
+            enrolment_rate_interval_seconds=periods["enrolment_rate_interval_seconds"],
+            purge_interval_seconds=periods["purge_interval_seconds"],
         )
 
     def server_limits(self) -> ServerLimits:
@@ -153,6 +176,12 @@ port = 8443
 database = "mef.sqlite"             # relative paths are relative to this file
 master_key_file = "mef.masterkey"   # created 0600 on first start; encrypts keys at rest
 enrolment_expiry_seconds = 2592000  # default lifetime of an Enrolment Key (Ke)
+key_retirement_grace_seconds = 300  # a re-enrolment retires the enrolee's earlier KeIDs this much later
+max_live_keys_per_enrolee = 3       # usable KeIDs per enrolee; beyond it the oldest are retired at once
+enrolment_rate_burst = 5            # enrolments one enrolee may make back to back ...
+enrolment_rate_interval_seconds = 60  # ... and one more each this many seconds
+purge_interval_seconds = 60         # how often the running MEF deletes expired and retired keys
+revocation_log_days = 30            # how long revocation log rows are kept
 max_body_bytes = 65536
 tls_min_version = "1.2"
 tls_max_version = "1.3"

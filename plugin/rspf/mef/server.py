@@ -10,7 +10,7 @@ import logging
 import h11
 
 from .. import keys, wire
-from ..errors import RSC, OperationNotAllowed, RspfError
+from ..errors import RSC, EnrolmentRateLimited, OperationNotAllowed, RspfError
 from ..httpserver import TlsHttpServer
 from ..tls import PskServer, ServerTls
 from . import protocol
@@ -75,4 +75,7 @@ class MefServer(TlsHttpServer):
                 log.info("request from %s refused with %d: %s", session.principal_id, int(exc.rsc), exc)
             if fetch:  # TS-0003 Table 8.3.2.1-6
                 return wire.onem2m_response(exc.rsc, protocol.fetch_error(str(exc)), request_id=ri, rvi=rvi), False
-            return wire.error_response(exc, request_id=ri, rvi=rvi), False
+            resp = wire.error_response(exc, request_id=ri, rvi=rvi)
+            if isinstance(exc, EnrolmentRateLimited):
+                resp.headers["retry-after"] = str(exc.retry_after)
+            return resp, False

@@ -14,23 +14,28 @@ import base64
 import datetime as dt
 import enum
 import logging
+import math
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import ids, keys, profile
-from ..errors import RSC, AccessDenied, BadRequest, NotFound, OperationNotAllowed, RspfError
-from ..ratelimit import RefusalLog
+from ..errors import RSC, AccessDenied, BadRequest, EnrolmentRateLimited, NotFound, OperationNotAllowed, RspfError
+from ..ratelimit import Clock, RefusalLog, TokenBucket
 from ..secret import Secret
 from . import protocol
 from .config import MefConfig
-from .store import EnroleeRecord, MefStore, utcnow
+from .store import EnroleeRecord, MefStore, PurgeCounts, utcnow
 
 log = logging.getLogger(__name__)
 
 #: Enrolee records kept between a handshake and its session (one per handshake in progress; the oldest go first)
 HANDOVER_SIZE = 1024
+#: Enrolees whose enrolment budget is remembered (least recently enrolled forgotten first: a full budget again)
+ENROLMENT_BUDGETS = 100_000
 
 class Principal(enum.Enum):
     ENROLEE = "enrolee"
@@ -72,12 +77,15 @@ class Reply:
 
 
 class MefService:
-    def __init__(self, config: MefConfig, store: MefStore) -> None:
+    def __init__(self, config: MefConfig, store: MefStore, *, clock: Clock = time.monotonic) -> None:
         self.config = config
         self.store = store
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
         self._handover: dict[str, EnroleeRecord] = {}  # enrolee records read at the handshake, by identity
         self._handover_lock = threading.Lock()
+        self._clock = clock
+        self._budgets: OrderedDict[str, TokenBucket] = OrderedDict()  # enrolment rate limit, by KpmID
+        self._budget_lock = threading.Lock()
 
     # -- authentication -------------------------------------------------------------------------
     def psk_for(self, identity: str, peer_ip: str | None = None) -> Secret | None:
@@ -162,7 +170,35 @@ class MefService:
             raise AccessDenied("only an Enrolee authenticated with its KpmID may use this resource")
         if session.phase is Phase.ENDED:
             raise OperationNotAllowed("the Enrolment Exchange of this session has ended")
+        if not session.committed:
+            self._check_enrolment_budget(session.psk_identity)
         return session.enrolee
+
+    def _check_enrolment_budget(self, kpm_id: str) -> None:
+        """Refuse (5207, with a retry hint) an enrolee that spent its enrolment budget: ``enrolment_rate_burst``
+        enrolments back to back, then one more every ``enrolment_rate_interval_seconds``."""
+        with self._budget_lock:
+            bucket = self._budgets.get(kpm_id)
+            now = self._clock()
+            if bucket is None or bucket.available(now):
+                return
+            wait = max(1, math.ceil((1.0 - bucket.tokens) / bucket.rate))
+        raise EnrolmentRateLimited(
+            f"this enrolee has enrolled too often ({self.config.enrolment_rate_burst} enrolments, then one every "
+            f"{self.config.enrolment_rate_interval_seconds:g} s); try again in {wait} s", wait)
+
+    def _charge_enrolment(self, kpm_id: str) -> None:
+        with self._budget_lock:
+            now = self._clock()
+            bucket = self._budgets.get(kpm_id)
+            if bucket is None:
+                bucket = self._budgets[kpm_id] = TokenBucket(1.0 / self.config.enrolment_rate_interval_seconds,
+                                                             self.config.enrolment_rate_burst, now)
+                while len(self._budgets) > ENROLMENT_BUDGETS:
+                    self._budgets.popitem(last=False)
+            else:
+                self._budgets.move_to_end(kpm_id)
+            bucket.charge(now)
 
     def _expiry(self, session: Session) -> dt.datetime:
         rec = session.enrolee
@@ -178,11 +214,20 @@ class MefService:
         if session.committed:
             return
         assert session.ke_id and session.enrolment_key and session.enrolee
-        self.store.put_enrolment_key(session.ke_id, session.psk_identity, session.enrolment_key, session.created,
-                                     self._expiry(session))
+        cfg = self.config
+        retired = self.store.put_enrolment_key(
+            session.ke_id, session.psk_identity, session.enrolment_key, session.created, self._expiry(session),
+            kpm_generation=session.enrolee.kpm_generation,
+            retire_after=dt.timedelta(seconds=cfg.key_retirement_grace_seconds),
+            max_live_keys=cfg.max_live_keys_per_enrolee)
         session.committed = True
-        log.info("enrolee %s (KpmID %s) enrolled: KeID %s, expires %s", session.enrolee.enrolee_id,
-                 session.psk_identity, session.ke_id, self._expiry(session).isoformat())
+        self._charge_enrolment(session.psk_identity)
+        log.info("enrolee %s (KpmID %s) enrolled: KeID %s, expires %s; its earlier KeIDs retire in %d s",
+                 session.enrolee.enrolee_id, session.psk_identity, session.ke_id, self._expiry(session).isoformat(),
+                 cfg.key_retirement_grace_seconds)
+        if retired:
+            log.info("enrolee %s holds more than %d live KeIDs: retired %s at once", session.enrolee.enrolee_id,
+                     cfg.max_live_keys_per_enrolee, ", ".join(retired))
 
     def registrar_key(self, session: Session) -> tuple[Secret, str]:
         rec = session.enrolee
@@ -266,19 +311,32 @@ class MefService:
             raise NotFound("this KeID was not issued by this MEF")
         record = self.store.get_enrolment_key(ke_id)
         if record is None:
-            raise NotFound("no live Enrolment Key has this KeID (unknown, expired or revoked)")
+            raise NotFound("no live Enrolment Key has this KeID (unknown, expired or revoked; or retired by a "
+                           "re-enrolment, or its enrolee is suspended)")
         enrolee = self.store.get_enrolee(record.kpm_id)
-        assert enrolee is not None
+        if enrolee is None:  # deleted between the two reads
+            raise NotFound("no live Enrolment Key has this KeID (its enrolee was just deleted)")
         if not self._authorized(enrolee, target, suid):
             raise AccessDenied(f"{target} is not an authorized Enrolment Target of this Enrolee for SUID {suid}")
         kuc = keys.derive_usage_constrained_key(record.enrolment_key, suid, keys.target_fqdn(target))
         log.info("fetchCredentials: Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
                  enrolee.enrolee_id)
         return Reply(RSC.OK, protocol.fetch_response(kuc.reveal(), enrolee.enrolee_id,
-                                                     profile.format_timestamp(record.expires)))
+                                                     profile.format_timestamp(record.expires),
+                                                     allowed_app_ids=enrolee.allowed_app_ids))
 
     def _authorized(self, enrolee: EnroleeRecord, target: str, suid: int) -> bool:
         grants: list[tuple[str, tuple[int, ...]]] = [(self.absolute_id(enrolee.registrar_cse_id),
                                                        (keys.SUID_RSPF_SAEF,))]
         grants += [(self.absolute_id(t.target_id), t.suids) for t in enrolee.targets]
         return any(t == target and suid in s for t, s in grants)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def purge(self, now: dt.datetime | None = None) -> PurgeCounts:
+        """Delete expired and retired keys and old revocation log rows (``rspf mef serve`` runs it every
+        ``purge_interval_seconds``), so the database stays bounded."""
+        counts = self.store.purge(now, dt.timedelta(days=self.config.revocation_log_days))
+        if counts.expired or counts.retired or counts.log_rows:
+            log.info("purged %d expired and %d retired Enrolment Keys and %d revocation log rows", counts.expired,
+                     counts.retired, counts.log_rows)
+        return counts

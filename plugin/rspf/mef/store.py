@@ -8,7 +8,10 @@ a batch import either lands whole or not at all.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -17,19 +20,39 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import Conflict, NotFound, StoreError
+from ..errors import AccessDenied, BadRequest, Conflict, NotFound, StoreError
 from ..fileutil import check_private, new_key_file, read_key_file
 from ..sealing import Sealer
 from ..secret import Secret
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+
+#: Enrolee states: ``active`` enrols and its keys are served; ``suspended`` neither (until resumed; its keys
+#: stay stored and are served again after resume if still live); ``revoked`` is final (its keys are deleted).
+ACTIVE, SUSPENDED, REVOKED = "active", "suspended", "revoked"
+STATES = (ACTIVE, SUSPENDED, REVOKED)
+
+#: Causes written to the revocation log (why a KeID stopped being usable)
+CAUSE_ENROLEE_REVOKED = "enrolee-revoked"
+CAUSE_KEY_REVOKED = "key-revoked"
+CAUSE_SUSPENDED = "enrolee-suspended"
+CAUSE_DELETED = "enrolee-deleted"
+CAUSE_KPM_ROTATED = "kpm-rotated"
+CAUSE_RETIRED = "retired"              # replaced by a re-enrolment, after the grace
+CAUSE_LIVE_KEY_CAP = "live-key-cap"    # replaced by a re-enrolment beyond the cap of live keys, at once
+CAUSE_EXPIRED = "expired"
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS enrolees (
     kpm_id TEXT PRIMARY KEY,
     kpm BLOB NOT NULL,
+    kpm_fingerprint BLOB NOT NULL,
+    kpm_generation INTEGER NOT NULL DEFAULT 1,
     enrolee_id TEXT NOT NULL,
     node_id TEXT NOT NULL,
     registrar_cse_id TEXT NOT NULL,
@@ -38,11 +61,14 @@ CREATE TABLE IF NOT EXISTS enrolees (
     rm_uri TEXT,
     enrolment_expiry_seconds INTEGER,
     valid_until TEXT,
-    revoked INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'suspended', 'revoked')),
+    allowed_app_ids TEXT,
     created TEXT NOT NULL,
     last_enrolled TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_id ON enrolees(enrolee_id);
+CREATE INDEX IF NOT EXISTS enrolees_by_node ON enrolees(node_id);
+CREATE INDEX IF NOT EXISTS enrolees_by_kpm ON enrolees(kpm_fingerprint);
 CREATE TABLE IF NOT EXISTS targets (
     psk_identity TEXT PRIMARY KEY,
     psk BLOB NOT NULL,
@@ -55,9 +81,20 @@ CREATE TABLE IF NOT EXISTS enrolment_keys (
     kpm_id TEXT NOT NULL REFERENCES enrolees(kpm_id),
     ke BLOB NOT NULL,
     created TEXT NOT NULL,
-    expires TEXT NOT NULL
+    expires TEXT NOT NULL,
+    retire_at TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_enrolee ON enrolment_keys(kpm_id);
+CREATE INDEX IF NOT EXISTS keys_by_expiry ON enrolment_keys(expires);
+CREATE INDEX IF NOT EXISTS keys_by_retirement ON enrolment_keys(retire_at) WHERE retire_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ke_id TEXT NOT NULL,
+    enrolee_id TEXT NOT NULL,
+    cause TEXT NOT NULL,
+    time TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revocations_by_time ON revocations(time);
 """
 
 
@@ -92,9 +129,13 @@ class EnroleeRecord:
     rm_uri: str | None = None
     enrolment_expiry_seconds: int | None = None
     valid_until: dt.datetime | None = None
-    revoked: bool = False
+    state: str = ACTIVE
+    #: App-ID patterns this enrolee may register with (sent to Targets with its keys); None: not set
+    allowed_app_ids: tuple[str, ...] | None = None
     created: dt.datetime | None = None
     last_enrolled: dt.datetime | None = None
+    #: 1 for the Kpm the enrolee was registered with, +1 at each rotation (a session proves which one it used)
+    kpm_generation: int = 1
 
     @property
     def enrolee_type(self) -> str:
@@ -107,7 +148,9 @@ class EnroleeRecord:
             "nodeID": self.node_id, "registrarCSEID": self.registrar_cse_id, "registrarURI": self.registrar_uri,
             "targets": [{"id": t.target_id, "suids": list(t.suids)} for t in self.targets],
             "remoteManagementURI": self.rm_uri, "enrolmentExpirySeconds": self.enrolment_expiry_seconds,
-            "validUntil": _ts(self.valid_until), "revoked": self.revoked, "created": _ts(self.created),
+            "validUntil": _ts(self.valid_until), "state": self.state,
+            "allowedAppIDs": list(self.allowed_app_ids) if self.allowed_app_ids is not None else None,
+            "kpmGeneration": self.kpm_generation, "created": _ts(self.created),
             "lastEnrolled": _ts(self.last_enrolled),
         }
 
@@ -119,6 +162,11 @@ class TargetRecord:
     revoked: bool = False
     created: dt.datetime | None = None
 
+    def public_dict(self) -> dict:
+        """Everything about the Target credential except its PSK."""
+        return {"pskIdentity": self.psk_identity, "targetID": self.target_id,
+                "state": "revoked" if self.revoked else "active", "created": _ts(self.created)}
+
 
 @dataclass
 class EnrolmentKeyRecord:
@@ -127,6 +175,31 @@ class EnrolmentKeyRecord:
     enrolment_key: Secret
     created: dt.datetime
     expires: dt.datetime
+    retire_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One row of the revocation log: KeID ``ke_id`` of ``enrolee_id`` stopped being usable at ``time``."""
+
+    seq: int
+    ke_id: str
+    enrolee_id: str
+    cause: str
+    time: dt.datetime
+
+
+@dataclass(frozen=True)
+class PurgeCounts:
+    expired: int = 0
+    retired: int = 0
+    log_rows: int = 0
+
+
+#: Most rows one purge transaction deletes (the write lock is released between batches)
+PURGE_BATCH = 2000
+#: Most rows one revocations_since call returns
+MAX_REVOCATIONS_PAGE = 10_000
 
 
 class MefStore:
@@ -148,6 +221,9 @@ class MefStore:
                 "without it the stored keys cannot be opened"
             )
         self._sealer = Sealer(master, b"mef store")
+        # keyed fingerprints find a repeated Kpm without unsealing every stored one (and say nothing without the key)
+        self._fingerprint_key = Secret(hmac.new(master.reveal(), b"onem2m-rspf mef kpm fingerprint",
+                                                hashlib.sha256).digest(), "fingerprint key")
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,14 +231,12 @@ class MefStore:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         check_private(self.path, "MEF database")
-        with self._write_lock, self._borrow() as db:
-            db.executescript(_DDL)  # executescript commits by itself: run it outside a transaction
         with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {row[0]}; this MEF reads {SCHEMA_VERSION}")
+            version = int(row[0]) if row else None
+            if version is not None and version not in (1, SCHEMA_VERSION):
+                raise StoreError(f"{self.path} has schema version {version}; this MEF reads {SCHEMA_VERSION}")
             # A sealed check value proves at open time that the master key is the one the data was sealed with.
             check = db.execute("SELECT value FROM meta WHERE name='key_check'").fetchone()
             if check is None:
@@ -174,6 +248,33 @@ class MefStore:
                 except StoreError:
                     raise StoreError(f"the master key {key_path} does not open the database {self.path} "
                                      "(wrong or replaced key file)") from None
+            if version == SCHEMA_VERSION:
+                return
+            if version == 1:
+                self._migrate_v1(db)
+            for statement in _DDL.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _migrate_v1(self, db: sqlite3.Connection) -> None:
+        """Schema 1 -> 2 in place, inside the opening transaction: enrolee state (from ``revoked``), allowed
+        App-IDs, Kpm generation and fingerprint; key retirement times; the revocation log (created by the DDL)."""
+        db.execute("ALTER TABLE enrolees ADD COLUMN kpm_fingerprint BLOB NOT NULL DEFAULT x''")
+        db.execute("ALTER TABLE enrolees ADD COLUMN kpm_generation INTEGER NOT NULL DEFAULT 1")
+        db.execute("ALTER TABLE enrolees ADD COLUMN state TEXT NOT NULL DEFAULT 'active'"
+                   " CHECK (state IN ('active', 'suspended', 'revoked'))")
+        db.execute("ALTER TABLE enrolees ADD COLUMN allowed_app_ids TEXT")
+        db.execute("UPDATE enrolees SET state='revoked' WHERE revoked != 0")
+        db.execute("ALTER TABLE enrolees DROP COLUMN revoked")
+        for kpm_id, sealed in db.execute("SELECT kpm_id, kpm FROM enrolees").fetchall():
+            kpm = self._sealer.open(sealed, b"kpm:" + kpm_id.encode())
+            db.execute("UPDATE enrolees SET kpm_fingerprint=? WHERE kpm_id=?", (self._fingerprint(kpm), kpm_id))
+        db.execute("ALTER TABLE enrolment_keys ADD COLUMN retire_at TEXT")
+        log.info("migrated the MEF database %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
+
+    def _fingerprint(self, kpm: bytes) -> bytes:
+        return hmac.new(self._fingerprint_key.reveal(), kpm, hashlib.sha256).digest()
 
     # -- plumbing -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -233,19 +334,38 @@ class MefStore:
                 if db.execute("SELECT 1 FROM enrolees WHERE enrolee_id=?", (rec.enrolee_id,)).fetchone():
                     raise Conflict(f"an enrolee with Enrolee-ID {rec.enrolee_id} already exists")
                 db.execute(
-                    "INSERT INTO enrolees (kpm_id, kpm, enrolee_id, node_id, registrar_cse_id, registrar_uri,"
-                    " targets, rm_uri, enrolment_expiry_seconds, valid_until, revoked, created)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,0,?)",
-                    (rec.kpm_id, self._sealer.seal(kpm.reveal(), b"kpm:" + rec.kpm_id.encode()), rec.enrolee_id,
-                     rec.node_id, rec.registrar_cse_id, rec.registrar_uri,
-                     json.dumps([[t.target_id, list(t.suids)] for t in rec.targets]), rec.rm_uri,
-                     rec.enrolment_expiry_seconds, _ts(rec.valid_until), now),
+                    "INSERT INTO enrolees (kpm_id, kpm, kpm_fingerprint, enrolee_id, node_id, registrar_cse_id,"
+                    " registrar_uri, targets, rm_uri, enrolment_expiry_seconds, valid_until, state, allowed_app_ids,"
+                    " created) VALUES (?,?,?,?,?,?,?,?,?,?,?,'active',?,?)",
+                    (rec.kpm_id, self._seal_kpm(rec.kpm_id, kpm), self._fingerprint(kpm.reveal()), rec.enrolee_id,
+                     *self._mutable_values(rec), now),
                 )
                 n += 1
         return n
 
     def add_enrolee(self, rec: EnroleeRecord, kpm: Secret) -> None:
         self.add_enrolees([(rec, kpm)])
+
+    def _seal_kpm(self, kpm_id: str, kpm: Secret) -> bytes:
+        return self._sealer.seal(kpm.reveal(), b"kpm:" + kpm_id.encode())
+
+    @staticmethod
+    def _mutable_values(rec: EnroleeRecord) -> tuple:
+        """node_id ... allowed_app_ids, in the column order of add_enrolees and update_enrolee."""
+        return (rec.node_id, rec.registrar_cse_id, rec.registrar_uri,
+                json.dumps([[t.target_id, list(t.suids)] for t in rec.targets]), rec.rm_uri,
+                rec.enrolment_expiry_seconds, _ts(rec.valid_until),
+                json.dumps(list(rec.allowed_app_ids)) if rec.allowed_app_ids is not None else None)
+
+    def update_enrolee(self, rec: EnroleeRecord) -> None:
+        """Write the changeable fields of an enrolee (everything but its KpmID, Kpm, Enrolee-ID and state)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE enrolees SET node_id=?, registrar_cse_id=?, registrar_uri=?, targets=?, rm_uri=?,"
+                " enrolment_expiry_seconds=?, valid_until=?, allowed_app_ids=? WHERE kpm_id=?",
+                (*self._mutable_values(rec), rec.kpm_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"no enrolee has the KpmID {rec.kpm_id}")
 
     @staticmethod
     def _check_free(db: sqlite3.Connection, identity: str) -> None:
@@ -255,15 +375,17 @@ class MefStore:
             raise Conflict(f"the PSK identity {identity} is already registered")
 
     _ENROLEE_COLS = ("kpm_id, enrolee_id, node_id, registrar_cse_id, registrar_uri, targets, rm_uri,"
-                     " enrolment_expiry_seconds, valid_until, revoked, created, last_enrolled")
+                     " enrolment_expiry_seconds, valid_until, state, allowed_app_ids, created, last_enrolled,"
+                     " kpm_generation")
 
     @staticmethod
     def _enrolee(row: tuple) -> EnroleeRecord:
         return EnroleeRecord(
             kpm_id=row[0], enrolee_id=row[1], node_id=row[2], registrar_cse_id=row[3], registrar_uri=row[4],
             targets=[TargetGrant(t, tuple(s)) for t, s in json.loads(row[5])], rm_uri=row[6],
-            enrolment_expiry_seconds=row[7], valid_until=_from_ts(row[8]), revoked=bool(row[9]),
-            created=_from_ts(row[10]), last_enrolled=_from_ts(row[11]),
+            enrolment_expiry_seconds=row[7], valid_until=_from_ts(row[8]), state=row[9],
+            allowed_app_ids=tuple(json.loads(row[10])) if row[10] is not None else None,
+            created=_from_ts(row[11]), last_enrolled=_from_ts(row[12]), kpm_generation=row[13],
         )
 
     def get_enrolee(self, kpm_id: str) -> EnroleeRecord | None:
@@ -273,16 +395,47 @@ class MefStore:
     def has_enrolee_id(self, enrolee_id: str) -> bool:
         return self._one("SELECT 1 FROM enrolees WHERE enrolee_id=?", (enrolee_id,)) is not None
 
-    def list_enrolees(self) -> list[EnroleeRecord]:
-        rows = self._all(f"SELECT {self._ENROLEE_COLS} FROM enrolees ORDER BY kpm_id")
+    @staticmethod
+    def _filters(state: str | None, registrar: str | None, expiring_before: dt.datetime | None) -> tuple[str, tuple]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            clauses.append("state=?")
+            params.append(state)
+        if registrar is not None:
+            clauses.append("registrar_cse_id=?")
+            params.append(registrar)
+        if expiring_before is not None:
+            clauses.append("valid_until IS NOT NULL AND valid_until < ?")
+            params.append(_ts(expiring_before))
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+    def list_enrolees(self, *, state: str | None = None, registrar: str | None = None,
+                      expiring_before: dt.datetime | None = None, limit: int | None = None,
+                      offset: int = 0) -> list[EnroleeRecord]:
+        """Enrolees ordered by KpmID, optionally only those in ``state``, with registrar CSE-ID ``registrar``, or
+        whose ``valid_until`` is before ``expiring_before``; ``limit`` and ``offset`` page through them."""
+        where, params = self._filters(state, registrar, expiring_before)
+        rows = self._all(f"SELECT {self._ENROLEE_COLS} FROM enrolees{where} ORDER BY kpm_id LIMIT ? OFFSET ?",
+                         (*params, -1 if limit is None else limit, offset))
         return [self._enrolee(r) for r in rows]
 
-    def count_enrolees(self) -> int:
-        row = self._one("SELECT count(*) FROM enrolees")
+    def count_enrolees(self, *, state: str | None = None, registrar: str | None = None,
+                       expiring_before: dt.datetime | None = None) -> int:
+        where, params = self._filters(state, registrar, expiring_before)
+        row = self._one(f"SELECT count(*) FROM enrolees{where}", params)
         return int(row[0]) if row else 0
 
+    def enrolees_with_kpm(self, kpm: Secret) -> list[str]:
+        """KpmIDs of the enrolees that hold this very Kpm (found by keyed fingerprint)."""
+        return [r[0] for r in self._all("SELECT kpm_id FROM enrolees WHERE kpm_fingerprint=? ORDER BY kpm_id",
+                                        (self._fingerprint(kpm.reveal()),))]
+
+    def enrolees_with_node_id(self, node_id: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT kpm_id FROM enrolees WHERE node_id=? ORDER BY kpm_id", (node_id,))]
+
     def enrolee_psk(self, kpm_id: str, now: dt.datetime | None = None) -> Secret | None:
-        """Kpm of an enrolee that may enrol now (exists, not revoked, not past valid_until)."""
+        """Kpm of an enrolee that may enrol now (exists, active, not past valid_until)."""
         found = self.enrolee_and_psk(kpm_id, now)
         return found[1] if found else None
 
@@ -292,17 +445,80 @@ class MefStore:
         if row is None:
             return None
         rec = self._enrolee(row)
-        if rec.revoked or (rec.valid_until is not None and (now or utcnow()) >= rec.valid_until):
+        if rec.state != ACTIVE or (rec.valid_until is not None and (now or utcnow()) >= rec.valid_until):
             return None
         return rec, Secret(self._sealer.open(row[-1], b"kpm:" + kpm_id.encode()), "Kpm")
 
-    def revoke_enrolee(self, kpm_id: str) -> None:
-        """Revoke an enrolee and every Enrolment Key it holds (fetchCredentials then answers NOT_FOUND)."""
+    def _state(self, db: sqlite3.Connection, kpm_id: str) -> str:
+        row = db.execute("SELECT state FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no enrolee has the KpmID {kpm_id}")
+        return str(row[0])
+
+    @staticmethod
+    def _drop_keys(db: sqlite3.Connection, where: str, params: tuple, cause: str, now: dt.datetime,
+                   *, delete: bool = True, limit: int = -1) -> int:
+        """Write a revocation log row for each enrolment key matching ``where`` (and delete those keys)."""
+        rows = db.execute("SELECT k.ke_id, e.enrolee_id FROM enrolment_keys k JOIN enrolees e ON e.kpm_id = k.kpm_id"
+                          f" WHERE {where} ORDER BY k.rowid LIMIT ?", (*params, limit)).fetchall()
+        when = _ts(now)
+        db.executemany("INSERT INTO revocations (ke_id, enrolee_id, cause, time) VALUES (?,?,?,?)",
+                       [(ke_id, enrolee_id, cause, when) for ke_id, enrolee_id in rows])
+        if delete:
+            db.executemany("DELETE FROM enrolment_keys WHERE ke_id=?", [(r[0],) for r in rows])
+        return len(rows)
+
+    _USABLE = "k.expires > ? AND (k.retire_at IS NULL OR k.retire_at > ?)"
+
+    def revoke_enrolee(self, kpm_id: str, now: dt.datetime | None = None) -> int:
+        """Revoke an enrolee for good and delete every Enrolment Key it holds (fetchCredentials then answers
+        NOT_FOUND). Returns how many keys were deleted."""
+        now = now or utcnow()
         with self._tx() as db:
-            cur = db.execute("UPDATE enrolees SET revoked=1 WHERE kpm_id=?", (kpm_id,))
-            if cur.rowcount == 0:
-                raise NotFound(f"no enrolee has the KpmID {kpm_id}")
-            db.execute("DELETE FROM enrolment_keys WHERE kpm_id=?", (kpm_id,))
+            if self._state(db, kpm_id) == REVOKED:
+                raise Conflict(f"the enrolee {kpm_id} is already revoked")
+            db.execute("UPDATE enrolees SET state='revoked' WHERE kpm_id=?", (kpm_id,))
+            return self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_ENROLEE_REVOKED, now)
+
+    def suspend_enrolee(self, kpm_id: str, now: dt.datetime | None = None) -> int:
+        """Stop an active enrolee: no enrolment, its keys are not served (they stay stored, for resume). Returns
+        how many usable keys it held (each gets a revocation log row)."""
+        now = now or utcnow()
+        with self._tx() as db:
+            state = self._state(db, kpm_id)
+            if state != ACTIVE:
+                raise Conflict(f"the enrolee {kpm_id} is {state}; only an active enrolee can be suspended")
+            db.execute("UPDATE enrolees SET state='suspended' WHERE kpm_id=?", (kpm_id,))
+            return self._drop_keys(db, f"k.kpm_id=? AND {self._USABLE}", (kpm_id, _ts(now), _ts(now)),
+                                   CAUSE_SUSPENDED, now, delete=False)
+
+    def resume_enrolee(self, kpm_id: str) -> None:
+        """Make a suspended enrolee active again (its keys still live are served again)."""
+        with self._tx() as db:
+            state = self._state(db, kpm_id)
+            if state != SUSPENDED:
+                raise Conflict(f"the enrolee {kpm_id} is {state}; only a suspended enrolee can be resumed")
+            db.execute("UPDATE enrolees SET state='active' WHERE kpm_id=?", (kpm_id,))
+
+    def delete_enrolee(self, kpm_id: str, now: dt.datetime | None = None) -> int:
+        """Delete an enrolee and its keys (its KpmID and Enrolee-ID become free). Returns the keys deleted."""
+        now = now or utcnow()
+        with self._tx() as db:
+            self._state(db, kpm_id)
+            n = self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_DELETED, now)
+            db.execute("DELETE FROM enrolees WHERE kpm_id=?", (kpm_id,))
+            return n
+
+    def rotate_kpm(self, kpm_id: str, kpm: Secret, now: dt.datetime | None = None) -> int:
+        """Replace an enrolee's Kpm: the old one stops working at once (also for a session already open with
+        it), and so do the Enrolment Keys made with it. Returns how many keys were deleted."""
+        now = now or utcnow()
+        with self._tx() as db:
+            if self._state(db, kpm_id) == REVOKED:
+                raise Conflict(f"the enrolee {kpm_id} is revoked; a revoked enrolee gets no new Kpm")
+            db.execute("UPDATE enrolees SET kpm=?, kpm_fingerprint=?, kpm_generation=kpm_generation+1"
+                       " WHERE kpm_id=?", (self._seal_kpm(kpm_id, kpm), self._fingerprint(kpm.reveal()), kpm_id))
+            return self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_KPM_ROTATED, now)
 
     # -- enrolment targets ----------------------------------------------------------------------
     def add_target(self, rec: TargetRecord, psk: Secret) -> None:
@@ -335,32 +551,108 @@ class MefStore:
                 raise NotFound(f"no Enrolment Target has the PSK identity {psk_identity}")
 
     # -- enrolment keys -------------------------------------------------------------------------
-    def put_enrolment_key(self, ke_id: str, kpm_id: str, ke: Secret, created: dt.datetime,
-                          expires: dt.datetime) -> None:
+    def put_enrolment_key(self, ke_id: str, kpm_id: str, ke: Secret, created: dt.datetime, expires: dt.datetime,
+                          *, kpm_generation: int | None = None, retire_after: dt.timedelta | None = None,
+                          max_live_keys: int | None = None) -> list[str]:
+        """Store a new Enrolment Key of an active enrolee, in one transaction with what re-enrolment does to its
+        other keys: with ``retire_after`` they stop being usable that long after ``created`` (the grace), and
+        with ``max_live_keys`` the oldest usable ones beyond that many (the new one included) stop at once.
+        ``kpm_generation`` (the Kpm the session proved) must still be the enrolee's. Returns the KeIDs retired
+        at once."""
         sealed = self._sealer.seal(ke.reveal(), b"ke:" + ke_id.encode())
         with self._tx() as db:
+            row = db.execute("SELECT state, kpm_generation FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no enrolee has the KpmID {kpm_id}")
+            if row[0] != ACTIVE or (kpm_generation is not None and row[1] != kpm_generation):
+                raise AccessDenied("the enrolee was suspended, revoked or given a new Kpm during this session; "
+                                   "no Enrolment Key was stored")
             try:
                 db.execute("INSERT INTO enrolment_keys (ke_id, kpm_id, ke, created, expires) VALUES (?,?,?,?,?)",
                            (ke_id, kpm_id, sealed, _ts(created), _ts(expires)))
-            except sqlite3.IntegrityError as exc:
-                if "UNIQUE" in str(exc):
-                    raise Conflict("this KeID is already in use") from None  # 2^-128 chance; never overwrite a key
-                raise StoreError(f"no enrolee has the KpmID {kpm_id}") from None
+            except sqlite3.IntegrityError:
+                raise Conflict("this KeID is already in use") from None  # 2^-128 chance; never overwrite a key
             db.execute("UPDATE enrolees SET last_enrolled=? WHERE kpm_id=?", (_ts(created), kpm_id))
+            if retire_after is not None:
+                at = _ts(created + retire_after)
+                db.execute("UPDATE enrolment_keys SET retire_at=? WHERE kpm_id=? AND ke_id != ?"
+                           " AND (retire_at IS NULL OR retire_at > ?)", (at, kpm_id, ke_id, at))
+            if max_live_keys is None:
+                return []
+            now = _ts(created)
+            usable = db.execute(f"SELECT k.ke_id FROM enrolment_keys k WHERE k.kpm_id=? AND {self._USABLE}"
+                                " ORDER BY k.rowid DESC", (kpm_id, now, now)).fetchall()
+            over = [r[0] for r in usable[max_live_keys:]]
+            if over:
+                marks = ",".join("?" * len(over))
+                self._drop_keys(db, f"k.ke_id IN ({marks})", tuple(over), CAUSE_LIVE_KEY_CAP, created)
+            return over
 
     def get_enrolment_key(self, ke_id: str, now: dt.datetime | None = None) -> EnrolmentKeyRecord | None:
-        """A live (unexpired, enrolee not revoked) Enrolment Key, or None."""
-        row = self._one("SELECT k.ke_id, k.kpm_id, k.ke, k.created, k.expires, e.revoked FROM enrolment_keys k"
-            " JOIN enrolees e ON e.kpm_id = k.kpm_id WHERE k.ke_id=?", (ke_id,))
-        if row is None or row[5]:
+        """A usable Enrolment Key (not expired, not retired, its enrolee active), or None."""
+        when = _ts(now or utcnow())
+        row = self._one("SELECT k.ke_id, k.kpm_id, k.ke, k.created, k.expires, k.retire_at FROM enrolment_keys k"
+                        " JOIN enrolees e ON e.kpm_id = k.kpm_id"
+                        f" WHERE k.ke_id=? AND e.state='active' AND {self._USABLE}", (ke_id, when, when))
+        if row is None:
             return None
-        expires = _from_ts(row[4])
-        assert expires is not None
-        if (now or utcnow()) >= expires:
-            return None
+        created, expires = _from_ts(row[3]), _from_ts(row[4])
+        assert created is not None and expires is not None
         return EnrolmentKeyRecord(row[0], row[1], Secret(self._sealer.open(row[2], b"ke:" + row[0].encode()), "Ke"),
-                                  _from_ts(row[3]), expires)  # type: ignore[arg-type]
+                                  created, expires, _from_ts(row[5]))
 
-    def purge_expired_keys(self, now: dt.datetime | None = None) -> int:
+    def enrolment_key_ids(self, kpm_id: str) -> list[str]:
+        """Every stored KeID of an enrolee, usable or not yet purged, oldest first."""
+        return [r[0] for r in self._all("SELECT ke_id FROM enrolment_keys WHERE kpm_id=? ORDER BY rowid", (kpm_id,))]
+
+    def revoke_key(self, ke_id: str, now: dt.datetime | None = None) -> str:
+        """Delete one Enrolment Key at once (revocation log cause key-revoked). Returns its enrolee's KpmID."""
         with self._tx() as db:
-            return db.execute("DELETE FROM enrolment_keys WHERE expires <= ?", (_ts(now or utcnow()),)).rowcount
+            row = db.execute("SELECT kpm_id FROM enrolment_keys WHERE ke_id=?", (ke_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no stored Enrolment Key has the KeID {ke_id}")
+            self._drop_keys(db, "k.ke_id=?", (ke_id,), CAUSE_KEY_REVOKED, now or utcnow())
+            return str(row[0])
+
+    def purge(self, now: dt.datetime | None = None, keep_log: dt.timedelta = dt.timedelta(days=30)) -> PurgeCounts:
+        """Delete the keys whose retirement or expiry has come (each with its revocation log row) and the
+        revocation log rows older than ``keep_log``, in transactions of at most PURGE_BATCH rows."""
+        now = now or utcnow()
+        when = _ts(now)
+        counts = {"expired": 0, "retired": 0, "log_rows": 0}
+        work = (("retired", "k.retire_at <= ? AND k.retire_at < k.expires", CAUSE_RETIRED),
+                ("expired", "k.expires <= ?", CAUSE_EXPIRED))
+        for name, where, cause in work:
+            while True:
+                with self._tx() as db:
+                    n = self._drop_keys(db, where, (when,), cause, now, limit=PURGE_BATCH)
+                counts[name] += n
+                if n < PURGE_BATCH:
+                    break
+        cutoff = _ts(now - keep_log)
+        while True:
+            with self._tx() as db:
+                n = db.execute("DELETE FROM revocations WHERE seq IN (SELECT seq FROM revocations WHERE time < ?"
+                               " ORDER BY seq LIMIT ?)", (cutoff, PURGE_BATCH)).rowcount
+            counts["log_rows"] += n
+            if n < PURGE_BATCH:
+                break
+        return PurgeCounts(**counts)
+
+    # -- revocation log -------------------------------------------------------------------------
+    def revocations_since(self, seq: int, limit: int = 1000) -> tuple[list[Revocation], int]:
+        """The revocation log rows after sequence number ``seq`` (oldest first, at most ``limit``) and the newest
+        sequence number ever written (0 before the first; it never goes down, pruning or not). A reader that
+        keeps the last ``seq`` it saw and finds the oldest row it gets above ``seq + 1`` has missed pruned rows."""
+        if not 1 <= limit <= MAX_REVOCATIONS_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_REVOCATIONS_PAGE}")
+        with self._borrow() as db:
+            db.execute("BEGIN")  # one snapshot for the rows and the newest number
+            try:
+                rows = db.execute("SELECT seq, ke_id, enrolee_id, cause, time FROM revocations WHERE seq > ?"
+                                  " ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+                newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
+            finally:
+                db.execute("COMMIT")
+        return ([Revocation(r[0], r[1], r[2], r[3], _from_ts(r[4]) or utcnow()) for r in rows],
+                int(newest[0]) if newest else 0)
