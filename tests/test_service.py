@@ -704,3 +704,75 @@ def test_key_hygiene_config_defaults_and_bounds(tmp_path):
                      ("max_live_keys_per_enrolee", True)):
         with pytest.raises(ConfigError, match=f"\\[mef\\] {key}"):
             MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID, key: bad}, source="mef.toml")
+
+
+# ---------------------------------------------------------------------------------------------
+# the revocation feed (our extension)
+def feed(service, session, after=None, originator="/id-in"):
+    path = "/revocations" if after is None else f"/revocations/{after}"
+    return service.handle(session, "RETRIEVE", path, originator, None).content["rspf:revs"]
+
+
+def test_revocation_feed_gives_the_position_then_what_was_revoked_after_it(service, store, enrolee):
+    t = service.open_session(IN_PSK_ID, None)
+    start = feed(service, t)
+    assert start == {"last": 0, "complete": True, "gap": False, "items": []}
+    enrolled(service, enrolee)
+    store.revoke_key(KE_ID)
+    got = feed(service, t, start["last"])
+    assert got["items"] == [{"seq": 1, "keID": KE_ID, "cause": "key-revoked"}] and got["last"] == 1
+    assert got["complete"] and not got["gap"]
+    assert feed(service, t)["last"] == 1 and feed(service, t, 1)["items"] == []
+
+
+def test_revocation_feed_pages_and_reports_pruned_rows(service, store, enrolee, make_enrolee, monkeypatch):
+    from rspf.mef import protocol
+
+    monkeypatch.setattr(protocol, "MAX_REVOCATIONS_PER_ANSWER", 2)
+    t = service.open_session(IN_PSK_ID, None)
+    for n in range(2, 7):  # five enrolees, each enrolled once then revoked
+        rec, kpm = make_enrolee(n)
+        store.add_enrolee(rec, kpm)
+        s = service.open_session(rec.kpm_id, Secret(bytes([n]) * 48, "exporter output"))
+        service.handle(s, "CREATE", "/securityProfile", rec.kpm_id, {"rspf:spReq": {"nodeID": rec.node_id}})
+        store.revoke_enrolee(rec.kpm_id)
+    page = feed(service, t, 0)
+    assert [i["seq"] for i in page["items"]] == [1, 2] and not page["complete"] and page["last"] == 5
+    page = feed(service, t, 4)
+    assert [i["seq"] for i in page["items"]] == [5] and page["complete"]
+    store.purge(now=dt.datetime.now(dt.UTC) + dt.timedelta(days=400), keep_log=dt.timedelta(days=30))
+    pruned = feed(service, t, 2)
+    assert pruned["gap"] and pruned["items"] == [] and pruned["last"] == 5  # the numbers never go down
+
+
+@pytest.mark.parametrize("psk_id, origin, rsc", [
+    (IN_PSK_ID, "/id-x", 4103),       # the originator is not who the connection authenticated as
+    (IN_PSK_ID, "bad origin", 4000),
+])
+def test_revocation_feed_refusals(service, enrolee, psk_id, origin, rsc):
+    with pytest.raises(RspfError) as info:
+        feed(service, service.open_session(psk_id, None), originator=origin)
+    assert info.value.rsc == rsc
+
+
+def test_an_enrolled_ae_cannot_read_the_revocation_feed_but_an_enrolled_cse_can(service, store, make_enrolee):
+    ae, kpm = make_enrolee(7, enrolee_id="Cae7")
+    store.add_enrolee(ae, kpm)
+    s = service.open_session(ae.kpm_id, Secret(EXPORTER, "exporter output"))
+    with pytest.raises(AccessDenied, match="only an Enrolment Target"):
+        service.handle(s, "RETRIEVE", "/revocations", s.principal_id, None)
+    cse, kpm = make_enrolee(8)
+    store.add_enrolee(cse, kpm)
+    s = service.open_session(cse.kpm_id, Secret(EXPORTER, "exporter output"))
+    assert service.handle(s, "RETRIEVE", "/revocations", cse.enrolee_id, None).rsc is RSC.OK
+
+
+@pytest.mark.parametrize("path", ["/revocations/x", "/revocations/-3"])
+def test_malformed_feed_position_is_bad_request(service, enrolee, path):
+    with pytest.raises(BadRequest):
+        service.handle(service.open_session(IN_PSK_ID, None), "RETRIEVE", path, "/id-in", None)
+
+
+def test_the_revocation_feed_is_read_only(service, enrolee):
+    with pytest.raises(OperationNotAllowed):
+        service.handle(service.open_session(IN_PSK_ID, None), "CREATE", "/revocations", "/id-in", {})

@@ -37,6 +37,10 @@ HANDOVER_SIZE = 1024
 #: Enrolees whose enrolment budget is remembered (least recently enrolled forgotten first: a full budget again)
 ENROLMENT_BUDGETS = 100_000
 
+#: A sequence number above any the revocation log will write (asks the store for its newest number only)
+_BEYOND_ANY_SEQ = 2**62
+
+
 class Principal(enum.Enum):
     ENROLEE = "enrolee"
     TARGET = "target"
@@ -154,6 +158,10 @@ class MefService:
             if operation != "RETRIEVE":
                 raise OperationNotAllowed("fetchCredentials accepts only RETRIEVE (HTTP GET)")
             return self.fetch_credentials(session, path, originator)
+        if protocol.is_revocations_path(path):
+            if operation != "RETRIEVE":
+                raise OperationNotAllowed("the revocation feed accepts only RETRIEVE (HTTP GET)")
+            return self.revocations(session, path, originator)
         if path == protocol.PATH_SECURITY_PROFILE:
             if operation != "CREATE":
                 raise OperationNotAllowed("securityProfile accepts only CREATE (HTTP POST)")
@@ -300,6 +308,27 @@ class MefService:
         return Reply(RSC.OK, protocol.end_of_exchange(session.ke_id), close=True)
 
     # -- target side ----------------------------------------------------------------------------
+    def revocations(self, session: Session, path: str, originator: str) -> Reply:
+        """The revocation feed (our extension, docs/mef-interface.md): KeIDs that stopped being usable after a
+        sequence number, oldest first, for Enrolment Targets (a Target's credential, or an enrolled CSE)."""
+        after = protocol.parse_revocations_path(path)
+        if not ids.ORIGINATOR_RE.fullmatch(originator):
+            raise BadRequest("the originator is not a CSE-ID or AE-ID")
+        if self.absolute_id(originator) != session.principal_id:
+            raise AccessDenied("the originator is not the identity this connection authenticated as")
+        if session.kind is not Principal.TARGET and not (session.enrolee is not None
+                                                         and ids.is_cse_id(session.enrolee.enrolee_id)):
+            raise AccessDenied("only an Enrolment Target (a Target credential or an enrolled CSE) may read the "
+                               "revocation feed")
+        if after is None:
+            _rows, newest = self.store.revocations_since(_BEYOND_ANY_SEQ, 1)
+            return Reply(RSC.OK, protocol.revocations_response(protocol.RevocationPage(newest, (), True, False)))
+        rows, newest = self.store.revocations_since(after, protocol.MAX_REVOCATIONS_PER_ANSWER)
+        items = tuple(protocol.Revocation(r.seq, r.ke_id, r.cause) for r in rows)
+        gap = after < newest and (not rows or rows[0].seq > after + 1)  # rows after ``after`` were pruned
+        complete = not rows or rows[-1].seq >= newest
+        return Reply(RSC.OK, protocol.revocations_response(protocol.RevocationPage(newest, items, complete, gap)))
+
     def fetch_credentials(self, session: Session, path: str, originator: str) -> Reply:
         ke_id, suid = protocol.parse_fetch_path(path)
         if not ids.ORIGINATOR_RE.fullmatch(originator):
