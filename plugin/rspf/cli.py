@@ -409,7 +409,31 @@ def ae() -> None:
     """Use a provisioned credential as an AE."""
 
 
+def _device_settings(f: Any) -> Any:
+    """``-c/--config`` (a device file) and the RSPF_* environment variables of ``rspf ae register``
+    (rspf.device.KEYS): the command line wins over the environment, which wins over the file."""
+    from .device import BY_PARAM
+
+    def read_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+        if value is None:
+            return
+        from .device import load as load_device
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_device(value)}
+        except RspfError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    for p in getattr(f, "__click_params__", []):
+        if p.name in BY_PARAM:
+            p.envvar, p.show_envvar = BY_PARAM[p.name].envvar, True
+    return click.option("-c", "--config", type=click.Path(dir_okay=False, path_type=Path), envvar="RSPF_AE_CONFIG",
+                        show_envvar=True, is_eager=True, expose_value=False, callback=read_file,
+                        help="Device configuration file (TOML, an [ae] table; docs/enrolee.md): its keys are "
+                             "this command's options; an option or RSPF_* variable given wins.")(f)
+
+
 @ae.command("register")
+@_device_settings
 @_with(_enrolee_options(required=False))
 @click.option("--node-id", default=None, help="This device's M2M-Node-ID (TLS-PSK mode).")
 @click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -434,6 +458,9 @@ def ae_register(mef_addr: str | None, mef_fqdn: str | None, kpm_id: str | None, 
                 ca_file: Path | None, registrar_uri: str | None, registrar_name: str | None, ae_id: str | None,
                 app_id: str, rn: str | None, container: str | None, renew_before: int, as_json: bool) -> None:
     """Register an AE with its registrar CSE and (optionally) create and read a <container>.
+
+    Idempotent: when this AE is already registered there with this App-ID (and the container exists), it says
+    so and exits 0. Settings may come from a device file (-c) and RSPF_* variables instead of options.
 
     TLS-PSK (the default): enrol with the MEF (or reuse the stored enrolment), then connect to the registrar
     the securityProfile names. Mutual TLS (--cert, --key, --ca, --registrar): present a certificate; the
@@ -473,19 +500,22 @@ def ae_register(mef_addr: str | None, mef_fqdn: str | None, kpm_id: str | None, 
                        f"KeID {enrolment.ke_id}")
     try:
         with secure.session() as cse:
-            created = cse.register(app_id, rn)
-            out["ae"] = created.get("m2m:ae", created)
+            resource, created = cse.ensure_registered(app_id, rn)
+            out["ae"] = resource.get("m2m:ae", resource)
+            out["registered"] = created
             if not as_json:
-                click.echo(f"registered <AE> {out['ae'].get('rn')} (aei {out['ae'].get('aei')}) at "
-                           f"{secure.host}:{secure.port}{secure.csebase} over {secure.security}")
+                click.echo(f"{'registered' if created else 'already registered:'} <AE> {out['ae'].get('rn')} "
+                           f"(aei {out['ae'].get('aei')}) at {secure.host}:{secure.port}{secure.csebase} over "
+                           f"{secure.security}")
             if container:
                 ae_rn = out["ae"].get("rn")
-                cse.create_container(container, ae_rn)
+                made = cse.ensure_container(container, ae_rn)
                 got = cse.retrieve(f"{ae_rn}/{container}")
                 out["container"] = got.get("m2m:cnt", got)
                 if not as_json:
                     ri = out["container"].get("ri")
-                    click.echo(f"created and retrieved <container> {ae_rn}/{container} (ri {ri})")
+                    click.echo(f"{'created and retrieved' if made else 'retrieved the existing'} <container> "
+                               f"{ae_rn}/{container} (ri {ri})")
     except RspfError as exc:
         _fail(exc)
     if as_json:

@@ -66,8 +66,7 @@ class AcmeBasics:
             raise bad("--cse-id", f"{self.cse_id!r} is not an SP-relative CSE-ID such as /id-in")
         if not ids.RESOURCE_NAME_RE.fullmatch(self.cse_name):
             raise bad("--cse-name", f"{self.cse_name!r} is not a resource name")
-        if not (self.sp_id.startswith("//") and len(self.sp_id) > 2 and "/" not in self.sp_id[2:]
-                and not any(c.isspace() for c in self.sp_id)):
+        if not ids.SP_ID_RE.fullmatch(self.sp_id):
             raise bad("--sp-id", f"{self.sp_id!r} is not an M2M-SP-ID such as //sp.example.com")
         if not ids.RESOURCE_NAME_RE.fullmatch(self.admin_id):
             raise bad("--admin-id", f"{self.admin_id!r} is not an originator such as CAdmin")
