@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from .client import OneM2MClient
 from .enrolee import Enrolee, Enrolment
-from .errors import RSC, BadRequest, Conflict, RemoteError
+from .errors import RSC, BadRequest, RemoteError
 from .tls import CertClient, PskClient, TlsConnection
 
 TY_AE = 2
@@ -141,8 +141,8 @@ class CseSession:
         if not isinstance(ae, dict) or not (aei == me or aei.endswith(f"/{me}")):  # its AE-ID in any of its forms
             raise refused
         if ae.get("api") != app_id:
-            raise Conflict(f"the AE {self.client.originator} is already registered at {self.csebase} with App-ID "
-                           f"{ae.get('api')!r}, not {app_id!r}; deregister it first to change its App-ID")
+            raise RemoteError(refused.remote_rsc, f"the AE {me} is already registered at {self.csebase} with App-ID "
+                              f"{ae.get('api')!r}, not {app_id!r}; deregister it first to change its App-ID")
         return existing, False
 
     def ensure_container(self, rn: str, parent: str | None = None) -> bool:
