@@ -13,6 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .. import ids
 from ..errors import ConfigError
@@ -31,7 +32,7 @@ class Key:
     name: str
     default: str
     doc: str
-    kind: str = "text"  #: "text"; "bool" (true/false); "onoff" (on/off): the last two are --x/--no-x flags
+    kind: Literal["text", "bool", "onoff"] = "text"  #: bool (true/false) and onoff (on/off) are --x/--no-x flags
     option: str = ""  #: the CLI option (default: the key in kebab case), "--yes/--no" for a flag
     written: bool = True  #: written out with its default; False: written commented out unless given
 
@@ -125,7 +126,7 @@ def _section_like_rspf(name: str) -> bool:
     return name != SECTION and (folded.startswith(SECTION) or _near(name, [SECTION]) is not None)
 
 
-def own_keys(parser: configparser.ConfigParser, section: str) -> dict[str, str]:
+def _own_keys(parser: configparser.ConfigParser, section: str) -> dict[str, str]:
     """The keys written in ``section`` itself, with their (interpolated) values. ACME puts every environment
     variable into its parser's DEFAULT section, which ``parser[section]`` would mix in: an environment variable
     must never set or hide an ``[rspf]`` key."""
@@ -188,7 +189,7 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
                           f"{base_dir / 'plugins'}: the CSE would run without its protection. Add the section "
                           f"('rspf acme install'), or write [{SECTION}] with enable=false to run without the "
                           "plugin on purpose, or remove the plugin file")
-    sec = own_keys(parser, SECTION)
+    sec = _own_keys(parser, SECTION)
     for name in sec:
         if name not in BY_NAME:
             near = _near(name, list(BY_NAME))
