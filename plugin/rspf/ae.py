@@ -25,11 +25,14 @@ from urllib.parse import urlsplit
 
 from .client import OneM2MClient
 from .enrolee import Enrolee, Enrolment
-from .errors import BadRequest
+from .errors import RSC, BadRequest, RemoteError
 from .tls import CertClient, PskClient, TlsConnection
 
 TY_AE = 2
 TY_CNT = 3
+#: what a registrar answers a CREATE <AE> of an AE that is already registered: the name is taken (4105), or
+#: the originator is (4117 ORIGINATOR_ALREADY_REGISTERED, TS-0004)
+_ALREADY = (RSC.CONFLICT, 4117)
 
 #: Opens an authenticated connection to the registrar at (host, port).
 Connector = Callable[[str, int], TlsConnection]
@@ -116,6 +119,42 @@ class CseSession:
         body = {"m2m:ae": {"rn": rn or self.client.originator.lstrip("/"), "api": app_id,
                            "rr": request_reachability, "srv": ["3"]}}
         return self.client.call("POST", self.csebase, body, ty=TY_AE)
+
+    def ensure_registered(self, app_id: str, rn: str | None = None) -> tuple[dict[str, Any], bool]:
+        """CREATE ``<AE>``; when this AE is already registered here (a CONFLICT or ORIGINATOR_ALREADY_REGISTERED
+        answer, and the ``<AE>`` of that name, read back with this originator, has this AE-ID and App-ID) the
+        existing one. Returns (the resource, whether it was created now). Anything else raises: an ``<AE>`` of
+        that name that is not this AE's, or this AE registered with another App-ID."""
+        name = rn or self.client.originator.lstrip("/")
+        try:
+            return self.register(app_id, rn), True
+        except RemoteError as exc:
+            if exc.remote_rsc not in _ALREADY:
+                raise
+            refused = exc
+        try:
+            existing = self.retrieve(name)
+        except RemoteError:
+            raise refused from None  # not readable by this AE: not its registration
+        ae = existing.get("m2m:ae") if isinstance(existing, dict) else None
+        me, aei = self.client.originator, str(ae.get("aei", "")) if isinstance(ae, dict) else ""
+        if not isinstance(ae, dict) or not (aei == me or aei.endswith(f"/{me}")):  # its AE-ID in any of its forms
+            raise refused
+        if ae.get("api") != app_id:
+            raise RemoteError(refused.remote_rsc, f"the AE {me} is already registered at {self.csebase} with App-ID "
+                              f"{ae.get('api')!r}, not {app_id!r}; deregister it first to change its App-ID")
+        return existing, False
+
+    def ensure_container(self, rn: str, parent: str | None = None) -> bool:
+        """CREATE ``<container>`` under this AE (or ``parent``); False when one of that name is already there
+        (CONFLICT: under this AE's own ``<AE>``, it is this AE's)."""
+        try:
+            self.create_container(rn, parent)
+            return True
+        except RemoteError as exc:
+            if exc.remote_rsc != RSC.CONFLICT:
+                raise
+        return False
 
     def deregister(self, rn: str) -> Any:
         return self.client.call("DELETE", self._path(rn))

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from . import __version__
-from .acme.config import DEFAULT_ENFORCEMENT
 from .errors import ConfigError, RemoteError, RspfError, TransportError
 
 if TYPE_CHECKING:
@@ -668,7 +667,31 @@ def ae() -> None:
     """Use a provisioned credential as an AE."""
 
 
+def _device_settings(f: Any) -> Any:
+    """``-c/--config`` (a device file) and the RSPF_* environment variables of ``rspf ae register``
+    (rspf.device.KEYS): the command line wins over the environment, which wins over the file."""
+    from .device import BY_PARAM
+
+    def read_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+        if value is None:
+            return
+        from .device import load as load_device
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_device(value)}
+        except RspfError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    for p in getattr(f, "__click_params__", []):
+        if p.name in BY_PARAM:
+            p.envvar, p.show_envvar = BY_PARAM[p.name].envvar, True
+    return click.option("-c", "--config", type=click.Path(dir_okay=False, path_type=Path), envvar="RSPF_AE_CONFIG",
+                        show_envvar=True, is_eager=True, expose_value=False, callback=read_file,
+                        help="Device configuration file (TOML, an [ae] table; docs/enrolee.md): its keys are "
+                             "this command's options; an option or RSPF_* variable given wins.")(f)
+
+
 @ae.command("register")
+@_device_settings
 @_with(_enrolee_options(required=False))
 @click.option("--node-id", default=None, help="This device's M2M-Node-ID (TLS-PSK mode).")
 @click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -693,6 +716,9 @@ def ae_register(mef_addr: str | None, mef_fqdn: str | None, kpm_id: str | None, 
                 ca_file: Path | None, registrar_uri: str | None, registrar_name: str | None, ae_id: str | None,
                 app_id: str, rn: str | None, container: str | None, renew_before: int, as_json: bool) -> None:
     """Register an AE with its registrar CSE and (optionally) create and read a <container>.
+
+    Idempotent: when this AE is already registered there with this App-ID (and the container exists), it says
+    so and exits 0. Settings may come from a device file (-c) and RSPF_* variables instead of options.
 
     TLS-PSK (the default): enrol with the MEF (or reuse the stored enrolment), then connect to the registrar
     the securityProfile names. Mutual TLS (--cert, --key, --ca, --registrar): present a certificate; the
@@ -732,19 +758,22 @@ def ae_register(mef_addr: str | None, mef_fqdn: str | None, kpm_id: str | None, 
                        f"KeID {enrolment.ke_id}")
     try:
         with secure.session() as cse:
-            created = cse.register(app_id, rn)
-            out["ae"] = created.get("m2m:ae", created)
+            resource, created = cse.ensure_registered(app_id, rn)
+            out["ae"] = resource.get("m2m:ae", resource)
+            out["registered"] = created
             if not as_json:
-                click.echo(f"registered <AE> {out['ae'].get('rn')} (aei {out['ae'].get('aei')}) at "
-                           f"{secure.host}:{secure.port}{secure.csebase} over {secure.security}")
+                click.echo(f"{'registered' if created else 'already registered:'} <AE> {out['ae'].get('rn')} "
+                           f"(aei {out['ae'].get('aei')}) at {secure.host}:{secure.port}{secure.csebase} over "
+                           f"{secure.security}")
             if container:
                 ae_rn = out["ae"].get("rn")
-                cse.create_container(container, ae_rn)
+                made = cse.ensure_container(container, ae_rn)
                 got = cse.retrieve(f"{ae_rn}/{container}")
                 out["container"] = got.get("m2m:cnt", got)
                 if not as_json:
                     ri = out["container"].get("ri")
-                    click.echo(f"created and retrieved <container> {ae_rn}/{container} (ri {ri})")
+                    click.echo(f"{'created and retrieved' if made else 'retrieved the existing'} <container> "
+                               f"{ae_rn}/{container} (ri {ri})")
     except RspfError as exc:
         _fail(exc)
     if as_json:
@@ -760,57 +789,95 @@ def _require(options: dict[str, Any], what: str) -> None:
 # ------------------------------------------------------------------------------------------ ACME plugin
 @main.group()
 def acme() -> None:
-    """Install and configure the SEC CSF plugin of the ACME CSE."""
+    """Set up an ACME CSE with the SEC CSF plugin: 'init' a new base directory, or 'install' into one."""
+
+
+def _rspf_key_options(f: Any) -> Any:
+    """One option per [rspf] key (rspf.acme.config.KEYS: the one home of their defaults): absent options keep
+    the default written in the section."""
+    from .acme.config import KEYS
+    for key in reversed(KEYS):
+        if key.name == "enable":
+            continue
+        shown = f" [default: {key.default}]" if key.default else ""
+        f = click.option(key.cli, key.name, default=None,
+                         help=f"[rspf] {key.name}: {key.doc}{shown}")(f)
+    return f
+
+
+def _rspf_values(options: dict[str, Any]) -> dict[str, str]:
+    from .acme.config import BY_NAME
+    return {name: BY_NAME[name].ini_value(v) for name, v in options.items() if name in BY_NAME and v is not None}
+
+
+def _print_done(done: list[str]) -> None:
+    for d in done:
+        click.echo(d)
+
+
+_BASICS_HELP = "[basic.config] (ACME's own setting; default: %s)."
+
+
+def _acme_basics_options(f: Any) -> Any:
+    from .acme.install import AcmeBasics
+    d = AcmeBasics()
+    options = [
+        click.option("--cse-type", default=d.cse_type, type=click.Choice(AcmeBasics.CSE_TYPES),
+                     help="cseType " + _BASICS_HELP % d.cse_type),
+        click.option("--cse-id", default=d.cse_id, help="cseID, an SP-relative CSE-ID " + _BASICS_HELP % d.cse_id),
+        click.option("--cse-name", default=d.cse_name, help="cseName, the CSEBase's name " + _BASICS_HELP % d.cse_name),
+        click.option("--sp-id", default=d.sp_id, help="serviceProviderID " + _BASICS_HELP % d.sp_id),
+        click.option("--admin-id", default=d.admin_id, help="adminID " + _BASICS_HELP % d.admin_id),
+        click.option("--http-listen", default=d.http_listen,
+                     help="networkInterface of the plain HTTP port " + _BASICS_HELP % d.http_listen),
+        click.option("--http-port", default=d.http_port, type=click.IntRange(1, 65535),
+                     help="httpPort, ACME's plain HTTP port " + _BASICS_HELP % d.http_port),
+        click.option("--database", default=d.database, type=click.Choice(AcmeBasics.DATABASES),
+                     help="databaseType (tinydb: files in BASE_DIR/data) " + _BASICS_HELP % d.database),
+        click.option("--log-level", default=d.log_level, type=click.Choice(AcmeBasics.LOG_LEVELS),
+                     help="logLevel (logs in BASE_DIR/logs) " + _BASICS_HELP % d.log_level),
+    ]
+    for o in reversed(options):
+        f = o(f)
+    return f
+
+
+base_dir_option = click.option("--base-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                               help="ACME base directory (holds acme.ini, plugins/, data/ and logs/).")
+
+
+@acme.command("init")
+@base_dir_option
+@_acme_basics_options
+@_rspf_key_options
+def acme_init(base_dir: Path, cse_type: str, cse_id: str, cse_name: str, sp_id: str, admin_id: str,
+              http_listen: str, http_port: int, database: str, log_level: str, **options: Any) -> None:
+    """Make BASE_DIR a complete ACME base directory with the plugin: a headless acme.ini (ACME's settings and
+    the [rspf] section) and the plugin loader in BASE_DIR/plugins/. Prints the command that starts the CSE.
+
+    Relative key files (--kpm-file, --mef-psk-file, ...) are relative to BASE_DIR; they must exist."""
+    from .acme.install import AcmeBasics, init
+    basics = AcmeBasics(cse_type=cse_type, cse_id=cse_id, cse_name=cse_name, sp_id=sp_id, admin_id=admin_id,
+                        http_listen=http_listen, http_port=http_port, database=database, log_level=log_level)
+    try:
+        _print_done(init(base_dir, basics, _rspf_values(options)))
+    except RspfError as exc:
+        _fail(exc)
 
 
 @acme.command("install")
-@click.option("--base-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="ACME base directory (holds acme.ini and plugins/).")
-@click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT.")
-@click.option("--mef-fqdn", required=True)
-@click.option("--enrol/--no-enrol", default=True, show_default=True, help="Enrol this CSE at start-up.")
-@click.option("--kpm-id", default=None)
-@click.option("--kpm-file", default=None, help="Kpm file (hex, 0600); relative to the base directory or absolute.")
-@click.option("--node-id", default=None)
-@click.option("--mef-psk-identity", default=None, help="Target credential at the MEF (default: the KpmID).")
-@click.option("--mef-psk-file", default=None)
-@click.option("--secure-listen", default="127.0.0.1", show_default=True)
-@click.option("--secure-port", required=True, type=click.IntRange(1, 65535))
-@click.option("--cert-file", default=None, help="Server certificate chain (PEM) for mutual TLS.")
-@click.option("--key-file", default=None, help="Its private key (PEM).")
-@click.option("--ca-file", default=None, help="CA whose client certificates are accepted (mutual TLS).")
-@click.option("--enforcement/--no-enforcement", default=DEFAULT_ENFORCEMENT, show_default=True,
-              help="Originator checks on every port (off: compatibility mode, for ACME's own tests).")
-@click.option("--plain-port-originators", default="", help="CSE-IDs / admin originators still served on the "
-              "plain port with enforcement on (comma-separated).")
-@click.option("--ssar", default="rspf-enrolled", show_default=True)
-@click.option("--ssar-shard-size", default=256, show_default=True, type=click.IntRange(1, 100000),
-              help="Entries per <serviceSubscribedAppRule> before recording moves on to <ssar>-2, ...")
-@click.option("--create-subscription/--no-create-subscription", default=True, show_default=True)
-@click.option("--allowed-app-ids", default="*", show_default=True)
-@click.option("--secure-registrar/--plain-registrar", default=True, show_default=True)
+@base_dir_option
 @click.option("--force", is_flag=True, help="Replace an existing [rspf] section (the old acme.ini is kept).")
-def acme_install(base_dir: Path, mef_addr: str, mef_fqdn: str, enrol: bool, kpm_id: str | None,
-                 kpm_file: str | None, node_id: str | None, mef_psk_identity: str | None, mef_psk_file: str | None,
-                 secure_listen: str, secure_port: int, cert_file: str | None, key_file: str | None,
-                 ca_file: str | None, enforcement: bool, plain_port_originators: str, ssar: str,
-                 ssar_shard_size: int, create_subscription: bool, allowed_app_ids: str, secure_registrar: bool,
-                 force: bool) -> None:
-    """Put the plugin loader into BASE_DIR/plugins/ and write the [rspf] section of BASE_DIR/acme.ini."""
+@_rspf_key_options
+def acme_install(base_dir: Path, force: bool, **options: Any) -> None:
+    """Add the plugin to the existing BASE_DIR/acme.ini: its [rspf] section and the loader in BASE_DIR/plugins/.
+
+    Relative key files (--kpm-file, --mef-psk-file, ...) are relative to BASE_DIR; they must exist."""
     from .acme.install import install
-    _hostport(mef_addr)
     try:
-        done = install(base_dir, mef=mef_addr, mef_fqdn=mef_fqdn, enrol=enrol, kpm_id=kpm_id, kpm_file=kpm_file,
-                       node_id=node_id, mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
-                       secure_listen=secure_listen, secure_port=secure_port, enforcement=enforcement, ssar=ssar,
-                       create_subscription=create_subscription, allowed_app_ids=allowed_app_ids,
-                       secure_registrar=secure_registrar, force=force, ssar_shard_size=ssar_shard_size,
-                       cert_file=cert_file, key_file=key_file, ca_file=ca_file,
-                       plain_port_originators=plain_port_originators)
+        _print_done(install(base_dir, _rspf_values(options), force=force))
     except RspfError as exc:
         _fail(exc)
-    for d in done:
-        click.echo(d)
 
 
 @main.command()

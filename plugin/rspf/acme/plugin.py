@@ -120,9 +120,11 @@ class RspfSecurityPlugin:
     @configure
     def configure(self, config: Any) -> None:
         try:
-            self.config = load(config.configParser, Path(config.baseDirectory), "acme.ini")
+            self.config = load(config.configParser, Path(config.baseDirectory),
+                               str(getattr(config, "configfile", None) or "acme.ini"))
             if self.config is None:
-                _acme_log("info", "no [rspf] section (or enable = false): the plugin is inactive")
+                _acme_log("warn", "[rspf] enable=false: the plugin is inactive and the CSE runs WITHOUT its "
+                                  "protection")
                 return
             if self.config.enforcement and (others := host.other_bindings_enabled(config)):
                 raise ConfigError(f"acme.ini [rspf] enforcement: 'on' needs the {', '.join(others)} binding(s) "
