@@ -37,11 +37,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench_acme import APP_ID, CSE_ID, enrol_all, setup
 from benchutil import finish, load_average
 
 from rspf.demo import Processes, free_port, run
+from rspf.tls import PskClient
+
+if TYPE_CHECKING:
+    from rspf.enrolee import Enrolment
 
 TARGET_SECONDS = 5.0
 POLL = 0.05
@@ -75,6 +80,50 @@ def watch(what: str, seen: Callable[[], bool], start: threading.Event, out: dict
         time.sleep(POLL)
 
 
+def measure(enrolment: Enrolment, http_port: int, revoke: list[str], tls: PskClient) -> dict[str, float]:
+    """One round: register over a session kept open, revoke the KeID, and time what the three watchers see."""
+    from rspf.ae import SecureAE
+    from rspf.errors import RspfError, TlsError
+    from rspf.keys import CRED_TYPE_KPSAID, credential_id
+
+    ae = SecureAE.from_enrolment(enrolment, tls_client=tls)
+    cred = credential_id(CRED_TYPE_KPSAID, enrolment.ke_id)
+    path = f"{enrolment.enrolee_id}/data"
+    out: dict[str, float] = {}
+    with ae.session() as cse:
+        cse.register(APP_ID)
+        cse.create_container("data")
+        if not rule_present(http_port, cred):
+            raise RuntimeError(f"the CSE recorded no rule for {cred} after the registration")
+
+        def refused() -> bool:
+            try:
+                with ae.session() as fresh:
+                    fresh.retrieve(path)
+                return False
+            except TlsError:
+                return True
+
+        def closed() -> bool:
+            try:
+                cse.retrieve(path)
+                return False
+            except RspfError:
+                return True
+
+        start = threading.Event()
+        checks = (refused, closed, lambda: not rule_present(http_port, cred))
+        threads = [threading.Thread(target=watch, args=(w, f, start, out), daemon=True)
+                   for w, f in zip(WATCHES, checks, strict=True)]
+        for t in threads:
+            t.start()
+        run([*revoke, enrolment.ke_id])
+        start.set()
+        for t in threads:
+            t.join(GIVE_UP + 5)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="revocations measured, one AE each (default 5)")
@@ -82,11 +131,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-
-    from rspf.ae import SecureAE
-    from rspf.errors import RspfError, TlsError
-    from rspf.keys import CRED_TYPE_KPSAID, credential_id
-    from rspf.tls import PskClient
 
     home = Path(tempfile.mkdtemp(prefix="rspf-bench-rev-"))
     procs = Processes()
@@ -104,41 +148,7 @@ def main() -> int:
         results: list[dict[str, float]] = []
         print(f"\n  {'round':>5} {'KeID':<20} " + " ".join(f"{w:>24}" for w in WATCHES))
         for r, enrolment in enumerate(enrolments):
-            ae = SecureAE.from_enrolment(enrolment, tls_client=tls)
-            cred = credential_id(CRED_TYPE_KPSAID, enrolment.ke_id)
-            with ae.session() as cse:
-                cse.register(APP_ID)
-                cse.create_container("data")
-                path = f"{enrolment.enrolee_id}/data"
-                if not rule_present(http_port, cred):
-                    raise RuntimeError(f"the CSE recorded no rule for {cred} after the registration")
-
-                def refused() -> bool:
-                    try:
-                        with ae.session() as fresh:
-                            fresh.retrieve(path)
-                        return False
-                    except TlsError:
-                        return True
-
-                def closed() -> bool:
-                    try:
-                        cse.retrieve(path)
-                        return False
-                    except RspfError:
-                        return True
-
-                out: dict[str, float] = {}
-                start = threading.Event()
-                threads = [threading.Thread(target=watch, args=(w, f, start, out), daemon=True)
-                           for w, f in zip(WATCHES, (refused, closed, lambda: not rule_present(http_port, cred)),
-                                           strict=True)]
-                for t in threads:
-                    t.start()
-                run([rspf, "mef", "enrolee", "revoke-key", "-c", str(cfg), enrolment.ke_id])
-                start.set()
-                for t in threads:
-                    t.join(GIVE_UP + 5)
+            out = measure(enrolment, http_port, [rspf, "mef", "enrolee", "revoke-key", "-c", str(cfg)], tls)
             results.append(out)
             print(f"  {r + 1:>5} {enrolment.ke_id[:16] + '…':<20} "
                   + " ".join(f"{out[w]:>22.2f} s" if w in out else f"{'not within ' + str(GIVE_UP) + ' s':>24}"
