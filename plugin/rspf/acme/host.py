@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 CSR_TYPE = 16  # <remoteCSE>
+CSEBASE_TYPE = 5  # <CSEBase>
 
 
 def current_environ() -> dict[str, Any] | None:
