@@ -190,7 +190,7 @@ class TestBinding:
                                                                    stand_in: tuple[StandInMef, Path]) -> None:
         mef = stand_in[0]
         ke_a, key_a = mef.add("Cmeter", ("Nmeter-app",))
-        ke_b, key_b = mef.add("Clight", ("Nlight-app", "Rlight*"))
+        ke_b, key_b = mef.add("Clight", ("Nlight-app", "Nlight-*"))
         # B's credential with A's App-ID, A's credential with B's: refused, nothing is created
         assert register(cse, ke_b, key_b, "Clight", "Nmeter-app").rsc == 4126
         assert register(cse, ke_a, key_a, "Cmeter", "Nlight-app").rsc == 4126
@@ -198,7 +198,7 @@ class TestBinding:
         assert cse.get("Cmeter").rsc == 4004 and cse.get("Clight").rsc == 4004
         # the right ones
         assert register(cse, ke_a, key_a, "Cmeter", "Nmeter-app").rsc == 2001
-        assert register(cse, ke_b, key_b, "Clight", "Rlight-2").rsc == 2001
+        assert register(cse, ke_b, key_b, "Clight", "Nlight-2").rsc == 2001
         rule = bound(cse, ke_a)
         assert rule is not None and (rule["apci"], rule["aae"], rule["aai"]) == (
             [f"12-{ke_a}"], ["Cmeter"], ["Nmeter-app"])
