@@ -174,12 +174,15 @@ def resource_classes() -> dict[str, type]:
             for pattern in self.aai or []:
                 if not isinstance(pattern, str) or pattern[:1] not in ("*", "R", "N"):
                     raise BAD_REQUEST(f"allowedApp-IDs (aai) entry {pattern!r} must start with '*', 'R' or 'N'")
+            registrar = _registrar_originator(originator)
+            if registrar is not None and not ssar.is_bound_rule_name(self.rn):
+                raise BAD_REQUEST(f"a registrar CSE ({registrar}) may write only the rule of one credential, named "
+                                  f"{ssar.BOUND_PREFIX}<32 hex digits>")
             if ssar.is_bound_rule_name(self.rn):
                 try:
                     ssar.check_bound_rule({a: self[a] for a in ("rn", "apci", "aae", "aai")})
                 except RspfError as exc:
                     raise BAD_REQUEST(str(exc)) from None
-                registrar = _registrar_originator(originator)
                 if registrar is not None and ssar.node_of(self.lbl) not in (None, registrar):
                     raise BAD_REQUEST(f"a rule recorded by {registrar} is linked from its own node only")
 
