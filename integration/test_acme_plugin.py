@@ -513,7 +513,7 @@ def mn_cse(tmp_path_factory: pytest.TempPathFactory, mef: MefHome, in_cse: AcmeC
     cse = AcmeCse(tmp_path_factory.mktemp("acme-mn"), "mn", cse_type="MN", cse_id="id-mn-placeholder",
                   cse_name="cse-mn")
     cse.install(mef, "--kpm-id", info.kpm_id, "--kpm-file", info.kpm_file, "--node-id", info.node_id,
-                extra_ini="[http]\nenableManagementEndpoint=true")
+                "--allowed-app-ids", "Nmn-app", extra_ini="[http]\nenableManagementEndpoint=true")
     cse.enrolee = info
     cse.start()
     try:
@@ -600,7 +600,7 @@ class TestMccAndProfileSecrecy:
         assert mn_cse.get("Cmnae1").rsc == 2000
         other = enrol(mef, mef.add_enrolee("mnae2", enrolee_id="Cmnae2", registrar="/id-mn",
                                            registrar_uri=mn_cse.secure_uri))
-        res = register(other, "Nsomething-else")  # the App-ID is not in the IN's rule
+        res = register(other, "Nsomething-else")  # neither the operator's rule nor its own bound rule allows it
         assert res.rsc == 4126, str(res)
 
     def test_an_ae_cannot_read_the_in_cse_subscription_resources(self, mef: MefHome, in_cse: AcmeCse) -> None:
