@@ -106,6 +106,7 @@ class RspfSecurityPlugin:
         self.listener: SecureWsgiServer | None = None
         self._recorded: dict[str, ssar.Binding] = {}  # Credential-ID -> what its bound rule holds
         self._record_lock = threading.Lock()
+        self._remote_node_ri: str | None = None  # an MN-CSE's node at its registrar, by resource ID
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._registrar_client = PskClient()
@@ -360,8 +361,11 @@ class RspfSecurityPlugin:
     def _ae_deleted(self, ae: Any) -> None:
         """ACME's ``aeHasDeregistered``: an <AE> that registered with a MEF key takes its rule entries along."""
         credential_id = patches.credential_of(ae)
-        if credential_id and credential_id.startswith(f"{keys.CRED_TYPE_KPSAID}-"):
-            self.forget_credential(credential_id)
+        if not (credential_id and credential_id.startswith(f"{keys.CRED_TYPE_KPSAID}-")):
+            return
+        if patches.registered_ae(ae.aei) == (True, credential_id):
+            return  # registered again with the same credential meanwhile (this event runs in the background)
+        self.forget_credential(credential_id)
 
     def _certificate_credential(self, tls: TlsPeer) -> PeerCredential | None:
         subject_id = tls.peer_certificate_id()
@@ -606,6 +610,24 @@ class RspfSecurityPlugin:
                 raise
             return True
 
+    def _remote_node(self, client: OneM2MClient, base: str, registrar_id: str) -> dict[str, Any] | None:
+        """This CSE's <serviceSubscribedNode> at the registrar: by the resource ID found last time, else by
+        discovery (``ty=20``, matched on the CSE-ID; the oldest wins); None when there is none."""
+        me = host.cse_id()
+        if self._remote_node_ri:
+            try:
+                node = client.call("GET", ids.http_path(f"{registrar_id}/{self._remote_node_ri}")).get("m2m:svsn", {})
+                if resources.same_cse(node.get("csi"), me):
+                    return dict(node)
+            except RemoteError:
+                pass  # deleted or replaced: discover it again
+        found = client.call("GET", f"{base}?fu=1&ty={resources.SVSN}") or {}
+        nodes = [client.call("GET", ids.http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
+        nodes = sorted((n for n in nodes if resources.same_cse(n.get("csi"), me)),
+                       key=lambda n: (n.get("ct", ""), n.get("ri", "")))
+        self._remote_node_ri = nodes[0].get("ri") if nodes else None
+        return nodes[0] if nodes else None
+
     def _remote_rules(self, credential_id: str | None) -> list[dict[str, Any]] | None:
         """The rules a registration with ``credential_id`` at this MN-CSE is checked against, read from its
         registrar (the IN-CSE) over TLS-PSK: this CSE's <serviceSubscribedNode> (discovery by type, matched on
@@ -615,13 +637,10 @@ class RspfSecurityPlugin:
         me = host.cse_id()
         try:
             with self._registrar() as (client, base, registrar_id):
-                found = client.call("GET", f"{base}?fu=1&ty={resources.SVSN}") or {}
-                nodes = [client.call("GET", ids.http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
-                nodes = sorted((n for n in nodes if resources.same_cse(n.get("csi"), me)),
-                               key=lambda n: (n.get("ct", ""), n.get("ri", "")))
-                if not nodes:
+                node = self._remote_node(client, base, registrar_id)
+                if node is None:
                     return None
-                links = nodes[0].get("rlk") or []
+                links = node.get("rlk") or []
                 wanted = ssar.other_links(links)
                 if credential_id and ssar.links_to(links, ssar.bound_rule_name(credential_id)):
                     wanted.insert(0, f"{registrar_id}/{ssar.bound_rule_name(credential_id)}")

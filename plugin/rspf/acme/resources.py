@@ -329,7 +329,23 @@ def registration_rules(svsn: Any, credential_id: str | None) -> list[Any]:
         if (own is not None and own.ty == ASAR and ssar.links_to(links, name)
                 and same_cse(ssar.node_of(own.lbl), svsn.csi)):
             rules.append(own)
-    return rules + rules_of({"rlk": ssar.other_links(links)})
+    return rules + rules_of({"rlk": _operator_links(svsn)})
+
+
+_operator_links_cache: dict[str, tuple[str, list[str]]] = {}  # node ri -> (its lastModifiedTime, other links)
+
+
+def _operator_links(svsn: Any) -> list[str]:
+    """The node's links that are not bound rules, remembered per node until its lastModifiedTime changes: only an
+    UPDATE request (which sets it) can change them; this module's own writes add or remove bound rules only."""
+    if svsn is None:
+        return []
+    cached = _operator_links_cache.get(svsn.ri)
+    if cached is not None and svsn.lt and cached[0] == svsn.lt:
+        return cached[1]
+    links = ssar.other_links(svsn.rlk)
+    _operator_links_cache[svsn.ri] = (svsn.lt, links)
+    return links
 
 
 def bound_rule(credential_id: str) -> Any | None:
@@ -457,7 +473,7 @@ def ensure_subscription(cse_id: str, base_rule: str, allowed_app_ids: Iterable[s
             ni = node_id or (cse_id.lstrip("/") or cse_id)
             disp.createResourceFromDict({"m2m:svsn": {"ni": ni, "csi": cse_id, "rlk": [rule.ri]}}, mssp.ri,
                                         ResourceTypes.SVSN, origin)
-        elif rule.ri not in {r.ri for r in rules_of({"rlk": ssar.other_links(svsn.rlk)})}:
+        elif rule.ri not in {r.ri for r in rules_of({"rlk": _operator_links(svsn)})}:
             disp.updateLocalResource(svsn, {"m2m:svsn": {"rlk": list(svsn.rlk or []) + [rule.ri]}},
                                      originator=origin)
         return rule
