@@ -372,10 +372,11 @@ def _registrar_originator(originator: str | None) -> str | None:
 
 
 def _store_links(node: Any, change: Callable[[list[str]], list[str] | None]) -> None:
-    """Store ``change(ruleLinks)`` as the node's ruleLinks (None: no change). Written directly, with a change
-    event for its subscribers, not through an UPDATE request: ACME re-validates every element of a list on every
-    UPDATE, which would make one more link cost in proportion to all links. Only bound rules (linked by their
-    resource ID, which this module made) are linked or unlinked this way."""
+    """Store ``change(ruleLinks)`` as the node's ruleLinks (None: no change). Written directly to ACME's storage,
+    not through an UPDATE request: ACME re-validates every element of a list on every UPDATE, which would make
+    one more link cost in proportion to all links. So the node's lastModifiedTime stays and its <subscription>s
+    are not notified (documented). Only bound rules (linked by their resource ID, which this module made) are
+    linked or unlinked this way."""
     with _rule_lock:
         fresh = _by_ri(node.ri) or node  # the stored state, not a copy read before another write
         links = change(list(fresh.rlk or []))
