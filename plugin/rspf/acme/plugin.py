@@ -14,7 +14,11 @@ Configured in the ``[rspf]`` section of ``acme.ini`` (docs/acme-plugin.md). What
 * binds every request on that listener to the authenticated credential (TS-0004 §7.3.2.1: 4106), and
   answers every request there as oneM2M (an X-M2M-RSC on every answer, X-M2M-RI checked and echoed);
 * checks AE registration against <serviceSubscribedNode>/<serviceSubscribedAppRule> (TS-0001 §10.2.2.2)
-  and records enrolled credentials in the configured rule (TS-0003 §8.3.1.2 NOTE 3/4);
+  and records each enrolled credential in a rule of its own that binds it to its AE-ID and App-IDs
+  (TS-0003 §8.3.1.2 NOTE 3/4; rspf.ssar) -- an MN-CSE at its IN-CSE, under its own node; the rule goes when
+  the <AE> is deleted or :meth:`RspfSecurityPlugin.forget_credential` is called;
+* clears a registration ACME lost in a crash (the AE-ID still counted, the <AE> gone), so the AE can register
+  again;
 * with ``enforcement = on`` (the default) checks every request on ACME's plain port too (``access.py``):
   CSEs, the admin and AEs that registered with a credential are served only on the secure listener;
 * never refuses the CSE's own work (start-up script, reset) and re-creates its resources after a reset;
@@ -651,7 +655,8 @@ class RspfSecurityPlugin:
                                            registrar_id)
                     except RspfError:
                         continue  # a link to a missing or unreadable rule is skipped, as for local rules
-                    if rule and (not ssar.is_bound_rule_name(rule.get("ri")) or ssar.node_of(rule.get("lbl")) == me):
+                    if rule and (not ssar.is_bound_rule_name(rule.get("ri"))
+                                 or resources.same_cse(ssar.node_of(rule.get("lbl")), me)):
                         rules.append(rule)
                 return rules
         except RspfError as exc:
