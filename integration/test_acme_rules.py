@@ -227,6 +227,17 @@ class TestBinding:
         assert rule is not None and rule["aai"] == [DEFAULT_APPS]
 
 
+    def test_app_ids_a_rule_cannot_hold_record_nothing(self, cse: AcmeCse,
+                                                       stand_in: tuple[StandInMef, Path]) -> None:
+        """A MEF answer whose App-IDs are no allowedApp-IDs patterns (not starting with '*', 'R' or 'N'): the
+        credential is not recorded, so it registers with no App-ID (and the default does not step in)."""
+        ke, key = stand_in[0].add("Cbadapps", ("meter-app",))
+        assert register(cse, ke, key, "Cbadapps", "Nmeter-app").rsc == 4126
+        assert register(cse, ke, key, "Cbadapps", DEFAULT_APPS).rsc == 4126
+        assert bound(cse, ke) is None and cse.get("Cbadapps").rsc == 4004
+        assert "App-ID pattern 'meter-app' must start with" in cse.log_text()
+
+
 # ======================================================================= 2. entries go away
 class TestRemoval:
     def test_deleting_the_ae_removes_its_rule_and_it_can_register_again(
