@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from rspf.enrolee import Enrolment
+from rspf.ssar import bound_rule_name
 from rspf.tls import PskClient
 
 from .acme_harness import (
@@ -352,10 +353,11 @@ def test_reset_through_the_upper_tester_then_tls_psk_registration_works_at_once(
     assert first.rsc == 2001, str(first)
     assert world.secure(world.spare, "GET", f"/cse-in/{world.spare.enrolee_id}").rsc == 2000
     assert world.register(world.owner).rsc == 2001  # the AEs of before the reset too
-    # ... and the re-created rule records it again
-    rule = cse.request("GET", f"/cse-in/{RULE}", origin=LISTED if world.mode == "on" else "CAdmin")
+    # ... and its credential has its own rule again (the reset purged the one of before)
+    rule = cse.request("GET", f"/cse-in/{bound_rule_name(f'12-{world.spare.ke_id}')}",
+                       origin=LISTED if world.mode == "on" else "CAdmin")
     recorded = {a.removeprefix("/id-in/") for a in rule.pc("m2m:asar").get("aae") or []}
-    assert world.spare.enrolee_id in recorded, str(rule)
+    assert recorded == {world.spare.enrolee_id}, str(rule)
 
 
 # ------------------------------------------------------------------------------------- other ways in

@@ -30,6 +30,7 @@ from rspf.enrolee import Enrolee, EnroleeConfig, Enrolment
 from rspf.errors import RspfError, TlsError
 from rspf.fileutil import read_key_file
 from rspf.secret import Secret
+from rspf.ssar import bound_rule_name, is_bound_rule_name
 from rspf.tls import PskClient
 
 from .acme_harness import (
@@ -114,12 +115,32 @@ def cred_id(ke_id: str) -> str:
     return f"12-{ke_id}"
 
 
+def bound_rule(cse: AcmeCse, ke_id: str) -> dict[str, Any] | None:
+    """The credential's own <serviceSubscribedAppRule> (rspf.ssar's layout), read as the admin; None if none."""
+    got = cse.get(bound_rule_name(cred_id(ke_id)))
+    if got.rsc == 4004:
+        return None
+    assert got.rsc == 2000, str(got)
+    return got.pc("m2m:asar")
+
+
+def node_links(cse: AcmeCse) -> list[str]:
+    uris = cse.discover("fu=1&ty=20")
+    assert len(uris) == 1, uris
+    return list(cse.get(f"/{uris[0]}").pc("m2m:svsn").get("rlk") or [])
+
+
+def bound_aes(cse: AcmeCse) -> list[str]:
+    """The AE-IDs of every bound rule the node links."""
+    return [r["aae"][0] for link in node_links(cse) if is_bound_rule_name(link)
+            for r in [cse.get(link).pc("m2m:asar")]]
+
+
 # ============================================================================== 1. the whole path
 class TestWholePath:
     def test_cli_ae_registers_over_tls_psk_and_is_recorded_in_the_ssar(self, mef: MefHome, in_cse: AcmeCse) -> None:
         info = add_ae(mef, in_cse, "clisensor")
-        before = in_cse.ssar(SSAR)
-        assert info.enrolee_id not in (before.get("aae") or []), before
+        assert info.enrolee_id not in bound_aes(in_cse)
 
         res = mef.cli("ae", "register", "--mef", mef.address, "--mef-fqdn", FQDN, "--kpm-id", info.kpm_id,
                       "--kpm-file", info.kpm_file, "--store", info.store, "--node-id", info.node_id,
@@ -139,10 +160,13 @@ class TestWholePath:
         assert got.pc("m2m:cnt")["ri"] == out["container"]["ri"]
         assert in_cse.get("Cclisensor").pc("m2m:ae")["aei"] == "Cclisensor"
 
-        rule = in_cse.ssar(SSAR)
-        assert cred_id(ke_id) in rule["apci"], rule
-        assert "Cclisensor" in rule["aae"], rule
-        assert rule["aai"] == [APP_ID], rule
+        rule = bound_rule(in_cse, ke_id)
+        assert rule is not None
+        # the credential's own rule: its Credential-ID, its AE-ID, the configured App-IDs (the MEF sets none)
+        assert (rule["apci"], rule["aae"], rule["aai"]) == ([cred_id(ke_id)], ["Cclisensor"], [APP_ID]), rule
+        assert rule["ri"] == rule["rn"] == bound_rule_name(cred_id(ke_id))
+        assert rule["ri"] in node_links(in_cse)
+        assert "apci" not in in_cse.ssar(SSAR) and "aae" not in in_cse.ssar(SSAR)  # the operator's rule is untouched
 
     def test_python_api_secure_ae_gets_2001_and_its_container(self, mef: MefHome, in_cse: AcmeCse) -> None:
         info = add_ae(mef, in_cse, "apisensor")
@@ -159,12 +183,10 @@ class TestWholePath:
             assert got["m2m:cnt"]["rn"] == "readings"
             assert got["m2m:cnt"]["ri"] == made.json()["m2m:cnt"]["ri"]
 
-        rule = in_cse.ssar(SSAR)
-        assert cred_id(ae.enrolment.ke_id) in rule["apci"], rule
-        assert "Capisensor" in rule["aae"], rule
+        rule = bound_rule(in_cse, ae.enrolment.ke_id)
+        assert rule is not None and rule["apci"] == [cred_id(ae.enrolment.ke_id)] and rule["aae"] == ["Capisensor"]
         # recorded once, however many connections the AE opened
-        assert rule["apci"].count(cred_id(ae.enrolment.ke_id)) == 1
-        assert rule["aae"].count("Capisensor") == 1
+        assert node_links(in_cse).count(rule["ri"]) == 1
 
 
 # ============================================================================== 2. refusals
@@ -184,7 +206,7 @@ class TestRefusals:
         assert "refused the TLS-PSK handshake" in res.stderr, str(res)
         assert not info.store.exists(), "a failed enrolment must store nothing"
         assert in_cse.get("Cwrongkey").rsc == 4004
-        assert "Cwrongkey" not in (in_cse.ssar(SSAR).get("aae") or [])
+        assert "Cwrongkey" not in bound_aes(in_cse)
         assert "cse-in/Cwrongkey" not in in_cse.discover("fu=1&ty=2")
 
         # control: the same command with the Kpm the MEF knows works
@@ -259,7 +281,7 @@ class TestRefusals:
         try:
             assert_handshake_refused(fresh.secure_port, first.ke_id, first.registrar_key)
             assert_handshake_refused(fresh.secure_port, second.ke_id, second.registrar_key)
-            assert "Crevoked" not in (fresh.ssar(SSAR).get("aae") or [])
+            assert "Crevoked" not in bound_aes(fresh)
         finally:
             fresh.stop()
         # and the revoked enrolee cannot enrol again
@@ -277,12 +299,11 @@ class TestRefusals:
         # ... so the IN-CSE has no key for the KeID and the handshake fails; nothing is registered
         assert_handshake_refused(in_cse.secure_port, enrolment.ke_id, enrolment.registrar_key)
         assert in_cse.get("Celsewhere").rsc == 4004
-        assert "Celsewhere" not in (in_cse.ssar(SSAR).get("aae") or [])
+        assert "Celsewhere" not in bound_aes(in_cse)
 
     def test_no_matching_rule_is_4126(self, mef: MefHome, in_cse: AcmeCse) -> None:
         info = add_ae(mef, in_cse, "norule")
         enrolment = enrol(mef, info)
-        assert in_cse.ssar(SSAR)["aai"] == [APP_ID]
         refused = register(enrolment, "Nother")
         assert refused.rsc == 4126, str(refused)
         assert in_cse.get("Cnorule").rsc == 4004
@@ -301,7 +322,7 @@ class TestRefusals:
             assert res.rsc == 4106, f"{origin}: {res}"
         assert in_cse.get("Cvictim").rsc == 4004
         assert not [u for u in in_cse.discover("fu=1&ty=2") if u.endswith("/Cvictim")]
-        assert "Cvictim" not in (in_cse.ssar(SSAR).get("aae") or [])
+        assert "Cvictim" not in bound_aes(in_cse)
 
         # the spoofer registers as itself, the victim as itself
         assert register(spoofer).rsc == 2001
@@ -461,7 +482,7 @@ class TestConcurrentRegistration:
         with ThreadPoolExecutor(max_workers=10) as pool:
             enrolments = list(pool.map(lambda i: enrol(mef, i), infos))
         assert len({e.ke_id for e in enrolments}) == self.COUNT
-        assert load_cse.ssar(SSAR).get("apci") in (None, [])
+        assert bound_aes(load_cse) == []
 
         barrier = threading.Barrier(self.COUNT)
 
@@ -474,52 +495,14 @@ class TestConcurrentRegistration:
             results = list(pool.map(one, enrolments))
         assert [rsc for _id, rsc in results] == [2001] * self.COUNT, results
 
-        rule = load_cse.ssar(SSAR)
-        expected_creds = {cred_id(e.ke_id) for e in enrolments}
         expected_aes = {e.enrolee_id for e in enrolments}
-        assert len(rule["apci"]) == self.COUNT and set(rule["apci"]) == expected_creds, rule["apci"]
-        assert len(rule["aae"]) == self.COUNT and set(rule["aae"]) == expected_aes, rule["aae"]
+        links = node_links(load_cse)
+        assert sorted(links[1:]) == sorted(bound_rule_name(cred_id(e.ke_id)) for e in enrolments)  # none lost
+        for e in enrolments:  # each credential bound to its own AE-ID
+            rule = bound_rule(load_cse, e.ke_id)
+            assert rule is not None and (rule["apci"], rule["aae"]) == ([cred_id(e.ke_id)], [e.enrolee_id])
         aes = [u for u in load_cse.discover("fu=1&ty=2") if u != "cse-in/CAdmin"]  # ACME's own admin AE aside
         assert sorted(aes) == sorted(f"cse-in/{a}" for a in expected_aes)
-
-
-@pytest.fixture(scope="class")
-def shard_cse(tmp_path_factory: pytest.TempPathFactory,
-              mef_target: tuple[MefHome, TargetInfo]) -> Iterator[AcmeCse]:
-    mef, target = mef_target
-    cse = start_in_cse(tmp_path_factory.mktemp("acme-shard"), "in-shard", mef, target, "--ssar-shard-size", 3)
-    try:
-        yield cse
-    finally:
-        cse.stop()
-
-
-class TestRuleSeries:
-    """Recorded credentials spread over <ssar>, <ssar>-2, ... of ssarShardSize entries each."""
-
-    def test_seven_aes_fill_three_rules_and_all_register(self, mef: MefHome, shard_cse: AcmeCse) -> None:
-        assert shard_cse.rspf_value("ssarShardSize") == "3"
-        infos = import_ae_batch(mef, "shard", 7, shard_cse.secure_uri)
-        enrolments = [enrol(mef, i) for i in infos]
-        barrier = threading.Barrier(len(enrolments))
-
-        def one(enrolment: Enrolment) -> int | None:
-            barrier.wait(30)
-            return register(enrolment, "Nshard").rsc
-
-        with ThreadPoolExecutor(max_workers=len(enrolments)) as pool:
-            assert list(pool.map(one, enrolments)) == [2001] * 7
-        rules = [shard_cse.ssar(name) for name in (SSAR, f"{SSAR}-2", f"{SSAR}-3")]
-        assert [len(r["apci"]) for r in rules] == [3, 3, 1]
-        assert [len(r["aae"]) for r in rules] == [3, 3, 1]
-        assert all(r.get("aai") == rules[0].get("aai") for r in rules)  # the series keeps the App-ID rule
-        creds = [c for r in rules for c in r["apci"]]
-        assert sorted(creds) == sorted(cred_id(e.ke_id) for e in enrolments)  # none lost, none twice
-        assert shard_cse.get(f"{SSAR}-4").rsc == 4004
-        node_uris = shard_cse.discover("fu=1&ty=20")
-        assert len(node_uris) == 1
-        node = shard_cse.get(node_uris[0].split("/", 1)[1]).pc("m2m:svsn")
-        assert {r["ri"] for r in rules} <= set(node["rlk"])
 
 
 # ============================================================================== 4./5. Mcc and secrecy
@@ -530,7 +513,7 @@ def mn_cse(tmp_path_factory: pytest.TempPathFactory, mef: MefHome, in_cse: AcmeC
     cse = AcmeCse(tmp_path_factory.mktemp("acme-mn"), "mn", cse_type="MN", cse_id="id-mn-placeholder",
                   cse_name="cse-mn")
     cse.install(mef, "--kpm-id", info.kpm_id, "--kpm-file", info.kpm_file, "--node-id", info.node_id,
-                extra_ini="[http]\nenableManagementEndpoint=true")
+                "--allowed-app-ids", "Nmn-app", extra_ini="[http]\nenableManagementEndpoint=true")
     cse.enrolee = info
     cse.start()
     try:
@@ -617,7 +600,7 @@ class TestMccAndProfileSecrecy:
         assert mn_cse.get("Cmnae1").rsc == 2000
         other = enrol(mef, mef.add_enrolee("mnae2", enrolee_id="Cmnae2", registrar="/id-mn",
                                            registrar_uri=mn_cse.secure_uri))
-        res = register(other, "Nsomething-else")  # the App-ID is not in the IN's rule
+        res = register(other, "Nsomething-else")  # neither the operator's rule nor its own bound rule allows it
         assert res.rsc == 4126, str(res)
 
     def test_an_ae_cannot_read_the_in_cse_subscription_resources(self, mef: MefHome, in_cse: AcmeCse) -> None:

@@ -77,9 +77,13 @@ def _call(fn, args):
     if fn == "rule_allows":
         rule, *rest = args
         return r.rule_allows(r.resolve_local(rule), *rest)
-    if fn == "add_to_rule":
-        r.add_to_rule(*args)
-        return None
+    if fn == "record_binding":
+        from rspf.ssar import Binding
+
+        cred, ae, apps, cse_id = args
+        return r.record_binding(Binding.of(cred, ae, apps, ()), cse_id)
+    if fn == "forget_binding":
+        return r.forget_binding(*args)
     if fn == "ensure_subscription":
         return _ri(r.ensure_subscription(*args))
     raise KeyError(fn)
@@ -594,49 +598,51 @@ def test_find_service_subscribed_node_and_rules_of(cse: Cse, uniq: str) -> None:
     assert cse.rpc("find_svsn", "/id-find1") is None
 
 
-def test_add_to_rule_appends_idempotently_and_notifies(cse: Cse, sink: NotificationSink, uniq: str) -> None:
-    cse.created(cse.cse_name, 19, "m2m:asar", {"rn": uniq, "aai": ["*"], "aae": ["Cfixed"]})
-    path = f"{cse.cse_name}/{uniq}"
-    sub = cse.created(path, 23, "m2m:sub", {"rn": "sub", "nu": [sink.url], "enc": {"net": [1]}})
+def _node_links(cse: Cse, cse_id: str) -> list[str]:
+    for uri in cse.request("GET", f"{cse.cse_name}?fu=1&ty=20").pc("m2m:uril"):
+        node = cse.request("GET", uri).pc("m2m:svsn")
+        if node.get("csi") == cse_id:
+            return list(node.get("rlk") or [])
+    raise AssertionError(f"no node for {cse_id}")
 
-    assert cse.rpc("add_to_rule", uniq, "12-0a1b2c@mef.example.com", "Cdev1") is None  # by resource name
+
+def test_record_binding_creates_links_updates_and_forgets(cse: Cse, uniq: str) -> None:
+    cse_id = f"/id-rec{uniq}"
+    cse.rpc("ensure_subscription", cse_id, f"{uniq}base", ["*"])
+    cred = f"12-{uniq}@mef.example.com"
+    name = cse.rpc("record_binding", cred, "Crec", ["Nrec"], cse_id)
+    path = f"{cse.cse_name}/{name}"
     rule = cse.request("GET", path).pc("m2m:asar")
-    assert rule["apci"] == ["12-0a1b2c@mef.example.com"] and rule["aae"] == ["Cfixed", "Cdev1"]
-    notes = wait_until(lambda: [n for n in sink.notifications_for(sub["ri"]) + sink.notifications_for(f"{path}/sub")
-                                if "nev" in n], what="the notification of the rule update")
-    assert notes[-1]["nev"]["rep"]["m2m:asar"]["apci"] == ["12-0a1b2c@mef.example.com"]
-
-    cse.rpc("add_to_rule", path, "12-0a1b2c@mef.example.com", "Cdev1")  # structured path; nothing new
-    cse.rpc("add_to_rule", rule["ri"], None, "Cfixed")                   # resource ID; nothing new
-    again = cse.request("GET", path).pc("m2m:asar")
-    assert again["apci"] == rule["apci"] and again["aae"] == rule["aae"] and again["lt"] == rule["lt"]
-
-    cse.rpc("add_to_rule", rule["ri"], "12-ffff@mef.example.com", None)
-    assert cse.request("GET", path).pc("m2m:asar")["apci"] == ["12-0a1b2c@mef.example.com", "12-ffff@mef.example.com"]
-    assert cse.request("DELETE", path).rsc == 2002
-
-
-def test_add_to_rule_under_concurrency(cse: Cse, uniq: str) -> None:
-    cse.created(cse.cse_name, 19, "m2m:asar", {"rn": uniq, "aai": ["*"]})
-    n = 24
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        list(pool.map(lambda i: cse.rpc("add_to_rule", uniq, f"12-{i:04x}@mef.example.com", f"Cdev{i}"), range(n)))
-        list(pool.map(lambda i: cse.rpc("add_to_rule", uniq, f"12-{i:04x}@mef.example.com", f"Cdev{i}"), range(n)))
-    rule = cse.request("GET", f"{cse.cse_name}/{uniq}").pc("m2m:asar")
-    assert sorted(rule["apci"]) == sorted(f"12-{i:04x}@mef.example.com" for i in range(n))
-    assert sorted(rule["aae"]) == sorted(f"Cdev{i}" for i in range(n))
-    assert cse.request("DELETE", f"{cse.cse_name}/{uniq}").rsc == 2002
-
-
-def test_add_to_rule_errors(cse: Cse, uniq: str) -> None:
+    assert rule["ri"] == rule["rn"] == name and name.startswith("rspf-cred-")
+    assert (rule["apci"], rule["aae"], rule["aai"]) == ([f"/id-in/{cred}"], ["/id-in/Crec"], ["/id-in/Nrec"]) or (
+        rule["apci"], rule["aae"], rule["aai"]) == ([cred], ["Crec"], ["Nrec"])
+    assert _node_links(cse, cse_id).count(name) == 1
+    assert cse.rpc("record_binding", cred, "Crec", ["Nrec"], cse_id) == name  # idempotent: nothing changes
+    assert cse.request("GET", path).pc("m2m:asar")["lt"] == rule["lt"]
+    assert _node_links(cse, cse_id).count(name) == 1
+    cse.rpc("record_binding", cred, "Crec", ["Nnew"], cse_id)  # the MEF now sends other App-IDs
+    assert cse.request("GET", path).pc("m2m:asar")["aai"] in (["Nnew"], ["/id-in/Nnew"])
+    assert cse.rpc("forget_binding", cred) is True
+    assert cse.request("GET", path).rsc == 4004 and name not in _node_links(cse, cse_id)
+    assert cse.rpc("forget_binding", cred) is False
     with pytest.raises(RpcError) as missing:
-        cse.rpc("add_to_rule", f"{uniq}-none", "12-aa@mef.example.com", "Cx")
+        cse.rpc("record_binding", cred, "Crec", ["Nrec"], "/id-nonode")
     assert missing.value.kind == "LookupError"
-    cse.created(cse.cse_name, 11, "m2m:mssp", {"rn": uniq})
-    with pytest.raises(RpcError) as wrong:
-        cse.rpc("add_to_rule", uniq, "12-aa@mef.example.com", "Cx")
-    assert wrong.value.kind == "ValueError"
-    assert cse.request("DELETE", f"{cse.cse_name}/{uniq}").rsc == 2002
+
+
+def test_record_binding_under_concurrency(cse: Cse, uniq: str) -> None:
+    cse_id = f"/id-conc{uniq}"
+    cse.rpc("ensure_subscription", cse_id, f"{uniq}base", ["*"])
+    n = 24
+    creds = [f"12-{uniq}{i:04x}@mef.example.com" for i in range(n)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        names = list(pool.map(lambda i: cse.rpc("record_binding", creds[i], f"Cdev{i}", ["*"], cse_id), range(n)))
+        list(pool.map(lambda i: cse.rpc("record_binding", creds[i], f"Cdev{i}", ["*"], cse_id), range(n)))
+    links = _node_links(cse, cse_id)
+    assert sorted(link for link in links if link.startswith("rspf-cred-")) == sorted(names)  # none lost, none twice
+    for cred in creds:
+        assert cse.rpc("forget_binding", cred) is True
+    assert not [link for link in _node_links(cse, cse_id) if link.startswith("rspf-cred-")]
 
 
 def test_rule_allows(cse: Cse, uniq: str) -> None:

@@ -56,6 +56,10 @@ def pinned() -> list[tuple[str, Any, list[str]]]:
         ("Resource.__init__", resource_module.Resource.__init__, ["self", "dct", "create"]),
         ("Resource.activate", resource_module.Resource.activate, ["self", "parentResource", "originator"]),
         ("Resource.validate", resource_module.Resource.validate, ["self", "originator", "dct", "parentResource"]),
+        ("Resource.deactivate", resource_module.Resource.deactivate, ["self", "originator", "parentResource"]),
+        # the crash recovery of wrap_ae_registration (ACME's originator table)
+        ("Storage.getOriginator", Storage.getOriginator, ["self", "originator"]),
+        ("Storage.removeOriginator", Storage.removeOriginator, ["self", "originator"]),
         # called by the patches
         ("Importer._parseAttribute", Importer._parseAttribute,
          ["self", "attr", "fn", "typeShortname", "sname", "checkListType"]),
@@ -67,6 +71,9 @@ def pinned() -> list[tuple[str, Any, list[str]]]:
         # called by resources.py (originator by keyword)
         ("Dispatcher.updateLocalResource", Dispatcher.updateLocalResource,
          ["self", "resource", "dct", "doUpdateCheck", "originator"]),
+        ("Dispatcher.deleteLocalResource", Dispatcher.deleteLocalResource,
+         ["self", "resource", "originator", "withDeregistration", "parentResource", "doDeleteCheck"]),
+        ("Resource.dbUpdate", resource_module.Resource.dbUpdate, ["self", "finalize"]),
     ]
 
 
@@ -90,7 +97,9 @@ def test_the_events_status_and_constants_the_plugin_reads_exist() -> None:
     from acmecse.runtime.EventManager import eventManager
 
     assert callable(eventManager.cseReset) and callable(eventManager.cseRestarted)
+    assert callable(eventManager.aeHasDeregistered)
     assert CSEStatus.RESETTING and Permission.CREATE and Permission.RETRIEVE and Permission.DISCOVERY
+    assert Permission.UPDATE and Permission.DELETE
     for attr in ("cseStatus", "cseCsi", "cseSPid", "cseOriginator", "cseOriginators", "cseRi", "cseRn", "cseType"):
         assert hasattr(RC, attr), attr
     from acmecse.plugins.bindings.HttpServer import HttpServer

@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ssar import is_bound_rule_name
+
 SP_ID = "//sp.example.com"
 MEF_FQDN = "mef.example.com"
 
@@ -169,15 +171,24 @@ def main(workdir: Path) -> int:
         for line in r.stdout.splitlines():
             print("  " + line)
 
-        step(5, "IN-CSE: the <serviceSubscribedAppRule> now records the enrolled credential")
-        req = urllib.request.Request(f"http://127.0.0.1:{http_port}/cse-in/rspf-enrolled",
-                                     headers={"X-M2M-Origin": "CAdmin", "X-M2M-RI": "demo", "X-M2M-RVI": "3",
-                                              "Accept": "application/json"})
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            rule = json.loads(resp.read()).get("m2m:asar", {})
-        print(f"  applicableCredIDs = {rule.get('apci')}")
-        print(f"  allowedAEs        = {rule.get('aae')}")
-        print(f"  allowedApp-IDs    = {rule.get('aai')}")
+        step(5, "IN-CSE: the enrolled credential now has a <serviceSubscribedAppRule> of its own")
+
+        def admin_get(path: str) -> dict:
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}/{path}",
+                                         headers={"X-M2M-Origin": "CAdmin", "X-M2M-RI": "demo", "X-M2M-RVI": "3",
+                                                  "Accept": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                data: dict = json.loads(resp.read())
+                return data
+
+        links = [link for uri in admin_get("cse-in?fu=1&ty=20").get("m2m:uril", [])
+                 for link in admin_get(uri).get("m2m:svsn", {}).get("rlk") or [] if is_bound_rule_name(link)]
+        for link in links:
+            rule = admin_get(f"cse-in/{link}").get("m2m:asar", {})
+            print(f"  rule {link}, linked from the IN-CSE's <serviceSubscribedNode>:")
+            print(f"  applicableCredIDs = {rule.get('apci')}")
+            print(f"  allowedAEs        = {rule.get('aae')}")
+            print(f"  allowedApp-IDs    = {rule.get('aai')}")
 
         step(6, "Enforcement: the plain port is no side door")
         attempts = [

@@ -36,6 +36,7 @@ class FetchedCredential:
     key: Secret
     enrolee_id: str
     lifetime: str  # m2m:timestamp of expiry
+    allowed_app_ids: tuple[str, ...] | None = None  # as the MEF sent them; None: the MEF set none
 
     @property
     def expires_at(self) -> float | None:
@@ -92,7 +93,8 @@ def fetch_credentials(host: str, port: int, mef_fqdn: str, psk_identity: str, ps
 def request_credentials(client: OneM2MClient, ke_id: str, suid: int) -> FetchedCredential:
     """The fetchCredentials request on an open, authenticated connection to the MEF."""
     got = protocol.parse_fetch_response(client.call("GET", protocol.fetch_path(ke_id, suid)))
-    return FetchedCredential(Secret(got.key, "usage-constrained key"), got.enrolee_id, got.lifetime)
+    return FetchedCredential(Secret(got.key, "usage-constrained key"), got.enrolee_id, got.lifetime,
+                             got.allowed_app_ids)
 
 
 class MefConnections:

@@ -102,7 +102,6 @@ KEYS: tuple[Key, ...] = (
     Key("secureWebUI", "false", "Serve ACME's web UI on the secure listener too.", kind="bool"),
     Key("ssar", "rspf-enrolled", "The <serviceSubscribedAppRule> (resource name under the CSEBase) that receives "
         "enrolled credentials."),
-    Key("ssarShardSize", "256", "Entries per rule before recording moves on to <ssar>-2, <ssar>-3, ..."),
     Key("createSubscription", "true", "At start-up, create that rule and a <m2mServiceSubscriptionProfile> with a "
         "<serviceSubscribedNode> for this CSE if missing.", kind="bool"),
     Key("allowedAppIDs", "*", "allowedApp-IDs of the rule the plugin creates (comma-separated; each starts with "
@@ -158,7 +157,6 @@ class AcmePluginConfig:
     plain_port_originators: tuple[str, ...]
     secure_web_ui: bool
     ssar: str
-    ssar_shard_size: int
     create_subscription: bool
     allowed_app_ids: tuple[str, ...]
     secure_registrar: bool
@@ -306,7 +304,6 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         secure_listen=get("secureListen", required=True) or "", secure_port=secure_port,
         cert_file=cert, key_file=key, ca_file=ca, enforcement=mode == "on",
         plain_port_originators=listed, secure_web_ui=flag("secureWebUI"), ssar=ssar,
-        ssar_shard_size=int(number("ssarShardSize", 1, 100000)),
         create_subscription=flag("createSubscription"), allowed_app_ids=apps,
         secure_registrar=flag("secureRegistrar"), location=get("location"), limits=limits,
     )

@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 CSR_TYPE = 16  # <remoteCSE>
+CSEBASE_TYPE = 5  # <CSEBase>
 
 
 def current_environ() -> dict[str, Any] | None:

@@ -8,9 +8,10 @@ logic (rules, recording) in :mod:`rspf.acme.resources`.
 * :func:`apply_identity` / :func:`apply_registrar` set the CSE-ID, SP-ID and registrar from the
   securityProfile (re-running ACME's own validation so its derived runtime constants follow);
 * :func:`wrap_ae_registration` wraps ``RegistrationManager.handleAERegistration`` (the AE registration
-  check of TS-0001 §10.2.2.2) and marks the new ``<AE>`` with the Credential-ID it registered with
-  (:data:`BINDING_ATTR`, an internal attribute stored with the resource and never shown to clients);
-  :func:`registered_ae` reads it back;
+  check of TS-0001 §10.2.2.2, and the clearing of a registration an earlier run lost in a crash) and marks the
+  new ``<AE>`` with the Credential-ID it registered with (:data:`BINDING_ATTR`, an internal attribute stored
+  with the resource and never shown to clients); :func:`registered_ae` and :func:`credential_of` read it back;
+  :func:`on_ae_deleted` subscribes to ACME's ``aeHasDeregistered`` event;
 * :func:`wrap_access` wraps ``SecurityManager.hasAccess`` (a gate before ACME's own access control, and the
   reads a proven CSE may do);
 * :func:`wrap_wsgi` puts a WSGI middleware in front of ACME's Flask app (Flask's documented pattern);
@@ -113,9 +114,17 @@ def apply_registrar(config: Any, profile: dict[str, Any]) -> None:
 BINDING_ATTR = "__rspfCredentialID__"
 
 
-def wrap_ae_registration(check: Callable[[Any, str], str | None]) -> None:
+def wrap_ae_registration(check: Callable[[Any, str], str | None], repaired: Callable[[str], None]) -> None:
     """Call ``check(ae, originator)`` before ACME's own AE registration; ``check`` raises to refuse, or returns
-    the Credential-ID the new AE is bound to (None: registered without a credential)."""
+    the Credential-ID the new AE is bound to (None: registered without a credential).
+
+    Crash recovery: ACME keeps the originators it counts as registered in a table of its own, written apart
+    from the resources (with its file database each table is flushed by its own thread). Killed right after a
+    2001, it can restart with the originator counted and the ``<AE>`` gone: every later registration would be
+    4117 ORIGINATOR_HAS_ALREADY_REGISTERED. So, for a registration that passed ``check``: an AE-ID counted as
+    registered, with no ``<AE>`` of that AE-ID, and not registered by this process (whose own tables are
+    consistent; an entry it added may belong to a registration still under way) is a leftover of an earlier
+    run -- it is cleared, ``repaired(originator)`` is called, and the registration goes on."""
     from acmecse.resources.Resource import addToInternalAttributes
     from acmecse.services.RegistrationManager import RegistrationManager
 
@@ -126,7 +135,13 @@ def wrap_ae_registration(check: Callable[[Any, str], str | None]) -> None:
 
     def handleAERegistration(self: Any, ae: Any, originator: str, parentResource: Any) -> str:
         credential_id = check(ae, originator)
+        if _stale_registration(self.storage, originator):
+            self.storage.removeOriginator(originator)
+            repaired(originator)
         assigned = original(self, ae, originator, parentResource)
+        if assigned:
+            with _registered_lock:
+                _registered_here.add(assigned)
         if credential_id:
             ae.setAttribute(BINDING_ATTR, credential_id)
         return assigned
@@ -134,6 +149,49 @@ def wrap_ae_registration(check: Callable[[Any, str], str | None]) -> None:
     handleAERegistration._rspf_wrapped = True  # type: ignore[attr-defined]
     handleAERegistration._rspf_original = original  # type: ignore[attr-defined]
     RegistrationManager.handleAERegistration = handleAERegistration  # type: ignore[method-assign]
+
+
+_registered_here: set[str] = set()  # AE-IDs this process registered (and whose <AE> it has not seen deleted)
+_registered_lock = threading.Lock()
+
+
+def _stale_registration(storage: Any, originator: str) -> bool:
+    """An AE-ID counted as registered in ACME's originator table without an <AE>, left by an earlier run."""
+    from acmecse.etc.ResponseStatusCodes import ResponseException
+
+    if not originator or originator in ("C", "S") or originator.startswith("/"):
+        return False  # a CSE-assigned AE-ID is new; CSE-IDs are not AE registrations
+    with _registered_lock:
+        if originator in _registered_here:
+            return False
+    if storage.getOriginator(originator) is None:
+        return False
+    try:
+        storage.retrieveResource(aei=originator)
+    except ResponseException:
+        return True
+    return False
+
+
+def credential_of(ae: Any) -> str | None:
+    """The Credential-ID an ``<AE>`` resource registered with (:data:`BINDING_ATTR`), or None."""
+    value = ae.attribute(BINDING_ATTR)
+    return value if isinstance(value, str) and value else None
+
+
+def on_ae_deleted(handler: Callable[[Any], None]) -> None:
+    """``handler(ae)`` after an ``<AE>`` was deleted (ACME's ``aeHasDeregistered``, run in the background)."""
+    from acmecse.runtime.EventManager import eventManager
+
+    def deleted(*args: Any) -> None:
+        for data in args:
+            ae = getattr(data, "payload", None)
+            if ae is not None:
+                with _registered_lock:
+                    _registered_here.discard(ae.aei)
+                handler(ae)
+
+    eventManager.addHandler(eventManager.aeHasDeregistered, deleted)
 
 
 def registered_ae(stem: str) -> tuple[bool, str | None]:
@@ -145,20 +203,21 @@ def registered_ae(stem: str) -> tuple[bool, str | None]:
         ae = CSE.storage.retrieveResource(aei=stem)
     except ResponseException:
         return False, None
-    return True, ae.attribute(BINDING_ATTR)
+    return True, credential_of(ae)
 
 
 def wrap_access(gate: Callable[[str], bool], extra: Callable[[str, Any, str, Any], bool]) -> None:
     """``gate(originator)`` runs first: False denies, whatever ACME's rules say. Then grant, in addition to
     ACME's own rules (ACPs, ``allowedCSROriginators``), what ``extra(originator, resource, operation, ty)``
-    allows; ``operation`` is "create", "retrieve" or "discover" (nothing else is ever widened)."""
+    allows; ``operation`` is "create", "retrieve", "update", "delete" or "discover" (notify is never widened)."""
     from acmecse.etc.Types import Permission
     from acmecse.services.SecurityManager import SecurityManager
 
     original = SecurityManager.hasAccess
     if getattr(original, "_rspf_wrapped", False):
         return
-    names = {Permission.CREATE: "create", Permission.RETRIEVE: "retrieve", Permission.DISCOVERY: "discover"}
+    names = {Permission.CREATE: "create", Permission.RETRIEVE: "retrieve", Permission.UPDATE: "update",
+             Permission.DELETE: "delete", Permission.DISCOVERY: "discover"}
 
     def hasAccess(self: Any, originator: str, resource: Any, requestedPermission: Any, ty: Any = None,
                   parentResource: Any = None, request: Any = None, resultResource: Any = None) -> bool:

@@ -14,7 +14,11 @@ Configured in the ``[rspf]`` section of ``acme.ini`` (docs/acme-plugin.md). What
 * binds every request on that listener to the authenticated credential (TS-0004 §7.3.2.1: 4106), and
   answers every request there as oneM2M (an X-M2M-RSC on every answer, X-M2M-RI checked and echoed);
 * checks AE registration against <serviceSubscribedNode>/<serviceSubscribedAppRule> (TS-0001 §10.2.2.2)
-  and records enrolled credentials in the configured rule (TS-0003 §8.3.1.2 NOTE 3/4);
+  and records each enrolled credential in a rule of its own that binds it to its AE-ID and App-IDs
+  (TS-0003 §8.3.1.2 NOTE 3/4; rspf.ssar) -- an MN-CSE at its IN-CSE, under its own node; the rule goes when
+  the <AE> is deleted or :meth:`RspfSecurityPlugin.forget_credential` is called;
+* clears a registration ACME lost in a crash (the AE-ID still counted, the <AE> gone), so the AE can register
+  again;
 * with ``enforcement = on`` (the default) checks every request on ACME's plain port too (``access.py``):
   CSEs, the admin and AEs that registered with a credential are served only on the secure listener;
 * never refuses the CSE's own work (start-up script, reset) and re-creates its resources after a reset;
@@ -30,6 +34,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,15 +43,24 @@ from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
-from .. import ids, keys
+from .. import ids, keys, ssar
 from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
-from ..errors import RSC, BadRequest, ConfigError, NotAuthenticated, NotFound, OperationNotAllowed, RspfError
+from ..errors import (
+    RSC,
+    BadRequest,
+    ConfigError,
+    NotAuthenticated,
+    NotFound,
+    OperationNotAllowed,
+    RemoteError,
+    RspfError,
+)
 from ..fileutil import read_key_file
 from ..mef.protocol import Revocation
 from ..ratelimit import Backoff, RefusalLog
 from ..secret import Secret
-from ..target import KeyCache, KeyCacheLimits, RevocationFollower
+from ..target import FetchedCredential, KeyCache, KeyCacheLimits, RevocationFollower
 from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
 from ..wire import MAX_REQUEST_ID
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
@@ -99,8 +114,9 @@ class RspfSecurityPlugin:
         self.enrolment: Enrolment | None = None
         self.keycache: KeyCache | None = None
         self.listener: SecureWsgiServer | None = None
-        self._recorded: set[str] = set()
+        self._recorded: dict[str, ssar.Binding] = {}  # Credential-ID -> what its bound rule holds
         self._record_lock = threading.Lock()
+        self._remote_node_ri: str | None = None  # an MN-CSE's node at its registrar, by resource ID
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._follower: threading.Thread | None = None
@@ -130,9 +146,10 @@ class RspfSecurityPlugin:
                 raise ConfigError(f"acme.ini [rspf] enforcement: 'on' needs the {', '.join(others)} binding(s) "
                                   "disabled (they bypass the secure listener)")
             # Hooks before ACME serves its first request (its bindings start after @configure).
-            patches.wrap_ae_registration(self._check_ae_registration)
+            patches.wrap_ae_registration(self._check_ae_registration, self._stale_registration_cleared)
             patches.wrap_access(self._gate, self._proven_cse_access)
             patches.on_reset(self._reset_begin, self._reset_end)
+            patches.on_ae_deleted(self._ae_deleted)
             self._setup_keys()
             self._psk = PskServer(self._psk_lookup)
             c = self.config
@@ -195,7 +212,6 @@ class RspfSecurityPlugin:
         """``cseReset``: ACME purged its storage; what the plugin recorded there is gone."""
         with self._record_lock:
             self._recorded.clear()
-        resources.forget_cached()
         _acme_log("info", "CSE reset: the plugin forgot the credentials it had recorded")
 
     def _reset_end(self) -> None:
@@ -301,7 +317,7 @@ class RspfSecurityPlugin:
         held = self.keycache.revoke(ke_ids)
         closed = self._close_connections(lambda ident, _cred: ident is not None and _ke_id_or_none(ident) in ke_ids)
         for item in items:
-            self._forget_recorded(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
+            self.forget_credential(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
             _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now on")
         if held or closed:
             _acme_log("warn", f"revocation: {held} key(s) dropped from the cache, {closed} connection(s) closed")
@@ -344,27 +360,75 @@ class RspfSecurityPlugin:
             return None
         peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, ke_id), cred.enrolee_id,
                               cred.expires_at)
-        self._record_enrolled(peer)
+        self._record_enrolled(peer, cred)
         return peer
 
-    def _record_enrolled(self, peer: PeerCredential) -> None:
-        """TS-0003 §8.3.1.2 NOTE 3/4: Credential-ID -> applicableCredIDs, Enrolee-ID -> allowedAEs."""
+    def _record_enrolled(self, peer: PeerCredential, cred: FetchedCredential) -> bool:
+        """TS-0003 §8.3.1.2 NOTE 3/4, as rules that bind: the credential's own rule holds its Credential-ID, its
+        Enrolee-ID and the App-IDs the MEF sent with the key (none sent: ``allowedAppIDs``), linked from the node
+        of this CSE -- at the IN-CSE itself, or, on an MN-CSE, at its registrar (the IN-CSE). Recorded once per
+        binding (again when the MEF's App-IDs change). Whether the binding is recorded."""
         assert self.config is not None
         if peer.enrolee_id is None or peer.enrolee_id.startswith("/"):
-            return  # CSEs register as <remoteCSE>; SSARs govern AEs
-        if not host.is_in_cse():
-            return  # only the IN-CSE hosts <serviceSubscribedAppRule> (TS-0004 Table 6.3.4.2.1-1)
+            return False  # CSEs register as <remoteCSE>; SSARs govern AEs
+        try:
+            binding = ssar.Binding.of(peer.credential_id, peer.enrolee_id, cred.allowed_app_ids,
+                                      self.config.allowed_app_ids)
+        except RspfError as exc:
+            _acme_log("warn", f"cannot record {peer.credential_id}: {exc}")
+            return False
         with self._record_lock:
-            if peer.credential_id in self._recorded:
-                return
+            if self._recorded.get(binding.credential_id) == binding:
+                return True
             try:
-                rule = resources.record_enrolled(host.cse_id(), self.config.ssar, peer.credential_id,
-                                                 peer.enrolee_id, self.config.ssar_shard_size)
-                self._recorded.add(peer.credential_id)
-                _acme_log("info", f"recorded {peer.credential_id} / {peer.enrolee_id} in <serviceSubscribedAppRule> "
-                                  f"{rule}")
+                if host.is_in_cse():
+                    resources.record_binding(binding, host.cse_id())
+                elif self.enrolment is not None and self.config.secure_registrar:
+                    self._record_at_registrar(binding)
+                else:
+                    return False  # no IN-CSE to record at: the operator writes the rules
+                self._recorded[binding.credential_id] = binding
+                _acme_log("info", f"recorded {binding.credential_id} / {binding.ae_id} / App-IDs "
+                                  f"{','.join(binding.app_ids)} in <serviceSubscribedAppRule> {binding.name}")
+                return True
             except Exception as exc:
-                _acme_log("warn", f"could not record {peer.credential_id} in rule {self.config.ssar}: {exc}")
+                _acme_log("warn", f"could not record {binding.credential_id} in a rule: {exc}")
+                return False
+
+    def forget_credential(self, credential_id: str) -> bool:
+        """Remove the rule entries of ``credential_id`` (its bound rule, and the node's link to it): here on the
+        IN-CSE, or at the registrar for an MN-CSE. For revocation and expiry, and when the credential's <AE> is
+        deleted. Whether there was something to remove. A credential still valid at the MEF is recorded again
+        at its next registration."""
+        with self._record_lock:
+            self._recorded.pop(credential_id, None)
+            try:
+                if host.is_in_cse():
+                    removed = resources.forget_binding(credential_id)
+                elif self.enrolment is not None and self.config is not None and self.config.secure_registrar:
+                    removed = self._forget_at_registrar(credential_id)
+                else:
+                    return False
+            except Exception as exc:
+                _acme_log("warn", f"could not remove the rule of {credential_id}: {exc}")
+                return False
+        if removed:
+            _acme_log("info", f"removed the rule of {credential_id} ({ssar.bound_rule_name(credential_id)})")
+        return removed
+
+    @staticmethod
+    def _stale_registration_cleared(originator: str) -> None:
+        _acme_log("warn", f"{access.shown(originator)} was counted as registered without an <AE> (left by an "
+                          "earlier run that stopped abruptly): cleared, so it can register again")
+
+    def _ae_deleted(self, ae: Any) -> None:
+        """ACME's ``aeHasDeregistered``: an <AE> that registered with a MEF key takes its rule entries along."""
+        credential_id = patches.credential_of(ae)
+        if not (credential_id and credential_id.startswith(f"{keys.CRED_TYPE_KPSAID}-")):
+            return
+        if patches.registered_ae(ae.aei) == (True, credential_id):
+            return  # registered again with the same credential meanwhile (this event runs in the background)
+        self.forget_credential(credential_id)
 
     def _certificate_credential(self, tls: TlsPeer) -> PeerCredential | None:
         subject_id = tls.peer_certificate_id()
@@ -472,7 +536,10 @@ class RspfSecurityPlugin:
 
         * register (CREATE <remoteCSE>);
         * read and discover its own service subscription: the <serviceSubscribedNode> whose CSE-ID is its
-          own and the rules it links (TS-0001 §10.2.2.2: a registrar that is not the IN-CSE retrieves them).
+          own and the rules it links (TS-0001 §10.2.2.2: a registrar that is not the IN-CSE retrieves them);
+        * record the AEs that register with it, when it has a node here: CREATE a bound rule under the CSEBase
+          (the rule class admits only the bound form and links it from this CSE's node), and read, UPDATE and
+          DELETE the bound rules labelled with its own CSE-ID.
         """
         environ = host.current_environ()
         cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
@@ -480,14 +547,22 @@ class RspfSecurityPlugin:
                 and originator == cred.enrolee_id):
             return False
         if operation == "create":
-            return ty == host.CSR_TYPE
-        if resource is None or operation not in ("retrieve", "discover"):
+            if ty == host.CSR_TYPE:
+                return True
+            return (ty == resources.ASAR and resource is not None and resource.ty == host.CSEBASE_TYPE
+                    and resources.find_service_subscribed_node(originator) is not None)
+        if resource is None:
+            return False
+        if resource.ty == resources.ASAR and ssar.is_bound_rule_name(resource.ri):
+            return operation in ("retrieve", "update", "delete") and resources.same_cse(
+                ssar.node_of(resource.lbl), originator)
+        if operation not in ("retrieve", "discover"):
             return False
         if resource.ty == resources.SVSN:
             return resources.same_cse(resource.csi, originator)
         if resource.ty == resources.ASAR:
             node = resources.find_service_subscribed_node(originator)
-            return node is not None and resource.ri in {r.ri for r in resources.rules_of(node)}
+            return node is not None and resource.ri in {r.ri for r in resources.registration_rules(node, None)}
         return False
 
     def _check_ae_registration(self, ae: Any, originator: str) -> str | None:
@@ -507,42 +582,42 @@ class RspfSecurityPlugin:
         credential_id = cred.credential_id if cred is not None else None
         stem = originator or ""
         app_id = ae.api  # ACME resources answer None for an absent attribute
-        rules = self._rules_for_registration()
+        rules = self._rules_for_registration(credential_id)
         if rules is None:
             self._refuse_registration(4128, f"no <serviceSubscribedNode> for {host.cse_id()}: no service "
                                             "subscription is established for this CSE", environ, cred)
-        if any(resources.rule_allows(rule, credential_id, app_id or "", stem) for rule in rules):
+        if ssar.admits(rules, credential_id, app_id or "", stem):
             return credential_id
-        if cred is not None and cred.kind == "psk":
-            # A key from the MEF (only those are recorded; certificates never are): recorded before ACME purged
-            # its storage (a reset), or not recordable when the connection opened (the rule was being
-            # re-created). Record it now -- idempotent -- and look again.
-            self._forget_recorded(cred.credential_id)
-            self._record_enrolled(cred)
-            if any(resources.rule_allows(rule, credential_id, app_id or "", stem)
-                   for rule in self._rules_for_registration() or []):
+        if cred is not None and cred.kind == "psk" and self._record_again(cred, environ):
+            # A key from the MEF (only those are recorded; certificates never are) whose rule is gone: its <AE>
+            # was deleted, ACME purged its storage (a reset), or the rule could not be written when the connection
+            # opened. Recorded again (idempotent, from what the MEF says now), and looked up again.
+            if ssar.admits(self._rules_for_registration(credential_id) or [], credential_id, app_id or "", stem):
                 return credential_id
         what = f"credential {credential_id}" if credential_id else "a registration without a credential"
         self._refuse_registration(4126, f"no <serviceSubscribedAppRule> allows {what}"
                                         f" with App-ID {access.shown(app_id)} and AE-ID-Stem {access.shown(stem)}",
                                   environ, cred)
 
-    def _rules_for_registration(self) -> list[Any] | None:
-        """The rules of this CSE's <serviceSubscribedNode>; None when there is none. A plugin that creates the
-        service subscription re-creates it first if it is gone (after ACME's reset purged it)."""
+    def _record_again(self, peer: PeerCredential, environ: dict[str, Any]) -> bool:
+        assert self.keycache is not None
+        with self._record_lock:
+            self._recorded.pop(peer.credential_id, None)
+        fetched, _now = self.keycache.lookup(keys.normalise_ke_id(peer.identity), environ.get("REMOTE_ADDR"))
+        return fetched is not None and self._record_enrolled(peer, fetched)
+
+    def _rules_for_registration(self, credential_id: str | None) -> list[Any] | None:
+        """The rules a registration with ``credential_id`` is checked against (its own bound rule and the
+        operator's rules of this CSE's <serviceSubscribedNode>); None when there is no node. A plugin that
+        creates the service subscription re-creates it first if it is gone (after ACME's reset purged it)."""
         if host.is_in_cse() or self.enrolment is None:
             svsn = resources.find_service_subscribed_node(host.cse_id())
             if svsn is None and self.config is not None and self.config.create_subscription and host.is_in_cse():
                 self._ensure_subscription()
                 svsn = resources.find_service_subscribed_node(host.cse_id())
-            return resources.rules_of(svsn) if svsn is not None else None
+            return resources.registration_rules(svsn, credential_id) if svsn is not None else None
         # a registrar that is not the IN-CSE reads its node and rules from the IN-CSE (TS-0001 §10.2.2.2)
-        return self._remote_rules()
-
-    def _forget_recorded(self, credential_id: str) -> None:
-        with self._record_lock:
-            self._recorded.discard(credential_id)
-        resources.forget_cached()
+        return self._remote_rules(credential_id)
 
     def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
                              cred: PeerCredential | None) -> NoReturn:
@@ -557,45 +632,95 @@ class RspfSecurityPlugin:
         return self._registrar_client.connect(parts.hostname or "", parts.port or 443, enrolment.ke_id,
                                               enrolment.registrar_key, timeout=timeout)
 
-    def _remote_rules(self) -> list[dict[str, Any]] | None:
-        """This CSE's <serviceSubscribedNode> and linked rules, read from its registrar over TLS-PSK; None when
-        there is no node for it (or the registrar cannot be read, which is logged)."""
+    @contextmanager
+    def _registrar(self, timeout: float = 10.0) -> Iterator[tuple[OneM2MClient, str, str]]:
+        """A oneM2M client to the registrar (the IN-CSE) over TLS-PSK as this CSE, with the registrar's CSEBase
+        path and CSE-ID. A transport failure raises TransportError."""
         assert self.enrolment is not None
+        registrar = self.enrolment.profile["registrar"]
+        parts = urlsplit(registrar["cseBaseURI"])
+        client = OneM2MClient(self._connect_registrar(parts, timeout), host.cse_id(), host=parts.netloc)
+        try:
+            yield client, parts.path.rstrip("/"), registrar["cseID"]
+        finally:
+            client.close()
+
+    def _record_at_registrar(self, binding: ssar.Binding) -> None:
+        """An MN-CSE records an AE that registers with it at the IN-CSE (project decision, docs/acme-plugin.md):
+        it CREATEs the bound rule under the IN-CSE's CSEBase over its TLS-PSK Mcc link; the IN-CSE admits only
+        rules of the bound form, labels them with this CSE and links them from this CSE's node. A rule that
+        exists already is updated to the binding (the IN-CSE lets a CSE change only the rules it recorded)."""
         me = host.cse_id()
-        parts = urlsplit(self.enrolment.profile["registrar"]["cseBaseURI"])
+        with self._registrar() as (client, base, registrar_id):
+            try:
+                client.call("POST", base, {"m2m:asar": binding.attributes(me)}, ty=resources.ASAR)
+            except RemoteError as exc:
+                if exc.remote_rsc != RSC.CONFLICT:
+                    raise
+                current = client.call("GET", ids.http_path(f"{registrar_id}/{binding.name}")).get("m2m:asar", {})
+                plan = ssar.plan_recording(binding, me, _local_form(current, registrar_id), [binding.name])
+                if plan.update is not None:
+                    client.call("PUT", ids.http_path(f"{registrar_id}/{binding.name}"), {"m2m:asar": plan.update})
+
+    def _forget_at_registrar(self, credential_id: str) -> bool:
+        """An MN-CSE deletes the bound rule it recorded at the IN-CSE (the IN-CSE unlinks it from the node)."""
+        with self._registrar() as (client, _base, registrar_id):
+            try:
+                client.call("DELETE", ids.http_path(f"{registrar_id}/{ssar.bound_rule_name(credential_id)}"))
+            except RemoteError as exc:
+                if exc.remote_rsc == RSC.NOT_FOUND:
+                    return False
+                raise
+            return True
+
+    def _remote_node(self, client: OneM2MClient, base: str, registrar_id: str) -> dict[str, Any] | None:
+        """This CSE's <serviceSubscribedNode> at the registrar: by the resource ID found last time, else by
+        discovery (``ty=20``, matched on the CSE-ID; the oldest wins); None when there is none."""
+        me = host.cse_id()
+        if self._remote_node_ri:
+            try:
+                node = client.call("GET", ids.http_path(f"{registrar_id}/{self._remote_node_ri}")).get("m2m:svsn", {})
+                if resources.same_cse(node.get("csi"), me):
+                    return dict(node)
+            except RemoteError:
+                pass  # deleted or replaced: discover it again
+        found = client.call("GET", f"{base}?fu=1&ty={resources.SVSN}") or {}
+        nodes = [client.call("GET", ids.http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
+        nodes = sorted((n for n in nodes if resources.same_cse(n.get("csi"), me)),
+                       key=lambda n: (n.get("ct", ""), n.get("ri", "")))
+        self._remote_node_ri = nodes[0].get("ri") if nodes else None
+        return nodes[0] if nodes else None
+
+    def _remote_rules(self, credential_id: str | None) -> list[dict[str, Any]] | None:
+        """The rules a registration with ``credential_id`` at this MN-CSE is checked against, read from its
+        registrar (the IN-CSE) over TLS-PSK: this CSE's <serviceSubscribedNode> (discovery by type, matched on
+        the CSE-ID), the credential's bound rule by its resource ID (if the node links it and it names this
+        CSE), and the node's other rules. None when there is no node (or the registrar cannot be read, which
+        is logged)."""
+        me = host.cse_id()
         try:
-            tls = self._connect_registrar(parts, 10.0)
-        except RspfError as exc:
-            _acme_log("warn", f"cannot reach the registrar for the service subscription of {me}: {exc}")
-            return None
-        client = OneM2MClient(tls, me, host=parts.netloc)
-        try:
-            found = client.call("GET", f"{parts.path.rstrip('/')}?fu=1&ty={resources.SVSN}") or {}
-            nodes = [client.call("GET", ids.http_path(u)).get("m2m:svsn", {}) for u in found.get("m2m:uril", [])]
-            nodes = sorted((n for n in nodes if resources.same_cse(n.get("csi"), me)),
-                           key=lambda n: (n.get("ct", ""), n.get("ri", "")))
-            if not nodes:
-                return None
-            rules = []
-            for link in nodes[0].get("rlk") or []:
-                try:
-                    rules.append(client.call("GET", ids.http_path(link)).get("m2m:asar", {}))
-                except RspfError:
-                    continue  # a link to a missing or unreadable rule is skipped, as for local rules
-            # The registrar sends its list attributes (m2m:listOfM2MID) SP-relative ("/id-in/C*"); the rule
-            # was written, and is matched, in the registrar's own CSE-relative form ("C*").
-            prefix = self.enrolment.profile["registrar"]["cseID"] + "/"
-            for rule in rules:
-                for attr in ("apci", "aai", "aae", "ari"):
-                    if isinstance(rule.get(attr), list):
-                        rule[attr] = [v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v
-                                      for v in rule[attr]]
-            return [r for r in rules if r]
+            with self._registrar() as (client, base, registrar_id):
+                node = self._remote_node(client, base, registrar_id)
+                if node is None:
+                    return None
+                links = node.get("rlk") or []
+                wanted = ssar.other_links(links)
+                if credential_id and ssar.links_to(links, ssar.bound_rule_name(credential_id)):
+                    wanted.insert(0, f"{registrar_id}/{ssar.bound_rule_name(credential_id)}")
+                rules = []
+                for link in wanted:
+                    try:
+                        rule = _local_form(client.call("GET", ids.http_path(link)).get("m2m:asar", {}),
+                                           registrar_id)
+                    except RspfError:
+                        continue  # a link to a missing or unreadable rule is skipped, as for local rules
+                    if rule and (not ssar.is_bound_rule_name(rule.get("ri"))
+                                 or resources.same_cse(ssar.node_of(rule.get("lbl")), me)):
+                        rules.append(rule)
+                return rules
         except RspfError as exc:
             _acme_log("warn", f"cannot read the service subscription of {me} from the registrar: {exc}")
             return None
-        finally:
-            client.close()
 
     # ------------------------------------------------------------------------------- Mcc
     def _send_to_registrar(self, method: str, url: str, body: bytes | None, headers: dict,
@@ -628,6 +753,16 @@ def _ke_id_or_none(identity: str) -> str | None:
         return keys.normalise_ke_id(identity)
     except RspfError:
         return None
+
+
+def _local_form(rule: dict[str, Any], registrar_id: str) -> dict[str, Any]:
+    """A rule read from the registrar: its list attributes (m2m:listOfM2MID) come SP-relative (``/id-in/C*``);
+    the rule was written, and is matched, in the registrar's own CSE-relative form (``C*``)."""
+    prefix = registrar_id + "/"
+    for attr in ("apci", "aai", "aae", "ari"):
+        if isinstance(rule.get(attr), list):
+            rule[attr] = [v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v for v in rule[attr]]
+    return rule
 
 
 def _onem2m_error(start_response: Any, exc: RspfError, ri: str | None) -> list[bytes]:

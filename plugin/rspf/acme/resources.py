@@ -20,17 +20,20 @@ installs them into ACME, the one place that touches ACME internals for that. The
 write the resources through ACME's Dispatcher like any internal CSE component does.
 
 Helpers for the AE registration check (TS-0001 §10.2.2.2) and the RSPF rule update (TS-0003 §8.3.1.2):
-:func:`find_service_subscribed_node`, :func:`rules_of`, :func:`rule_allows`, :func:`matches`,
-:func:`add_to_rule`, :func:`ensure_subscription`.
+:func:`find_service_subscribed_node`, :func:`rules_of`, :func:`registration_rules`, :func:`record_binding`,
+:func:`forget_binding`, :func:`ensure_subscription`. The rule logic itself (matching, the bound-rule layout,
+recording plans) is :mod:`rspf.ssar`, without ACME; this module applies it to ACME's resources.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .. import ids
+from .. import ids, ssar
+from ..errors import RspfError
+from ..ssar import matches, rule_allows
 
 __all__ = [
     "ASAR",
@@ -43,10 +46,13 @@ __all__ = [
     "POLICIES",
     "SVSN",
     "TYPES",
-    "add_to_rule",
+    "bound_rule",
     "ensure_subscription",
     "find_service_subscribed_node",
+    "forget_binding",
     "matches",
+    "record_binding",
+    "registration_rules",
     "resolve_local",
     "resource_classes",
     "rule_allows",
@@ -113,43 +119,8 @@ del _p
 # TS-0004 Table 6.3.4.2.1-1 long names, added to ACME's m2m:resourceType enumeration (filterCriteria ty, chty).
 ENUM_NAMES = {MSSP: "m2mServiceSubscriptionProfile", ASAR: "serviceSubscribedAppRule", SVSN: "serviceSubscribedNode"}
 
-_rule_lock = threading.Lock()
+_rule_lock = threading.RLock()  # re-entered: a bound rule links itself from inside a recording
 _classes: dict[str, type] = {}
-
-
-# ============================================================================ wildcard matching
-def matches(pattern: str | None, value: str | None) -> bool:
-    """TS-0001 §9.6.29 pattern match: ``*`` matches any run of characters (also none), anywhere.
-
-    ``"*"`` matches everything, ``"C123*X"`` every value that starts with ``C123`` and ends with ``X``,
-    ``"C*"`` also the bare ``"C"``. Every other character matches itself (case-sensitive); there are
-    no other metacharacters.
-    """
-    if pattern is None or value is None:
-        return False
-    parts = pattern.split("*")
-    if len(parts) == 1:
-        return pattern == value
-    head, *middle, tail = parts
-    if len(value) < len(head) + len(tail) or not value.startswith(head) or not value.endswith(tail):
-        return False
-    pos, end = len(head), len(value) - len(tail)
-    for part in middle:  # leftmost placement of each middle part is optimal for a '*'-only language
-        if not part:
-            continue
-        found = value.find(part, pos, end)
-        if found < 0:
-            return False
-        pos = found + len(part)
-    return True
-
-
-def _any_match(patterns: Iterable[str] | None, value: str | None) -> bool:
-    if not patterns or value is None:
-        return False
-    if value in patterns:  # exact entries (recorded credentials, AE-IDs) are the common case: no scan
-        return True
-    return any(matches(p, value) for p in patterns if isinstance(p, str) and "*" in p)
 
 
 # ============================================================================== resource classes
@@ -159,7 +130,11 @@ def resource_classes() -> dict[str, type]:
     if _classes:
         return _classes
     from acmecse.etc.Constants import RuntimeConstants as RC
-    from acmecse.etc.ResponseStatusCodes import BAD_REQUEST, OPERATION_NOT_ALLOWED
+    from acmecse.etc.ResponseStatusCodes import (
+        BAD_REQUEST,
+        OPERATION_NOT_ALLOWED,
+        SERVICE_SUBSCRIPTION_NOT_ESTABLISHED,
+    )
     from acmecse.etc.Types import CSEType
     from acmecse.resources.Resource import Resource
 
@@ -183,7 +158,15 @@ def resource_classes() -> dict[str, type]:
                 raise BAD_REQUEST("ruleLinks (rlk) requires the CSE-ID (csi) attribute")
 
     class ServiceSubscribedAppRule(_InCseOnly):
-        """<serviceSubscribedAppRule> (ty 19)."""
+        """<serviceSubscribedAppRule> (ty 19). A rule named in the reserved bound-rule form
+        (:func:`rspf.ssar.bound_rule_name`) has that name as its resource ID too, must bind exactly one
+        credential to one AE-ID, and is linked from (and on deletion unlinked from) the node of the CSE its
+        label names; a registrar CSE that creates one (an MN-CSE recording its AE) gets its own node."""
+
+        def __init__(self, dct: Any = None, create: bool = False) -> None:
+            super().__init__(dct, create=create)
+            if create and ssar.is_bound_rule_name(self.rn):
+                self.setAttribute("ri", self.rn)  # found by resource ID: one lookup per registration
 
         def validate(self, originator: str | None = None, dct: Any = None, parentResource: Any = None) -> None:
             super().validate(originator, dct, parentResource)
@@ -191,6 +174,32 @@ def resource_classes() -> dict[str, type]:
             for pattern in self.aai or []:
                 if not isinstance(pattern, str) or pattern[:1] not in ("*", "R", "N"):
                     raise BAD_REQUEST(f"allowedApp-IDs (aai) entry {pattern!r} must start with '*', 'R' or 'N'")
+            registrar = _registrar_originator(originator)
+            if registrar is not None and not ssar.is_bound_rule_name(self.rn):
+                raise BAD_REQUEST(f"a registrar CSE ({registrar}) may write only the rule of one credential, named "
+                                  f"{ssar.BOUND_PREFIX}<32 hex digits>")
+            if ssar.is_bound_rule_name(self.rn):
+                try:
+                    ssar.check_bound_rule({a: self[a] for a in ("rn", "apci", "aae", "aai")})
+                except RspfError as exc:
+                    raise BAD_REQUEST(str(exc)) from None
+                if registrar is not None and ssar.node_of(self.lbl) not in (None, registrar):
+                    raise BAD_REQUEST(f"a rule recorded by {registrar} is linked from its own node only")
+
+        def activate(self, parentResource: Any, originator: str) -> None:
+            super().activate(parentResource, originator)
+            if ssar.is_bound_rule_name(self.rn):
+                owner = _registrar_originator(originator) or ssar.node_of(self.lbl) or RC.cseCsi
+                self.setAttribute("lbl", [ssar.node_label(owner)])
+                node = find_service_subscribed_node(owner)
+                if node is None:
+                    raise SERVICE_SUBSCRIPTION_NOT_ESTABLISHED(f"no <serviceSubscribedNode> for {owner}")
+                _link(node, self.ri)
+
+        def deactivate(self, originator: str, parentResource: Any) -> None:
+            if ssar.is_bound_rule_name(self.rn):
+                _unlink(ssar.node_of(self.lbl), self.ri)
+            super().deactivate(originator, parentResource)
 
     _classes.update(MSSP=M2MServiceSubscriptionProfile, SVSN=ServiceSubscribedNode, ASAR=ServiceSubscribedAppRule)
     return _classes
@@ -245,7 +254,6 @@ def find_service_subscribed_node(cse_id: str) -> Any | None:
 
 
 _svsn_cache: dict[str, str] = {}   # SP-relative CSE-ID -> resource ID of its <serviceSubscribedNode>
-_series_cache: dict[str, list[str]] = {}  # rule name -> resource IDs of the rule series <name>, <name>-2, ...
 
 
 def _by_ri(ri: str | None) -> Any | None:
@@ -309,24 +317,41 @@ def rules_of(svsn: Any) -> list[Any]:
     return rules
 
 
-def rule_allows(rule: Any, credential_id: str | None, app_id: str, ae_id_stem: str | None) -> bool:
-    """TS-0001 §10.2.2.2 step 003 against one <serviceSubscribedAppRule>.
+def registration_rules(svsn: Any, credential_id: str | None) -> list[Any]:
+    """The rules a registration with ``credential_id`` at the node ``svsn``'s CSE is checked against, without a
+    scan over every recorded credential: the credential's own bound rule (one lookup by resource ID; used only
+    if this node links it and its label names this node's CSE), then the node's other rules (the operator's)."""
+    links = list(svsn.rlk or []) if svsn is not None else []
+    rules: list[Any] = []
+    if credential_id:
+        name = ssar.bound_rule_name(credential_id)
+        own = _by_ri(name)
+        if (own is not None and own.ty == ASAR and ssar.links_to(links, name)
+                and same_cse(ssar.node_of(own.lbl), svsn.csi)):
+            rules.append(own)
+    return rules + rules_of({"rlk": _operator_links(svsn)})
 
-    * Credential-ID: matches an ``apci`` pattern; without ``apci`` the rule applies only to a registration
-      *without* security association (``credential_id`` None or empty);
-    * App-ID: matches an ``aai`` pattern (no ``aai``: no App-ID is allowed);
-    * AE-ID-Stem: matches an ``aae`` pattern (no ``aae``: none allowed). An absent From is ``""`` and
-      matches only ``*``; the bare ``C``/``S`` of a fresh registration matches ``C*``/``S*``.
-    """
-    apci = rule.apci if hasattr(rule, "apci") else rule.get("apci")
-    aai = rule.aai if hasattr(rule, "aai") else rule.get("aai")
-    aae = rule.aae if hasattr(rule, "aae") else rule.get("aae")
-    if apci is None:
-        if credential_id:
-            return False
-    elif not credential_id or not _any_match(apci, credential_id):
-        return False
-    return _any_match(aai, app_id or "") and _any_match(aae, ae_id_stem or "")
+
+_operator_links_cache: dict[str, tuple[str, list[str]]] = {}  # node ri -> (its lastModifiedTime, other links)
+
+
+def _operator_links(svsn: Any) -> list[str]:
+    """The node's links that are not bound rules, remembered per node until its lastModifiedTime changes: only an
+    UPDATE request (which sets it) can change them; this module's own writes add or remove bound rules only."""
+    if svsn is None:
+        return []
+    cached = _operator_links_cache.get(svsn.ri)
+    if cached is not None and svsn.lt and cached[0] == svsn.lt:
+        return cached[1]
+    links = ssar.other_links(svsn.rlk)
+    _operator_links_cache[svsn.ri] = (svsn.lt, links)
+    return links
+
+
+def bound_rule(credential_id: str) -> Any | None:
+    """The bound rule of ``credential_id`` (see :mod:`rspf.ssar`), or None."""
+    rule = _by_ri(ssar.bound_rule_name(credential_id))
+    return rule if rule is not None and rule.ty == ASAR else None
 
 
 # ==================================================================================== updates
@@ -336,109 +361,90 @@ def _cse_originator() -> str:
     return RC.cseOriginator
 
 
-def add_to_rule(rule_ri: str, credential_id: str | None, ae_id_stem: str | None) -> None:
-    """Append ``credential_id`` to the rule's ``apci`` and ``ae_id_stem`` to its ``aae`` (TS-0003 §8.3.1.2).
+def _registrar_originator(originator: str | None) -> str | None:
+    """The originator as a registrar CSE recording at this IN-CSE (an SP-relative CSE-ID other than this CSE's),
+    or None (this CSE itself, its admin, an AE)."""
+    from acmecse.etc.Constants import RuntimeConstants as RC
 
-    ``rule_ri`` is anything :func:`resolve_local` accepts (resource ID, structured path, or the resource
-    name of an asar under the CSEBase). Values already present (exact string) are not added again; nothing
-    to add means no UPDATE. The UPDATE runs through ACME's Dispatcher.updateLocalResource as the CSE's
-    admin originator, i.e. with attribute validation, lastModifiedTime and <subscription> notifications.
-    A module-level lock serialises the read-modify-write of concurrent callers in this process.
+    if not originator or not originator.startswith("/") or originator.startswith("//"):
+        return None
+    return None if same_cse(originator, RC.cseCsi) else originator
 
-    Raises LookupError if there is no such local rule, ValueError if it is not a <serviceSubscribedAppRule>
-    (and ACME's ResponseException if ACME refuses the update).
-    """
+
+def _store_links(node: Any, change: Callable[[list[str]], list[str] | None]) -> None:
+    """Store ``change(ruleLinks)`` as the node's ruleLinks (None: no change). Written directly to ACME's storage,
+    not through an UPDATE request: ACME re-validates every element of a list on every UPDATE, which would make
+    one more link cost in proportion to all links. So the node's lastModifiedTime stays and its <subscription>s
+    are not notified (documented). Only bound rules (linked by their resource ID, which this module made) are
+    linked or unlinked this way."""
     with _rule_lock:
-        _append(_rule(rule_ri), credential_id, ae_id_stem)
+        fresh = _by_ri(node.ri) or node  # the stored state, not a copy read before another write
+        links = change(list(fresh.rlk or []))
+        if links is not None:
+            fresh.setAttribute("rlk", links)
+            fresh.dbUpdate(True)
 
 
-def _rule(rule_ri: str) -> Any:
-    rule = resolve_local(rule_ri)
-    if rule is None:
-        raise LookupError(f"no local <serviceSubscribedAppRule> {rule_ri!r}")
-    if rule.ty != ASAR:
-        raise ValueError(f"{rule_ri!r} is a resource of type {int(rule.ty)}, not a <serviceSubscribedAppRule>")
-    return rule
+def _link(node: Any, ri: str) -> None:
+    _store_links(node, lambda links: None if ri in links else [*links, ri])
 
 
-def _append(rule: Any, credential_id: str | None, ae_id_stem: str | None) -> None:
-    """Add the values missing from the rule's apci / aae in one UPDATE (caller holds _rule_lock)."""
-    update: dict[str, list[str]] = {}
-    for attr, value in (("apci", credential_id), ("aae", ae_id_stem)):
-        if not value:
-            continue
-        current = list(rule[attr] or [])
-        if value not in current:
-            update[attr] = current + [value]
-    if update:
-        _dispatcher().updateLocalResource(rule, {"m2m:asar": update}, originator=_cse_originator())
+def _unlink(cse_id: str | None, ri: str) -> None:
+    """Remove the links to the bound rule ``ri`` from the node of ``cse_id`` (nothing if there is none)."""
+    node = find_service_subscribed_node(cse_id) if cse_id else None
+    if node is not None:
+        _store_links(node, lambda links: ssar.without(links, ri))
 
 
-#: Entries per rule before recording moves on to the next rule of the series (see record_enrolled).
-SHARD_SIZE = 256
+def record_binding(binding: ssar.Binding, cse_id: str) -> str:
+    """Make the node of ``cse_id`` link a rule that admits ``binding`` -- and nothing else -- at this IN-CSE.
 
-
-def record_enrolled(cse_id: str, ssar: str, credential_id: str, ae_id_stem: str,
-                    shard_size: int = SHARD_SIZE) -> str:
-    """Record an enrolled credential in the rule series ``<ssar>``, ``<ssar>-2``, ``<ssar>-3``, ...
-
-    ACME validates every list element on every UPDATE, so one ever-growing rule makes each first contact
-    slower (measured: 3 ms at 100 entries, 52 ms at 5,000). The series keeps every rule at most
-    ``shard_size`` entries long: when the last rule is full, a new one with the same allowedApp-IDs and
-    allowedRole-IDs is created and linked from this CSE's <serviceSubscribedNode>. A credential already
-    recorded anywhere in the series is not added again. Returns the name of the rule that holds it.
+    Creates the credential's bound rule (the rule links itself from the node as it is created), updates one
+    whose lists differ from the binding, and moves one that another node linked. Idempotent; serialised with
+    every other rule write of this process. Returns the rule's resource ID. Raises LookupError if there is no
+    node for ``cse_id`` (and ACME's ResponseException if ACME refuses a write).
     """
     from acmecse.etc.Constants import RuntimeConstants as RC
     from acmecse.etc.Types import ResourceTypes
 
     with _rule_lock:
-        series = [r for r in (_by_ri(ri) for ri in _series_cache.get(ssar, [])) if r is not None and r.ty == ASAR]
-        if not series or series[0].rn != ssar:  # first call, or the series changed: look it up by name
-            series = [_rule(f"{RC.cseRn}/{ssar}")]
-            while (nxt := resolve_local(f"{RC.cseRn}/{ssar}-{len(series) + 1}")) is not None and nxt.ty == ASAR:
-                series.append(nxt)
-        for rule in series:
-            if credential_id in (rule.apci or []) and ae_id_stem in (rule.aae or []):
-                return rule.rn
-        target = series[-1]
-        if len(target.apci or []) >= shard_size or len(target.aae or []) >= shard_size:
-            base = series[0]
-            attrs: dict[str, Any] = {"rn": f"{ssar}-{len(series) + 1}"}
-            if base.aai is not None:  # copy exactly: an absent aai allows no App-ID, and must stay absent
-                attrs["aai"] = list(base.aai)
-            if base.ari is not None:
-                attrs["ari"] = list(base.ari)
-            disp = _dispatcher()
-            try:
-                target, *_ = disp.createResourceFromDict({"m2m:asar": attrs}, RC.cseRi, ResourceTypes.ASAR,
-                                                         _cse_originator())
-            except Exception:
-                _series_cache.pop(ssar, None)  # e.g. someone else created that name: look the series up again
-                raise
-            svsn = find_service_subscribed_node(cse_id)
-            if svsn is not None:
-                disp.updateLocalResource(svsn, {"m2m:svsn": {"rlk": list(svsn.rlk or []) + [target.ri]}},
-                                         originator=_cse_originator())
-            series.append(target)
-        _series_cache[ssar] = [r.ri for r in series]
-        _append(target, credential_id, ae_id_stem)
-        return target.rn
+        node = find_service_subscribed_node(cse_id)
+        if node is None:
+            raise LookupError(f"no <serviceSubscribedNode> for {cse_id}")
+        existing = bound_rule(binding.credential_id)
+        plan = ssar.plan_recording(binding, cse_id, existing, node.rlk)
+        disp = _dispatcher()
+        if plan.create is not None:
+            disp.createResourceFromDict({"m2m:asar": plan.create}, RC.cseRi, ResourceTypes.ASAR, _cse_originator())
+            return binding.name
+        if plan.unlink_from is not None:
+            _unlink(plan.unlink_from, binding.name)
+        if plan.update is not None:
+            disp.updateLocalResource(existing, {"m2m:asar": plan.update}, originator=_cse_originator())
+        if plan.link:
+            _link(node, binding.name)
+        return binding.name
 
 
-def forget_cached() -> None:
-    """Drop what this module remembers of ACME's resources (after ACME purged its storage in a reset)."""
+def forget_binding(credential_id: str) -> bool:
+    """Delete the bound rule of ``credential_id`` (it unlinks itself from its node). Whether there was one."""
     with _rule_lock:
-        _series_cache.clear()
+        rule = bound_rule(credential_id)
+        if rule is None:
+            return False
+        _dispatcher().deleteLocalResource(rule, originator=_cse_originator())
+        return True
 
 
-def ensure_subscription(cse_id: str, ssar: str, allowed_app_ids: Iterable[str] = ("*",),
+def ensure_subscription(cse_id: str, base_rule: str, allowed_app_ids: Iterable[str] = ("*",),
                         node_id: str | None = None) -> Any:
-    """Make sure AE registrations on ``cse_id`` can be checked against the rule named ``ssar``.
+    """Make sure AE registrations on ``cse_id`` can be checked: a node for it, linking the operator's rule.
 
     Idempotent; creates, as the CSE's admin originator, whatever is missing of:
 
-    * ``<CSEBase>/<ssar>``: a <serviceSubscribedAppRule> with ``aai = allowed_app_ids`` and no ``apci`` /
-      ``aae`` (so it allows nothing until :func:`add_to_rule` records enrolled credentials);
+    * ``<CSEBase>/<base_rule>``: a <serviceSubscribedAppRule> with ``aai = allowed_app_ids`` and no ``apci`` /
+      ``aae`` (it allows nothing: it is where the operator lists certificate credentials or wildcard entries;
+      enrolled credentials get bound rules of their own, :func:`record_binding`);
     * a <serviceSubscribedNode> for ``cse_id`` (``ni = node_id`` or the CSE-ID without its slash), in a new
       <m2mServiceSubscriptionProfile> ``rspf-mssp`` -- unless a node for that CSE-ID already exists;
     * a ruleLink from that node to the rule (appended to an existing node's ruleLinks).
@@ -451,12 +457,12 @@ def ensure_subscription(cse_id: str, ssar: str, allowed_app_ids: Iterable[str] =
     disp = _dispatcher()
     origin = _cse_originator()
     with _rule_lock:
-        rule = resolve_local(f"{RC.cseRn}/{ssar}")
+        rule = resolve_local(f"{RC.cseRn}/{base_rule}")
         if rule is None:
-            rule, *_ = disp.createResourceFromDict({"m2m:asar": {"rn": ssar, "aai": list(allowed_app_ids)}},
+            rule, *_ = disp.createResourceFromDict({"m2m:asar": {"rn": base_rule, "aai": list(allowed_app_ids)}},
                                                   RC.cseRi, ResourceTypes.ASAR, origin)
         elif rule.ty != ASAR:
-            raise ValueError(f"{RC.cseRn}/{ssar} exists and is not a <serviceSubscribedAppRule>")
+            raise ValueError(f"{RC.cseRn}/{base_rule} exists and is not a <serviceSubscribedAppRule>")
         svsn = find_service_subscribed_node(cse_id)
         if svsn is None:
             mssp = resolve_local(f"{RC.cseRn}/rspf-mssp")
@@ -468,7 +474,7 @@ def ensure_subscription(cse_id: str, ssar: str, allowed_app_ids: Iterable[str] =
             ni = node_id or (cse_id.lstrip("/") or cse_id)
             disp.createResourceFromDict({"m2m:svsn": {"ni": ni, "csi": cse_id, "rlk": [rule.ri]}}, mssp.ri,
                                         ResourceTypes.SVSN, origin)
-        elif rule.ri not in {r.ri for r in rules_of(svsn)}:
+        elif rule.ri not in {r.ri for r in rules_of({"rlk": _operator_links(svsn)})}:
             disp.updateLocalResource(svsn, {"m2m:svsn": {"rlk": list(svsn.rlk or []) + [rule.ri]}},
                                      originator=origin)
         return rule
