@@ -114,8 +114,7 @@ def test_the_defaults_of_load_are_those_of_keys(base: Path) -> None:
     assert (c.renew_before_seconds, c.startup_retry_seconds, c.key_cache_seconds) == (
         int(d["renewBeforeSeconds"].default), float(d["startupRetrySeconds"].default),
         float(d["keyCacheSeconds"].default))
-    assert (c.secure_listen, c.ssar, c.ssar_shard_size) == (
-        d["secureListen"].default, d["ssar"].default, int(d["ssarShardSize"].default))
+    assert (c.secure_listen, c.ssar) == (d["secureListen"].default, d["ssar"].default)
     assert c.enforcement == (d["enforcement"].default == "on") and c.allowed_app_ids == (d["allowedAppIDs"].default,)
     assert c.limits.workers == int(d["workers"].default) and c.limits.max_body == int(d["maxBodyBytes"].default)
 
@@ -132,7 +131,7 @@ def test_good_section_with_defaults(base: Path) -> None:
     assert (c.mef_host, c.mef_port, c.mef_fqdn) == ("127.0.0.1", 8443, "mef.example.com")
     assert c.enrol and c.kpm_file == base / "kpm.hex" and c.secure_port == 8444
     assert c.profile_store == base / "data" / "rspf-profile.store"
-    assert (c.enforcement, c.ssar, c.ssar_shard_size, c.allowed_app_ids) == (True, "rspf-enrolled", 256, ("*",))
+    assert (c.enforcement, c.ssar, c.allowed_app_ids) == (True, "rspf-enrolled", ("*",))
     assert (c.plain_port_originators, c.secure_web_ui) == ((), False)
     assert c.fetch_identity == ("mn1@mef.example.com", base / "kpm.hex")
 
@@ -155,7 +154,7 @@ def test_good_section_with_defaults(base: Path) -> None:
     ("enrol", "perhaps", "enrol: must be true or false"),
     ("allowedAppIDs", "Xbad", "allowedAppIDs"),
     ("ssar", "bad name!", "ssar: must be a resource name"),
-    ("ssarShardSize", "0", "ssarShardSize: must be between"),
+    ("ssarShardSize", "256", "ssarShardSize: unknown key"),
     ("startupRetrySeconds", "-1", "startupRetrySeconds"),
     ("mefPskIdentity", "in@sp", "mefPskFile"),
 ])

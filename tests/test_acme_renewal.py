@@ -111,7 +111,7 @@ def plugin_with(fake: FakeEnrolee, current: Enrolment, renew_before: int) -> Rsp
         startup_retry_seconds=0,
         mef_psk_identity=None, mef_psk_file=None, secure_listen="127.0.0.1", secure_port=1, cert_file=None,
         key_file=None, ca_file=None, enforcement=False, plain_port_originators=(), secure_web_ui=False,
-        ssar="rspf-enrolled", ssar_shard_size=256,
+        ssar="rspf-enrolled",
         create_subscription=False, allowed_app_ids=("*",), secure_registrar=False, location=None,
         limits=ServerLimits())
     p.enrolee = fake  # type: ignore[assignment]
