@@ -29,6 +29,8 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "acme": ("bench_acme.py", ["--aes", "10", "--rounds", "2", "--retrieves", "100", "--steady-rounds", "2"]),
     "attack": ("bench_attack.py", ["--rounds", "1", "--seconds", "6"]),
     "flood": ("bench_flood.py", ["--handshakes", "2000"]),
+    "revocation": ("bench_revocation.py", ["--rounds", "2"]),
+    "hygiene": ("bench_mef_hygiene.py", ["--enrolments", "200"]),
 }
 
 

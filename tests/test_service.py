@@ -693,15 +693,16 @@ def test_key_hygiene_config_defaults_and_bounds(tmp_path):
 
     cfg = MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID}, base_dir=tmp_path)
     assert (cfg.key_retirement_grace_seconds, cfg.max_live_keys_per_enrolee, cfg.enrolment_rate_burst,
-            cfg.enrolment_rate_interval_seconds, cfg.purge_interval_seconds, cfg.revocation_log_days) == \
-        (300, 3, 5, 60.0, 60.0, 30)
+            cfg.enrolment_rate_interval_seconds, cfg.purge_interval_seconds, cfg.revocation_log_days,
+            cfg.revocation_log_max_rows) == (300, 3, 5, 60.0, 60.0, 30, 1_000_000)
     for key in ("key_retirement_grace_seconds", "max_live_keys_per_enrolee", "enrolment_rate_burst",
-                "enrolment_rate_interval_seconds", "purge_interval_seconds", "revocation_log_days"):
+                "enrolment_rate_interval_seconds", "purge_interval_seconds", "revocation_log_days",
+                "revocation_log_max_rows"):
         assert f"\n{key} = " in EXAMPLE  # the file `mef init` writes names every key
     for key, bad in (("key_retirement_grace_seconds", -1), ("max_live_keys_per_enrolee", 0),
                      ("enrolment_rate_burst", 0), ("enrolment_rate_interval_seconds", 0),
                      ("purge_interval_seconds", 86401), ("revocation_log_days", 0), ("revocation_log_days", 1.5),
-                     ("max_live_keys_per_enrolee", True)):
+                     ("max_live_keys_per_enrolee", True), ("revocation_log_max_rows", 99)):
         with pytest.raises(ConfigError, match=f"\\[mef\\] {key}"):
             MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID, key: bad}, source="mef.toml")
 

@@ -580,6 +580,20 @@ def test_purge_logs_expiry_and_prunes_the_log(store):
     assert store.revocations_since(0) == ([], 1)  # the newest number survives the pruning
 
 
+def test_purge_keeps_at_most_the_newest_rows_of_the_log(store, monkeypatch):
+    import rspf.mef.store as store_module
+
+    monkeypatch.setattr(store_module, "PURGE_BATCH", 3)  # the cap holds across batches too
+    store.add_enrolee(rec(1), kpm(1))
+    for n in range(1, 11):
+        store.put_enrolment_key(ke(n), rec(1).kpm_id, KE_MARK, T0, T0 + HOUR)
+    store.purge(now=T0 + HOUR)  # ten expiries: ten log rows, all recent
+    assert store.purge(now=T0 + HOUR, keep_rows=4).log_rows == 6
+    rows, newest = store.revocations_since(0)
+    assert [r.seq for r in rows] == [7, 8, 9, 10] and newest == 10  # the newest four stay
+    assert store.purge(now=T0 + HOUR, keep_rows=4).log_rows == 0
+
+
 def test_purge_works_in_batches(store, monkeypatch):
     import rspf.mef.store as store_module
 

@@ -32,6 +32,7 @@ class MefConfig:
     enrolment_rate_interval_seconds: float = 60.0
     purge_interval_seconds: float = 60.0
     revocation_log_days: int = 30
+    revocation_log_max_rows: int = 1_000_000
     max_body_bytes: int = 64 * 1024
     tls_min_version: str = "1.2"
     tls_max_version: str = "1.3"
@@ -99,7 +100,7 @@ class MefConfig:
         hygiene: dict[str, int] = {}
         for key, low, top in (("key_retirement_grace_seconds", 0, 30 * 24 * 3600),
                               ("max_live_keys_per_enrolee", 1, 1000), ("enrolment_rate_burst", 1, 100_000),
-                              ("revocation_log_days", 1, 3650)):
+                              ("revocation_log_days", 1, 3650), ("revocation_log_max_rows", 100, 100_000_000)):
             hygiene[key] = get(key, int)
             if not low <= hygiene[key] <= top:
                 raise err(key, f"must be between {low} and {top}")
@@ -154,6 +155,7 @@ class MefConfig:
             key_retirement_grace_seconds=hygiene["key_retirement_grace_seconds"],
             max_live_keys_per_enrolee=hygiene["max_live_keys_per_enrolee"],
             enrolment_rate_burst=hygiene["enrolment_rate_burst"], revocation_log_days=hygiene["revocation_log_days"],
+            revocation_log_max_rows=hygiene["revocation_log_max_rows"],
             enrolment_rate_interval_seconds=periods["enrolment_rate_interval_seconds"],
             purge_interval_seconds=periods["purge_interval_seconds"],
         )
@@ -182,6 +184,7 @@ enrolment_rate_burst = 5            # enrolments one enrolee may make back to ba
 enrolment_rate_interval_seconds = 60  # ... and one more each this many seconds
 purge_interval_seconds = 60         # how often the running MEF deletes expired and retired keys
 revocation_log_days = 30            # how long revocation log rows are kept
+revocation_log_max_rows = 1000000   # ... and at most this many (the oldest go first)
 max_body_bytes = 65536
 tls_min_version = "1.2"
 tls_max_version = "1.3"

@@ -364,7 +364,8 @@ class MefService:
     def purge(self, now: dt.datetime | None = None) -> PurgeCounts:
         """Delete expired and retired keys and old revocation log rows (``rspf mef serve`` runs it every
         ``purge_interval_seconds``), so the database stays bounded."""
-        counts = self.store.purge(now, dt.timedelta(days=self.config.revocation_log_days))
+        counts = self.store.purge(now, dt.timedelta(days=self.config.revocation_log_days),
+                                  self.config.revocation_log_max_rows)
         if counts.expired or counts.retired or counts.log_rows:
             log.info("purged %d expired and %d retired Enrolment Keys and %d revocation log rows", counts.expired,
                      counts.retired, counts.log_rows)

@@ -614,9 +614,11 @@ class MefStore:
             self._drop_keys(db, "k.ke_id=?", (ke_id,), CAUSE_KEY_REVOKED, now or utcnow())
             return str(row[0])
 
-    def purge(self, now: dt.datetime | None = None, keep_log: dt.timedelta = dt.timedelta(days=30)) -> PurgeCounts:
+    def purge(self, now: dt.datetime | None = None, keep_log: dt.timedelta = dt.timedelta(days=30),
+              keep_rows: int | None = None) -> PurgeCounts:
         """Delete the keys whose retirement or expiry has come (each with its revocation log row) and the
-        revocation log rows older than ``keep_log``, in transactions of at most PURGE_BATCH rows."""
+        revocation log rows older than ``keep_log`` or beyond the newest ``keep_rows``, in transactions of at
+        most PURGE_BATCH rows."""
         now = now or utcnow()
         when = _ts(now)
         counts = {"expired": 0, "retired": 0, "log_rows": 0}
@@ -632,8 +634,10 @@ class MefStore:
         cutoff = _ts(now - keep_log)
         while True:
             with self._tx() as db:
+                newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
+                below = int(newest[0]) - keep_rows + 1 if newest and keep_rows is not None else 0
                 n = db.execute("DELETE FROM revocations WHERE seq IN (SELECT seq FROM revocations WHERE time < ?"
-                               " ORDER BY seq LIMIT ?)", (cutoff, PURGE_BATCH)).rowcount
+                               " OR seq < ? ORDER BY seq LIMIT ?)", (cutoff, below, PURGE_BATCH)).rowcount
             counts["log_rows"] += n
             if n < PURGE_BATCH:
                 break
