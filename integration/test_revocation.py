@@ -68,6 +68,8 @@ def new_connection_refused(ae: SecureAE, path: str) -> bool:
             cse.retrieve(path)
     except TlsError:
         return True
+    except RspfError:  # accepted just before the revocation was applied, then closed by it: ask again
+        return False
     return False
 
 
