@@ -202,3 +202,53 @@ def test_a_feed_that_never_completes_cannot_hold_the_follower() -> None:
     f = rec.follower(endless)  # type: ignore[arg-type]
     f.step()
     assert f.step() == 1.0 and "more items follow but sent none" in rec.warnings[0]
+
+
+# -- the plugin's side (no ACME running: a stand-in listener and rule store) ----------------------
+class StandInListener:
+    """What the plugin's secure listener offers it: closing connections by credential."""
+
+    def __init__(self, conns: list[tuple[str | None, object]]) -> None:
+        self.conns = conns
+
+    def close_credentials(self, predicate) -> int:  # type: ignore[no-untyped-def]
+        closing = [c for c in self.conns if predicate(*c)]
+        self.conns = [c for c in self.conns if c not in closing]
+        return len(closing)
+
+
+def plugin_with_listener(conns: list[tuple[str | None, object]]):  # type: ignore[no-untyped-def]
+    from rspf.acme.plugin import RspfSecurityPlugin
+
+    plugin = RspfSecurityPlugin()
+    plugin.listener = StandInListener(conns)  # type: ignore[assignment]
+    plugin.keycache = StandInCache(KeyCacheLimits(), Clock())
+    forgotten: list[str] = []
+    plugin.forget_credential = lambda cid: forgotten.append(cid) or True  # type: ignore[method-assign]
+    return plugin, forgotten
+
+
+def test_the_plugin_closes_expired_credentials_and_drops_their_rules() -> None:
+    import time
+
+    from rspf.wsgi import PeerCredential
+
+    old = PeerCredential("psk", LEGIT, "12-" + LEGIT, "Cae1", time.time() - 1)
+    live = PeerCredential("psk", OTHER, "12-" + OTHER, "Cae2", time.time() + 3600)
+    unopened = (LEGIT, None)  # no request yet: its credential is not known to the listener
+    plugin, forgotten = plugin_with_listener([(LEGIT, old), (OTHER, live), unopened])
+    plugin._close_expired()
+    assert plugin.listener.conns == [(OTHER, live), unopened]  # type: ignore[union-attr]
+    assert forgotten == ["12-" + LEGIT]
+
+
+def test_the_plugin_applies_revocations_to_keys_connections_and_rules() -> None:
+    plugin, forgotten = plugin_with_listener([(LEGIT.upper().replace(MEF_FQDN.upper(), MEF_FQDN), None),
+                                        (OTHER, None), ("not a keid", None)])
+    assert plugin.keycache is not None and plugin.keycache.lookup(LEGIT, None)[0] is not None
+    plugin._revoked([p.Revocation(7, LEGIT, "key-revoked")])
+    assert plugin.keycache.cached(LEGIT) is None and plugin.keycache.is_revoked(LEGIT)
+    assert [c[0] for c in plugin.listener.conns] == [OTHER, "not a keid"]  # type: ignore[union-attr]  # any spelling
+    assert forgotten == ["12-" + LEGIT]
+    plugin._lost_track()
+    assert plugin.listener.conns == []  # type: ignore[union-attr]  # every TLS-PSK connection is checked again

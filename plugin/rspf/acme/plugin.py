@@ -333,11 +333,23 @@ class RspfSecurityPlugin:
                               "again")
 
     def _close_expired(self) -> None:
+        """Connections whose credential's lifetime ended are closed, and the credential's rule goes (the MEF's
+        feed says so too, at its next purge; this is at once for the credentials connected here)."""
         now = time.time()
-        closed = self._close_connections(
-            lambda _ident, cred: cred is not None and cred.not_after is not None and cred.not_after <= now)
+        expired: set[str] = set()
+
+        def ended(_ident: str | None, cred: PeerCredential | None) -> bool:
+            if cred is not None and cred.not_after is not None and cred.not_after <= now:
+                expired.add(cred.credential_id)
+                return True
+            return False
+
+        closed = self._close_connections(ended)
+        for credential_id in expired:
+            self.forget_credential(credential_id)
         if closed:
-            _acme_log("warn", f"{closed} connection(s) closed: their credential expired")
+            _acme_log("warn", f"{closed} connection(s) closed: their credential expired "
+                              f"({', '.join(sorted(expired))})")
 
     def _close_connections(self, predicate: Any) -> int:
         listener = self.listener
