@@ -65,6 +65,13 @@ def test_an_exception_is_5000_and_says_nothing_of_its_text() -> None:
     assert b"1234" not in body and b"RuntimeError" in body
 
 
+@pytest.mark.parametrize("ri", ["ri-1", None])
+def test_the_secure_listener_does_not_name_the_server_software(ri: str | None) -> None:
+    app = app_answering("200 OK", [("Server", "ACME 2026.5.3"), ("X-M2M-RSC", "2000")], b"{}")
+    _status, headers, _body = run(app, ri=ri)
+    assert "server" not in headers and headers["x-m2m-rsc"] == "2000"
+
+
 def test_no_answer_is_5000_and_an_invalid_ri_is_not_echoed() -> None:
     status, headers, _body = run(lambda environ, start_response: [], ri=None)
     assert status.startswith("500") and headers["x-m2m-rsc"] == "5000" and "x-m2m-ri" not in headers

@@ -828,7 +828,11 @@ def _answer_with_rsc(app: Any, environ: dict[str, Any], start_response: Any, ri:
         if code >= 400:
             return _onem2m_error(start_response, _Refusal(rsc, f"{status} from the CSE"), ri)
         headers.append(("X-M2M-RSC", str(int(rsc))))
-    if ri:  # the request's (validated) identifier, also where ACME wrote another value ("None" on some errors)
-        headers = [(name, value) for name, value in headers if name.lower() != "x-m2m-ri"] + [("X-M2M-RI", ri)]
+    # the request's (validated) identifier, also where ACME wrote another value ("None" on some errors); and no
+    # Server header: the secure listener does not tell who does not need to know which ACME version answers
+    dropped = ("x-m2m-ri", "server") if ri else ("server",)
+    headers = [(name, value) for name, value in headers if name.lower() not in dropped]
+    if ri:
+        headers.append(("X-M2M-RI", ri))
     start_response(status, headers)
     return chunks
