@@ -293,6 +293,19 @@ class TestRefusals:
         ok = register(enrolment, APP_ID)
         assert ok.rsc == 2001, str(ok)
 
+    def test_app_ids_set_per_enrolee_at_the_mef_bind_its_registration(self, mef: MefHome, in_cse: AcmeCse) -> None:
+        """``rspf mef enrolee add --app-id`` reaches the CSE with the key: the CSE's own allowedAppIDs (APP_ID)
+        no longer admit this credential, only the enrolee's own App-IDs do."""
+        info = mef.add_enrolee("meter", "--app-id", "Nmeter*", enrolee_id="Cmeter", registrar=IN_CSE_ID,
+                               registrar_uri=in_cse.secure_uri)
+        enrolment = enrol(mef, info)
+        for other in (APP_ID, "Nother"):
+            refused = register(enrolment, other)
+            assert refused.rsc == 4126, str(refused)
+        assert in_cse.get("Cmeter").rsc == 4004
+        ok = register(enrolment, "Nmeter-v2")
+        assert ok.rsc == 2001, str(ok)
+
     def test_identity_spoofing_is_4106(self, mef: MefHome, in_cse: AcmeCse) -> None:
         spoofer = enrol(mef, add_ae(mef, in_cse, "spoofer"))
         victim = enrol(mef, add_ae(mef, in_cse, "victim"))

@@ -1,9 +1,9 @@
 """Rules that bind, their removal, MN-CSE recording and crash recovery, with real ACME processes (issue 7, 3-4).
 
-* Per-enrolee App-IDs: the MEF's answer may carry ``allowedAppIDs`` (docs/mef-interface.md). The MEF's
-  administration cannot set them per enrolee yet, so these tests run a **stand-in MEF** in the test process: a
+* Per-enrolee App-IDs: the MEF's answer may carry ``allowedAppIDs`` (docs/mef-interface.md). To choose any
+  answer (also ones the real MEF would never send), these tests run a **stand-in MEF** in the test process: a
   TLS-PSK server on the project's transport that answers ``fetchCredentials`` for keys the test made, with the
-  App-IDs the test chose. The CSE is a real ``acmecse`` with the plugin; the AEs connect with those keys.
+  App-IDs the test chose (the real MEF's ``--app-id`` is tested in test_acme_plugin.py). The CSE is a real ``acmecse`` with the plugin; the AEs connect with those keys.
 * Deletion: an ``<AE>`` deleted takes its rule along (ACME's ``aeHasDeregistered``); ``forget_credential`` is
   called directly in the CSE through a test-only plugin that serves a one-call RPC on loopback.
 * Crash recovery: ACME with its file database, killed (SIGKILL, by PID) right after a 2001.
