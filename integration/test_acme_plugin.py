@@ -30,7 +30,7 @@ from rspf.enrolee import Enrolee, EnroleeConfig, Enrolment
 from rspf.errors import RspfError, TlsError
 from rspf.fileutil import read_key_file
 from rspf.secret import Secret
-from rspf.ssar import bound_rule_name, is_bound_rule_name
+from rspf.ssar import bound_rule_name, is_bound_rule_name, node_label
 from rspf.tls import PskClient
 
 from .acme_harness import (
@@ -130,10 +130,16 @@ def node_links(cse: AcmeCse) -> list[str]:
     return list(cse.get(f"/{uris[0]}").pc("m2m:svsn").get("rlk") or [])
 
 
+def bound_rules(cse: AcmeCse, node: str = IN_CSE_ID) -> list[dict[str, Any]]:
+    """Every bound rule that belongs to the node of ``node`` (by its label; no node's ruleLinks list them)."""
+    rules = [cse.get(f"/{u}").pc("m2m:asar") for u in cse.discover(f"fu=1&ty={TY_ASAR}")
+             if is_bound_rule_name(u.rsplit("/", 1)[-1])]
+    return [r for r in rules if r.get("lbl") == [node_label(node)]]
+
+
 def bound_aes(cse: AcmeCse) -> list[str]:
-    """The AE-IDs of every bound rule the node links."""
-    return [r["aae"][0] for link in node_links(cse) if is_bound_rule_name(link)
-            for r in [cse.get(link).pc("m2m:asar")]]
+    """The AE-IDs of every bound rule of the IN-CSE's node."""
+    return [r["aae"][0] for r in bound_rules(cse)]
 
 
 # ============================================================================== 1. the whole path
@@ -165,7 +171,7 @@ class TestWholePath:
         # the credential's own rule: its Credential-ID, its AE-ID, the configured App-IDs (the MEF sets none)
         assert (rule["apci"], rule["aae"], rule["aai"]) == ([cred_id(ke_id)], ["Cclisensor"], [APP_ID]), rule
         assert rule["ri"] == rule["rn"] == bound_rule_name(cred_id(ke_id))
-        assert rule["ri"] in node_links(in_cse)
+        assert rule["lbl"] == [node_label(IN_CSE_ID)] and rule["ri"] not in node_links(in_cse)
         assert "apci" not in in_cse.ssar(SSAR) and "aae" not in in_cse.ssar(SSAR)  # the operator's rule is untouched
 
     def test_python_api_secure_ae_gets_2001_and_its_container(self, mef: MefHome, in_cse: AcmeCse) -> None:
@@ -186,7 +192,7 @@ class TestWholePath:
         rule = bound_rule(in_cse, ae.enrolment.ke_id)
         assert rule is not None and rule["apci"] == [cred_id(ae.enrolment.ke_id)] and rule["aae"] == ["Capisensor"]
         # recorded once, however many connections the AE opened
-        assert node_links(in_cse).count(rule["ri"]) == 1
+        assert [r["ri"] for r in bound_rules(in_cse)].count(rule["ri"]) == 1
 
 
 # ============================================================================== 2. refusals
@@ -491,8 +497,8 @@ class TestConcurrentRegistration:
         assert [rsc for _id, rsc in results] == [2001] * self.COUNT, results
 
         expected_aes = {e.enrolee_id for e in enrolments}
-        links = node_links(load_cse)
-        assert sorted(links[1:]) == sorted(bound_rule_name(cred_id(e.ke_id)) for e in enrolments)  # none lost
+        recorded = [r["ri"] for r in bound_rules(load_cse)]
+        assert sorted(recorded) == sorted(bound_rule_name(cred_id(e.ke_id)) for e in enrolments)  # none lost
         for e in enrolments:  # each credential bound to its own AE-ID
             rule = bound_rule(load_cse, e.ke_id)
             assert rule is not None and (rule["apci"], rule["aae"]) == ([cred_id(e.ke_id)], [e.enrolee_id])

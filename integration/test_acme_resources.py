@@ -606,7 +606,7 @@ def _node_links(cse: Cse, cse_id: str) -> list[str]:
     raise AssertionError(f"no node for {cse_id}")
 
 
-def test_record_binding_creates_links_updates_and_forgets(cse: Cse, uniq: str) -> None:
+def test_record_binding_creates_labels_updates_and_forgets(cse: Cse, uniq: str) -> None:
     cse_id = f"/id-rec{uniq}"
     cse.rpc("ensure_subscription", cse_id, f"{uniq}base", ["*"])
     cred = f"12-{uniq}@mef.example.com"
@@ -616,14 +616,14 @@ def test_record_binding_creates_links_updates_and_forgets(cse: Cse, uniq: str) -
     assert rule["ri"] == rule["rn"] == name and name.startswith("rspf-cred-")
     assert (rule["apci"], rule["aae"], rule["aai"]) == ([f"/id-in/{cred}"], ["/id-in/Crec"], ["/id-in/Nrec"]) or (
         rule["apci"], rule["aae"], rule["aai"]) == ([cred], ["Crec"], ["Nrec"])
-    assert _node_links(cse, cse_id).count(name) == 1
+    # it belongs to the node by its label; the node's ruleLinks (the operator's rules) do not grow
+    assert rule["lbl"] == [f"rspf:node={cse_id}"] and name not in _node_links(cse, cse_id)
     assert cse.rpc("record_binding", cred, "Crec", ["Nrec"], cse_id) == name  # idempotent: nothing changes
     assert cse.request("GET", path).pc("m2m:asar")["lt"] == rule["lt"]
-    assert _node_links(cse, cse_id).count(name) == 1
     cse.rpc("record_binding", cred, "Crec", ["Nnew"], cse_id)  # the MEF now sends other App-IDs
     assert cse.request("GET", path).pc("m2m:asar")["aai"] in (["Nnew"], ["/id-in/Nnew"])
     assert cse.rpc("forget_binding", cred) is True
-    assert cse.request("GET", path).rsc == 4004 and name not in _node_links(cse, cse_id)
+    assert cse.request("GET", path).rsc == 4004
     assert cse.rpc("forget_binding", cred) is False
     with pytest.raises(RpcError) as missing:
         cse.rpc("record_binding", cred, "Crec", ["Nrec"], "/id-nonode")
@@ -638,11 +638,14 @@ def test_record_binding_under_concurrency(cse: Cse, uniq: str) -> None:
     with ThreadPoolExecutor(max_workers=n) as pool:
         names = list(pool.map(lambda i: cse.rpc("record_binding", creds[i], f"Cdev{i}", ["*"], cse_id), range(n)))
         list(pool.map(lambda i: cse.rpc("record_binding", creds[i], f"Cdev{i}", ["*"], cse_id), range(n)))
-    links = _node_links(cse, cse_id)
-    assert sorted(link for link in links if link.startswith("rspf-cred-")) == sorted(names)  # none lost, none twice
+    assert len(set(names)) == n  # one rule per credential
+    for name in names:  # none lost, each labelled with its node
+        assert cse.request("GET", f"{cse.cse_name}/{name}").pc("m2m:asar")["lbl"] == [f"rspf:node={cse_id}"]
+    assert not [link for link in _node_links(cse, cse_id) if link.startswith("rspf-cred-")]
     for cred in creds:
         assert cse.rpc("forget_binding", cred) is True
-    assert not [link for link in _node_links(cse, cse_id) if link.startswith("rspf-cred-")]
+    for name in names:
+        assert cse.request("GET", f"{cse.cse_name}/{name}").rsc == 4004
 
 
 def test_rule_allows(cse: Cse, uniq: str) -> None:

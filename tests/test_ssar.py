@@ -130,40 +130,38 @@ def test_check_bound_rule_accepts_only_the_bound_form() -> None:
         assert ssar.bound_rule_of(attrs) is None
 
 
-def test_links() -> None:
-    name = ssar.bound_rule_name(CRED_A)
-    links = ["asar123", "cse-in/rspf-enrolled", name, f"/id-in/{ssar.bound_rule_name(CRED_B)}"]
-    assert ssar.links_to(links, name) and ssar.links_to(links, ssar.bound_rule_name(CRED_B))
-    assert not ssar.links_to(links, ssar.bound_rule_name("12-other")) and not ssar.links_to(None, name)
+def test_other_links_are_the_operators_rules_only() -> None:
+    links = ["asar123", "cse-in/rspf-enrolled", ssar.bound_rule_name(CRED_A),
+             f"/id-in/{ssar.bound_rule_name(CRED_B)}"]
+    # a bound rule counts for a node through its label, never through a link someone wrote
     assert ssar.other_links(links) == ["asar123", "cse-in/rspf-enrolled"]
-    assert ssar.without(links, name) == ["asar123", "cse-in/rspf-enrolled", links[3]]
-    assert ssar.without(links, "absent") is None
+    assert ssar.other_links(None) == []
 
 
 # ------------------------------------------------------------------------------------------ plans
-def test_plan_creates_a_missing_rule_and_links_it() -> None:
+def test_plan_creates_a_missing_rule_labelled_with_its_node() -> None:
     b = ssar.Binding.of(CRED_A, "Ca", ("Nx",), DEFAULT)
-    plan = ssar.plan_recording(b, "/id-in", None, [])
-    assert plan.create == b.attributes("/id-in") and plan.link and plan.update is None
+    plan = ssar.plan_recording(b, "/id-in", None)
+    assert plan.create == b.attributes("/id-in") and plan.update is None
+    assert plan.create["lbl"] == [ssar.node_label("/id-in")]
 
 
 def test_plan_for_a_recorded_binding_is_nothing() -> None:
     b = ssar.Binding.of(CRED_A, "Ca", ("Nx",), DEFAULT)
-    assert ssar.plan_recording(b, "/id-in", b.attributes("/id-in"), [b.name]).nothing
+    assert ssar.plan_recording(b, "/id-in", b.attributes("/id-in")).nothing
 
 
-def test_plan_relinks_and_updates_what_changed() -> None:
+def test_plan_updates_what_changed() -> None:
     b = ssar.Binding.of(CRED_A, "Ca", ("Nnew",), DEFAULT)
     stored = {**b.attributes("/id-in"), "aai": ["Nold"]}
-    plan = ssar.plan_recording(b, "/id-in", stored, [])
-    assert plan.update == {"aai": ["Nnew"]} and plan.link and plan.create is None and plan.unlink_from is None
+    plan = ssar.plan_recording(b, "/id-in", stored)
+    assert plan.update == {"aai": ["Nnew"]} and plan.create is None
 
 
-def test_plan_moves_a_rule_another_node_linked() -> None:
+def test_plan_moves_a_rule_another_node_had() -> None:
     """A rule another registrar wrote for this credential (or an earlier registrar of this AE): it is made to
-    hold the MEF's binding, relabelled, unlinked there and linked here."""
+    hold the MEF's binding and relabelled with this node."""
     b = ssar.Binding.of(CRED_A, "Ca", ("Nx",), DEFAULT)
     stored = {**b.attributes("/id-mn"), "aae": ["Cintruder"]}
-    plan = ssar.plan_recording(b, "/id-in", stored, [])
+    plan = ssar.plan_recording(b, "/id-in", stored)
     assert plan.update == {"aae": ["Ca"], "lbl": ["rspf:node=/id-in"]}
-    assert plan.unlink_from == "/id-mn" and plan.link

@@ -10,8 +10,12 @@ of its own, the *bound rule*: ``applicableCredIDs = [its Credential-ID]``, ``all
 matching (any rule whose three lists all match) then admits the credential only with its own AE-ID and its
 own App-IDs, and no other credential with them. The bound rule's resource name **and** resource ID are
 :func:`bound_rule_name` of the Credential-ID, so a registration finds its credential's rule with one lookup by
-resource ID, however many credentials are recorded (no scan over all rules). The rule is linked from the
-``<serviceSubscribedNode>`` of the CSE the AE registers with (the IN-CSE's own, or an MN-CSE's at the IN-CSE).
+resource ID, however many credentials are recorded (no scan over all rules). The rule names the
+``<serviceSubscribedNode>`` it belongs to (the node of the CSE the AE registers with: the IN-CSE's own, or an
+MN-CSE's at the IN-CSE) in a label, :func:`node_label`; it is **not** listed in that node's ``ruleLinks``: a list
+that grew with every enrolled AE would cost in proportion to all of them at every registration (read, copied
+and stored whole), so ``ruleLinks`` keeps only the operator's rules and a node's bound rules are its rules
+labelled with it.
 """
 
 from __future__ import annotations
@@ -35,14 +39,12 @@ __all__ = [
     "check_app_ids",
     "check_bound_rule",
     "is_bound_rule_name",
-    "links_to",
     "matches",
     "node_label",
     "node_of",
     "other_links",
     "plan_recording",
     "rule_allows",
-    "without",
 ]
 
 #: Resource name (and resource ID) prefix of bound rules; ``rspf-cred-<32 hex digits>`` is reserved for them.
@@ -134,17 +136,10 @@ def _link_tail(link: str) -> str:
     return link.rsplit("/", 1)[-1]
 
 
-def links_to(rule_links: Sequence[str] | None, ri: str) -> bool:
-    """Whether the node's ruleLinks name the bound rule ``ri`` (by resource ID, or a path ending in its name,
-    which is the same string). A membership test, no resolution: bound rules are linked by their ID."""
-    if not rule_links:
-        return False
-    return ri in rule_links or any(isinstance(link, str) and _link_tail(link) == ri for link in rule_links)
-
-
 def other_links(rule_links: Sequence[str] | None) -> list[str]:
     """The node's ruleLinks that are not bound rules (the operator's rules: certificate credentials, wildcard
-    rules, rules for registrations without a credential). Only these are resolved one by one at registration."""
+    rules, rules for registrations without a credential). A bound rule counts for a node through its label, never
+    through a link (one an operator wrote is ignored): only these are resolved one by one at registration."""
     return [link for link in rule_links or [] if isinstance(link, str) and not is_bound_rule_name(_link_tail(link))]
 
 
@@ -236,40 +231,28 @@ def bound_rule_of(rule: Any) -> Binding | None:
 # ==================================================================================== recording
 @dataclass(frozen=True)
 class Plan:
-    """What recording a binding takes: create the rule, or update its lists, and link it from the node."""
+    """What recording a binding takes: create the rule, or update it (its lists, or the node its label names)."""
 
     create: dict[str, Any] | None = None
     update: dict[str, Any] | None = None
-    link: bool = False
-    unlink_from: str | None = None  # the CSE whose node linked the rule before (the AE moved registrar)
 
     @property
     def nothing(self) -> bool:
-        return self.create is None and self.update is None and not self.link and self.unlink_from is None
+        return self.create is None and self.update is None
 
 
-def plan_recording(binding: Binding, cse_id: str, existing: Any | None, rule_links: Sequence[str] | None) -> Plan:
-    """How to make the node of ``cse_id`` (its ruleLinks ``rule_links``) link a rule that holds ``binding``.
+def plan_recording(binding: Binding, cse_id: str, existing: Any | None) -> Plan:
+    """How to make a rule that holds ``binding`` and belongs to the node of ``cse_id``.
 
     ``existing`` is the stored rule with the binding's resource ID (None: there is none). A stored rule
     with other lists (the MEF now sends other App-IDs, or the credential names another AE-ID) is updated to
-    the binding; one already equal is left alone. Idempotent: recording twice plans nothing the second time.
+    the binding, and one labelled with another node (the AE moved to another registrar) is relabelled; one
+    already equal is left alone. Idempotent: recording twice plans nothing the second time.
     """
     wanted = binding.attributes(cse_id)
-    linked = links_to(rule_links, binding.name)
     if existing is None:
-        return Plan(create=wanted, link=True)
+        return Plan(create=wanted)
     update = {a: wanted[a] for a in ("apci", "aae", "aai") if list(_get(existing, a) or []) != wanted[a]}
-    before = node_of(_get(existing, "lbl"))
-    if before != cse_id:
+    if node_of(_get(existing, "lbl")) != cse_id:
         update["lbl"] = wanted["lbl"]
-    return Plan(update=update or None, link=not linked,
-                unlink_from=before if before is not None and before != cse_id else None)
-
-
-def without(rule_links: Sequence[str] | None, ri: str) -> list[str] | None:
-    """The ruleLinks without the links to ``ri``; None when there were none (no update needed)."""
-    links = list(rule_links or [])
-    kept = [link for link in links if not (isinstance(link, str) and (link == ri or _link_tail(link) == ri))]
-    return kept if len(kept) != len(links) else None
-
+    return Plan(update=update or None)

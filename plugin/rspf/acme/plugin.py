@@ -660,7 +660,7 @@ class RspfSecurityPlugin:
     def _record_at_registrar(self, binding: ssar.Binding) -> None:
         """An MN-CSE records an AE that registers with it at the IN-CSE (project decision, docs/acme-plugin.md):
         it CREATEs the bound rule under the IN-CSE's CSEBase over its TLS-PSK Mcc link; the IN-CSE admits only
-        rules of the bound form, labels them with this CSE and links them from this CSE's node. A rule that
+        rules of the bound form, and labels them with this CSE (whose node must exist there). A rule that
         exists already is updated to the binding (the IN-CSE lets a CSE change only the rules it recorded)."""
         me = host.cse_id()
         with self._registrar() as (client, base, registrar_id):
@@ -670,12 +670,12 @@ class RspfSecurityPlugin:
                 if exc.remote_rsc != RSC.CONFLICT:
                     raise
                 current = client.call("GET", ids.http_path(f"{registrar_id}/{binding.name}")).get("m2m:asar", {})
-                plan = ssar.plan_recording(binding, me, _local_form(current, registrar_id), [binding.name])
+                plan = ssar.plan_recording(binding, me, _local_form(current, registrar_id))
                 if plan.update is not None:
                     client.call("PUT", ids.http_path(f"{registrar_id}/{binding.name}"), {"m2m:asar": plan.update})
 
     def _forget_at_registrar(self, credential_id: str) -> bool:
-        """An MN-CSE deletes the bound rule it recorded at the IN-CSE (the IN-CSE unlinks it from the node)."""
+        """An MN-CSE deletes the bound rule it recorded at the IN-CSE."""
         with self._registrar() as (client, _base, registrar_id):
             try:
                 client.call("DELETE", ids.http_path(f"{registrar_id}/{ssar.bound_rule_name(credential_id)}"))
@@ -706,8 +706,8 @@ class RspfSecurityPlugin:
     def _remote_rules(self, credential_id: str | None) -> list[dict[str, Any]] | None:
         """The rules a registration with ``credential_id`` at this MN-CSE is checked against, read from its
         registrar (the IN-CSE) over TLS-PSK: this CSE's <serviceSubscribedNode> (discovery by type, matched on
-        the CSE-ID), the credential's bound rule by its resource ID (if the node links it and it names this
-        CSE), and the node's other rules. None when there is no node (or the registrar cannot be read, which
+        the CSE-ID), the credential's bound rule by its resource ID (if its label names this CSE), and the rules
+        the node links. None when there is no node (or the registrar cannot be read, which
         is logged)."""
         me = host.cse_id()
         try:
@@ -715,9 +715,8 @@ class RspfSecurityPlugin:
                 node = self._remote_node(client, base, registrar_id)
                 if node is None:
                     return None
-                links = node.get("rlk") or []
-                wanted = ssar.other_links(links)
-                if credential_id and ssar.links_to(links, ssar.bound_rule_name(credential_id)):
+                wanted = ssar.other_links(node.get("rlk") or [])
+                if credential_id:
                     wanted.insert(0, f"{registrar_id}/{ssar.bound_rule_name(credential_id)}")
                 rules = []
                 for link in wanted:

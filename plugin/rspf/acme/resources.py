@@ -28,7 +28,7 @@ recording plans) is :mod:`rspf.ssar`, without ACME; this module applies it to AC
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from .. import ids, ssar
@@ -160,8 +160,8 @@ def resource_classes() -> dict[str, type]:
     class ServiceSubscribedAppRule(_InCseOnly):
         """<serviceSubscribedAppRule> (ty 19). A rule named in the reserved bound-rule form
         (:func:`rspf.ssar.bound_rule_name`) has that name as its resource ID too, must bind exactly one
-        credential to one AE-ID, and is linked from (and on deletion unlinked from) the node of the CSE its
-        label names; a registrar CSE that creates one (an MN-CSE recording its AE) gets its own node."""
+        credential to one AE-ID, and belongs to the node of the CSE its label names (which must exist); a
+        registrar CSE that creates one (an MN-CSE recording its AE) gets its own node in the label."""
 
         def __init__(self, dct: Any = None, create: bool = False) -> None:
             super().__init__(dct, create=create)
@@ -191,15 +191,8 @@ def resource_classes() -> dict[str, type]:
             if ssar.is_bound_rule_name(self.rn):
                 owner = _registrar_originator(originator) or ssar.node_of(self.lbl) or RC.cseCsi
                 self.setAttribute("lbl", [ssar.node_label(owner)])
-                node = find_service_subscribed_node(owner)
-                if node is None:
+                if find_service_subscribed_node(owner) is None:
                     raise SERVICE_SUBSCRIPTION_NOT_ESTABLISHED(f"no <serviceSubscribedNode> for {owner}")
-                _link(node, self.ri)
-
-        def deactivate(self, originator: str, parentResource: Any) -> None:
-            if ssar.is_bound_rule_name(self.rn):
-                _unlink(ssar.node_of(self.lbl), self.ri)
-            super().deactivate(originator, parentResource)
 
     _classes.update(MSSP=M2MServiceSubscriptionProfile, SVSN=ServiceSubscribedNode, ASAR=ServiceSubscribedAppRule)
     return _classes
@@ -320,14 +313,13 @@ def rules_of(svsn: Any) -> list[Any]:
 def registration_rules(svsn: Any, credential_id: str | None) -> list[Any]:
     """The rules a registration with ``credential_id`` at the node ``svsn``'s CSE is checked against, without a
     scan over every recorded credential: the credential's own bound rule (one lookup by resource ID; used only
-    if this node links it and its label names this node's CSE), then the node's other rules (the operator's)."""
-    links = list(svsn.rlk or []) if svsn is not None else []
+    if its label names this node's CSE), then the rules the node links (the operator's)."""
+    if svsn is None:
+        return []
     rules: list[Any] = []
     if credential_id:
-        name = ssar.bound_rule_name(credential_id)
-        own = _by_ri(name)
-        if (own is not None and own.ty == ASAR and ssar.links_to(links, name)
-                and same_cse(ssar.node_of(own.lbl), svsn.csi)):
+        own = _by_ri(ssar.bound_rule_name(credential_id))
+        if own is not None and own.ty == ASAR and same_cse(ssar.node_of(own.lbl), svsn.csi):
             rules.append(own)
     return rules + rules_of({"rlk": _operator_links(svsn)})
 
@@ -336,8 +328,8 @@ _operator_links_cache: dict[str, tuple[str, list[str]]] = {}  # node ri -> (its 
 
 
 def _operator_links(svsn: Any) -> list[str]:
-    """The node's links that are not bound rules, remembered per node until its lastModifiedTime changes: only an
-    UPDATE request (which sets it) can change them; this module's own writes add or remove bound rules only."""
+    """The node's links that are not bound rules, remembered per node until its lastModifiedTime changes (every
+    UPDATE sets it)."""
     if svsn is None:
         return []
     cached = _operator_links_cache.get(svsn.ri)
@@ -371,38 +363,13 @@ def _registrar_originator(originator: str | None) -> str | None:
     return None if same_cse(originator, RC.cseCsi) else originator
 
 
-def _store_links(node: Any, change: Callable[[list[str]], list[str] | None]) -> None:
-    """Store ``change(ruleLinks)`` as the node's ruleLinks (None: no change). Written directly to ACME's storage,
-    not through an UPDATE request: ACME re-validates every element of a list on every UPDATE, which would make
-    one more link cost in proportion to all links. So the node's lastModifiedTime stays and its <subscription>s
-    are not notified (documented). Only bound rules (linked by their resource ID, which this module made) are
-    linked or unlinked this way."""
-    with _rule_lock:
-        fresh = _by_ri(node.ri) or node  # the stored state, not a copy read before another write
-        links = change(list(fresh.rlk or []))
-        if links is not None:
-            fresh.setAttribute("rlk", links)
-            fresh.dbUpdate(True)
-
-
-def _link(node: Any, ri: str) -> None:
-    _store_links(node, lambda links: None if ri in links else [*links, ri])
-
-
-def _unlink(cse_id: str | None, ri: str) -> None:
-    """Remove the links to the bound rule ``ri`` from the node of ``cse_id`` (nothing if there is none)."""
-    node = find_service_subscribed_node(cse_id) if cse_id else None
-    if node is not None:
-        _store_links(node, lambda links: ssar.without(links, ri))
-
-
 def record_binding(binding: ssar.Binding, cse_id: str) -> str:
-    """Make the node of ``cse_id`` link a rule that admits ``binding`` -- and nothing else -- at this IN-CSE.
+    """Make a rule that admits ``binding`` -- and nothing else -- belong to the node of ``cse_id`` at this IN-CSE.
 
-    Creates the credential's bound rule (the rule links itself from the node as it is created), updates one
-    whose lists differ from the binding, and moves one that another node linked. Idempotent; serialised with
-    every other rule write of this process. Returns the rule's resource ID. Raises LookupError if there is no
-    node for ``cse_id`` (and ACME's ResponseException if ACME refuses a write).
+    Creates the credential's bound rule, updates one whose lists differ from the binding, and relabels one that
+    belonged to another node. Idempotent; serialised with every other rule write of this process. Returns the
+    rule's resource ID. Raises LookupError if there is no node for ``cse_id`` (and ACME's ResponseException if
+    ACME refuses a write).
     """
     from acmecse.etc.Constants import RuntimeConstants as RC
     from acmecse.etc.Types import ResourceTypes
@@ -412,22 +379,17 @@ def record_binding(binding: ssar.Binding, cse_id: str) -> str:
         if node is None:
             raise LookupError(f"no <serviceSubscribedNode> for {cse_id}")
         existing = bound_rule(binding.credential_id)
-        plan = ssar.plan_recording(binding, cse_id, existing, node.rlk)
+        plan = ssar.plan_recording(binding, cse_id, existing)
         disp = _dispatcher()
         if plan.create is not None:
             disp.createResourceFromDict({"m2m:asar": plan.create}, RC.cseRi, ResourceTypes.ASAR, _cse_originator())
-            return binding.name
-        if plan.unlink_from is not None:
-            _unlink(plan.unlink_from, binding.name)
-        if plan.update is not None:
+        elif plan.update is not None:
             disp.updateLocalResource(existing, {"m2m:asar": plan.update}, originator=_cse_originator())
-        if plan.link:
-            _link(node, binding.name)
         return binding.name
 
 
 def forget_binding(credential_id: str) -> bool:
-    """Delete the bound rule of ``credential_id`` (it unlinks itself from its node). Whether there was one."""
+    """Delete the bound rule of ``credential_id``. Whether there was one."""
     with _rule_lock:
         rule = bound_rule(credential_id)
         if rule is None:
