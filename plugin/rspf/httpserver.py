@@ -218,6 +218,11 @@ class TlsHttpServer:
 
     # -- life cycle -----------------------------------------------------------------------------
     @property
+    def running(self) -> bool:
+        """Whether the loop thread started by :meth:`start_background` is serving."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
     def connections_open(self) -> int:
         """Connections open now (handshaking, idle or answering)."""
         return len(self._conns)

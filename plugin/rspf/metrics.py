@@ -230,3 +230,48 @@ class MefMetrics:
                         s.revocation_newest)
 
         self.registry.register(Sampled(sample))
+
+
+class CseMetrics:
+    """The CSE plugin's metrics (names in docs/observability.md). Event counters are incremented by
+    rspf.acme.plugin; :meth:`watch` adds what is read when scraped (the secure listener, the key cache, the
+    revocation feed)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.registrations = event_counter(self.registry, "cse_registrations", "AE registrations checked against "
+                                           "the rules, by result (admitted, refused)", ("result",))
+        self.refusals = event_counter(self.registry, "cse_refusals", "Refused connections and requests, by where "
+                                      "(secure_listener, plain_port, registration, connection)", ("where",))
+        self.credentials_recorded = event_counter(self.registry, "cse_credentials_recorded",
+                                                  "Credentials recorded in <serviceSubscribedAppRule>")
+        self.revocations_applied = event_counter(self.registry, "cse_revocations_applied", "KeIDs the MEF's "
+                                                 "revocation feed reported, applied here")
+        self.connections_closed = event_counter(self.registry, "cse_connections_closed", "Secure connections "
+                                                "closed by the plugin, by reason (revoked, expired, lost_track)",
+                                                ("reason",))
+
+    def watch(self, listener: Callable[[], Any], keycache: Any, feed: Callable[[], Any]) -> None:
+        """Read the secure listener's counters (``listener()``, None before start), the key cache's and the
+        revocation feed's (``feed()``: rspf.target.RevocationFollower, None before it runs) when scraped."""
+        def sample() -> Iterator[Metric]:
+            server = listener()
+            if server is not None:
+                yield from transport_metrics(server, "cse_secure")
+            yield gauge("cse_key_cache_keys", "Keys held in the key cache", keycache.sizes()["keys"])
+            yield counter("cse_key_cache_hits", "TLS-PSK lookups answered from the key cache", keycache.hits)
+            yield counter("cse_key_cache_misses", "TLS-PSK lookups the key cache did not hold", keycache.misses)
+            yield counter("cse_mef_fetches", "fetchCredentials requests made to the MEF", keycache.fetches)
+            follower = feed()
+            if follower is not None:
+                if follower.position is not None:
+                    yield gauge("cse_revocation_feed_position", "Newest revocation log sequence number applied",
+                                follower.position)
+                lag = follower.seconds_since_read()
+                if lag is not None:
+                    yield gauge("cse_revocation_feed_lag_seconds", "Seconds since the revocation feed was last "
+                                "read whole", lag)
+                yield gauge("cse_revocation_feed_failures", "Failed reads of the revocation feed in a row",
+                            follower.failures)
+
+        self.registry.register(Sampled(sample))

@@ -11,17 +11,21 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import ids
 from ..errors import ConfigError
 from ..httpserver import ServerLimits
 from ..keys import check_fqdn
+from ..metrics import parse_listen
 
 SECTION = "rspf"
 _ORIGINATOR = re.compile(r"[A-Za-z0-9._~/@:-]{1,256}")
 
 #: ``enforcement`` when acme.ini does not say (``rspf acme install`` writes it out, from here too).
 DEFAULT_ENFORCEMENT = True
+#: ``auditLog`` when acme.ini does not say (relative to ACME's base directory; ``off``: no audit log)
+DEFAULT_AUDIT_LOG = "data/rspf-audit.jsonl"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class AcmePluginConfig:
     secure_registrar: bool
     location: str | None
     limits: ServerLimits  #: the secure listener's transport limits (keys absent from acme.ini: ServerLimits())
+    #: [rspf] auditLog: the audit log (docs/observability.md); None: off (auditLog = off)
+    audit_log: Path | None = None
+    #: [rspf] metricsListen: (IP, port) of GET /metrics and /health; None (absent): off
+    metrics_listen: tuple[str, int] | None = None
 
     @property
     def fetch_identity(self) -> tuple[str, Path]:
@@ -190,4 +198,16 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         ssar_shard_size=int(number("ssarShardSize", 256, 1, 100000)),
         create_subscription=flag("createSubscription", True), allowed_app_ids=apps,
         secure_registrar=flag("secureRegistrar", True), location=get("location"), limits=limits,
+        **_observability(get, path, source),
     )
+
+
+def _observability(get: Any, path: Any, source: str) -> dict[str, Any]:
+    """``auditLog`` and ``metricsListen`` (docs/observability.md)."""
+    audit = get("auditLog", DEFAULT_AUDIT_LOG)
+    listen = get("metricsListen")
+    return {
+        "audit_log": None if audit.lower() in ("off", "false", "no", "0") else path("auditLog", DEFAULT_AUDIT_LOG,
+                                                                                      must_exist=False),
+        "metrics_listen": parse_listen(listen, f"{source} [{SECTION}] metricsListen") if listen else None,
+    }
