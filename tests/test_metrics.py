@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -199,3 +200,43 @@ def test_cse_metrics_read_the_cache_listener_and_feed():
     metrics.connections_closed.labels("revoked").inc(2)
     assert reg.get_sample_value("rspf_cse_registrations_total", {"result": "admitted"}) == 1
     assert reg.get_sample_value("rspf_cse_connections_closed_total", {"reason": "revoked"}) == 2
+
+
+def test_a_connection_flood_is_bounded_and_the_endpoint_recovers(mef_endpoint):
+    from rspf.metrics import MAX_CLIENTS
+    server = mef_endpoint[0]
+    idle = [socket.create_connection(server.address, timeout=5) for _ in range(MAX_CLIENTS)]
+    try:
+        def refused() -> bool:
+            try:
+                return get(server, "/health")[0] != 200
+            except (ConnectionError, http.client.HTTPException, OSError):
+                return True
+
+        assert all(refused() for _ in range(3))  # every slot held by a silent client: closed at once
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10  # the slots come back as the silent connections end: poll
+    while True:
+        try:
+            if get(server, "/health")[0] == 200:
+                break
+        except (ConnectionError, http.client.HTTPException, OSError):
+            pass
+        assert time.monotonic() < deadline, "the endpoint did not recover after the flood"
+        time.sleep(0.02)
+
+
+def test_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = ObservabilityServer(MefMetrics().registry, list, host="::1", port=0, name="test")
+    server.start()
+    try:
+        assert get(server, "/health")[0] == 200
+    finally:
+        server.stop()

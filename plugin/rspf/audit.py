@@ -92,6 +92,10 @@ def _text(name: str, value: object) -> str:
     return value[:MAX_FIELD]
 
 
+def _dumps(entry: dict[str, object]) -> str:
+    return json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -134,18 +138,17 @@ class AuditLog:
     def record(self, action: Action, *, actor: str, subject: str, result: Result = Result.OK, cause: str = "",
                details: Mapping[str, str | int | bool] | None = None) -> None:
         """Write one line now (also a refusal: use :meth:`refused` for those a peer can repeat at will)."""
-        if self._fd is None:
-            self._check(action, actor, subject, result, cause, details)
-            return
-        self._write(self._line(action, actor, subject, result, cause, details))
+        entry = self._check(action, actor, subject, result, cause, details)  # also when off: a mistake shows
+        if self._fd is not None:
+            self._write(_dumps(entry))
 
     def refused(self, action: Action, *, actor: str, subject: str, cause: str, source: str | None = None,
                 details: Mapping[str, str | int | bool] | None = None) -> None:
         """A refusal, rate-limited: the first ``burst`` of an interval in full, the others counted by cause
         (and ``source``, a peer address) in one summary line."""
-        line = self._line(action, actor, subject, Result.REFUSED, cause, details)
+        entry = self._check(action, actor, subject, Result.REFUSED, cause, details)
         if self._fd is not None:
-            self._refusals.refused(line, reason=f"{action.value}: {cause[:80]}", source=source)
+            self._refusals.refused(_dumps(entry), reason=f"{action.value}: {cause[:80]}", source=source)
 
     def roll(self) -> None:
         """Write the summary of a refusal interval that is over (call from a timer)."""
@@ -182,11 +185,6 @@ class AuditLog:
             entry["details"] = checked
         return entry
 
-    def _line(self, action: Action, actor: str, subject: str, result: Result, cause: str,
-              details: Mapping[str, str | int | bool] | None) -> str:
-        return json.dumps(self._check(action, actor, subject, result, cause, details), ensure_ascii=True,
-                          separators=(",", ":"))
-
     def _write(self, line: str) -> None:
         data = (line + "\n").encode("ascii")
         with self._lock:
@@ -204,4 +202,4 @@ class AuditLog:
             self._write(text)
 
     def _summary_line(self, text: str) -> None:
-        self._write(self._line(Action.REFUSALS_SUMMARY, "audit", "refusals", Result.REFUSED, text, None))
+        self._write(_dumps(self._check(Action.REFUSALS_SUMMARY, "audit", "refusals", Result.REFUSED, text, None)))

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 
 #: Every metric name starts with this
 PREFIX = "rspf_"
-#: Seconds one scrape or health request may take to arrive
+#: Seconds one scrape or health request may wait for each read of its request
 REQUEST_TIMEOUT = 5.0
+#: Connections served at once; more are closed at once (a flood costs no more threads than this)
+MAX_CLIENTS = 8
 
 
 def parse_listen(value: str, where: str) -> tuple[str, int]:
@@ -155,17 +158,30 @@ class ObservabilityServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
                 log.debug("%s: %s %s", outer.name, self.address_string(), _SAFE.sub("?", format % args))
 
-        family = ThreadingHTTPServer.address_family
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+            slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not self.slots.acquire(blocking=False):
+                    log.warning("%s: metrics endpoint busy (%d connections): closed one from %s", outer.name,
+                                MAX_CLIENTS, client_address[0])
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    self.slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
+
         try:
-            if ":" in host:
-                import socket
-
-                family = socket.AF_INET6
-
-            class Server(ThreadingHTTPServer):
-                address_family = family
-                daemon_threads = True
-
             self._httpd = Server((host, port), Handler)
         except OSError as exc:
             raise RspfError(f"cannot serve metrics and health on {host}:{port}: {exc.strerror or exc}") from None
