@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import getpass
 import json
 import logging
 import os
+import pwd
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,11 +77,16 @@ class Action(enum.StrEnum):
 
 
 def operator() -> str:
-    """The actor of an admin command: ``operator:<OS user>``."""
+    """The actor of an admin command: ``operator:<OS user>`` -- the user of the process's real uid (not an
+    environment variable it could set), and under sudo also who ran sudo (``SUDO_USER``, as sudo sets it):
+    ``operator:mef (sudo by alice)``."""
     try:
-        user = getpass.getuser()
-    except Exception:  # no user name for this uid
-        user = f"uid{os.getuid()}"
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no user name for this uid
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER", "")
+    if sudo and sudo != user:
+        return f"operator:{user} (sudo by {sudo[:64]})"
     return f"operator:{user}"
 
 
