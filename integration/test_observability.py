@@ -62,6 +62,15 @@ def health(port: int) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body)
 
 
+def health_is(port: int, status: int) -> tuple[int, dict[str, Any]] | None:
+    """For polling: the health answer when its status is ``status``, else None (also while nothing answers)."""
+    try:
+        got = health(port)
+    except OSError:
+        return None
+    return got if got[0] == status else None
+
+
 def audit_entries(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -205,7 +214,7 @@ def test_plugin_audit_log_metrics_and_health_in_a_real_acme(tmp_path: Path) -> N
         cse.set_rspf("metricsListen", f"{HOST}:{metrics_port}", add=True)
         cse.start()
         audit = cse.base / "data" / "rspf-audit.jsonl"
-        wait_until(lambda: health(metrics_port)[0] == 200, what="the plugin's health to be ok (feed read)")
+        wait_until(lambda: health_is(metrics_port, 200), what="the plugin's health to be ok (feed read)")
 
         info = mef.add_enrolee("obs1", enrolee_id="Cobs1", registrar=IN_CSE_ID, registrar_uri=cse.secure_uri)
         enrolment = enrolee_client(mef, info).enrol()
@@ -246,8 +255,7 @@ def test_plugin_audit_log_metrics_and_health_in_a_real_acme(tmp_path: Path) -> N
         assert [e for e in find(entries, "connection", result="refused") if e["subject"].startswith("1111")]
 
         mef.stop()  # the MEF goes away: the plugin's health says so within a few feed polls
-        status, body = wait_until(lambda: (lambda h: h if h[0] == 503 else None)(health(metrics_port)),
-                                  what="the plugin's health to turn degraded")
+        status, body = wait_until(lambda: health_is(metrics_port, 503), what="the plugin's health to turn degraded")
         assert body["status"] == "degraded" and any("MEF is unreachable" in p for p in body["problems"]), body
         assert_no_key_in(audit, {"registrar key": enrolment.registrar_key.reveal(),
                                  "Target PSK": bytes.fromhex(target.psk_hex), "Kpm": bytes.fromhex(info.kpm_hex)})

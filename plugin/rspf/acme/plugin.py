@@ -178,8 +178,8 @@ class RspfSecurityPlugin:
         self.listener = SecureWsgiServer(self._secure_app(app), self._psk, self._resolve,
                                          host=self.config.secure_listen,
                                          port=self.config.secure_port, limits=self.config.limits)
+        self._start_observability()  # before the listener opens: whoever sees the secure port finds /health too
         self.listener.start()
-        self._start_observability()
         _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
                           f"{self.config.secure_listen}:{self.listener.port}; enforcement "
                           f"{'on' if self.config.enforcement else 'off'}")
