@@ -466,6 +466,8 @@ class RspfSecurityPlugin:
         self._refusals.refused(f"{access.shown(environ.get('PATH_INFO'))} from {environ.get('REMOTE_ADDR')}: the "
                                f"originator {access.shown(originator)} reached ACME's access control without "
                                "passing the plugin's checks")
+        self._observe_refused(_Refusal(RSC.ORIGINATOR_HAS_NO_PRIVILEGE, "the request reached ACME's access control "
+                                       "without passing the plugin's checks"), environ, None, Action.REQUEST)
         return False
 
     def _refused(self, exc: RspfError, environ: dict[str, Any] | None, cred: PeerCredential | None = None,
@@ -736,7 +738,8 @@ class RspfSecurityPlugin:
         for item in items:
             self.audit.record(Action.REVOCATION_APPLIED, actor=f"cse:{host.cse_id()}", subject=item.ke_id,
                               result=Result.OK, cause=item.cause,
-                              details={"seq": item.seq, "keysDropped": held, "connectionsClosed": closed})
+                              details={"seq": item.seq, "batch": len(items), "keysDroppedInBatch": held,
+                                       "connectionsClosedInBatch": closed})
 
 
 class _Refusal(RspfError):
