@@ -296,3 +296,13 @@ def test_the_plugin_passes_the_peer_address_to_the_cache() -> None:
     assert p._psk_lookup(made_up(), "127.0.0.2") is None and len(cache.calls) == 1  # rate-limited, not asked
     key = p._psk_lookup(LEGIT, "127.0.0.3")  # another address has its own budget
     assert key is not None and key.reveal() == KEY and cache.calls[-1] == LEGIT
+
+
+def test_lookups_are_counted_as_hits_and_misses_once_each() -> None:
+    cache = StandInCache(KeyCacheLimits(), Clock())
+    assert (cache.hits, cache.misses, cache.fetches) == (0, 0, 0)
+    assert cache.lookup(LEGIT, "10.0.0.1")[0] is not None  # a miss, fetched
+    assert cache.lookup(LEGIT, "10.0.0.1")[0] is not None  # a hit
+    assert cache.cached(LEGIT) is not None  # not a lookup: not counted
+    assert cache.lookup(made_up(), "10.0.0.1")[0] is None  # a miss, refused by the MEF
+    assert (cache.hits, cache.misses, cache.fetches) == (1, 2, 2)

@@ -204,6 +204,23 @@ def test_a_feed_that_never_completes_cannot_hold_the_follower() -> None:
     assert f.step() == 1.0 and "more items follow but sent none" in rec.warnings[0]
 
 
+def test_follower_reports_how_long_ago_it_read_the_feed_and_its_failures() -> None:
+    feed, rec = Feed(), Recorder()
+    f = rec.follower(feed)
+    assert f.seconds_since_read() is None and f.failures == 0  # never read: the health endpoint says so
+    f.step()
+    since = f.seconds_since_read()
+    assert since is not None and 0 <= since < 5
+    feed.fail = TransportError("the MEF at 127.0.0.1:1 is unreachable")
+    f.step()
+    f.step()
+    assert f.failures == 2 and "unreachable" in f.last_error
+    assert f.seconds_since_read() >= since  # a failed read does not count as a read
+    feed.fail = None
+    f.step()
+    assert f.failures == 0 and f.seconds_since_read() < 5
+
+
 # -- the plugin's side (no ACME running: a stand-in listener and rule store) ----------------------
 class StandInListener:
     """What the plugin's secure listener offers it: closing connections by credential."""

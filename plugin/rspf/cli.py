@@ -10,15 +10,18 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import __version__
-from .errors import ConfigError, RemoteError, RspfError, TransportError
+from .errors import BadRequest, ConfigError, RemoteError, RspfError, TransportError
 
 if TYPE_CHECKING:
+    from .audit import Action
     from .mef.config import MefConfig
     from .mef.store import MefStore
 
@@ -125,26 +128,49 @@ def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
     """Run the MEF until SIGTERM or Ctrl-C. Every purge_interval_seconds it deletes expired and retired keys
     and old revocation log rows."""
     import threading
+    import time
 
+    from .audit import AuditLog
     from .mef.server import MefServer
     from .mef.service import MefService
+    from .metrics import MefMetrics, ObservabilityServer, parse_listen
     cfg, store = _load(config_path, port=port, listen=listen)
     _setup_logging(cfg.log_level, cfg.log_file)
-    service = MefService(cfg, store)
+    try:
+        audit = AuditLog(cfg.audit_log)
+    except RspfError as exc:
+        _fail(ConfigError(f"{cfg.source} [mef] audit_log: {exc}"))
+    metrics = MefMetrics()
+    service = MefService(cfg, store, audit=audit, metrics=metrics)
     server = MefServer(cfg, service)
+    purge_failure: list[str] = []
+    observer = None
     try:
         server.bind()
+        metrics.watch(server, store.stats)
+        if cfg.metrics_listen:
+            host, mport = parse_listen(cfg.metrics_listen, f"{cfg.source} [mef] metrics_listen")
+            observer = ObservabilityServer(metrics.registry, lambda: _mef_health(store, audit, purge_failure),
+                                           host=host, port=mport, name="mef")
     except RspfError as exc:
         _fail(exc)
+    if observer is not None:
+        observer.start()
     stopping = threading.Event()
 
     def purge_loop() -> None:
+        due = 0.0
         while True:
-            try:
-                service.purge()
-            except Exception as exc:  # e.g. the database is busy: log it, try again next time
-                log.error("purge failed: %s", exc)
-            if stopping.wait(cfg.purge_interval_seconds):
+            if time.monotonic() >= due:
+                due = time.monotonic() + cfg.purge_interval_seconds
+                try:
+                    service.purge()
+                    purge_failure.clear()
+                except Exception as exc:  # e.g. the database is busy: log it, try again next time
+                    log.error("purge failed: %s", exc)
+                    purge_failure[:] = [f"the last purge of expired and retired keys failed: {exc}"]
+            audit.roll()  # the summary line of refusals past the burst, once their interval is over
+            if stopping.wait(min(10.0, max(0.0, due - time.monotonic()))):
                 return
 
     def stop(*_a: Any) -> None:
@@ -158,7 +184,42 @@ def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
     stopping.set()
     server.shutdown()
     purger.join(timeout=30)
+    if observer is not None:
+        observer.stop()
+    audit.close()
     log.info("MEF stopped")
+
+
+def _mef_health(store: MefStore, audit: Any, purge_failure: list[str]) -> list[str]:
+    """What is wrong with a running MEF, for GET /health (docs/observability.md)."""
+    problems = [p for p in (store.write_problem(),) if p]
+    problems += purge_failure
+    if audit.write_errors:
+        problems.append(f"{audit.write_errors} audit log line(s) could not be written to {audit.path}")
+    return problems
+
+
+@contextmanager
+def _audited(cfg: MefConfig, action: Action, subject: str) -> Iterator[dict[str, str | int | bool]]:
+    """An admin action, in the audit log with the operator (the OS user) as actor: ``ok`` when the block ends,
+    ``refused`` with the reason when it raises RspfError. The log is opened first: an unusable audit log stops
+    the command before it changes anything. The block may add details to the dict it gets."""
+    from .audit import AuditLog, Result, operator
+    try:
+        audit = AuditLog(cfg.audit_log)
+    except RspfError as exc:
+        _fail(ConfigError(f"{cfg.source} [mef] audit_log: {exc}"))
+    details: dict[str, str | int | bool] = {}
+    try:
+        yield details
+    except RspfError as exc:
+        audit.record(action, actor=operator(), subject=subject, result=Result.REFUSED, cause=str(exc),
+                     details=details)
+        raise
+    else:
+        audit.record(action, actor=operator(), subject=subject, details=details)
+    finally:
+        audit.close()
 
 
 @mef.group("enrolee")
@@ -216,19 +277,23 @@ def enrolee_add(config_path: Path, kpm_id: str, kpm_file: Path, enrolee_id: str,
 
     Warns (and still registers) when the registrar or a Target has no credential to fetch keys with yet, or
     when another enrolee has the same Kpm or Node-ID."""
+    from .audit import Action
     from .fileutil import read_key_file
     from .mef.admin import Fetchers, enrolee_from_fields, registration_warnings
     cfg, store = _load(config_path)
     try:
-        kpm = read_key_file(kpm_file, "Kpm file")
-        rec, kpm = enrolee_from_fields({
-            "kpm_id": kpm_id, "kpm": kpm.reveal().hex(), "enrolee_id": enrolee_id, "node_id": node_id,
-            "registrar_cse_id": registrar_cse_id, "registrar_uri": registrar_uri, "targets": ";".join(targets),
-            "rm_uri": rm_uri, "enrolment_expiry_seconds": expiry_seconds, "valid_until": valid_until,
-            "allowed_app_ids": list(app_ids) or None,
-        }, sp_id=cfg.sp_id)
-        warnings = registration_warnings(store, rec, kpm, Fetchers(store, cfg.sp_id))
-        store.add_enrolee(rec, kpm)
+        with _audited(cfg, Action.ENROLEE_ADD, kpm_id) as details:
+            details["enroleeID"] = enrolee_id
+            kpm = read_key_file(kpm_file, "Kpm file")
+            rec, kpm = enrolee_from_fields({
+                "kpm_id": kpm_id, "kpm": kpm.reveal().hex(), "enrolee_id": enrolee_id, "node_id": node_id,
+                "registrar_cse_id": registrar_cse_id, "registrar_uri": registrar_uri, "targets": ";".join(targets),
+                "rm_uri": rm_uri, "enrolment_expiry_seconds": expiry_seconds, "valid_until": valid_until,
+                "allowed_app_ids": list(app_ids) or None,
+            }, sp_id=cfg.sp_id)
+            warnings = registration_warnings(store, rec, kpm, Fetchers(store, cfg.sp_id))
+            store.add_enrolee(rec, kpm)
+            details["warnings"] = len(warnings)
     except RspfError as exc:
         _fail(exc)
     _warn(warnings)
@@ -276,12 +341,17 @@ def enrolee_update(config_path: Path, kpm_id: str, node_id: str | None, registra
                         ("registrar_uri", registrar_uri)):
         if value is not None:
             changes[name] = value
+    from .audit import Action
     cfg, store = _load(config_path)
-    rec = _enrolee_or_fail(store, kpm_id)
     try:
-        new = updated_enrolee(rec, changes, sp_id=cfg.sp_id)
-        warnings = registration_warnings(store, new, None, Fetchers(store, cfg.sp_id))
-        store.update_enrolee(new)
+        with _audited(cfg, Action.ENROLEE_UPDATE, kpm_id) as details:
+            details["fields"] = ",".join(sorted(changes))
+            rec = store.get_enrolee(kpm_id)
+            if rec is None:
+                raise ConfigError(f"no enrolee has the KpmID {kpm_id}")
+            new = updated_enrolee(rec, changes, sp_id=cfg.sp_id)
+            warnings = registration_warnings(store, new, None, Fetchers(store, cfg.sp_id))
+            store.update_enrolee(new)
     except RspfError as exc:
         _fail(exc)
     _warn(warnings)
@@ -342,9 +412,14 @@ def enrolee_show(config_path: Path, kpm_id: str, as_json: bool) -> None:
 
 
 def _state_change(config_path: Path, kpm_id: str, change: str) -> Any:
-    _cfg, store = _load(config_path)
+    from .audit import Action
+    cfg, store = _load(config_path)
     try:
-        return getattr(store, f"{change}_enrolee")(kpm_id)
+        with _audited(cfg, Action(f"enrolee.{change}"), kpm_id) as details:
+            n = getattr(store, f"{change}_enrolee")(kpm_id)
+            if isinstance(n, int):
+                details["keys"] = n
+            return n
     except RspfError as exc:
         _fail(exc)
 
@@ -405,18 +480,22 @@ def enrolee_rotate_kpm(config_path: Path, kpm_id: str, kpm_out: Path | None, pri
         _fail(ConfigError("say where the new Kpm goes: --kpm-out FILE or --print-kpm (exactly one)"))
     if kpm_out is not None and kpm_out.exists():
         _fail(ConfigError(f"{kpm_out} already exists; refusing to overwrite a key"))
-    _cfg, store = _load(config_path)
-    _enrolee_or_fail(store, kpm_id)
+    from .audit import Action
+    cfg, store = _load(config_path)
     kpm = Secret(secrets.token_bytes(32), "Kpm")
     try:
-        if kpm_out is not None:
-            write_private(kpm_out, kpm.reveal().hex().encode() + b"\n")
-        try:
-            n = store.rotate_kpm(kpm_id, kpm)
-        except BaseException:
+        with _audited(cfg, Action.ENROLEE_ROTATE_KPM, kpm_id) as details:
+            if store.get_enrolee(kpm_id) is None:
+                raise ConfigError(f"no enrolee has the KpmID {kpm_id}")
             if kpm_out is not None:
-                kpm_out.unlink()  # the rotation did not happen: no new key file either
-            raise
+                write_private(kpm_out, kpm.reveal().hex().encode() + b"\n")
+            try:
+                n = store.rotate_kpm(kpm_id, kpm)
+            except BaseException:
+                if kpm_out is not None:
+                    kpm_out.unlink()  # the rotation did not happen: no new key file either
+                raise
+            details["keys"] = n
     except RspfError as exc:
         _fail(exc)
     if print_kpm:
@@ -430,10 +509,13 @@ def enrolee_rotate_kpm(config_path: Path, kpm_id: str, kpm_out: Path | None, pri
 @click.argument("ke_id")
 def enrolee_revoke_key(config_path: Path, ke_id: str) -> None:
     """Revoke one Enrolment Key (KeID) at once; the enrolee stays active and may enrol again."""
+    from .audit import Action
     from .keys import normalise_ke_id
-    _cfg, store = _load(config_path)
+    cfg, store = _load(config_path)
     try:
-        kpm_id = store.revoke_key(normalise_ke_id(ke_id))
+        with _audited(cfg, Action.KEY_REVOKE, ke_id) as details:
+            kpm_id = store.revoke_key(normalise_ke_id(ke_id))
+            details["kpmID"] = kpm_id
     except RspfError as exc:
         _fail(exc)
     click.echo(f"revoked KeID {normalise_ke_id(ke_id)} of {kpm_id}")
@@ -447,11 +529,21 @@ def enrolee_import(config_path: Path, file: Path, dry_run: bool) -> None:
     """Import a manufacturing batch (CSV with a header row, or a JSON list). All rows or none.
 
     The file holds keys: it must not be readable by group or others (chmod 600)."""
+    from .audit import Action
     from .mef.admin import import_enrolees
     cfg, store = _load(config_path)
     try:
-        result = import_enrolees(store, file, sp_id=cfg.sp_id, dry_run=dry_run,
-                                 progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
+        with _audited(cfg, Action.ENROLEE_IMPORT, str(file)) as details:
+            details["dryRun"] = dry_run
+            result = import_enrolees(store, file, sp_id=cfg.sp_id, dry_run=dry_run,
+                                     progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
+            details["imported"] = 0 if dry_run else result.count
+            details["badRows"] = len(result.errors)
+            details["warnings"] = len(result.warnings)
+            if result.errors:
+                raise _BadRows(f"{len(result.errors)} bad row(s); nothing was imported")
+    except _BadRows:
+        pass  # in the audit log as refused; the rows are reported below
     except RspfError as exc:
         _fail(exc)
     if result.errors:  # (warnings are shown once the file is valid)
@@ -472,6 +564,10 @@ def enrolee_import(config_path: Path, file: Path, dry_run: bool) -> None:
         click.echo(f"imported {result.count} enrolee(s) from {file}")
 
 
+class _BadRows(BadRequest):
+    """An import refused for bad rows (each is reported on its own line)."""
+
+
 @mef.group("target")
 def mef_target() -> None:
     """Register the credentials Enrolment Targets (e.g. an IN-CSE) use to fetch keys from the MEF."""
@@ -486,16 +582,19 @@ def mef_target() -> None:
 def target_add(config_path: Path, psk_identity: str, psk_file: Path, target_id: str) -> None:
     """Register a Target credential (the PSK is read from a file and never printed)."""
     from . import ids
+    from .audit import Action
     from .fileutil import read_key_file
     from .mef.admin import PSK_ID_RE
     from .mef.store import TargetRecord
-    _cfg, store = _load(config_path)
-    if not PSK_ID_RE.fullmatch(psk_identity):
-        _fail(ConfigError("--psk-identity must be 1 to 128 printable ASCII characters without spaces"))
-    if not (ids.is_cse_id(target_id) or ids.is_absolute_id(target_id)):
-        _fail(ConfigError("--target-id must be a CSE-ID such as /id-in or an absolute ID //sp/id-in"))
+    cfg, store = _load(config_path)
     try:
-        store.add_target(TargetRecord(psk_identity, target_id), read_key_file(psk_file, "Target PSK file"))
+        with _audited(cfg, Action.TARGET_ADD, psk_identity) as details:
+            details["targetID"] = target_id
+            if not PSK_ID_RE.fullmatch(psk_identity):
+                raise ConfigError("--psk-identity must be 1 to 128 printable ASCII characters without spaces")
+            if not (ids.is_cse_id(target_id) or ids.is_absolute_id(target_id)):
+                raise ConfigError("--target-id must be a CSE-ID such as /id-in or an absolute ID //sp/id-in")
+            store.add_target(TargetRecord(psk_identity, target_id), read_key_file(psk_file, "Target PSK file"))
     except RspfError as exc:
         _fail(exc)
     click.echo(f"added Enrolment Target {target_id} (psk_identity {psk_identity})")
@@ -538,9 +637,11 @@ def target_show(config_path: Path, psk_identity: str, as_json: bool) -> None:
 @click.argument("psk_identity")
 def target_revoke(config_path: Path, psk_identity: str) -> None:
     """Revoke a Target credential: the MEF refuses its handshakes from now on."""
-    _cfg, store = _load(config_path)
+    from .audit import Action
+    cfg, store = _load(config_path)
     try:
-        store.revoke_target(psk_identity)
+        with _audited(cfg, Action.TARGET_REVOKE, psk_identity):
+            store.revoke_target(psk_identity)
     except RspfError as exc:
         _fail(exc)
     click.echo(f"revoked Target credential {psk_identity}")

@@ -198,6 +198,10 @@ class TlsHttpServer:
         self._workers: _Pool | None = None
         #: Where the loop reads every socket into (asyncio's default reads allocate 256 KiB per read)
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
+        #: TLS handshakes by result, counted on the loop thread only (read by rspf.metrics when scraped)
+        self.handshakes: dict[str, int] = {"ok": 0, "refused": 0, "timeout": 0}
+        #: Also told of every refusal (``reason, peer, identity, detail``; never a key): the audit log
+        self.on_refusal: Callable[[str, str, str | None, str], None] | None = None
 
     # -- what subclasses provide (both run in a pool thread) -------------------------------------
     def open_session(self, tls: ServerTls) -> Any | None:
@@ -213,6 +217,16 @@ class TlsHttpServer:
         """Refuse a request head before its body is read (raise an RspfError); the default accepts any."""
 
     # -- life cycle -----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the loop thread started by :meth:`start_background` is serving."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def connections_open(self) -> int:
+        """Connections open now (handshaking, idle or answering)."""
+        return len(self._conns)
+
     @property
     def address(self) -> tuple[str, int]:
         assert self._sock is not None
@@ -355,6 +369,8 @@ class TlsHttpServer:
         who = f" (psk_identity {identity[:128]!r})" if identity else ""
         self.refusals.refused("%s: %s from %s%s%s", self.name, reason, peer, who, f": {detail}" if detail else "",
                               reason=reason, source=peer.rpartition(":")[0] or peer)
+        if self.on_refusal is not None:
+            self.on_refusal(reason, peer, identity, detail)
 
     # -- admission (loop thread) ----------------------------------------------------------------
     def _admit(self, conn: _Connection) -> bool:
@@ -538,6 +554,8 @@ class _Connection(asyncio.BufferedProtocol):
         if what == "idle":
             self._goodbye()
             return
+        if self.state == _HANDSHAKE:
+            self.server.handshakes["timeout"] += 1
         self.server.refuse(f"{what} ({self._deadline_of(what):g} s) hit", self.peer,
                                     self.presented_identity)
         if what == "request deadline" and not self._busy and self.tls is not None:
@@ -565,6 +583,7 @@ class _Connection(asyncio.BufferedProtocol):
         PSK lookup (which may block) has run, on the loop after it (what is left is cheap)."""
         n = _complete_records(self._pending)
         if n < 0:
+            self.server.handshakes["refused"] += 1
             self._refuse("TLS handshake refused", "not a TLS record")
             return
         if n == 0:
@@ -621,11 +640,13 @@ class _Connection(asyncio.BufferedProtocol):
         if out:
             self.transport.write(out)
         if failure is not None:
+            self.server.handshakes["refused"] += 1
             self._refuse("TLS handshake refused", str(failure))
             return
         if not done:
             self._step_handshake()
             return
+        self.server.handshakes["ok"] += 1
         self.session = _UNOPENED
         self.state = _READING
         self._arm(self.limits.idle_timeout, "idle")

@@ -99,15 +99,18 @@ class RefusalLog:
     interval, and a log at INFO still shows every refusal.
 
     ``target`` is a logger, or ``emit(level, text)`` for a host with a log of its own (the ACME plugin).
-    Messages must never carry key material; values an attacker chose belong in ``repr`` form."""
+    ``summary(text)``, when given, receives the summary lines instead of ``target`` (the audit log writes them
+    as records of their own). Messages must never carry key material; values an attacker chose belong in
+    ``repr`` form."""
 
     def __init__(self, target: logging.Logger | Emit, *, burst: int = 20, interval: float = 60.0,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, summary: Callable[[str], None] | None = None) -> None:
         if isinstance(target, logging.Logger):
             logger = target
             self._emit: Emit = lambda level, text: logger.log(level, "%s", text)
         else:
             self._emit = target
+        self._summary: Callable[[str], None] = summary or (lambda text: self._emit(logging.WARNING, text))
         self._burst, self._interval, self._clock = burst, interval, clock
         self._lock = threading.Lock()
         self._start = clock()
@@ -129,7 +132,7 @@ class RefusalLog:
                 if source:
                     self._sources[source] += 1
         if summary:
-            self._emit(logging.WARNING, summary)
+            self._summary(summary)
         self._emit(level, message % args if args else message)
 
     def roll(self) -> None:
@@ -137,14 +140,14 @@ class RefusalLog:
         with self._lock:
             summary = self._roll(self._clock())
         if summary:
-            self._emit(logging.WARNING, summary)
+            self._summary(summary)
 
     def flush(self) -> None:
         """Write the summary now (at shutdown)."""
         with self._lock:
             summary = self._roll(self._clock(), force=True)
         if summary:
-            self._emit(logging.WARNING, summary)
+            self._summary(summary)
 
     def _roll(self, now: float, force: bool = False) -> str | None:
         if not force and now - self._start < self._interval:

@@ -206,6 +206,7 @@ class KeyCache:
         self._refusals = RefusalLog(log, burst=lim.log_burst, interval=lim.log_interval, clock=clock)
         self._pool = MefConnections(self._connect, size=lim.pool_size, idle_limit=lim.pool_idle)
         self.fetches = 0  # MEF requests made (successful or not)
+        self.hits = self.misses = 0  # lookups answered from the cache, and not (counted under _lock)
 
     def __repr__(self) -> str:
         return f"<KeyCache mef={self.mef_fqdn} entries={len(self._entries)}>"
@@ -271,13 +272,19 @@ class KeyCache:
             return False
         return fqdn.lower() == self.mef_fqdn
 
-    def cached(self, ke_id: str) -> FetchedCredential | None:
+    def cached(self, ke_id: str, *, count: bool = False) -> FetchedCredential | None:
+        """The key held for ``ke_id``, or None; ``count``: a lookup, counted as a hit or a miss."""
         with self._lock:
             entry = self._entries.get(ke_id)
-            if entry is None:
-                return None
-            if entry[1] <= self._clock():
+            if entry is not None and entry[1] <= self._clock():
                 del self._entries[ke_id]
+                entry = None
+            if count:
+                if entry is None:
+                    self.misses += 1
+                else:
+                    self.hits += 1
+            if entry is None:
                 return None
             self._entries.move_to_end(ke_id)
             return entry[0]
@@ -336,7 +343,7 @@ class KeyCache:
                                    source or "?", self.mef_fqdn)
             return None, False
         ke_id = keys.normalise_ke_id(ke_id)
-        known = self._known(ke_id, source)
+        known = self._known(ke_id, source, count=True)
         if known is not None:
             return known
         slot = self._enter(ke_id)
@@ -356,9 +363,11 @@ class KeyCache:
         finally:
             self._leave(ke_id, slot)
 
-    def _known(self, ke_id: str, source: str | None) -> tuple[FetchedCredential | None, bool] | None:
-        """What the cache already knows of ``ke_id``: its key, or a refusal the MEF gave recently; None if nothing."""
-        hit = self.cached(ke_id)
+    def _known(self, ke_id: str, source: str | None,
+               count: bool = False) -> tuple[FetchedCredential | None, bool] | None:
+        """What the cache already knows of ``ke_id``: its key, or a refusal the MEF gave recently; None if nothing.
+        ``count``: count the lookup as a cache hit or miss."""
+        hit = self.cached(ke_id, count=count)
         if hit:
             return hit, False
         if self.is_revoked(ke_id):
@@ -434,6 +443,12 @@ class RevocationFollower:
         self.interval, self.backoff, self._draw, self._warn, self._info = interval, backoff, draw, warn, info
         self.position: int | None = None  # the newest sequence number applied here
         self.failures = 0
+        self.last_error = ""
+        self._read_at: float | None = None  # time.monotonic() of the last whole read
+
+    def seconds_since_read(self) -> float | None:
+        """Seconds since the feed was last read whole; None before the first read."""
+        return None if self._read_at is None else time.monotonic() - self._read_at
 
     def step(self) -> float:
         try:
@@ -456,11 +471,13 @@ class RevocationFollower:
                 self.position = page.items[-1].seq
         except RspfError as exc:
             self.failures += 1
+            self.last_error = str(exc)
             delay = self.backoff.delay(self.failures, self._draw())
             self._warn(f"revocation feed: the MEF could not be read ({exc}); attempt {self.failures}, retrying in "
                        f"{delay:.1f} s; until then a revoked key stays usable here for at most the key cache's "
                        "age limit")
             return delay
+        self._read_at = time.monotonic()
         if self.failures:
             self._info(f"revocation feed: the MEF answers again after {self.failures} failed attempt(s)")
             self.failures = 0

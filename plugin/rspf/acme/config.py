@@ -19,6 +19,7 @@ from .. import ids
 from ..errors import ConfigError
 from ..httpserver import ServerLimits
 from ..keys import check_fqdn
+from ..metrics import parse_listen
 
 SECTION = "rspf"
 _ORIGINATOR = re.compile(r"[A-Za-z0-9._~/@:-]{1,256}")
@@ -108,6 +109,10 @@ KEYS: tuple[Key, ...] = (
         "*, R or N)."),
     Key("secureRegistrar", "true", "Register with the registrar over TLS-PSK with the provisioned credential.",
         kind="bool", option="--secure-registrar/--plain-registrar"),
+    Key("auditLog", "data/rspf-audit.jsonl", "The append-only audit log, JSON lines, 0600 (docs/observability.md); "
+        "off: none."),
+    Key("metricsListen", "", "IP:PORT of GET /metrics (Prometheus) and GET /health; absent: not served.",
+        written=False),
 )
 BY_NAME = {k.name: k for k in KEYS}
 
@@ -162,6 +167,10 @@ class AcmePluginConfig:
     secure_registrar: bool
     location: str | None
     limits: ServerLimits  #: the secure listener's transport limits (keys absent from acme.ini: ServerLimits())
+    #: [rspf] auditLog: the audit log (docs/observability.md); None: off (auditLog = off)
+    audit_log: Path | None = None
+    #: [rspf] metricsListen: (IP, port) of GET /metrics and /health; None (absent): off
+    metrics_listen: tuple[str, int] | None = None
 
     @property
     def fetch_identity(self) -> tuple[str, Path]:
@@ -293,6 +302,9 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         max_body=int(number("maxBodyBytes", 1024, 64 * 1024 * 1024)),
         workers=int(number("workers", 1, 256)),
     )
+    audit = get("auditLog") or ""
+    audit_log = None if audit.lower() in ("off", "false", "no", "0") else path("auditLog", must_exist=False)
+    listen = get("metricsListen")
     return AcmePluginConfig(
         mef_host=host.strip("[]"), mef_port=int(port), mef_fqdn=(fqdn or "").lower(), enrol=enrol, kpm_id=kpm_id,
         kpm_file=kpm_file, node_id=node_id,
@@ -306,4 +318,6 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         plain_port_originators=listed, secure_web_ui=flag("secureWebUI"), ssar=ssar,
         create_subscription=flag("createSubscription"), allowed_app_ids=apps,
         secure_registrar=flag("secureRegistrar"), location=get("location"), limits=limits,
+        audit_log=audit_log,
+        metrics_listen=parse_listen(listen, f"{source} [{SECTION}] metricsListen") if listen else None,
     )

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 
 from .. import ids, keys, ssar
+from ..audit import Action, AuditLog, Result
 from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
 from ..errors import (
@@ -58,6 +59,7 @@ from ..errors import (
 )
 from ..fileutil import read_key_file
 from ..mef.protocol import Revocation
+from ..metrics import CseMetrics, ObservabilityServer, refusal_reason
 from ..ratelimit import Backoff, RefusalLog
 from ..secret import Secret
 from ..target import FetchedCredential, KeyCache, KeyCacheLimits, RevocationFollower
@@ -123,6 +125,10 @@ class RspfSecurityPlugin:
         self._registrar_client = PskClient()
         self._psk: PskServer | None = None
         self._refusals = RefusalLog(_acme_refusal, interval=REFUSAL_LOG_INTERVAL)
+        self.audit = AuditLog(None)  # opened at configure ([rspf] auditLog)
+        self.metrics = CseMetrics()
+        self._observer: ObservabilityServer | None = None
+        self._feed: RevocationFollower | None = None
 
     # ------------------------------------------------------------------------------- lifecycle
     @init
@@ -151,6 +157,7 @@ class RspfSecurityPlugin:
             patches.on_reset(self._reset_begin, self._reset_end)
             patches.on_ae_deleted(self._ae_deleted)
             self._setup_keys()
+            self._setup_observability()
             self._psk = PskServer(self._psk_lookup)
             c = self.config
             if c.cert_file and c.key_file:
@@ -190,6 +197,7 @@ class RspfSecurityPlugin:
         self.listener = SecureWsgiServer(self._secure_app(app), self._psk, self._resolve,
                                          host=self.config.secure_listen,
                                          port=self.config.secure_port, limits=self.config.limits)
+        self._start_observability()  # before the listener opens: whoever sees the secure port finds /health too
         self.listener.start()
         _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
                           f"{self.config.secure_listen}:{self.listener.port}; enforcement "
@@ -236,6 +244,7 @@ class RspfSecurityPlugin:
             self.listener.stop()
         if self.keycache:
             self.keycache.close()  # the kept-alive connections to the MEF
+        self._stop_observability()
 
     # ------------------------------------------------------------------------------- enrolment
     def _setup_keys(self) -> None:
@@ -305,10 +314,12 @@ class RspfSecurityPlugin:
         follower = RevocationFollower(self.keycache.revocation_page, self._revoked, self._lost_track,
                                       interval=self.keycache.limits.revocation_poll,
                                       warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m))
+        self._feed = follower
         delay = 0.0
         while not self._stop.wait(delay):
             delay = follower.step()
             self._close_expired()
+            self.audit.roll()
 
     def _revoked(self, items: list[Revocation]) -> None:
         """KeIDs the MEF revoked: their keys go, their connections close, their rule entries go."""
@@ -321,6 +332,7 @@ class RspfSecurityPlugin:
             _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now on")
         if held or closed:
             _acme_log("warn", f"revocation: {held} key(s) dropped from the cache, {closed} connection(s) closed")
+        self._observe_revoked(items, held, closed)
 
     def _lost_track(self) -> None:
         """The revocation feed cannot say everything that was revoked (first contact, or its log was pruned
@@ -328,6 +340,7 @@ class RspfSecurityPlugin:
         assert self.keycache is not None
         self.keycache.flush()
         closed = self._close_connections(lambda ident, _cred: ident is not None)
+        self.metrics.connections_closed.labels("lost_track").inc(closed)
         if closed:
             _acme_log("warn", f"revocation feed: lost track; {closed} TLS-PSK connection(s) closed to be checked "
                               "again")
@@ -348,6 +361,7 @@ class RspfSecurityPlugin:
         for credential_id in expired:
             self.forget_credential(credential_id)
         if closed:
+            self.metrics.connections_closed.labels("expired").inc(closed)
             _acme_log("warn", f"{closed} connection(s) closed: their credential expired "
                               f"({', '.join(sorted(expired))})")
 
@@ -377,7 +391,7 @@ class RspfSecurityPlugin:
 
     def _record_enrolled(self, peer: PeerCredential, cred: FetchedCredential) -> bool:
         """TS-0003 §8.3.1.2 NOTE 3/4, as rules that bind: the credential's own rule holds its Credential-ID, its
-        Enrolee-ID and the App-IDs the MEF sent with the key (none sent: ``allowedAppIDs``), linked from the node
+        Enrolee-ID and the App-IDs the MEF sent with the key (none sent: ``allowedAppIDs``), belonging to the node
         of this CSE -- at the IN-CSE itself, or, on an MN-CSE, at its registrar (the IN-CSE). Recorded once per
         binding (again when the MEF's App-IDs change). Whether the binding is recorded."""
         assert self.config is not None
@@ -402,6 +416,7 @@ class RspfSecurityPlugin:
                 self._recorded[binding.credential_id] = binding
                 _acme_log("info", f"recorded {binding.credential_id} / {binding.ae_id} / App-IDs "
                                   f"{','.join(binding.app_ids)} in <serviceSubscribedAppRule> {binding.name}")
+                self._observe_recorded(peer, binding.name)
                 return True
             except Exception as exc:
                 _acme_log("warn", f"could not record {binding.credential_id} in a rule: {exc}")
@@ -529,10 +544,14 @@ class RspfSecurityPlugin:
         self._refusals.refused(f"{access.shown(environ.get('PATH_INFO'))} from {environ.get('REMOTE_ADDR')}: the "
                                f"originator {access.shown(originator)} reached ACME's access control without "
                                "passing the plugin's checks")
+        self._observe_refused(_Refusal(RSC.ORIGINATOR_HAS_NO_PRIVILEGE, "the request reached ACME's access control "
+                                       "without passing the plugin's checks"), environ, None, Action.REQUEST)
         return False
 
-    def _refused(self, exc: RspfError, environ: dict[str, Any] | None, cred: PeerCredential | None = None) -> None:
-        """Log why a request was refused, and who sent it (never a key), rate-limited."""
+    def _refused(self, exc: RspfError, environ: dict[str, Any] | None, cred: PeerCredential | None = None,
+                 action: Action = Action.REQUEST) -> None:
+        """Log why a request was refused, and who sent it (never a key), rate-limited; count it and write it to
+        the audit log."""
         environ = environ or {}
         cred = cred or environ.get(ENVIRON_KEY)
         where = "secure listener" if cred is not None else "plain port"
@@ -542,6 +561,7 @@ class RspfSecurityPlugin:
             who += [f"{'KeID' if cred.kind == 'psk' else 'certificate'} {access.shown(cred.identity)}",
                     f"Credential-ID {cred.credential_id}"]
         self._refusals.refused(f"{int(exc.rsc)} on the {where} ({', '.join(who)}): {exc}")
+        self._observe_refused(exc, environ, cred, action)
 
     def _proven_cse_access(self, originator: str, resource: Any, operation: str, ty: Any) -> bool:
         """What a CSE whose MEF-provisioned key authenticated this connection may do as that CSE:
@@ -599,12 +619,14 @@ class RspfSecurityPlugin:
             self._refuse_registration(4128, f"no <serviceSubscribedNode> for {host.cse_id()}: no service "
                                             "subscription is established for this CSE", environ, cred)
         if ssar.admits(rules, credential_id, app_id or "", stem):
+            self._observe_registration(stem, app_id, cred, environ)
             return credential_id
         if cred is not None and cred.kind == "psk" and self._record_again(cred, environ):
             # A key from the MEF (only those are recorded; certificates never are) whose rule is gone: its <AE>
             # was deleted, ACME purged its storage (a reset), or the rule could not be written when the connection
             # opened. Recorded again (idempotent, from what the MEF says now), and looked up again.
             if ssar.admits(self._rules_for_registration(credential_id) or [], credential_id, app_id or "", stem):
+                self._observe_registration(stem, app_id, cred, environ)
                 return credential_id
         what = f"credential {credential_id}" if credential_id else "a registration without a credential"
         self._refuse_registration(4126, f"no <serviceSubscribedAppRule> allows {what}"
@@ -634,7 +656,8 @@ class RspfSecurityPlugin:
     def _refuse_registration(self, rsc: int, message: str, environ: dict[str, Any],
                              cred: PeerCredential | None) -> NoReturn:
         error = host.acme_error(rsc, message)
-        self._refused(_Refusal(RSC(rsc), message), environ, cred)
+        self.metrics.registrations.labels("refused").inc()
+        self._refused(_Refusal(RSC(rsc), message), environ, cred, Action.REGISTRATION)
         raise error
 
     def _connect_registrar(self, parts: Any, timeout: float) -> TlsConnection:
@@ -749,6 +772,112 @@ class RspfSecurityPlugin:
         finally:
             client.close()
         return resp.status, resp.headers, resp.body
+
+
+    # ------------------------------------------------------------------------------- observability
+    # The audit log, the metrics and the health endpoint (docs/observability.md); never a key.
+    def _setup_observability(self) -> None:
+        """Open the audit log ([rspf] auditLog; an unusable path stops start-up) and read the key cache's
+        counters when scraped."""
+        assert self.config is not None and self.keycache is not None
+        if self.config.audit_log is not None:
+            try:
+                self.audit = AuditLog(self.config.audit_log)
+            except RspfError as exc:
+                raise ConfigError(f"acme.ini [rspf] auditLog: {exc}") from None
+        self.metrics.watch(lambda: self.listener, self.keycache, lambda: self._feed)
+
+    def _start_observability(self) -> None:
+        """Count and audit the secure listener's refusals; serve /metrics and /health ([rspf] metricsListen)."""
+        assert self.config is not None and self.listener is not None
+        self.listener.on_refusal = self._observe_connection_refused
+        if self.config.metrics_listen is not None:
+            host_ip, port = self.config.metrics_listen
+            try:
+                self._observer = ObservabilityServer(self.metrics.registry, self.health, host=host_ip, port=port,
+                                                     name="rspf")
+            except RspfError as exc:
+                _acme_log("error", f"start-up stopped: acme.ini [rspf] metricsListen: {exc}")
+                raise SystemExit(f"[rspf] acme.ini [rspf] metricsListen: {exc}") from None
+            self._observer.start()
+            bound = self._observer.address
+            _acme_log("info", f"metrics on http://{bound[0]}:{bound[1]}/metrics, health on /health")
+
+    def _stop_observability(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer = None
+        self.audit.close()
+
+    #: The revocation feed counts as behind when not read whole for this many seconds (and 10 polls)
+    FEED_BEHIND_SECONDS = 30.0
+
+    def health(self) -> list[str]:
+        """What is wrong, for GET /health: the secure listener down, the MEF unreachable (the revocation feed
+        fails), the revocation feed behind, audit log lines lost."""
+        problems = []
+        listener = self.listener
+        if listener is None or not listener.running:
+            problems.append("the secure listener is not running")
+        feed = self._feed
+        if feed is None:
+            problems.append("the revocation feed is not followed yet")
+        else:
+            if feed.failures:
+                problems.append(f"the MEF is unreachable: {feed.failures} read(s) of its revocation feed failed in a "
+                                f"row ({feed.last_error})")
+            since = feed.seconds_since_read()
+            limit = max(self.FEED_BEHIND_SECONDS, 10 * feed.interval)
+            if since is None:
+                problems.append("the revocation feed has not been read yet")
+            elif since > limit:
+                problems.append(f"the revocation feed is behind: last read whole {since:.0f} s ago (more than "
+                                f"{limit:g} s)")
+        if self.audit.write_errors:
+            problems.append(f"{self.audit.write_errors} audit log line(s) could not be written to {self.audit.path}")
+        return problems
+
+    def _observe_connection_refused(self, reason: str, peer: str, identity: str | None, detail: str) -> None:
+        self.metrics.refusals.labels("connection").inc()
+        self.audit.refused(Action.CONNECTION, actor=f"peer:{peer}", subject=identity or "-",
+                           cause=f"{refusal_reason(reason)}: {detail}" if detail else reason,
+                           source=peer.rpartition(":")[0] or peer)
+
+    def _observe_refused(self, exc: RspfError, environ: dict[str, Any], cred: PeerCredential | None,
+                         action: Action) -> None:
+        where = "registration" if action is Action.REGISTRATION else \
+            "secure_listener" if cred is not None else "plain_port"
+        self.metrics.refusals.labels(where).inc()
+        peer = str(environ.get("REMOTE_ADDR", "?"))
+        details: dict[str, str | int | bool] = {"rsc": int(exc.rsc), "where": where.replace("_", " "),
+                                                "path": access.shown(environ.get("PATH_INFO"))}
+        if cred is not None:
+            details["credentialID"] = cred.credential_id
+        self.audit.refused(action, actor=f"credential:{cred.identity}" if cred is not None else f"peer:{peer}",
+                           subject=access.shown(environ.get("HTTP_X_M2M_ORIGIN")), cause=str(exc),
+                           source=peer, details=details)
+
+    def _observe_registration(self, stem: str, app_id: Any, cred: PeerCredential | None,
+                              environ: dict[str, Any]) -> None:
+        self.metrics.registrations.labels("admitted").inc()
+        self.audit.record(Action.REGISTRATION, actor=f"credential:{cred.identity}" if cred else
+                          f"peer:{environ.get('REMOTE_ADDR', '?')}",
+                          subject=stem, details={"appID": access.shown(app_id), "credentialID":
+                                                 cred.credential_id if cred else "-"})
+
+    def _observe_recorded(self, peer: PeerCredential, rule: str) -> None:
+        self.metrics.credentials_recorded.inc()
+        self.audit.record(Action.CREDENTIAL_RECORDED, actor=f"cse:{host.cse_id()}", subject=peer.credential_id,
+                          details={"enroleeID": peer.enrolee_id or "-", "rule": rule})
+
+    def _observe_revoked(self, items: list[Revocation], held: int, closed: int) -> None:
+        self.metrics.revocations_applied.inc(len(items))
+        self.metrics.connections_closed.labels("revoked").inc(closed)
+        for item in items:
+            self.audit.record(Action.REVOCATION_APPLIED, actor=f"cse:{host.cse_id()}", subject=item.ke_id,
+                              result=Result.OK, cause=item.cause,
+                              details={"seq": item.seq, "batch": len(items), "keysDroppedInBatch": held,
+                                       "connectionsClosedInBatch": closed})
 
 
 class _Refusal(RspfError):

@@ -15,6 +15,7 @@ from .. import ids
 from ..errors import ConfigError
 from ..httpserver import ServerLimits
 from ..keys import check_fqdn
+from ..metrics import parse_listen
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class MefConfig:
     log_level: str = "INFO"
     log_file: Path | None = None
     source: str = "<defaults>"
+    audit_log: Path | None = Path("audit.jsonl")  # relative: next to the configuration file; false: no audit log
+    metrics_listen: str | None = None  # IP:PORT of GET /metrics and /health (rspf.metrics); None: off
 
     @classmethod
     def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> MefConfig:
@@ -144,7 +147,19 @@ class MefConfig:
             p = Path(v)
             return p if p.is_absolute() else base / p
 
+        audit_log: Path | None = None
+        if values.get("audit_log", True) is not False:
+            audit_log = path_of("audit_log")
+        metrics_listen = values.get("metrics_listen")
+        if metrics_listen is not None:
+            if not isinstance(metrics_listen, str):
+                raise err("metrics_listen", "must be text like \"127.0.0.1:9464\"")
+            metrics_listen = metrics_listen.strip() or None
+            if metrics_listen is not None:
+                parse_listen(metrics_listen, f"{source}: [mef] metrics_listen")
+
         return cls(
+            audit_log=audit_log, metrics_listen=metrics_listen,
             fqdn=fqdn.lower(), sp_id=sp_id, listen=listen, port=port,
             database=path_of("database"), master_key_file=path_of("master_key_file"),  # type: ignore[arg-type]
             enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin, tls_max_version=vmax,
@@ -196,4 +211,6 @@ max_connections_per_source = 256    # open connections from one IP address
 workers = 16                        # threads answering requests
 log_level = "info"
 # log_file = "mef.log"
+audit_log = "audit.jsonl"           # append-only audit log (JSON lines, 0600); false: none (docs/observability.md)
+# metrics_listen = "127.0.0.1:9464"  # Prometheus GET /metrics and GET /health (plain HTTP); absent: off
 """

@@ -10,8 +10,10 @@ import logging
 import h11
 
 from .. import keys, wire
+from ..audit import Action
 from ..errors import RSC, EnrolmentRateLimited, OperationNotAllowed, RspfError
 from ..httpserver import TlsHttpServer
+from ..metrics import refusal_reason
 from ..tls import PskServer, ServerTls
 from . import protocol
 from .config import MefConfig
@@ -20,6 +22,7 @@ from .service import MefService, Session
 log = logging.getLogger(__name__)
 
 _METHODS = frozenset(m.encode("ascii") for m in wire.OPERATIONS)
+_SESSION_REFUSED = "session refused"
 
 
 class MefServer(TlsHttpServer):
@@ -33,6 +36,16 @@ class MefServer(TlsHttpServer):
                          host=config.listen, port=config.port, limits=config.server_limits())
         self.config = config
         self.service = service
+        self.on_refusal = self._observe_refusal
+
+    def _observe_refusal(self, reason: str, peer: str, identity: str | None, detail: str) -> None:
+        """A connection the transport refused: counted, and in the audit log (rate-limited)."""
+        if reason == _SESSION_REFUSED:
+            return  # the service counted and recorded it
+        self.service.metrics.refusals.labels(refusal_reason(reason)).inc()
+        self.service.audit.refused(Action.CONNECTION, actor=f"peer:{peer}", subject=identity or "-",
+                                   cause=f"{reason}: {detail}" if detail else reason,
+                                   source=peer.rpartition(":")[0] or peer)
 
     def serve_forever(self) -> None:
         if self._sock is None:
@@ -50,7 +63,7 @@ class MefServer(TlsHttpServer):
                 tls.psk_identity,
                 lambda: tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
         except RspfError as exc:
-            self.refuse("session refused", tls.peer, tls.psk_identity, str(exc))
+            self.refuse(_SESSION_REFUSED, tls.peer, tls.psk_identity, str(exc))
             return None
         log.debug("session %r from %s (%s, %s)", session, tls.peer, tls.version, tls.cipher)
         return session

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import ids, keys, profile
+from ..audit import Action, AuditLog
 from ..errors import RSC, AccessDenied, BadRequest, EnrolmentRateLimited, NotFound, OperationNotAllowed, RspfError
+from ..metrics import MefMetrics
 from ..ratelimit import Clock, RefusalLog, TokenBucket
 from ..secret import Secret
 from . import protocol
@@ -81,9 +83,12 @@ class Reply:
 
 
 class MefService:
-    def __init__(self, config: MefConfig, store: MefStore, *, clock: Clock = time.monotonic) -> None:
+    def __init__(self, config: MefConfig, store: MefStore, *, clock: Clock = time.monotonic,
+                 audit: AuditLog | None = None, metrics: MefMetrics | None = None) -> None:
         self.config = config
         self.store = store
+        self.audit = audit or AuditLog(None)  # every enrolment, fetch and refusal (docs/observability.md)
+        self.metrics = metrics or MefMetrics()
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
         self._handover: dict[str, EnroleeRecord] = {}  # enrolee records read at the handshake, by identity
         self._handover_lock = threading.Lock()
@@ -110,6 +115,10 @@ class MefService:
         if psk is None:
             self.refusals.refused("TLS-PSK identity %r from %s refused: no Enrolee (KpmID) or Enrolment Target has "
                                   "it, or it is revoked or expired", identity, peer_ip or "?")
+            self.metrics.refusals.labels("unknown identity").inc()
+            self.audit.refused(Action.AUTHENTICATE, actor=f"peer:{peer_ip or '?'}", subject=identity,
+                               cause="no Enrolee (KpmID) or Enrolment Target has this TLS-PSK identity, or it is "
+                                     "revoked or expired", source=peer_ip)
         return psk
 
     def absolute_id(self, any_id: str, registrar_cse_id: str | None = None) -> str:
@@ -138,6 +147,9 @@ class MefService:
         if target is None:  # removed between handshake and now
             self.refusals.refused("session of psk_identity %r refused: the credential is no longer registered",
                                   psk_identity)
+            self.metrics.refusals.labels("credential removed").inc()
+            self.audit.refused(Action.AUTHENTICATE, actor="peer:?", subject=psk_identity,
+                               cause="the credential is no longer registered")
             raise AccessDenied("the presented credential is no longer registered")
         return Session(Principal.TARGET, psk_identity, self.absolute_id(target.target_id))
 
@@ -150,7 +162,38 @@ class MefService:
                 self.refusals.refused("%s %r from %s (psk_identity %r, originator %r) refused with %d: %s",
                                       operation, to[:200], session.principal_id, session.psk_identity,
                                       originator[:100], int(exc.rsc), exc)
+            self._observe_refusal(session, operation, to, originator, exc)
             raise
+
+    def _observe_refusal(self, session: Session, operation: str, to: str, originator: str,
+                         exc: RspfError) -> None:
+        """Count a refused (or failed) request and write it to the audit log."""
+        path = to.rstrip("/") or "/"
+        subject = path[:200]
+        details: dict[str, str | int | bool] = {"operation": operation[:16], "originator": originator[:100],
+                                                "principal": session.principal_id, "rsc": int(exc.rsc)}
+        failed = exc.rsc is RSC.INTERNAL_SERVER_ERROR
+        if protocol.is_fetch_path(path):
+            action = Action.FETCH
+            self.metrics.fetches.labels("failed" if failed else "refused").inc()
+            try:
+                subject, suid = protocol.parse_fetch_path(path)
+                details["suid"] = suid
+            except RspfError:
+                pass
+        elif protocol.is_revocations_path(path):
+            action = Action.REVOCATION_FEED
+        elif path in (protocol.PATH_SECURITY_PROFILE, protocol.PATH_ENROLMENT_EXCHANGE):
+            action = Action.ENROLMENT
+            self.metrics.enrolments.labels("rate_limited" if isinstance(exc, EnrolmentRateLimited) else
+                                           "failed" if failed else "refused").inc()
+        else:
+            action = Action.REQUEST
+        if failed:
+            return  # not a refusal: the operator's log has the error
+        self.metrics.refusals.labels(f"{action.value} {int(exc.rsc)}").inc()
+        self.audit.refused(action, actor=f"{session.kind.value}:{session.psk_identity}", subject=subject,
+                           cause=str(exc), details=details)
 
     def _dispatch(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
         path = to.rstrip("/") or "/"
@@ -230,6 +273,11 @@ class MefService:
             max_live_keys=cfg.max_live_keys_per_enrolee)
         session.committed = True
         self._charge_enrolment(session.psk_identity)
+        self.metrics.enrolments.labels("ok").inc()
+        self.audit.record(Action.ENROLMENT_KEY, actor=f"enrolee:{session.psk_identity}", subject=session.ke_id,
+                          details={"enroleeID": session.enrolee.enrolee_id,
+                                   "expires": profile.format_timestamp(self._expiry(session)),
+                                   "retiredNow": ",".join(retired)})
         log.info("enrolee %s (KpmID %s) enrolled: KeID %s, expires %s; its earlier KeIDs retire in %d s",
                  session.enrolee.enrolee_id, session.psk_identity, session.ke_id, self._expiry(session).isoformat(),
                  cfg.key_retirement_grace_seconds)
@@ -273,6 +321,11 @@ class MefService:
             log.error("refusing to send a securityProfile that fails the schema (enrolee %s)", rec.enrolee_id)
             raise RspfError("the MEF produced an invalid securityProfile; nothing was provisioned") from None
         self._commit(session)
+        self.metrics.profiles.inc()
+        assert session.ke_id is not None
+        self.audit.record(Action.ENROLMENT_PROFILE, actor=f"enrolee:{session.psk_identity}", subject=session.ke_id,
+                          details={"enroleeID": rec.enrolee_id, "nodeID": rec.node_id,
+                                   "registrar": rec.registrar_cse_id})
         return Reply(RSC.CREATED, {profile.WRAPPER: body})
 
     def enrolment_exchange(self, session: Session, content: Any) -> Reply:
@@ -350,6 +403,10 @@ class MefService:
         kuc = keys.derive_usage_constrained_key(record.enrolment_key, suid, keys.target_fqdn(target))
         log.info("fetchCredentials: Target %s fetched the SUID %d key of KeID %s (enrolee %s)", target, suid, ke_id,
                  enrolee.enrolee_id)
+        self.metrics.fetches.labels("ok").inc()
+        self.audit.record(Action.FETCH, actor=f"target:{target}", subject=ke_id,
+                          details={"suid": suid, "enroleeID": enrolee.enrolee_id,
+                                   "pskIdentity": session.psk_identity})
         return Reply(RSC.OK, protocol.fetch_response(kuc.reveal(), enrolee.enrolee_id,
                                                      profile.format_timestamp(record.expires),
                                                      allowed_app_ids=enrolee.allowed_app_ids))

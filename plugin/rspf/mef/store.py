@@ -190,6 +190,18 @@ class Revocation:
 
 
 @dataclass(frozen=True)
+class StoreStats:
+    """How much the database holds (for metrics): enrolees by state, Enrolment Keys usable now and stored
+    (usable or waiting for the purge), revocation log rows and the newest sequence number ever written."""
+
+    enrolees: dict[str, int]
+    keys_live: int
+    keys_stored: int
+    revocation_rows: int
+    revocation_newest: int
+
+
+@dataclass(frozen=True)
 class PurgeCounts:
     expired: int = 0
     retired: int = 0
@@ -660,3 +672,39 @@ class MefStore:
                 db.execute("COMMIT")
         return ([Revocation(r[0], r[1], r[2], r[3], _from_ts(r[4]) or utcnow()) for r in rows],
                 int(newest[0]) if newest else 0)
+
+    # -- monitoring -----------------------------------------------------------------------------
+    def stats(self, now: dt.datetime | None = None) -> StoreStats:
+        """Counts for the metrics endpoint (one read snapshot; nothing secret)."""
+        when = _ts(now or utcnow())
+        with self._borrow() as db:
+            db.execute("BEGIN")
+            try:
+                states = dict.fromkeys(STATES, 0)
+                states.update({str(s): int(n) for s, n in
+                               db.execute("SELECT state, COUNT(*) FROM enrolees GROUP BY state").fetchall()})
+                live = db.execute(f"SELECT COUNT(*) FROM enrolment_keys k WHERE {self._USABLE}",
+                                  (when, when)).fetchone()[0]
+                stored = db.execute("SELECT COUNT(*) FROM enrolment_keys").fetchone()[0]
+                rows = db.execute("SELECT COUNT(*) FROM revocations").fetchone()[0]
+                newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
+            finally:
+                db.execute("COMMIT")
+        return StoreStats(states, int(live), int(stored), int(rows), int(newest[0]) if newest else 0)
+
+    def write_problem(self, timeout: float = 2.0) -> str | None:
+        """None when a write transaction can start now, else why not (a sentence for the health endpoint).
+        Nothing is written: the probe begins a write transaction and rolls it back."""
+        for path, what in ((self.path, "database file"), (self.path.parent, "database directory")):
+            if not os.access(path, os.W_OK):
+                return f"the MEF {what} {path} is not writable"
+        try:
+            db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            return f"the MEF database {self.path} cannot be written: {exc}"
+        return None
