@@ -181,11 +181,12 @@ def main(workdir: Path) -> int:
                 data: dict = json.loads(resp.read())
                 return data
 
-        links = [link for uri in admin_get("cse-in?fu=1&ty=20").get("m2m:uril", [])
-                 for link in admin_get(uri).get("m2m:svsn", {}).get("rlk") or [] if is_bound_rule_name(link)]
-        for link in links:
-            rule = admin_get(f"cse-in/{link}").get("m2m:asar", {})
-            print(f"  rule {link}, linked from the IN-CSE's <serviceSubscribedNode>:")
+        bound = [uri for uri in admin_get("cse-in?fu=1&ty=19").get("m2m:uril", [])
+                 if is_bound_rule_name(uri.rsplit("/", 1)[-1])]
+        for uri in bound:
+            rule = admin_get(uri).get("m2m:asar", {})
+            print(f"  rule {uri.rsplit('/', 1)[-1]}, of the <serviceSubscribedNode> its label names "
+                  f"({', '.join(rule.get('lbl') or [])}):")
             print(f"  applicableCredIDs = {rule.get('apci')}")
             print(f"  allowedAEs        = {rule.get('aae')}")
             print(f"  allowedApp-IDs    = {rule.get('aai')}")
