@@ -334,11 +334,9 @@ def _admin_get(http_port: int, path: str) -> dict[str, Any]:
 
 
 def recorded_rules(http_port: int) -> int:
-    """How many credentials' own rules (rspf.ssar's bound rules) the IN-CSE's node links."""
-    links: list[str] = []
-    for uri in _admin_get(http_port, f"{CSE_NAME}?fu=1&ty=20").get("m2m:uril", []):
-        links += _admin_get(http_port, uri).get("m2m:svsn", {}).get("rlk") or []
-    return sum(1 for link in links if is_bound_rule_name(link))
+    """How many credentials' own rules (rspf.ssar's bound rules) the IN-CSE holds."""
+    uris = _admin_get(http_port, f"{CSE_NAME}?fu=1&ty=19").get("m2m:uril", [])
+    return sum(1 for uri in uris if is_bound_rule_name(uri.rsplit("/", 1)[-1]))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -447,7 +445,7 @@ def main() -> int:
 
         # sanity: every secure registration went through the SSAR update
         n_sec = 1 + args.aes * args.rounds
-        print(f"  check: the node links {recorded_rules(http_port)} credentials' own <serviceSubscribedAppRule> "
+        print(f"  check: the IN-CSE holds {recorded_rules(http_port)} credentials' own <serviceSubscribedAppRule> "
               f"(expected {n_sec}: warm-up + measured)")
         # breakdown (not a target): the same handshake again, now that the CSE holds these keys
         again: list[float] = []
