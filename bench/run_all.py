@@ -31,6 +31,7 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "flood": ("bench_flood.py", ["--handshakes", "2000"]),
     "revocation": ("bench_revocation.py", ["--rounds", "2"]),
     "hygiene": ("bench_mef_hygiene.py", ["--enrolments", "200"]),
+    "rules": ("bench_rules_scale.py", ["--big", "1000", "--aes", "10", "--rounds", "2"]),
 }
 
 
