@@ -29,6 +29,8 @@ B. Steady state: M RETRIEVEs of the AE's own <container>, per kind, S rounds alt
    * secure: on ONE established TLS-PSK connection (``CseSession.retrieve``);
    * plain: on ONE established keep-alive HTTP/1.1 connection (one ``http.client.HTTPConnection`` reused),
      the originator being an AE registered on the plain port retrieving its own container.
+   Both kinds end with the answer's JSON content decoded (``CseSession.retrieve`` returns it decoded; the plain
+   client decodes it with ``json.loads``), as an AE needs it.
 
 Targets: A secure/plain per-registration latency (medians) <= 3.0; B secure/plain (medians) <= 1.2. It prints
 TARGET MET / TARGET MISSED for each and exits 0 either way (a measurement, not a test). Every process it
@@ -314,10 +316,11 @@ class Bench:
             for _ in range(m):
                 t0 = time.perf_counter()
                 status, rsc, body = self.plain.request(conn, "GET", path, origin)
+                content = json.loads(body)  # what the AE asked for, as the secure client returns it
                 lat.append(time.perf_counter() - t0)
                 if conn.sock is None:  # the server said "Connection: close"; http.client reconnects next time
                     closes += 1
-            if rsc != "2000":
+            if rsc != "2000" or "m2m:cnt" not in content:
                 raise RuntimeError(f"plain RETRIEVE: HTTP {status}, RSC {rsc}: {body[:200]!r}")
         c1 = self._cpu()
         return {"kind": kind, "n": m, "lat": lat, "cse_cpu": (c1[0] - c0[0]) / m, "cli_cpu": (c1[2] - c0[2]) / m,
