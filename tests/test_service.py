@@ -694,7 +694,7 @@ def test_key_hygiene_config_defaults_and_bounds(tmp_path):
     cfg = MefConfig.from_dict({"fqdn": MEF_FQDN, "sp_id": SP_ID}, base_dir=tmp_path)
     assert (cfg.key_retirement_grace_seconds, cfg.max_live_keys_per_enrolee, cfg.enrolment_rate_burst,
             cfg.enrolment_rate_interval_seconds, cfg.purge_interval_seconds, cfg.revocation_log_days,
-            cfg.revocation_log_max_rows) == (300, 3, 5, 60.0, 60.0, 30, 1_000_000)
+            cfg.revocation_log_max_rows) == (300, 3, 5, 60.0, 10.0, 30, 1_000_000)
     for key in ("key_retirement_grace_seconds", "max_live_keys_per_enrolee", "enrolment_rate_burst",
                 "enrolment_rate_interval_seconds", "purge_interval_seconds", "revocation_log_days",
                 "revocation_log_max_rows"):

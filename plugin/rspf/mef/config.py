@@ -7,7 +7,7 @@ key and the file.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class MefConfig:
     max_live_keys_per_enrolee: int = 3
     enrolment_rate_burst: int = 5
     enrolment_rate_interval_seconds: float = 60.0
-    purge_interval_seconds: float = 60.0
+    purge_interval_seconds: float = 10.0
     revocation_log_days: int = 30
     revocation_log_max_rows: int = 1_000_000
     max_body_bytes: int = 64 * 1024
@@ -183,34 +183,36 @@ class MefConfig:
                             workers=self.workers)
 
 
-EXAMPLE = """\
+_D: dict[str, Any] = {f.name: f.default for f in fields(MefConfig)}  # the template below shows the defaults
+
+EXAMPLE = f"""\
 # onem2m-rspf MEF configuration (every key: docs/mef-config.md)
 [mef]
 fqdn = "mef.example.com"            # the MEF-FQDN: it ends every KeID
 sp_id = "//sp.example.com"          # M2M-SP-ID, used to make CSE/AE IDs absolute
-listen = "127.0.0.1"
-port = 8443
-database = "mef.sqlite"             # relative paths are relative to this file
-master_key_file = "mef.masterkey"   # created 0600 on first start; encrypts keys at rest
-enrolment_expiry_seconds = 2592000  # default lifetime of an Enrolment Key (Ke)
-key_retirement_grace_seconds = 300  # a re-enrolment retires the enrolee's earlier KeIDs this much later
-max_live_keys_per_enrolee = 3       # usable KeIDs per enrolee; beyond it the oldest are retired at once
-enrolment_rate_burst = 5            # enrolments one enrolee may make back to back ...
-enrolment_rate_interval_seconds = 60  # ... and one more each this many seconds
-purge_interval_seconds = 60         # how often the running MEF deletes expired and retired keys
-revocation_log_days = 30            # how long revocation log rows are kept
-revocation_log_max_rows = 1000000   # ... and at most this many (the oldest go first)
-max_body_bytes = 65536
-tls_min_version = "1.2"
-tls_max_version = "1.3"
-handshake_timeout = 10              # seconds for a whole TLS handshake
-request_timeout = 30                # seconds for a whole request (head and body)
-idle_timeout = 30                   # seconds a kept-alive connection may wait for its next request
-max_connections = 4096              # open connections in total
-max_connections_per_source = 256    # open connections from one IP address
-workers = 16                        # threads answering requests
-log_level = "info"
+listen = "{_D['listen']}"
+port = {_D['port']}
+database = "{_D['database']}"             # relative paths are relative to this file
+master_key_file = "{_D['master_key_file']}"   # created 0600 on first start; encrypts keys at rest
+enrolment_expiry_seconds = {_D['enrolment_expiry_seconds']}  # default lifetime of an Enrolment Key (Ke)
+key_retirement_grace_seconds = {_D['key_retirement_grace_seconds']}  # earlier KeIDs retire this long after re-enrolment
+max_live_keys_per_enrolee = {_D['max_live_keys_per_enrolee']}  # usable KeIDs per enrolee; beyond it the oldest retire
+enrolment_rate_burst = {_D['enrolment_rate_burst']}            # enrolments one enrolee may make back to back ...
+enrolment_rate_interval_seconds = {_D['enrolment_rate_interval_seconds']:g}  # ... and one more each this many seconds
+purge_interval_seconds = {_D['purge_interval_seconds']:g}  # how often expired and retired keys go (Targets learn it)
+revocation_log_days = {_D['revocation_log_days']}            # how long revocation log rows are kept
+revocation_log_max_rows = {_D['revocation_log_max_rows']}   # ... and at most this many (the oldest go first)
+max_body_bytes = {_D['max_body_bytes']}
+tls_min_version = "{_D['tls_min_version']}"
+tls_max_version = "{_D['tls_max_version']}"
+handshake_timeout = {_D['handshake_timeout']:g}              # seconds for a whole TLS handshake
+request_timeout = {_D['request_timeout']:g}                # seconds for a whole request (head and body)
+idle_timeout = {_D['idle_timeout']:g}                   # seconds a kept-alive connection may wait for its next request
+max_connections = {_D['max_connections']}              # open connections in total
+max_connections_per_source = {_D['max_connections_per_source']}    # open connections from one IP address
+workers = {_D['workers']}                        # threads answering requests
+log_level = "{_D['log_level'].lower()}"
 # log_file = "mef.log"
-audit_log = "audit.jsonl"           # append-only audit log (JSON lines, 0600); false: none (docs/observability.md)
+audit_log = "{_D['audit_log']}"  # append-only audit log (JSON lines, 0600); false: none (docs/observability.md)
 # metrics_listen = "127.0.0.1:9464"  # Prometheus GET /metrics and GET /health (plain HTTP); absent: off
 """
