@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from benchutil import cpu_seconds, finish, load_average, pct
+from benchutil import cpu_seconds, finish, load_average, pct, set_mef_keys
 
 from rspf.demo import Processes, acme_ini, free_port, run, wait_http, wait_port
 from rspf.ssar import is_bound_rule_name
@@ -168,8 +168,9 @@ class Plain:
 
 # ------------------------------------------------------------------------------------------ setup
 def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port: int, procs: Processes,
-          plain_server: str, mef_log_level: str = "warning") -> tuple[list[Row], float]:
-    """MEF + ACME with the plugin; returns (enrolee rows, seconds)."""
+          plain_server: str, mef_log_level: str = "warning",
+          mef_keys: dict[str, str] | None = None) -> tuple[list[Row], float]:
+    """MEF + ACME with the plugin; returns (enrolee rows, seconds). ``mef_keys``: [mef] keys to set."""
     t0 = time.monotonic()
     bindir = Path(sys.executable).parent
     rspf, acmecse = str(bindir / "rspf"), str(bindir / "acmecse")
@@ -178,10 +179,7 @@ def setup(home: Path, n_secure: int, mef_port: int, http_port: int, secure_port:
     base.mkdir()
     cfg = home / "mef" / "mef.toml"
     run([rspf, "mef", "init", str(cfg), "--fqdn", MEF_FQDN, "--sp-id", SP_ID, "--port", str(mef_port)])
-    text = cfg.read_text()
-    if 'log_level = "info"' not in text:
-        raise RuntimeError(f"{cfg} has no log_level = \"info\" line to change")
-    cfg.write_text(text.replace('log_level = "info"', f'log_level = "{mef_log_level}"'))
+    set_mef_keys(cfg, {"log_level": f'"{mef_log_level}"', **(mef_keys or {})})
     run([rspf, "keygen", str(base / "mef-target.psk")])
     run([rspf, "mef", "target", "add", "-c", str(cfg), "--psk-identity", TARGET_IDENTITY,
          "--psk-file", str(base / "mef-target.psk"), "--target-id", f"/{CSE_ID}"])

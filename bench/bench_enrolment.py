@@ -34,7 +34,6 @@ import argparse
 import csv
 import multiprocessing as mp
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -48,7 +47,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
-from benchutil import cpu_seconds, load_average, pct
+from benchutil import LIFTED_HYGIENE, cpu_seconds, load_average, pct, set_mef_keys
 
 from rspf.demo import free_port, wait_port
 
@@ -351,12 +350,8 @@ def setup_mef(home: Path, port: int, count: int) -> list[tuple[str, str, str]]:
     cfg = home / "mef.toml"
     subprocess.run(rspf + ["mef", "init", str(cfg), "--fqdn", MEF_FQDN, "--sp-id", SP_ID, "--port", str(port)],
                    check=True, stdout=subprocess.DEVNULL)
-    text = cfg.read_text()
-    if 'log_level = "info"' not in text:
-        raise RuntimeError(f"{cfg} has no log_level = \"info\" line to change")
-    # every enrolee re-enrols many times a second here: lift the per-enrolee enrolment rate limit
-    text = re.sub(r"(?m)^enrolment_rate_burst = .*$", "enrolment_rate_burst = 100000", text)
-    cfg.write_text(text.replace('log_level = "info"', 'log_level = "warning"'))
+    # every enrolee re-enrols many times a second here: key hygiene (its rate limit, retirement) lifted
+    set_mef_keys(cfg, {"log_level": '"warning"', **LIFTED_HYGIENE})
     enrolees = []
     with open(home / "batch.csv", "w", newline="") as f:
         os.fchmod(f.fileno(), 0o600)  # it holds keys: the MEF refuses a batch others can read

@@ -23,7 +23,6 @@ It exits 0 either way (a measurement, not a test); it stops the MEF by its PID a
 from __future__ import annotations
 
 import argparse
-import re
 import secrets
 import sqlite3
 import subprocess
@@ -32,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import load_average
+from benchutil import load_average, set_mef_keys
 
 from rspf.demo import free_port, wait_port
 
@@ -82,15 +81,9 @@ def main() -> int:
         cfg = home / "mef.toml"
         subprocess.run([rspf, "mef", "init", str(cfg), "--fqdn", MEF_FQDN, "--sp-id", SP_ID, "--port", str(port)],
                        check=True, stdout=subprocess.DEVNULL)
-        text = cfg.read_text()
-        for key, value in (("enrolment_rate_burst", "100000"), ("key_retirement_grace_seconds", "0"),
-                           ("max_live_keys_per_enrolee", str(CAP)), ("purge_interval_seconds", "1"),
-                           ("revocation_log_max_rows", str(LOG_ROWS)),
-                           ("log_level", '"warning"')):
-            text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-            if n != 1:
-                raise RuntimeError(f"{cfg} has no '{key} = ' line to change")
-        cfg.write_text(text)
+        set_mef_keys(cfg, {"enrolment_rate_burst": "100000", "key_retirement_grace_seconds": "0",
+                           "max_live_keys_per_enrolee": str(CAP), "purge_interval_seconds": "1",
+                           "revocation_log_max_rows": str(LOG_ROWS), "log_level": '"warning"'})
         kpm = secrets.token_bytes(32)
         kpm_file = home / "dev.kpm"
         kpm_file.write_text(kpm.hex() + "\n")

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from rspf.demo import Processes
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: [mef] keys for benches that re-enrol the same enrolees again and again (what they measure is not key hygiene,
+#: which bench_mef_hygiene.py measures): no enrolment rate limit, no retirement of the KeIDs still in use
+LIFTED_HYGIENE = {"enrolment_rate_burst": "100000", "max_live_keys_per_enrolee": "1000",
+                  "key_retirement_grace_seconds": "86400"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -43,3 +47,16 @@ def finish(procs: Processes, home: Path, keep: bool) -> None:
         print(f"kept {home}")
     else:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def set_mef_keys(cfg: Path, values: dict[str, str]) -> None:
+    """Set ``[mef]`` keys in a mef.toml that ``rspf mef init`` wrote (each key's line replaced, comment and all;
+    values in TOML syntax). Raises when a key has no line of its own to change."""
+    import re
+
+    text = cfg.read_text()
+    for key, value in values.items():
+        text, n = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
+        if n != 1:
+            raise RuntimeError(f"{cfg} has no '{key} = ' line to change")
+    cfg.write_text(text)

@@ -25,9 +25,20 @@ MEF_FQDN = "mef.example.com"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 that ACME will also take: ACME refuses a port it cannot bind on every
+    address (with SO_REUSEADDR), which fails while a connection on that local port is in TIME_WAIT."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 that can be bound on every address")
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
