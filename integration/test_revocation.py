@@ -20,22 +20,12 @@ from rspf.keys import CRED_TYPE_KPSAID, credential_id
 from rspf.ssar import bound_rule_name
 from rspf.tls import PskClient
 
-from .acme_harness import AcmeCse, new_mef, wait_until
+from .acme_harness import AcmeCse, wait_until
 from .support import EnroleeInfo, MefHome, TargetInfo, enrolee_client
 
 APP_ID = "Nrevocation"
 #: The feed is read every 2 s; this leaves room for a loaded machine (the bench measures the latency).
 SOON = 15.0
-
-
-@pytest.fixture(scope="module")
-def mef_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MefHome, TargetInfo]]:
-    home, target = new_mef(tmp_path_factory.mktemp("mef"))
-    home.start()
-    try:
-        yield home, target
-    finally:
-        home.stop()
 
 
 @pytest.fixture(scope="module")

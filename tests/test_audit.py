@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_keycache import Clock
 
 from rspf import keys, profile
 from rspf.audit import Action, AuditLog, Result, operator
@@ -25,14 +26,6 @@ FIELDS = {"time", "actor", "action", "subject", "result", "cause"}
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_records_are_json_lines_with_every_field_in_a_0600_file(tmp_path):
@@ -135,7 +128,7 @@ def test_refusals_past_the_burst_are_counted_in_one_summary_line(tmp_path):
         audit.refused(Action.AUTHENTICATE, actor=f"peer:10.0.0.{i % 2}", subject=f"id{i}", cause="unknown identity",
                       source=f"10.0.0.{i % 2}")
     assert len(lines(path)) == 3  # the flood cost three lines so far
-    clock.now += 11
+    clock.t += 11
     audit.roll()
     entries = lines(path)
     assert len(entries) == 4
