@@ -234,6 +234,13 @@ class StandInListener:
         return len(closing)
 
 
+@pytest.fixture(autouse=True)
+def _an_in_cse(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rspf.acme import host
+
+    monkeypatch.setattr(host, "is_in_cse", lambda: True)  # where the rules live (see the MN-CSE test below)
+
+
 def plugin_with_listener(conns: list[tuple[str | None, object]]):  # type: ignore[no-untyped-def]
     from rspf.acme.plugin import RspfSecurityPlugin
 
@@ -269,3 +276,16 @@ def test_the_plugin_applies_revocations_to_keys_connections_and_rules() -> None:
     assert forgotten == ["12-" + LEGIT]
     plugin._lost_track()
     assert plugin.listener.conns == []  # type: ignore[union-attr]  # every TLS-PSK connection is checked again
+
+
+def test_an_mn_cse_leaves_the_rule_to_the_in_cse_which_follows_the_same_feed(monkeypatch) -> None:
+    """No request to the IN-CSE per revocation (most are for credentials this MN-CSE never saw): the IN-CSE
+    removes the rule itself; the MN-CSE forgets that it recorded it, so it records it again if need be."""
+    from rspf.acme import host
+
+    monkeypatch.setattr(host, "is_in_cse", lambda: False)
+    plugin, forgotten = plugin_with_listener([(LEGIT, None)])
+    plugin._recorded["12-" + LEGIT] = object()  # type: ignore[assignment]
+    plugin._revoked([p.Revocation(7, LEGIT, "key-revoked")])
+    assert forgotten == [] and "12-" + LEGIT not in plugin._recorded
+    assert plugin.listener.conns == []  # type: ignore[union-attr]  # its connections close all the same

@@ -328,7 +328,7 @@ class RspfSecurityPlugin:
         held = self.keycache.revoke(ke_ids)
         closed = self._close_connections(lambda ident, _cred: ident is not None and _ke_id_or_none(ident) in ke_ids)
         for item in items:
-            self.forget_credential(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
+            self._forget_invalid(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
             _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now on")
         if held or closed:
             _acme_log("warn", f"revocation: {held} key(s) dropped from the cache, {closed} connection(s) closed")
@@ -359,11 +359,22 @@ class RspfSecurityPlugin:
 
         closed = self._close_connections(ended)
         for credential_id in expired:
-            self.forget_credential(credential_id)
+            self._forget_invalid(credential_id)
         if closed:
             self.metrics.connections_closed.labels("expired").inc(closed)
             _acme_log("warn", f"{closed} connection(s) closed: their credential expired "
                               f"({', '.join(sorted(expired))})")
+
+    def _forget_invalid(self, credential_id: str) -> None:
+        """A credential the MEF no longer honours: its rule goes. The rules live at the IN-CSE, which follows the
+        same feed and removes the rule itself (also one an MN-CSE recorded there), so an MN-CSE only forgets
+        that it recorded it (no request to the IN-CSE per revocation, most of them for credentials it never
+        saw)."""
+        if host.is_in_cse():
+            self.forget_credential(credential_id)
+        else:
+            with self._record_lock:
+                self._recorded.pop(credential_id, None)
 
     def _close_connections(self, predicate: Any) -> int:
         listener = self.listener
