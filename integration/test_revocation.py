@@ -138,3 +138,32 @@ def test_a_restarted_mef_log_makes_the_cse_check_every_key_again(
     with ae.session() as again:  # the key is fetched again, and it is still valid
         assert again.retrieve(path)["m2m:cnt"]["rn"] == "data"
     wait_until(lambda: "revocation feed: lost track" in in_cse.log_text(), SOON, "the WARNING in ACME's log")
+
+
+def test_a_credential_revoked_while_the_cse_was_down_loses_its_rule_when_it_is_back(
+        mef_target: tuple[MefHome, TargetInfo], tmp_path: Path) -> None:
+    """The CSE keeps its feed position beside its profile store: started again (its resources on file), it goes
+    on from there, so a revocation it missed while down still removes the rule."""
+    mef, target = mef_target
+    cse = AcmeCse(tmp_path, "in-file")
+    cse.install(mef, "--no-enrol", "--mef-psk-identity", target.psk_identity, "--mef-psk-file", target.psk_file,
+                "--allowed-app-ids", APP_ID)
+    cse.ini.write_text(cse.ini.read_text().replace("databaseType=memory", "databaseType=tinydb"))
+    cse.start()
+    try:
+        _info, enrolment = enrolled_ae(mef, cse, "downtime")
+        with SecureAE.from_enrolment(enrolment, tls_client=PskClient()).session() as session:
+            session.register(APP_ID)
+        assert rule_exists(cse, enrolment)
+        kept = cse.base / "data" / "rspf-revocation-position"
+        wait_until(kept.exists, SOON, "the CSE to keep its feed position")
+        assert oct(kept.stat().st_mode & 0o777) == "0o600"
+        cse.stop()
+        mef.cli.ok("mef", "enrolee", "revoke-key", "-c", mef.config, enrolment.ke_id)  # while the CSE is down
+        cse.start()
+        assert cse.get("Cdowntime").rsc == 2000  # its resources are back from the file
+        wait_until(lambda: not rule_exists(cse, enrolment), SOON, "the missed revocation to remove the rule")
+        assert new_connection_refused(SecureAE.from_enrolment(enrolment, tls_client=PskClient()),
+                                      f"{enrolment.enrolee_id}")
+    finally:
+        cse.stop()

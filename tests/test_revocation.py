@@ -289,3 +289,12 @@ def test_an_mn_cse_leaves_the_rule_to_the_in_cse_which_follows_the_same_feed(mon
     plugin._revoked([p.Revocation(7, LEGIT, "key-revoked")])
     assert forgotten == [] and "12-" + LEGIT not in plugin._recorded
     assert plugin.listener.conns == []  # type: ignore[union-attr]  # its connections close all the same
+
+
+def test_a_follower_started_from_a_kept_position_applies_what_it_missed_without_starting_afresh() -> None:
+    feed, rec = Feed(), Recorder()
+    feed.add(OTHER)   # seq 1: applied before the restart
+    feed.add(LEGIT)   # seq 2: revoked while this Target was down
+    f = RevocationFollower(feed, lambda items: rec.revoked.extend(i.ke_id for i in items), rec.gap, position=1)
+    assert f.step() == 2.0
+    assert rec.revoked == [LEGIT] and rec.gaps == 0 and f.position == 2 and feed.asked == [1]

@@ -438,10 +438,12 @@ class RevocationFollower:
                  on_revoked: Callable[[list[protocol.Revocation]], None], on_gap: Callable[[], None], *,
                  interval: float = 2.0, backoff: Backoff = Backoff(first=1.0, ceiling=30.0),
                  draw: Callable[[], float] = random.random, warn: Callable[[str], None] = log.warning,
-                 info: Callable[[str], None] = log.info) -> None:
+                 info: Callable[[str], None] = log.info, position: int | None = None) -> None:
         self._fetch, self._on_revoked, self._on_gap = fetch_page, on_revoked, on_gap
         self.interval, self.backoff, self._draw, self._warn, self._info = interval, backoff, draw, warn, info
-        self.position: int | None = None  # the newest sequence number applied here
+        #: the newest sequence number applied here; given at start (a position saved before a restart), the
+        #: follower goes on from it: what was revoked meanwhile is applied, as long as the MEF still has it
+        self.position = position
         self.failures = 0
         self.last_error = ""
         self._read_at: float | None = None  # time.monotonic() of the last whole read

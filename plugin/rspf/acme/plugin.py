@@ -57,7 +57,7 @@ from ..errors import (
     RemoteError,
     RspfError,
 )
-from ..fileutil import read_key_file
+from ..fileutil import read_key_file, write_private
 from ..mef.protocol import Revocation
 from ..metrics import CseMetrics, ObservabilityServer, refusal_reason
 from ..ratelimit import Backoff, RefusalLog
@@ -101,6 +101,8 @@ def _acme_log(level: str, message: str) -> None:
     getattr(log, {"warn": "warning"}.get(level, level))(message)
 
 
+#: Where the revocation feed position is kept across restarts, beside the securityProfile store (docs/acme-plugin.md)
+REVOCATION_POSITION_FILE = "rspf-revocation-position"
 #: Retries of the enrolment at start-up while the MEF is unreachable (within [rspf] startupRetrySeconds)
 _STARTUP_BACKOFF = Backoff(first=0.5, ceiling=10.0)
 
@@ -310,14 +312,22 @@ class RspfSecurityPlugin:
     def _follow_revocations(self) -> None:
         """Until stop: read the MEF's revocation feed every few seconds (rspf.target.RevocationFollower) and
         close the connections of credentials that expired."""
-        assert self.keycache is not None
+        assert self.keycache is not None and self.config is not None
+        saved = self.config.profile_store.parent / REVOCATION_POSITION_FILE
         follower = RevocationFollower(self.keycache.revocation_page, self._revoked, self._lost_track,
                                       interval=self.keycache.limits.revocation_poll,
-                                      warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m))
+                                      warn=lambda m: _acme_log("warn", m), info=lambda m: _acme_log("info", m),
+                                      position=_read_position(saved))
         self._feed = follower
-        delay = 0.0
+        delay, kept = 0.0, follower.position
         while not self._stop.wait(delay):
             delay = follower.step()
+            if follower.position is not None and follower.position != kept:
+                kept = follower.position
+                try:
+                    write_private(saved, f"{kept}\n".encode())
+                except OSError as exc:
+                    _acme_log("warn", f"cannot keep the revocation feed position in {saved}: {exc.strerror}")
             self._close_expired()
             self.audit.roll()
 
@@ -897,6 +907,15 @@ class _Refusal(RspfError):
     def __init__(self, rsc: RSC, message: str) -> None:
         super().__init__(message)
         self.rsc = rsc
+
+
+def _read_position(path: Path) -> int | None:
+    """The revocation feed position kept before a restart (None: none kept, or unreadable)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and len(text) <= 18 else None
 
 
 def _ke_id_or_none(identity: str) -> str | None:
