@@ -123,6 +123,18 @@ def test_check_psk_support_names_what_is_missing(monkeypatch):
         tls.check_psk_support()
 
 
+def test_check_psk_support_names_a_missing_memory_bio(monkeypatch):
+    made = SSL.Connection.__init__
+
+    def without_bio(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        made(self, *args, **kwargs)
+        del self._into_ssl
+
+    monkeypatch.setattr(SSL.Connection, "__init__", without_bio)
+    with pytest.raises(TlsError, match="_into_ssl"):
+        tls.check_psk_support()
+
+
 # ---------------------------------------------------------------------------------------------
 # handshakes
 

@@ -80,8 +80,12 @@ def check_psk_support() -> None:
     missing += [f"OpenSSL.SSL.Connection.{n}" for n in _REQUIRED_CONN if not hasattr(SSL.Connection, n)]
     if hasattr(_lib, "Cryptography_HAS_PSK") and not _lib.Cryptography_HAS_PSK:
         missing.append("PSK support in the OpenSSL that cryptography is built with")
-    if not hasattr(SSL.Connection(SSL.Context(SSL.TLS_METHOD), None), "_ssl"):
+    probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    if not hasattr(probe, "_ssl"):
         missing.append("OpenSSL.SSL.Connection._ssl (the SSL* that SSL_session_reused inspects)")
+    for bio in ("_into_ssl", "_from_ssl"):  # the memory BIOs whose pending bytes ServerTls reads
+        if not hasattr(probe, bio):
+            missing.append(f"OpenSSL.SSL.Connection.{bio} (a memory BIO of ServerTls)")
     if missing:
         raise TlsError(
             "the installed pyOpenSSL/cryptography no longer provide what TLS-PSK needs: "
