@@ -365,3 +365,17 @@ def enrolee_client(home: MefHome, enrolee: EnroleeInfo, **kw: Any):
     return Enrolee(EnroleeConfig(mef_host=HOST, mef_port=home.port, mef_fqdn=FQDN, kpm_id=enrolee.kpm_id,
                                  kpm=read_key_file(enrolee.kpm_file, "Kpm file"), node_id=enrolee.node_id,
                                  store_path=enrolee.store, **kw))
+
+
+def closed_now(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` (EOF or reset) by now, without waiting; the socket's timeout is kept."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.settimeout(timeout)

@@ -14,7 +14,7 @@ from rspf.errors import TlsError
 from rspf.secret import Secret
 from rspf.tls import PskClient, TlsConnection
 
-from .support import FQDN, HOST, RSPF, EnroleeInfo, MefHome
+from .support import FQDN, HOST, RSPF, EnroleeInfo, MefHome, closed_now
 
 
 def open_session(home: MefHome, enrolee: EnroleeInfo, deadline: float = 10.0) -> TlsConnection:
@@ -256,7 +256,7 @@ def test_enrolment_succeeds_while_a_thousand_slow_and_idle_connections_are_held(
             res = home.enrol(info)
             assert res.rc == 0, str(res)
         assert "connection shed to admit another" in home.log_text()
-        open_now = sum(1 for s in held if not _closed_now(s))
+        open_now = sum(1 for s in held if not closed_now(s))
         assert open_now >= 990, f"only {open_now} of the 1,000 held connections are still open"
     finally:
         for s in held:
@@ -291,11 +291,3 @@ def test_sigterm_with_many_idle_connections_exits_promptly(mef: MefHome) -> None
             t.close()
 
 
-def _closed_now(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True

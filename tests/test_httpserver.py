@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from integration.support import closed_now
 from OpenSSL import SSL
 from rawhttp import read_response
 
@@ -479,9 +480,9 @@ def test_full_server_sheds_the_heaviest_source_for_a_legitimate_client(caplog) -
     try:
         for _ in range(3):  # each legitimate connection sheds one idle connection of 127.0.0.2
             assert exchange(connect(s), get("/legit")).json()["target"] == "/legit"
-        shed = [sock for sock in held[:30] if _is_closed_now(sock)]
+        shed = [sock for sock in held[:30] if closed_now(sock)]
         assert len(shed) >= 1
-        assert not any(_is_closed_now(sock) for sock in held[30:]), "the lighter source was shed"
+        assert not any(closed_now(sock) for sock in held[30:]), "the lighter source was shed"
     finally:
         for sock in held:
             sock.close()
@@ -489,16 +490,6 @@ def test_full_server_sheds_the_heaviest_source_for_a_legitimate_client(caplog) -
     assert "connection shed to admit another from 127.0.0.2" in caplog.text
 
 
-def _is_closed_now(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
-    finally:
-        sock.settimeout(WAIT)
 
 
 def test_legitimate_clients_are_served_while_a_thousand_idle_connections_are_held() -> None:
