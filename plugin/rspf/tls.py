@@ -45,8 +45,10 @@ TLS12_PSK_CIPHERS = (
     "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA256"
 )
 MANDATED_TLS12_CIPHER = "PSK-AES128-CBC-SHA256"
-#: Certificate suites (TS-0003 §10.2.3 mandates ECDHE-ECDSA-AES128-CBC-SHA256; GCM and RSA as extras).
-CERT_CIPHERS = "ECDHE-ECDSA-AES128-CBC-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+#: Certificate suites. TS-0003 §10.2.3 mandates TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256, which OpenSSL names
+#: ECDHE-ECDSA-AES128-SHA256 (:data:`MANDATED_TLS12_CERT_CIPHER`); GCM and RSA as extras.
+MANDATED_TLS12_CERT_CIPHER = "ECDHE-ECDSA-AES128-SHA256"
+CERT_CIPHERS = MANDATED_TLS12_CERT_CIPHER + ":ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
 #: TLS 1.3 external PSK through OpenSSL's old-style callbacks needs a SHA-256 suite.
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
 
@@ -156,7 +158,7 @@ class PskServer:
             ctx.check_privatekey()
             if ca_file:
                 ctx.load_verify_locations(str(ca_file))
-                ctx.set_verify(SSL.VERIFY_PEER, lambda _conn, _cert, _errno, _depth, ok: bool(ok))
+                ctx.set_verify(SSL.VERIFY_PEER, _note_verify_error)
         except SSL.Error as exc:
             raise TlsError(f"cannot use the certificate files: {_describe(exc)}") from None
         ctx.set_cipher_list((CERT_CIPHERS + ":" + TLS12_PSK_CIPHERS).encode())
@@ -477,6 +479,11 @@ class TlsPeer:
     def cipher(self) -> str:
         return self._conn.get_cipher_name() or ""
 
+    @property
+    def has_peer_certificate(self) -> bool:
+        """Whether the peer presented a certificate (verified, or the handshake would have failed)."""
+        return self._conn.get_peer_certificate() is not None
+
     def peer_certificate_id(self) -> str | None:
         """The oneM2M ID a verified peer certificate names (mutual TLS; :func:`certificate_onem2m_id`), or None."""
         cert = self._conn.get_peer_certificate()
@@ -611,6 +618,11 @@ class ServerTls(TlsPeer):
         except SSL.WantReadError:
             return False
         except SSL.Error as exc:
+            failure = getattr(self._conn, "_rspf_verify_error", None)
+            if failure is not None:
+                reason, depth, subject = failure
+                raise TlsError(f"the client certificate ({subject}, chain depth {depth}) does not verify to the "
+                               f"trust anchor: {reason}") from None
             raise TlsError(f"TLS handshake failed: {_describe(exc)}") from None
         self.psk_identity = getattr(self._conn, "_rspf_psk_identity", None)
         return True
