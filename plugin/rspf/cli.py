@@ -691,8 +691,8 @@ def _enrolee_options(required: bool = True) -> list:
     return [
         click.option("--mef", "mef_addr", required=required, help="MEF address HOST:PORT."),
         click.option("--mef-fqdn", required=required, help="The MEF-FQDN (TLS SNI; the KeID suffix)."),
-        click.option("--kpm-id", required=required, help="KpmID: the identifier of the pre-provisioned key."),
-        click.option("--kpm-file", required=required, type=click.Path(dir_okay=False, path_type=Path),
+        click.option("--kpm-id", default=None, help="KpmID: the identifier of the pre-provisioned key."),
+        click.option("--kpm-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
                      help="File holding Kpm as hex (mode 0600)."),
         click.option("--store", "store_path", required=required, type=click.Path(dir_okay=False, path_type=Path),
                      help="Encrypted enrolment store (created 0600)."),
@@ -700,6 +700,15 @@ def _enrolee_options(required: bool = True) -> list:
 
 
 enrolee_options = _enrolee_options()
+#: the Certificate-Based handshake instead of the Kpm (``rspf enrol``, ``rspf show-enrolment``)
+certificate_options = [
+    click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="This Enrolee's certificate (PEM), instead of --kpm-id/--kpm-file."),
+    click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Its private key (PEM, mode 0600)."),
+    click.option("--ca", "ca_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="The trust anchor the MEF's certificate must chain to (it must name --mef-fqdn)."),
+]
 
 
 def _with(options):
@@ -710,21 +719,35 @@ def _with(options):
     return deco
 
 
-def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str = "",
-             **kw: Any):
+def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
+             node_id: str = "", *, cert_file: Path | None = None, key_file: Path | None = None,
+             ca_file: Path | None = None, **kw: Any):
+    """The Enrolee of the options: a Kpm (--kpm-id, --kpm-file) or a certificate (--cert, --key, --ca)."""
     from .enrolee import Enrolee, EnroleeConfig
     from .fileutil import read_key_file
     host, port = _hostport(mef_addr)
+    psk, cert = (kpm_id, kpm_file), (cert_file, key_file, ca_file)
+    if any(psk) and any(cert):
+        _fail(ConfigError("authenticate with a Kpm (--kpm-id, --kpm-file) or a certificate (--cert, --key, --ca), "
+                          "not both"))
     try:
+        if all(cert):
+            return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), cert_file=cert_file,
+                                         key_file=key_file, trust_anchor_file=ca_file, node_id=node_id,
+                                         store_path=store_path, **kw))
+        if not all(psk):
+            _fail(ConfigError("give --kpm-id and --kpm-file, or --cert, --key and --ca"))
+        assert kpm_file is not None
         kpm = read_key_file(kpm_file, "Kpm file")
+        return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), kpm_id=kpm_id, kpm=kpm,
+                                     node_id=node_id, store_path=store_path, **kw))
     except RspfError as exc:
         _fail(exc)
-    return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), kpm_id=kpm_id, kpm=kpm,
-                                 node_id=node_id, store_path=store_path, **kw))
 
 
 @main.command()
 @_with(enrolee_options)
+@_with(certificate_options)
 @click.option("--node-id", required=True, help="This device's M2M-Node-ID.")
 @click.option("--location", default=None, help="Geographical location to report (optional).")
 @click.option("--force", is_flag=True, help="Enrol even if the stored profile is still valid.")
@@ -734,13 +757,17 @@ def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_pa
 @click.option("--no-remote-management", is_flag=True, help="Tell the MEF this device cannot follow RM instructions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (keys redacted).")
 @click.option("-v", "--verbose", is_flag=True, help="Log the protocol steps (never key material).")
-def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str,
+def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
+          cert_file: Path | None, key_file: Path | None, ca_file: Path | None, node_id: str,
           location: str | None, force: bool, renew_before: int, no_remote_management: bool, as_json: bool,
           verbose: bool) -> None:
-    """Enrol with the MEF (or reuse a stored, still-valid enrolment) and store the securityProfile."""
+    """Enrol with the MEF (or reuse a stored, still-valid enrolment) and store the securityProfile.
+
+    The handshake uses the Kpm (--kpm-id, --kpm-file) or this Enrolee's certificate (--cert, --key, --ca)."""
     _setup_logging("DEBUG" if verbose else "INFO")
     e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, location=location,
-                 renew_before_seconds=renew_before, remote_management=not no_remote_management)
+                 renew_before_seconds=renew_before, remote_management=not no_remote_management,
+                 cert_file=cert_file, key_file=key_file, ca_file=ca_file)
     try:
         if force:
             enrolment, renewed = e.enrol(), True
@@ -761,9 +788,12 @@ def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path:
 
 @main.command("show-enrolment")
 @_with(enrolee_options)
-def show_enrolment(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path) -> None:
+@_with(certificate_options)
+def show_enrolment(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
+                   cert_file: Path | None, key_file: Path | None, ca_file: Path | None) -> None:
     """Print the stored enrolment with its keys redacted."""
-    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path)
+    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, cert_file=cert_file, key_file=key_file,
+                 ca_file=ca_file)
     try:
         enrolment = e.load()
     except RspfError as exc:
