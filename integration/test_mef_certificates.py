@@ -216,3 +216,28 @@ def test_openssl_s_client_enrols_with_a_certificate(openssl_bin: str, cert_mef: 
     assert prof["credential"]["keyID"] == f"{exported[:16].hex()}@{FQDN}"
     expected = keys.derive_usage_constrained_key(Secret(exported[16:], "Ke"), 22, "id-in.sp.example.com")
     assert base64.b64decode(prof["credential"]["key"]) == expected.reveal()
+
+
+# ------------------------------------------------------------------------------------------ admin CLI
+def test_enrolee_add_by_certificate_id_or_both_and_its_errors(cert_mef: MefHome, pki: Path) -> None:
+    add_cert_enrolee(cert_mef, "--cert-id", "/id-byid", enrolee_id="/id-byid")
+    assert cert_mef.show("/id-byid")["certificateID"] == "/id-byid"
+    kpm = cert_mef.keygen("both.kpm")
+    res = add_cert_enrolee(cert_mef, "--kpm-id", f"both@{FQDN}", "--kpm-file", kpm, "--cert-id", "/id-both",
+                           enrolee_id="/id-both")
+    assert f"KpmID both@{FQDN}, certificate ID /id-both" in res.stdout
+    shown = cert_mef.show(f"both@{FQDN}")
+    assert (shown["certificateID"], shown["hasKpm"]) == ("/id-both", True)
+    cli = cert_mef.cli
+    base = ["mef", "enrolee", "add", "-c", cert_mef.config, "--node-id", "urn:x", "--registrar-cse-id", REGISTRAR,
+            "--registrar-uri", REGISTRAR_URI]
+    for extra, message in (
+            ([], "needs a Kpm (--kpm-id and --kpm-file) or a certificate"),
+            (["--cert-id", "/id-byid"], "already exists"),                        # the certificate ID is taken
+            (["--cert-id", "/id-x", "--cert", pki / "cmn1.pem"], "not both"),
+            (["--cert-id", "has space"], "printable ASCII characters without spaces"),
+            (["--cert", pki / "ca.pem", "--kpm-id", "k@x"], "--kpm-id and --kpm-file go together"),
+            (["--cert", pki / "server.key"], "is not a PEM certificate")):
+        res = cli(*base, "--enrolee-id", "/id-fresh", *extra)
+        assert res.rc != 0 and message in res.stderr, str(res)
+    assert "/id-fresh" not in {e["enroleeID"] for e in cert_mef.list_enrolees()}  # nothing was added

@@ -366,14 +366,14 @@ class MefStore:
         n = 0
         with self._tx() as db:
             for rec, kpm in items:
-                self._check_free(db, rec.kpm_id)
-                if db.execute("SELECT 1 FROM enrolees WHERE enrolee_id=?", (rec.enrolee_id,)).fetchone():
-                    raise Conflict(f"an enrolee with Enrolee-ID {rec.enrolee_id} already exists")
                 if kpm is None and rec.cert_id is None:
                     raise BadRequest(f"the enrolee {rec.kpm_id} needs a Kpm or a certificate ID")
                 if rec.cert_id is not None and db.execute("SELECT 1 FROM enrolees WHERE cert_id=?",
                                                           (rec.cert_id,)).fetchone():
                     raise Conflict(f"an enrolee with the certificate ID {rec.cert_id} already exists")
+                self._check_free(db, rec.kpm_id)
+                if db.execute("SELECT 1 FROM enrolees WHERE enrolee_id=?", (rec.enrolee_id,)).fetchone():
+                    raise Conflict(f"an enrolee with Enrolee-ID {rec.enrolee_id} already exists")
                 sealed, fingerprint = ((NO_KPM, NO_KPM) if kpm is None else
                                        (self._seal_kpm(rec.kpm_id, kpm), self._fingerprint(kpm.reveal())))
                 db.execute(
