@@ -244,7 +244,7 @@ class MefService:
     # -- enrolee side ---------------------------------------------------------------------------
     def _require_enrolee(self, session: Session) -> EnroleeRecord:
         if session.kind is not Principal.ENROLEE or session.enrolee is None:
-            raise AccessDenied("only an Enrolee authenticated with its KpmID may use this resource")
+            raise AccessDenied("only an Enrolee authenticated with its KpmID or its certificate may use this resource")
         if session.phase is Phase.ENDED:
             raise OperationNotAllowed("the Enrolment Exchange of this session has ended")
         if not session.committed:
