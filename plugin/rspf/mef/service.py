@@ -162,7 +162,7 @@ class MefService:
                "the Enrolee is past its validUntil" if not enrolee.may_enrol() else None)
         if why is not None:
             self.refusals.refused("certificate %r from %s refused: %s", cert_id, peer, why)
-            self.metrics.refusals.labels("unknown certificate").inc()
+            self.metrics.refusals.labels("certificate refused").inc()
             self.audit.refused(Action.AUTHENTICATE, actor=f"peer:{peer}", subject=cert_id or "-", cause=why,
                                source=peer.rpartition(":")[0] or peer)
             raise AccessDenied(f"the certificate is not accepted: {why}")
