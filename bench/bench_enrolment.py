@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Enrolments per second against a real MEF, side by side with the bare TLS-PSK + one HTTP round trip.
+"""Enrolments per second against a real MEF, side by side with the bare TLS-PSK + one HTTP round trip, and
+certificate enrolments (mutual TLS, ECDSA P-256) side by side with PSK ones.
 
 Run from the project root with the project's venv (the installed ``rspf`` package is what is measured):
 
@@ -18,8 +19,11 @@ What runs (every box is its own OS process, all on 127.0.0.1):
     - full: ``Enrolee(...).enrol(store=False)`` = handshake + exporter + POST /securityProfile (profile
       checked against the schema and the locally derived key) + POST /enrolmentExchange ... end,
       round-robin over the enrolees.
+    - cert: the same enrolment by the Certificate-Based handshake (``--cert-enrolees`` enrolees registered by
+      certificate, from a throw-away PKI of integration/pki.py; the MEF then has a certificate too, so
+      every kind runs on a MEF configured for both). The ratio cert/full is printed.
 
-Bare and full rounds alternate (bare, full, bare, full, ...) after a warm-up of each; the rate of each kind
+Bare, full and cert rounds alternate (bare, full, cert, bare, ...) after a warm-up of each; the rate of each kind
 is the median over its rounds. Server CPU (utime+stime of the server process from /proc) and client CPU per
 operation are printed too: on a shared 2-core machine they are steadier than the rates. The ratio full/bare
 (of the medians) is printed with TARGET MET / TARGET MISSED (target: full >= 0.5 x bare). The exit code
@@ -48,6 +52,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from benchutil import LIFTED_HYGIENE, cpu_seconds, load_average, pct, set_mef_keys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test PKI helper (integration/pki.py)
+from integration.pki import make_pki  # noqa: E402
 
 from rspf.demo import free_port, wait_port
 
@@ -215,14 +222,14 @@ def bare_server_main(port: int, keys_file: str) -> None:
 
 # ------------------------------------------------------------------------------------------ load generator
 def worker_main(conn: Connection, index: int, enrolees: list[tuple[str, str, str]], mef_port: int, bare_port: int,
-                store_dir: str) -> None:
+                store_dir: str, certs: list[tuple[str, str, str]], ca: str) -> None:
     """One client process: waits for (kind, start_at, seconds) commands and reports its counts."""
     import logging
 
     from rspf.client import OneM2MClient
     from rspf.enrolee import Enrolee, EnroleeConfig
     from rspf.secret import Secret
-    from rspf.tls import PskClient
+    from rspf.tls import CertClient, PskClient
 
     logging.basicConfig(level=logging.ERROR)  # the Enrolee logs every enrolment at INFO
 
@@ -234,6 +241,16 @@ def worker_main(conn: Connection, index: int, enrolees: list[tuple[str, str, str
         def connect(self, *args: Any, **kwargs: Any) -> TlsConnection:
             tls = super().connect(*args, **kwargs)
             self.last = (tls.version, tls.cipher)
+            return tls
+
+    class RecordingCertClient(CertClient):
+        """CertClient that remembers the version and suite of the last connection it opened."""
+
+        last: tuple[str, str] = ("?", "?")
+
+        def connect(self, *args: Any, **kwargs: Any) -> TlsConnection:
+            tls = super().connect(*args, **kwargs)
+            RecordingCertClient.last = (tls.version, tls.cipher)
             return tls
 
     tls_client = RecordingPskClient()
@@ -260,7 +277,19 @@ def worker_main(conn: Connection, index: int, enrolees: list[tuple[str, str, str
     def full_once(i: int) -> None:
         full_clients[i % len(full_clients)].enrol(store=False)
 
-    ops = {"bare": bare_once, "full": full_once}
+    turn = index % max(1, len(certs))
+    cert_clients = [
+        Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port, mef_fqdn=MEF_FQDN, cert_file=Path(cert),
+                              key_file=Path(key), trust_anchor_file=Path(ca), node_id=node_id,
+                              store_path=Path(store_dir) / f"unused-{index}-cert-{n}.json"),
+                tls_client=RecordingCertClient(ca, cert, key))
+        for n, (cert, key, node_id) in enumerate(certs[turn:] + certs[:turn])
+    ]
+
+    def cert_once(i: int) -> None:
+        cert_clients[i % len(cert_clients)].enrol(store=False)
+
+    ops = {"bare": bare_once, "full": full_once, "cert": cert_once}
     i = 0
     while True:
         cmd = conn.recv()
@@ -291,20 +320,20 @@ def worker_main(conn: Connection, index: int, enrolees: list[tuple[str, str, str
             i += 1
         elapsed = now - t0
         report: WorkerReport = {"done": done, "errors": errors, "elapsed": elapsed, "cpu": time.process_time() - cpu0,
-                                "lat": lat, "tls": tls_client.last}
+                                "lat": lat, "tls": RecordingCertClient.last if kind == "cert" else tls_client.last}
         conn.send(report)
     conn.close()
 
 
 class LoadGenerator:
     def __init__(self, clients: int, enrolees: list[tuple[str, str, str]], mef_port: int, bare_port: int,
-                 store_dir: str) -> None:
+                 store_dir: str, certs: list[tuple[str, str, str]], ca: str) -> None:
         ctx = mp.get_context("spawn")
         self.pipes = []
         self.procs = []
         for i in range(clients):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(child, i, enrolees, mef_port, bare_port, store_dir),
+            p = ctx.Process(target=worker_main, args=(child, i, enrolees, mef_port, bare_port, store_dir, certs, ca),
                             name=f"bench-client-{i}", daemon=True)
             p.start()
             child.close()
@@ -370,6 +399,26 @@ def setup_mef(home: Path, port: int, count: int) -> list[tuple[str, str, str]]:
     return enrolees
 
 
+def setup_certificates(home: Path, count: int) -> list[tuple[str, str, str]]:
+    """A PKI (the MEF's certificate naming MEF_FQDN) and ``count`` enrolees registered by certificate; the MEF's
+    certificate keys set. Returns (cert, key, node_id) per enrolee; the trust anchor is home/pki/ca.pem."""
+    pki = home / "pki"
+    pki.mkdir()
+    make_pki(pki, {f"cert{n}": f"{SP_ID}/id-cert{n}" for n in range(count)}, server_dns=MEF_FQDN)
+    cfg = home / "mef.toml"
+    set_mef_keys(cfg, {"tls_cert_file": f'"{pki / "server.pem"}"', "tls_key_file": f'"{pki / "server.key"}"',
+                       "tls_client_ca_file": f'"{pki / "ca.pem"}"'})
+    certs = []
+    for n in range(count):
+        node_id = f"urn:dev:ops:bench-cert-{n}"
+        subprocess.run(rspf_command() + ["mef", "enrolee", "add", "-c", str(cfg), "--cert", str(pki / f"cert{n}.pem"),
+                                         "--enrolee-id", f"/id-cert{n}", "--node-id", node_id, "--registrar-cse-id",
+                                         REGISTRAR_CSE_ID, "--registrar-uri", REGISTRAR_URI],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        certs.append((str(pki / f"cert{n}.pem"), str(pki / f"cert{n}.key"), node_id))
+    return certs
+
+
 def start_servers(home: Path, mef_port: int, bare_port: int) -> tuple[subprocess.Popen, subprocess.Popen]:
     mef_log = open(home / "mef.stderr", "wb")
     mef = subprocess.Popen(rspf_command() + ["mef", "serve", "-c", str(home / "mef.toml")],
@@ -390,6 +439,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds of each kind, alternating (default 5)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds of each kind (default 2)")
     ap.add_argument("--enrolees", type=int, default=200, help="enrolees imported into the MEF (default 200)")
+    ap.add_argument("--cert-enrolees", type=int, default=8,
+                    help="enrolees registered by certificate (default 8; 0: no certificate rounds)")
     ap.add_argument("--bare-server", nargs=2, metavar=("PORT", "KEYS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_server:
@@ -411,10 +462,13 @@ def main() -> int:
             bare_port = free_port()
         t_setup = time.monotonic()
         enrolees = setup_mef(home, mef_port, args.enrolees)
+        certs = setup_certificates(home, args.cert_enrolees) if args.cert_enrolees > 0 else []
+        kinds = ("bare", "full", "cert") if certs else ("bare", "full")
         mef, bare = start_servers(home, mef_port, bare_port)
         wait_port(mef_port, mef, "rspf mef serve")
         wait_port(bare_port, bare, "the bare server")
-        load = LoadGenerator(args.clients, enrolees, mef_port, bare_port, str(home))
+        load = LoadGenerator(args.clients, enrolees, mef_port, bare_port, str(home), certs,
+                             str(home / "pki" / "ca.pem"))
         print(f"setup: MEF home {home}, {args.enrolees} enrolees imported, MEF pid {mef.pid} port {mef_port}, "
               f"bare pid {bare.pid} port {bare_port}, {args.clients} client processes "
               f"({time.monotonic() - t_setup:.1f} s)")
@@ -424,9 +478,9 @@ def main() -> int:
         print(f"{OpenSSL.SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, pyOpenSSL {OpenSSL.__version__}, "
               f"cryptography {cryptography.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
 
-        servers = {"bare": bare, "full": mef}
+        servers = {"bare": bare, "full": mef, "cert": mef}
         # warm-up: every client connection path, the MEF's per-thread SQLite connections, the schema validator
-        for kind in ("bare", "full"):
+        for kind in kinds:
             r = load.run(kind, args.warmup)
             print(f"warm-up {kind}: {r['done']} ops, {sum(r['errors'].values())} errors")
         rounds: list[RoundResult] = []
@@ -434,7 +488,7 @@ def main() -> int:
         print(f"{'round':>5} {'kind':<5} {'ops':>6} {'secs':>6} {'ops/s':>8} {'errors':>6} {'p50 ms':>7} "
               f"{'p95 ms':>7} {'srv CPU ms/op':>13} {'cli CPU ms/op':>13}")
         for n in range(args.rounds):
-            for kind in ("bare", "full"):
+            for kind in kinds:
                 pid = servers[kind].pid
                 c0 = cpu_seconds(pid)
                 r = load.run(kind, args.seconds)
@@ -468,6 +522,13 @@ def main() -> int:
                   f"{s['cli'] * 1e3:>13.2f}  {s['tls'][0]} {s['tls'][1]}")
         for kind, s in (("bare", b), ("full", f)):
             print(f"  {kind} rounds ops/s: {', '.join(f'{x:.1f}' for x in s['rates'])}")
+        if certs:
+            c = summary("cert")
+            print(f"{'cert: enrolment by certificate (mutual TLS)':<44} {c['rate']:>14.1f} {c['errors']:>6} "
+                  f"{c['srv'] * 1e3:>13.2f} {c['cli'] * 1e3:>13.2f}  {c['tls'][0]} {c['tls'][1]}")
+            print(f"  cert rounds ops/s: {', '.join(f'{x:.1f}' for x in c['rates'])}")
+            print(f"ratio cert/full (certificate enrolments per PSK enrolment) = {c['rate']:.1f} / {f['rate']:.1f} = "
+                  f"{c['rate'] / f['rate'] if f['rate'] else 0.0:.3f}")
         print()
         bare_rounds = [r for r in rounds if r["kind"] == "bare"]
         full_rounds = [r for r in rounds if r["kind"] == "full"]
@@ -491,7 +552,8 @@ def main() -> int:
         for k, v in sorted(all_errors.items(), key=lambda kv: -kv[1])[:10]:
             print(f"  error x{v}: {k}")
         print(f"settings: --clients {args.clients} --seconds {args.seconds:g} --rounds {args.rounds} "
-              f"--warmup {args.warmup:g} --enrolees {args.enrolees}; MEF log_level = warning")
+              f"--warmup {args.warmup:g} --enrolees {args.enrolees} --cert-enrolees {args.cert_enrolees}; "
+              "MEF log_level = warning")
         return 0
     finally:
         if load is not None:

@@ -50,13 +50,13 @@ def finish(procs: Processes, home: Path, keep: bool) -> None:
 
 
 def set_mef_keys(cfg: Path, values: dict[str, str]) -> None:
-    """Set ``[mef]`` keys in a mef.toml that ``rspf mef init`` wrote (each key's line replaced, comment and all;
-    values in TOML syntax). Raises when a key has no line of its own to change."""
+    """Set ``[mef]`` keys in a mef.toml that ``rspf mef init`` wrote (each key's line, or its commented-out line,
+    replaced, comment and all; values in TOML syntax). Raises when a key has no line of its own to change."""
     import re
 
     text = cfg.read_text()
     for key, value in values.items():
-        text, n = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
+        text, n = re.subn(rf"(?m)^(# )?{re.escape(key)} = .*$", f"{key} = {value}", text)
         if n != 1:
             raise RuntimeError(f"{cfg} has no '{key} = ' line to change")
     cfg.write_text(text)

@@ -40,30 +40,38 @@ def _cert(subject: str, issuer_key, issuer_name, key, *, ca: bool = False, san: 
 def _write(path: Path, cert, key=None) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
-        path.with_suffix(".key").write_bytes(key.private_bytes(
+        key_path = path.with_suffix(".key")
+        key_path.touch(0o600)
+        key_path.chmod(0o600)
+        key_path.write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def make_pki(d: Path, clients: dict[str, str], *, rogue: dict[str, str] | None = None) -> Path:
+def make_pki(d: Path, clients: dict[str, str], *, rogue: dict[str, str] | None = None,
+             expired: dict[str, str] | None = None, server_dns: str | None = None) -> Path:
     """Write ca.pem, server.pem/.key (:data:`SERVER_SAN`) and, per ``name -> SAN URI``, name.pem/.key signed by
-    the CA; ``rogue`` clients are signed by another CA. Impostor servers' certificates too: ``server-other-ca``
-    (the same names from another CA), ``server-other-name`` (this CA, :data:`OTHER_SAN`), ``server-expired``
-    (this CA, the same names, expired yesterday) and ``self-signed``. Returns ``d``."""
+    the CA; ``rogue`` clients are signed by another CA, ``expired`` ones by the CA but expired yesterday.
+    Impostor servers' certificates too: ``server-other-ca`` (the same names from another CA),
+    ``server-other-name`` (this CA, :data:`OTHER_SAN`), ``server-expired`` (this CA, the same names, expired
+    yesterday) and ``self-signed``. ``server_dns`` (a MEF-FQDN, say) is added to the DNS names of the server
+    certificates that carry :data:`SERVER_SAN`. Private keys are written 0600. Returns ``d``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("test CA", ca_key, _name("test CA"), ca_key, ca=True)
     _write(d / "ca.pem", ca)
     other_key = ec.generate_private_key(ec.SECP256R1())
     other = _cert("other CA", other_key, _name("other CA"), other_key, ca=True)
-    servers = {"server": (ca_key, ca, SERVER_SAN, False), "server-other-ca": (other_key, other, SERVER_SAN, False),
-               "server-other-name": (ca_key, ca, OTHER_SAN, False), "server-expired": (ca_key, ca, SERVER_SAN, True)}
-    for name, (issuer_key, issuer, san, expired) in servers.items():
+    san = SERVER_SAN + ([x509.DNSName(server_dns)] if server_dns else [])
+    servers = {"server": (ca_key, ca, san, False), "server-other-ca": (other_key, other, san, False),
+               "server-other-name": (ca_key, ca, OTHER_SAN, False), "server-expired": (ca_key, ca, san, True)}
+    for name, (issuer_key, issuer, names, stale) in servers.items():
         key = ec.generate_private_key(ec.SECP256R1())
-        _write(d / f"{name}.pem", _cert("localhost", issuer_key, issuer.subject, key, san=san, expired=expired), key)
+        _write(d / f"{name}.pem", _cert("localhost", issuer_key, issuer.subject, key, san=names, expired=stale), key)
     key = ec.generate_private_key(ec.SECP256R1())
     _write(d / "self-signed.pem", _cert("impostor", key, _name("impostor"), key, san=SERVER_SAN), key)
-    for group, (issuer_key, issuer) in ((clients, (ca_key, ca)), (rogue or {}, (other_key, other))):
+    for group, (issuer_key, issuer), stale in ((clients, (ca_key, ca), False), (rogue or {}, (other_key, other), False),
+                                               (expired or {}, (ca_key, ca), True)):
         for name, uri in group.items():
             key = ec.generate_private_key(ec.SECP256R1())
             _write(d / f"{name}.pem", _cert(name, issuer_key, issuer.subject, key,
-                                            san=[x509.UniformResourceIdentifier(uri)]), key)
+                                            san=[x509.UniformResourceIdentifier(uri)], expired=stale), key)
     return d

@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from rspf.enrolee.client import Enrolee, EnroleeConfig, Enrolment
-from rspf.errors import StoreError
+from rspf.errors import ConfigError, StoreError
 from rspf.secret import Secret
 
 UTC = dt.UTC
@@ -208,3 +208,57 @@ def test_needs_renewal_default_now_uses_the_clock(make_profile):
 def test_config_repr_hides_the_kpm(tmp_path):
     text = repr(config(tmp_path))
     assert KPM.reveal().hex() not in text and "redacted" in text
+
+
+# ------------------------------------------------------------------ an Enrolee with a certificate (issue 8)
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from integration.pki import make_pki
+    return make_pki(tmp_path_factory.mktemp("pki"), {"dev": "//sp.example.com/id-cmn1",
+                                                     "other": "//sp.example.com/id-cmn2"})
+
+
+def cert_config(tmp_path, pki, name="dev", **kw) -> EnroleeConfig:
+    return EnroleeConfig(mef_host="127.0.0.1", mef_port=9, mef_fqdn=MEF_FQDN, cert_file=pki / f"{name}.pem",
+                         key_file=pki / f"{name}.key", trust_anchor_file=pki / "ca.pem", node_id="urn:dev:ops:001",
+                         store_path=tmp_path / "state" / "enrolment.json", **kw)
+
+
+def test_kpm_and_certificate_are_mutually_exclusive(tmp_path, pki):
+    with pytest.raises(ConfigError, match="not both"):
+        cert_config(tmp_path, pki, kpm_id="dev1@mef.example.com", kpm=KPM)
+    with pytest.raises(ConfigError, match="needs a KpmID and Kpm, or a certificate"):
+        EnroleeConfig(mef_host="127.0.0.1", mef_port=9, mef_fqdn=MEF_FQDN, node_id="n", store_path=tmp_path / "s",
+                      cert_file=pki / "dev.pem")
+
+
+def test_a_certificate_enrolee_seals_its_store_under_its_private_key(tmp_path, pki, enrolment):
+    cfg = cert_config(tmp_path, pki)
+    assert "BEGIN" not in repr(cfg) and "key=<file" in repr(cfg)
+    e = Enrolee(cfg)
+    assert e.identity == "/id-cmn1"
+    e.save(enrolment)
+    path = cfg.store_path
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert json.loads(path.read_text())["certID"] == "/id-cmn1"
+    assert KE.reveal() not in path.read_bytes() and base64.b64encode(KE.reveal()) not in path.read_bytes()
+    assert Enrolee(cert_config(tmp_path, pki)).load().ke_id == KE_ID
+    # another device's certificate and key do not open it
+    with pytest.raises(StoreError, match="certificate ID /id-cmn2"):
+        Enrolee(cert_config(tmp_path, pki, "other")).load()
+    doc = json.loads(path.read_text())
+    doc["certID"] = "/id-cmn2"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError):
+        Enrolee(cert_config(tmp_path, pki, "other")).load()
+
+
+def test_a_private_key_readable_by_others_is_refused(tmp_path, pki):
+    import shutil
+    key = tmp_path / "loose.key"
+    shutil.copy(pki / "dev.key", key)
+    key.chmod(0o644)
+    cfg = EnroleeConfig(mef_host="127.0.0.1", mef_port=9, mef_fqdn=MEF_FQDN, cert_file=pki / "dev.pem",
+                        key_file=key, trust_anchor_file=pki / "ca.pem", node_id="n", store_path=tmp_path / "s")
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        Enrolee(cfg)

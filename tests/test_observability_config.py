@@ -69,3 +69,30 @@ def test_acme_audit_log_off_and_metrics_listen(tmp_path: Path) -> None:
 def test_acme_bad_metrics_listen_names_the_key(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match=r"acme.ini \[rspf\] metricsListen"):
         parse(tmp_path, metricsListen=value)
+
+
+def test_mef_certificate_keys_go_together_and_the_key_is_private(tmp_path: Path) -> None:
+    base = {"fqdn": "mef.example.com", "sp_id": "//sp.example.com"}
+    assert not MefConfig.from_dict(base, base_dir=tmp_path).certificates_enabled  # PSK only by default
+    for name in ("mef.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    key = tmp_path / "mef.key"
+    key.write_text("x")
+    key.chmod(0o600)
+    files = {"tls_cert_file": "mef.pem", "tls_key_file": "mef.key", "tls_client_ca_file": "ca.pem"}
+    cfg = MefConfig.from_dict({**base, **files}, base_dir=tmp_path)
+    assert cfg.certificates_enabled and cfg.tls_key_file == key and cfg.tls_client_ca_file == tmp_path / "ca.pem"
+    with pytest.raises(ConfigError, match="go together.*missing: tls_client_ca_file"):
+        MefConfig.from_dict({**base, "tls_cert_file": "mef.pem", "tls_key_file": "mef.key"}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"tls_cert_file: .*nothing.pem does not exist"):
+        MefConfig.from_dict({**base, **files, "tls_cert_file": "nothing.pem"}, base_dir=tmp_path)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="tls_key_file: .*readable by group or others"):
+        MefConfig.from_dict({**base, **files}, base_dir=tmp_path)
+
+
+def test_the_example_configuration_leaves_certificates_commented_out(tmp_path: Path) -> None:
+    assert "# tls_cert_file = " in EXAMPLE and "# tls_key_file = " in EXAMPLE and "# tls_client_ca_file = " in EXAMPLE
+    path = tmp_path / "mef.toml"
+    path.write_text(EXAMPLE)
+    assert not MefConfig.load(path).certificates_enabled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 
 import pytest
 
@@ -777,3 +778,52 @@ def test_malformed_feed_position_is_bad_request(service, enrolee, path):
 def test_the_revocation_feed_is_read_only(service, enrolee):
     with pytest.raises(OperationNotAllowed):
         service.handle(service.open_session(IN_PSK_ID, None), "CREATE", "/revocations", "/id-in", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# certificate sessions (issue 8): the enrolee registered by the ID its verified certificate names
+
+
+def cert_enrolee(store, make_enrolee, n, **overrides):
+    rec, _kpm = make_enrolee(n, kpm_id=f"/id-cmn{n}", enrolee_id=f"/id-cmn{n}", cert_id=f"/id-cmn{n}",
+                             has_kpm=False, **overrides)
+    store.add_enrolee(rec, None)
+    return rec
+
+
+def test_a_certificate_session_is_an_enrolee_session_like_a_psk_one(service, store, enrolee, make_enrolee):
+    rec = cert_enrolee(store, make_enrolee, 7)
+    s = service.open_certificate_session("/id-cmn7", lambda: Secret(EXPORTER, "exporter output"), "127.0.0.1:1")
+    psk = enrolee_session(service, enrolee)  # the same exporter output gives the same KeID and Ke
+    assert (s.kind, s.ke_id, s.enrolment_key, s.psk_identity) == (Principal.ENROLEE, psk.ke_id, psk.enrolment_key,
+                                                                   rec.kpm_id)
+    assert s.principal_id == "//sp.example.com/id-cmn7"
+    reply = service.handle(s, "CREATE", "/securityProfile", "/id-cmn7", {"rspf:spReq": {"nodeID": rec.node_id}})
+    assert reply.rsc is RSC.CREATED and reply.content["rspf:secp"]["credential"]["keyID"] == KE_ID
+    assert store.get_enrolment_key(KE_ID).kpm_id == rec.kpm_id  # stored under the enrolee, like a PSK one
+
+
+@pytest.mark.parametrize(("cert_id", "change", "why"), [
+    (None, None, "names no oneM2M ID"),
+    ("/id-nobody", None, "no Enrolee is registered with this certificate ID"),
+    ("/id-cmn7", "suspend_enrolee", "the Enrolee is suspended"),
+    ("/id-cmn7", "revoke_enrolee", "the Enrolee is revoked"),
+    ("/id-cmn7", "expired", "past its validUntil"),
+])
+def test_a_certificate_session_is_refused_and_logged(service, store, make_enrolee, caplog, cert_id, change, why):
+    past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    cert_enrolee(store, make_enrolee, 7, valid_until=past if change == "expired" else None)
+    if change in ("suspend_enrolee", "revoke_enrolee"):
+        getattr(store, change)("/id-cmn7")
+    computed = []
+    with caplog.at_level(logging.WARNING, logger="rspf.mef.service"), pytest.raises(AccessDenied, match=why):
+        service.open_certificate_session(cert_id, lambda: computed.append(1) or Secret(EXPORTER), "127.0.0.9:5")
+    assert computed == []  # no key material derived for a refused certificate
+    assert any(why in r.getMessage() and "127.0.0.9:5" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+    assert store.get_enrolment_key(KE_ID) is None
+
+
+def test_a_psk_handshake_naming_a_certificate_enrolee_finds_no_key(service, store, make_enrolee):
+    cert_enrolee(store, make_enrolee, 7)
+    assert service.psk_for("/id-cmn7", "127.0.0.1") is None

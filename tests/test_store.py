@@ -379,7 +379,7 @@ def make_v1_database(paths) -> str:
 def test_a_version_1_database_is_upgraded_in_place(paths):
     ke_id = make_v1_database(paths)
     s = MefStore(*paths)
-    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("2",)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("3",)  # through 2, in one go
     one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
     assert (one.state, two.state) == ("active", "revoked")
     assert one.targets == [TargetGrant("/id-x", (23,))] and one.enrolment_expiry_seconds == 600
@@ -394,7 +394,7 @@ def test_a_version_1_database_is_upgraded_in_place(paths):
     s.suspend_enrolee(rec(1).kpm_id)  # the new features work on the upgraded file
     assert s.revocations_since(0)[1] == 1
     s.close()
-    s2 = MefStore(*paths, create=False)  # and it opens again as version 2, without migrating twice
+    s2 = MefStore(*paths, create=False)  # and it opens again as version 3, without migrating twice
     assert s2.get_enrolee(rec(1).kpm_id).state == "suspended"
     s2.close()
 
@@ -416,11 +416,83 @@ def test_a_failed_migration_changes_nothing(paths):
 def test_an_unknown_schema_version_is_refused(paths):
     MefStore(*paths).close()
     db = sqlite3.connect(paths[0])
-    db.execute("UPDATE meta SET value='3' WHERE name='schema_version'")
+    db.execute("UPDATE meta SET value='4' WHERE name='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 3"):
+    with pytest.raises(StoreError, match="schema version 4"):
         MefStore(*paths)
+
+
+# ------------------------------------------------------------------- schema 3: certificate enrolees
+def make_v2_database(paths) -> str:
+    """A schema-2 database (what the previous release wrote: schema 3 without enrolees.cert_id and its index)
+    holding enrolee 1 with a key, and enrolee 2 suspended."""
+    s = MefStore(*paths)
+    s.add_enrolee(rec(1), kpm(1))
+    s.add_enrolee(rec(2), kpm(2))
+    s.suspend_enrolee(rec(2).kpm_id)
+    ke_id = "cd" * 16 + "@mef.example.com"
+    s.put_enrolment_key(ke_id, rec(1).kpm_id, KE_MARK, T0, T0 + dt.timedelta(days=3650))
+    s.close()
+    db = sqlite3.connect(paths[0])
+    db.execute("DROP INDEX enrolees_by_cert")
+    db.execute("ALTER TABLE enrolees DROP COLUMN cert_id")
+    db.execute("UPDATE meta SET value='2' WHERE name='schema_version'")
+    db.commit()
+    db.close()
+    return ke_id
+
+
+def test_a_version_2_database_is_upgraded_in_place(paths):
+    ke_id = make_v2_database(paths)
+    s = MefStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("3",)
+    one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
+    assert (one.state, two.state) == ("active", "suspended")
+    assert (one.cert_id, one.has_kpm, two.cert_id) == (None, True, None)
+    assert s.enrolee_psk(rec(1).kpm_id) == kpm(1)
+    assert s.get_enrolment_key(ke_id).enrolment_key == KE_MARK
+    assert s.revocations_since(0)[1] == 0  # the log is as it was (dev2 held no key)
+    s.add_enrolee(rec(3, cert_id="/id-mn3"), None)  # certificate enrolees work on the upgraded file
+    assert s.enrolee_by_certificate("/id-mn3").kpm_id == rec(3).kpm_id
+    with pytest.raises(Conflict, match="certificate ID"):
+        s.add_enrolee(rec(4, cert_id="/id-mn3"), None)
+    s.close()
+    s2 = MefStore(*paths, create=False)
+    assert s2.enrolee_by_certificate("/id-mn3") is not None
+    s2.close()
+
+
+def test_a_failed_version_2_migration_changes_nothing(paths):
+    make_v2_database(paths)
+    db = sqlite3.connect(paths[0])
+    db.execute("CREATE TABLE enrolees_by_cert (x)")  # the index name is taken: creating it fails mid-migration
+    db.commit()
+    db.close()
+    with pytest.raises(sqlite3.Error):
+        MefStore(*paths)
+    db = sqlite3.connect(paths[0])
+    assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone() == ("2",)
+    assert "cert_id" not in {r[1] for r in db.execute("PRAGMA table_info(enrolees)")}
+    db.close()
+
+
+def test_certificate_enrolees_have_no_kpm(store):
+    s = store
+    s.add_enrolee(rec(1, kpm_id="/id-mn1", cert_id="/id-mn1"), None)
+    s.add_enrolee(rec(2, cert_id="/id-mn2"), kpm(2))  # both ways
+    one, two = s.get_enrolee("/id-mn1"), s.enrolee_by_certificate("/id-mn2")
+    assert (one.has_kpm, one.public_dict()["certificateID"], one.public_dict()["hasKpm"]) == (False, "/id-mn1", False)
+    assert two.kpm_id == rec(2).kpm_id and two.has_kpm
+    assert s.enrolee_psk("/id-mn1") is None  # a PSK handshake naming it finds no key
+    assert s.enrolee_psk(rec(2).kpm_id) == kpm(2)
+    assert s.enrolees_with_kpm(Secret(b"", "Kpm")) == []
+    with pytest.raises(Conflict, match="no Kpm"):
+        s.rotate_kpm("/id-mn1", kpm(5))
+    with pytest.raises(BadRequest, match="Kpm or a certificate ID"):
+        s.add_enrolee(rec(3), None)
+    assert s.get_enrolee(rec(3).kpm_id) is None
+    assert s.enrolee_by_certificate("/id-nobody") is None
 
 
 # ------------------------------------------------------------------------------------ lifecycle

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from integration.pki import make_pki
+from OpenSSL import SSL
 
+from rspf import tls
 from rspf.errors import TlsError
 from rspf.secret import Secret
 from rspf.tls import PskClient, PskServer
@@ -132,3 +134,96 @@ def test_unusable_certificate_files_are_a_clear_error(tmp_path: Path, pki: dict[
     psk = PskServer(lambda ident, peer_ip: None)
     with pytest.raises(TlsError, match="certificate files"):
         psk.use_certificates(bad, bad, None)
+
+
+# --------------------------------------------- the ClientHello chooses the context (TLS 1.3 PSK next to certificates)
+
+
+def _client_hello(client: PskClient | tls.CertClient, cred: tuple[str, Secret] | None = None) -> bytes:
+    """The ClientHello records ``client`` sends first (memory BIOs, no network). The client object must live on
+    while its context is used: it holds the context's PSK callback."""
+    conn = SSL.Connection(client.context, None)
+    conn._rspf_client_cred = cred  # type: ignore[attr-defined]
+    conn.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        conn.do_handshake()
+    return conn.bio_read(65536)
+
+
+def test_a_tls13_psk_client_hello_is_told_from_a_certificate_one(pki: dict[str, Path]) -> None:
+    d = pki["dir"]
+    psk13 = _client_hello(PskClient(), ("dev@mef.example.com", PSK))
+    psk12 = _client_hello(PskClient(max_version="1.2"), ("dev@mef.example.com", PSK))
+    cert = _client_hello(tls.CertClient(d / "ca.pem", d / "ae.pem", d / "ae.key"))
+    assert tls.offers_tls13_psk(psk13) is True
+    assert tls.offers_tls13_psk(psk12) is False  # TLS 1.2 PSK suites: the certificate context does them too
+    assert tls.offers_tls13_psk(cert) is False
+    assert tls.offers_tls13_psk(psk13[:3]) is None and tls.offers_tls13_psk(psk13[:-1]) is None  # incomplete
+    body = psk13[5:]  # the same ClientHello split over two records
+    split = b"".join(psk13[:3] + len(part).to_bytes(2, "big") + part for part in (body[:40], body[40:]))
+    assert tls.offers_tls13_psk(split[:50]) is None and tls.offers_tls13_psk(split) is True
+    assert tls.offers_tls13_psk(b"\x17\x03\x03\x00\x01x") is False  # not a handshake record
+    assert tls.offers_tls13_psk(b"GET / HTTP/1.1\r\n\r\n") is False
+
+
+def _accept_one(psk: PskServer, sock: socket.socket, results: list) -> None:
+    """The event-driven server's way (PskServer.accept, memory BIOs), pumped over a blocking socket."""
+    conn, peer = sock.accept()
+    server_tls = psk.accept(peer)
+    try:
+        done = False
+        while not done:
+            data = conn.recv(65536)
+            if not data:
+                results.append("closed")
+                return
+            server_tls.feed(data)
+            try:
+                done = server_tls.handshake_step()
+            finally:
+                conn.sendall(server_tls.outgoing())
+        results.append((server_tls.psk_identity, server_tls.peer_certificate_id(), server_tls.version))
+    except TlsError as exc:
+        results.append(str(exc))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_psk_clients_keep_their_psk_next_to_certificates(pki: dict[str, Path], version: str) -> None:
+    d = pki["dir"]
+    psk = PskServer(lambda ident, peer_ip: PSK if ident == "dev@mef.example.com" else None)
+    psk.use_certificates(d / "server.pem", d / "server.key", d / "ca.pem")
+    for client in ("psk", "cert"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            results: list = []
+            t = threading.Thread(target=_accept_one, args=(psk, sock, results), daemon=True)
+            t.start()
+            if client == "psk":
+                PskClient(max_version=version).connect("127.0.0.1", sock.getsockname()[1], "dev@mef.example.com",
+                                                       PSK, server_name="localhost", timeout=5).close()
+            else:
+                tls.CertClient(d / "ca.pem", d / "ae.pem", d / "ae.key", max_version=version).connect(
+                    "127.0.0.1", sock.getsockname()[1], "localhost", timeout=5).close()
+            t.join(5)
+        expected = ("dev@mef.example.com", None) if client == "psk" else (None, "Ccert1")
+        assert results == [(*expected, f"TLSv{version}")]
+
+
+def test_a_foreign_client_certificate_is_refused_with_its_subject_and_reason(pki: dict[str, Path]) -> None:
+    d = pki["dir"]
+    psk = PskServer(lambda ident, peer_ip: None)
+    psk.use_certificates(d / "server.pem", d / "server.key", d / "ca.pem")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        results: list = []
+        t = threading.Thread(target=_accept_one, args=(psk, sock, results), daemon=True)
+        t.start()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _cert_client(d, "rogue", sock.getsockname()[1], ssl.TLSVersion.TLSv1_2)
+        t.join(5)
+    assert len(results) == 1 and "client certificate (subject CN=rogue, chain depth 0)" in results[0], results
+    assert "does not verify to the trust anchor: unable to get local issuer certificate" in results[0]

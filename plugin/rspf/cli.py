@@ -258,9 +258,13 @@ app_id_option = click.option("--app-id", "app_ids", multiple=True, metavar="PATT
 
 @mef_enrolee.command("add")
 @config_option
-@click.option("--kpm-id", required=True, help="KpmID: the psk_identity of the bootstrap key.")
-@click.option("--kpm-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--kpm-id", default=None, help="KpmID: the psk_identity of the bootstrap key.")
+@click.option("--kpm-file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File with Kpm as hex (mode 0600); see 'rspf keygen'.")
+@click.option("--cert-id", default=None, help="The oneM2M ID the enrolee's certificate names (subjectAltName URI "
+                                               "//sp/id, else its CN): it may enrol with that certificate.")
+@click.option("--cert", "cert_file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The enrolee's certificate (PEM): --cert-id is read from it.")
 @click.option("--enrolee-id", required=True, help="CSE-ID (/id-mn) or AE-ID (Cmy-sensor) to provision.")
 @click.option("--node-id", required=True, help="The device's M2M-Node-ID.")
 @click.option("--registrar-cse-id", required=True, help="SP-relative CSE-ID of the registrar, e.g. /id-in.")
@@ -270,34 +274,69 @@ app_id_option = click.option("--app-id", "app_ids", multiple=True, metavar="PATT
 @click.option("--expiry-seconds", type=int, default=None, help="Lifetime of this enrolee's Enrolment Keys.")
 @click.option("--valid-until", default=None, help="No enrolment after this ISO 8601 date-time.")
 @app_id_option
-def enrolee_add(config_path: Path, kpm_id: str, kpm_file: Path, enrolee_id: str, node_id: str,
-                registrar_cse_id: str, registrar_uri: str, targets: tuple[str, ...], rm_uri: str | None,
-                expiry_seconds: int | None, valid_until: str | None, app_ids: tuple[str, ...]) -> None:
-    """Register one enrolee (its Kpm is read from a file and never printed).
+def enrolee_add(config_path: Path, kpm_id: str | None, kpm_file: Path | None, cert_id: str | None,
+                cert_file: Path | None, enrolee_id: str, node_id: str, registrar_cse_id: str, registrar_uri: str,
+                targets: tuple[str, ...], rm_uri: str | None, expiry_seconds: int | None, valid_until: str | None,
+                app_ids: tuple[str, ...]) -> None:
+    """Register one enrolee: by a Kpm (--kpm-id and --kpm-file; the Kpm is never printed), by the ID its
+    certificate names (--cert-id or --cert), or both.
 
     Warns (and still registers) when the registrar or a Target has no credential to fetch keys with yet, or
     when another enrolee has the same Kpm or Node-ID."""
     from .audit import Action
     from .fileutil import read_key_file
-    from .mef.admin import Fetchers, enrolee_from_fields, registration_warnings
+    from .mef.admin import Fetchers, enrolee_from_fields, registration_warnings, with_certificate_id
+    if (kpm_id is None) != (kpm_file is None):
+        _fail(ConfigError("--kpm-id and --kpm-file go together"))
+    if cert_id is not None and cert_file is not None:
+        _fail(ConfigError("give the certificate ID by --cert-id or --cert, not both"))
+    if cert_file is not None:
+        cert_id = _certificate_id(cert_file)
+    if kpm_id is None and cert_id is None:
+        _fail(ConfigError("an enrolee needs a Kpm (--kpm-id and --kpm-file) or a certificate (--cert-id or --cert)"))
     cfg, store = _load(config_path)
     try:
-        with _audited(cfg, Action.ENROLEE_ADD, kpm_id) as details:
+        with _audited(cfg, Action.ENROLEE_ADD, kpm_id or cert_id or "-") as details:
             details["enroleeID"] = enrolee_id
-            kpm = read_key_file(kpm_file, "Kpm file")
-            rec, kpm = enrolee_from_fields({
-                "kpm_id": kpm_id, "kpm": kpm.reveal().hex(), "enrolee_id": enrolee_id, "node_id": node_id,
+            row: dict[str, Any] = {
+                "enrolee_id": enrolee_id, "node_id": node_id,
                 "registrar_cse_id": registrar_cse_id, "registrar_uri": registrar_uri, "targets": ";".join(targets),
                 "rm_uri": rm_uri, "enrolment_expiry_seconds": expiry_seconds, "valid_until": valid_until,
                 "allowed_app_ids": list(app_ids) or None,
-            }, sp_id=cfg.sp_id)
+            }
+            kpm = None
+            if kpm_id is not None and kpm_file is not None:
+                row.update(kpm_id=kpm_id, kpm=read_key_file(kpm_file, "Kpm file").reveal().hex())
+            if cert_id is not None:
+                details["certificateID"] = cert_id
+                rec, kpm = with_certificate_id(row, cert_id, sp_id=cfg.sp_id)
+            else:
+                rec, kpm = enrolee_from_fields(row, sp_id=cfg.sp_id)
             warnings = registration_warnings(store, rec, kpm, Fetchers(store, cfg.sp_id))
             store.add_enrolee(rec, kpm)
             details["warnings"] = len(warnings)
     except RspfError as exc:
         _fail(exc)
     _warn(warnings)
-    click.echo(f"added enrolee {rec.enrolee_id} (KpmID {rec.kpm_id})")
+    how = ", ".join(([f"KpmID {rec.kpm_id}"] if rec.has_kpm else []) +
+                    ([f"certificate ID {rec.cert_id}"] if rec.cert_id else []))
+    click.echo(f"added enrolee {rec.enrolee_id} ({how})")
+
+
+def _certificate_id(cert_file: Path) -> str:
+    """The oneM2M ID a PEM certificate names (rspf.tls.certificate_onem2m_id), or fail saying why."""
+    from cryptography import x509
+
+    from .tls import certificate_onem2m_id
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except ValueError:
+        _fail(ConfigError(f"{cert_file} is not a PEM certificate"))
+    found = certificate_onem2m_id(cert)
+    if not found:
+        _fail(ConfigError(f"the certificate in {cert_file} names no oneM2M ID (no //sp/... URI subjectAltName, no "
+                          "CN)"))
+    return found
 
 
 @mef_enrolee.command("update")
@@ -652,8 +691,8 @@ def _enrolee_options(required: bool = True) -> list:
     return [
         click.option("--mef", "mef_addr", required=required, help="MEF address HOST:PORT."),
         click.option("--mef-fqdn", required=required, help="The MEF-FQDN (TLS SNI; the KeID suffix)."),
-        click.option("--kpm-id", required=required, help="KpmID: the identifier of the pre-provisioned key."),
-        click.option("--kpm-file", required=required, type=click.Path(dir_okay=False, path_type=Path),
+        click.option("--kpm-id", default=None, help="KpmID: the identifier of the pre-provisioned key."),
+        click.option("--kpm-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
                      help="File holding Kpm as hex (mode 0600)."),
         click.option("--store", "store_path", required=required, type=click.Path(dir_okay=False, path_type=Path),
                      help="Encrypted enrolment store (created 0600)."),
@@ -661,6 +700,15 @@ def _enrolee_options(required: bool = True) -> list:
 
 
 enrolee_options = _enrolee_options()
+#: the Certificate-Based handshake instead of the Kpm (``rspf enrol``, ``rspf show-enrolment``)
+certificate_options = [
+    click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="This Enrolee's certificate (PEM), instead of --kpm-id/--kpm-file."),
+    click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Its private key (PEM, mode 0600)."),
+    click.option("--ca", "ca_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="The trust anchor the MEF's certificate must chain to (it must name --mef-fqdn)."),
+]
 
 
 def _with(options):
@@ -671,21 +719,35 @@ def _with(options):
     return deco
 
 
-def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str = "",
-             **kw: Any):
+def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
+             node_id: str = "", *, cert_file: Path | None = None, key_file: Path | None = None,
+             ca_file: Path | None = None, **kw: Any):
+    """The Enrolee of the options: a Kpm (--kpm-id, --kpm-file) or a certificate (--cert, --key, --ca)."""
     from .enrolee import Enrolee, EnroleeConfig
     from .fileutil import read_key_file
     host, port = _hostport(mef_addr)
+    psk, cert = (kpm_id, kpm_file), (cert_file, key_file, ca_file)
+    if any(psk) and any(cert):
+        _fail(ConfigError("authenticate with a Kpm (--kpm-id, --kpm-file) or a certificate (--cert, --key, --ca), "
+                          "not both"))
     try:
+        if all(cert):
+            return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), cert_file=cert_file,
+                                         key_file=key_file, trust_anchor_file=ca_file, node_id=node_id,
+                                         store_path=store_path, **kw))
+        if not all(psk):
+            _fail(ConfigError("give --kpm-id and --kpm-file, or --cert, --key and --ca"))
+        assert kpm_file is not None
         kpm = read_key_file(kpm_file, "Kpm file")
+        return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), kpm_id=kpm_id, kpm=kpm,
+                                     node_id=node_id, store_path=store_path, **kw))
     except RspfError as exc:
         _fail(exc)
-    return Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), kpm_id=kpm_id, kpm=kpm,
-                                 node_id=node_id, store_path=store_path, **kw))
 
 
 @main.command()
 @_with(enrolee_options)
+@_with(certificate_options)
 @click.option("--node-id", required=True, help="This device's M2M-Node-ID.")
 @click.option("--location", default=None, help="Geographical location to report (optional).")
 @click.option("--force", is_flag=True, help="Enrol even if the stored profile is still valid.")
@@ -695,13 +757,17 @@ def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_pa
 @click.option("--no-remote-management", is_flag=True, help="Tell the MEF this device cannot follow RM instructions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (keys redacted).")
 @click.option("-v", "--verbose", is_flag=True, help="Log the protocol steps (never key material).")
-def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path, node_id: str,
+def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
+          cert_file: Path | None, key_file: Path | None, ca_file: Path | None, node_id: str,
           location: str | None, force: bool, renew_before: int, no_remote_management: bool, as_json: bool,
           verbose: bool) -> None:
-    """Enrol with the MEF (or reuse a stored, still-valid enrolment) and store the securityProfile."""
+    """Enrol with the MEF (or reuse a stored, still-valid enrolment) and store the securityProfile.
+
+    The handshake uses the Kpm (--kpm-id, --kpm-file) or this Enrolee's certificate (--cert, --key, --ca)."""
     _setup_logging("DEBUG" if verbose else "INFO")
     e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, location=location,
-                 renew_before_seconds=renew_before, remote_management=not no_remote_management)
+                 renew_before_seconds=renew_before, remote_management=not no_remote_management,
+                 cert_file=cert_file, key_file=key_file, ca_file=ca_file)
     try:
         if force:
             enrolment, renewed = e.enrol(), True
@@ -722,9 +788,12 @@ def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path:
 
 @main.command("show-enrolment")
 @_with(enrolee_options)
-def show_enrolment(mef_addr: str, mef_fqdn: str, kpm_id: str, kpm_file: Path, store_path: Path) -> None:
+@_with(certificate_options)
+def show_enrolment(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
+                   cert_file: Path | None, key_file: Path | None, ca_file: Path | None) -> None:
     """Print the stored enrolment with its keys redacted."""
-    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path)
+    e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, cert_file=cert_file, key_file=key_file,
+                 ca_file=ca_file)
     try:
         enrolment = e.load()
     except RspfError as exc:

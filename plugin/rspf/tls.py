@@ -45,8 +45,10 @@ TLS12_PSK_CIPHERS = (
     "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA256"
 )
 MANDATED_TLS12_CIPHER = "PSK-AES128-CBC-SHA256"
-#: Certificate suites (TS-0003 §10.2.3 mandates ECDHE-ECDSA-AES128-CBC-SHA256; GCM and RSA as extras).
-CERT_CIPHERS = "ECDHE-ECDSA-AES128-CBC-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+#: Certificate suites. TS-0003 §10.2.3 mandates TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256, which OpenSSL names
+#: ECDHE-ECDSA-AES128-SHA256 (:data:`MANDATED_TLS12_CERT_CIPHER`); GCM and RSA as extras.
+MANDATED_TLS12_CERT_CIPHER = "ECDHE-ECDSA-AES128-SHA256"
+CERT_CIPHERS = MANDATED_TLS12_CERT_CIPHER + ":ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
 #: TLS 1.3 external PSK through OpenSSL's old-style callbacks needs a SHA-256 suite.
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
 
@@ -136,34 +138,49 @@ class PskServer:
         identity_hint: str | None = None,
     ) -> None:
         self._lookup = lookup
-        self.context = _base_context(min_version, max_version)
-        if ciphers:
-            self.context.set_cipher_list(ciphers.encode())
-        if identity_hint:
-            _lib.SSL_CTX_use_psk_identity_hint(self.context._context, identity_hint.encode())
+        self._versions = (min_version, max_version)
+        self._identity_hint = identity_hint
         self._callback = _ffi.callback(
             "unsigned int (*)(SSL *, const char *, unsigned char *, unsigned int)", self._on_psk
         )
-        _lib.SSL_CTX_set_psk_server_callback(self.context._context, self._callback)
+        self.context = self._psk_context()
+        if ciphers:
+            self.context.set_cipher_list(ciphers.encode())
+        #: the context of clients that offer no TLS 1.3 pre-shared key, once :meth:`use_certificates` made one
+        self.cert_context: SSL.Context | None = None
+
+    def _psk_context(self) -> SSL.Context:
+        ctx = _base_context(*self._versions)
+        if self._identity_hint:
+            _lib.SSL_CTX_use_psk_identity_hint(ctx._context, self._identity_hint.encode())
+        _lib.SSL_CTX_set_psk_server_callback(ctx._context, self._callback)
+        return ctx
 
     def use_certificates(self, cert_chain: str | Path, private_key: str | Path, ca_file: str | Path | None) -> None:
-        """Also accept certificate-based handshakes on this context (mutual TLS when ``ca_file`` is given).
+        """Also accept certificate-based handshakes (mutual TLS when ``ca_file`` is given).
 
         A client that offers a PSK still gets the PSK handshake; one that does not is asked for a
         certificate issued by ``ca_file``, which OpenSSL verifies (TS-0003 §10.2.3 suites first). A client
         without a certificate completes no PSK and presents no certificate: it has no credential.
+
+        OpenSSL 3.0 does not take a TLS 1.3 external PSK (old-style callback) on a context that has a
+        certificate: it answers with the certificate. So the certificate context is a second one
+        (:attr:`cert_context`, also doing the TLS 1.2 PSK suites), and :meth:`accept` gives a client whose
+        ClientHello carries a pre_shared_key extension the PSK-only :attr:`context` (:class:`ServerTls`).
+        The blocking :meth:`wrap` (tests, benches) uses the certificate context for every client.
         """
-        ctx = self.context
+        ctx = self._psk_context()
         try:
             ctx.use_certificate_chain_file(str(cert_chain))
             ctx.use_privatekey_file(str(private_key))
             ctx.check_privatekey()
             if ca_file:
                 ctx.load_verify_locations(str(ca_file))
-                ctx.set_verify(SSL.VERIFY_PEER, lambda _conn, _cert, _errno, _depth, ok: bool(ok))
+                ctx.set_verify(SSL.VERIFY_PEER, _note_verify_error)
         except SSL.Error as exc:
             raise TlsError(f"cannot use the certificate files: {_describe(exc)}") from None
         ctx.set_cipher_list((CERT_CIPHERS + ":" + TLS12_PSK_CIPHERS).encode())
+        self.cert_context = ctx
 
     def _on_psk(self, ssl_ptr: Any, identity_ptr: Any, psk_out: Any, max_len: int) -> int:
         try:
@@ -193,14 +210,14 @@ class PskServer:
 
     def wrap(self, sock: socket.socket, timeout: float | None = 30.0) -> TlsConnection:
         """A blocking server connection on a socket (tests and the bench's reference server)."""
-        conn = SSL.Connection(self.context, sock)
+        conn = SSL.Connection(self.cert_context or self.context, sock)
         conn._rspf_peer_ip = _peer_name(sock).rpartition(":")[0] or None  # type: ignore[attr-defined]
         conn.set_accept_state()
         return TlsConnection(conn, sock, timeout)
 
     def accept(self, peer: tuple[str, int]) -> ServerTls:
         """A server connection over memory BIOs for a client at ``peer`` (the event-driven server)."""
-        return ServerTls(self.context, peer)
+        return ServerTls(self.context, peer, self.cert_context)
 
 
 class PskClient:
@@ -481,6 +498,11 @@ class TlsPeer:
     def cipher(self) -> str:
         return self._conn.get_cipher_name() or ""
 
+    @property
+    def has_peer_certificate(self) -> bool:
+        """Whether the peer presented a certificate (verified, or the handshake would have failed)."""
+        return self._conn.get_peer_certificate() is not None
+
     def peer_certificate_id(self) -> str | None:
         """The oneM2M ID a verified peer certificate names (mutual TLS; :func:`certificate_onem2m_id`), or None."""
         cert = self._conn.get_peer_certificate()
@@ -583,15 +605,24 @@ class TlsConnection(TlsPeer):
 
 class ServerTls(TlsPeer):
     """A server-side TLS connection over memory BIOs: the caller moves bytes between its socket and
-    :meth:`feed` / :meth:`outgoing`, so nothing here waits on the network. One thread at a time."""
+    :meth:`feed` / :meth:`outgoing`, so nothing here waits on the network. One thread at a time.
 
-    def __init__(self, context: SSL.Context, peer: tuple[str, int]) -> None:
+    With a ``cert_context`` (:meth:`PskServer.use_certificates`), the first bytes are held until the ClientHello
+    is complete: one that offers a TLS 1.3 pre-shared key gets ``context``, any other ``cert_context``."""
+
+    def __init__(self, context: SSL.Context, peer: tuple[str, int], cert_context: SSL.Context | None = None) -> None:
         self.peer_ip = peer[0]
         self.peer = f"{peer[0]}:{peer[1]}"
         self.psk_identity: str | None = None
-        self._conn = SSL.Connection(context, None)
-        self._conn._rspf_peer_ip = self.peer_ip  # type: ignore[attr-defined]
-        self._conn.set_accept_state()
+        self._conn = self._connection(context)
+        self._cert_context = cert_context
+        self._held: bytearray | None = bytearray() if cert_context is not None else None
+
+    def _connection(self, context: SSL.Context) -> SSL.Connection:
+        conn = SSL.Connection(context, None)
+        conn._rspf_peer_ip = self.peer_ip  # type: ignore[attr-defined]
+        conn.set_accept_state()
+        return conn
 
     @property
     def presented_identity(self) -> str | None:
@@ -600,7 +631,18 @@ class ServerTls(TlsPeer):
 
     def feed(self, data: bytes | memoryview) -> None:
         """Bytes received from the client."""
-        self._conn.bio_write(data)
+        if self._held is None:
+            self._conn.bio_write(data)
+            return
+        self._held += data
+        verdict = offers_tls13_psk(bytes(self._held))
+        if verdict is None and len(self._held) < MAX_CLIENT_HELLO:
+            return  # the ClientHello is not complete yet
+        if not verdict:
+            assert self._cert_context is not None
+            self._conn = self._connection(self._cert_context)
+        held, self._held = bytes(self._held), None
+        self._conn.bio_write(held)
 
     def outgoing(self) -> bytes:
         """Bytes to send to the client (handshake flights, records, alerts), possibly empty."""
@@ -610,11 +652,18 @@ class ServerTls(TlsPeer):
     def handshake_step(self) -> bool:
         """Advance the handshake with what was fed; True once complete. May run the PSK lookup (which may
         block). Raises :class:`TlsError` when the handshake fails (an alert may wait in :meth:`outgoing`)."""
+        if self._held is not None:
+            return False  # the context is chosen once the ClientHello is complete
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
             return False
         except SSL.Error as exc:
+            failure = getattr(self._conn, "_rspf_verify_error", None)
+            if failure is not None:
+                reason, depth, subject = failure
+                raise TlsError(f"the client certificate ({subject}, chain depth {depth}) does not verify to the "
+                               f"trust anchor: {reason}") from None
             raise TlsError(f"TLS handshake failed: {_describe(exc)}") from None
         self.psk_identity = getattr(self._conn, "_rspf_psk_identity", None)
         return True
@@ -654,6 +703,50 @@ class ServerTls(TlsPeer):
 
     def __repr__(self) -> str:
         return f"<ServerTls peer={self.peer} psk_identity={self.psk_identity!r}>"
+
+
+#: Bytes of TLS records held to read a ClientHello before giving up and letting OpenSSL judge them
+MAX_CLIENT_HELLO = 16384 + 5
+_HANDSHAKE_RECORD, _CLIENT_HELLO, _EXT_PRE_SHARED_KEY = 22, 1, 41
+
+
+def offers_tls13_psk(data: bytes) -> bool | None:
+    """Whether the ClientHello at the start of ``data`` (TLS records) has a pre_shared_key extension (RFC 8446
+    §4.2.11: the client offers a TLS 1.3 PSK); None while it is incomplete. Anything else is False (OpenSSL
+    then judges the bytes)."""
+    hello = bytearray()
+    pos, size = 0, None
+    while size is None or len(hello) < size:
+        if len(data) < pos + TLS_RECORD_HEADER:
+            return None
+        length = int.from_bytes(data[pos + 3:pos + 5], "big")
+        if data[pos] != _HANDSHAKE_RECORD:
+            return False
+        if len(data) < pos + TLS_RECORD_HEADER + length:
+            return None
+        hello += data[pos + TLS_RECORD_HEADER:pos + TLS_RECORD_HEADER + length]
+        pos += TLS_RECORD_HEADER + length
+        if size is None and len(hello) >= 4:
+            if hello[0] != _CLIENT_HELLO:
+                return False
+            size = 4 + int.from_bytes(hello[1:4], "big")
+        if size is None and not length:
+            return False  # an empty record: no ClientHello starts like this
+    body = bytes(hello[4:size])
+    try:
+        p = 2 + 32                                     # legacy_version, random
+        p += 1 + body[p]                               # legacy_session_id
+        p += 2 + int.from_bytes(body[p:p + 2], "big")  # cipher_suites
+        p += 1 + body[p]                               # legacy_compression_methods
+        end = min(len(body), p + 2 + int.from_bytes(body[p:p + 2], "big"))
+        p += 2
+        while p + 4 <= end:
+            if int.from_bytes(body[p:p + 2], "big") == _EXT_PRE_SHARED_KEY:
+                return True
+            p += 4 + int.from_bytes(body[p + 2:p + 4], "big")
+    except IndexError:
+        return False
+    return False
 
 
 class _RawTls(io.RawIOBase):

@@ -1,13 +1,17 @@
-"""Enrolee side of the PPSK RSPF (TS-0003 §8.3.2.1) plus securityProfile provisioning (seed CR 0055).
+"""Enrolee side of the PPSK RSPF (TS-0003 §8.3.2.1), of the Certificate-Based RSPF's handshake (§8.3.2.2),
+plus securityProfile provisioning (seed CR 0055).
 
-One TLS-PSK session with the MEF (psk_identity = KpmID, psk = Kpm):
+One TLS-PSK session with the MEF (psk_identity = KpmID, psk = Kpm) - or one mutual-TLS session in which the
+Enrolee presents its certificate and the MEF's certificate must chain to the configured trust anchor and name
+the MEF-FQDN - then, the same in both cases:
 
 1. both sides export ``EXPORTER-oneM2M-Bootstrap`` (48 bytes) -> RelativeKeID || Ke, KeID;
 2. ``POST /securityProfile`` with the M2M-Node-ID -> the profile, which is checked against the schema, the
    KeID and the locally derived registrar key before anything is kept;
 3. ``POST /enrolmentExchange`` with the three indications; instructions are acknowledged until the MEF
    ends the exchange;
-4. Ke, KeID and the profile are stored encrypted (key derived from Kpm) in a 0600 file.
+4. Ke, KeID and the profile are stored encrypted (key derived from Kpm, or from the certificate's private key)
+   in a 0600 file.
 """
 
 from __future__ import annotations
@@ -21,29 +25,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from .. import keys, profile
 from ..client import OneM2MClient
-from ..errors import BadRequest, ProfileInvalid, RemoteError, StoreError
-from ..fileutil import write_private
+from ..errors import BadRequest, ConfigError, ProfileInvalid, RemoteError, StoreError
+from ..fileutil import check_private, write_private
 from ..mef import protocol
 from ..sealing import Sealer
 from ..secret import Secret, constant_time_equal
-from ..tls import PskClient
+from ..tls import CertClient, PskClient, TlsConnection
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EnroleeConfig:
+    """Where the MEF is and how this Enrolee authenticates: a Kpm (``kpm_id``, ``kpm``) or a certificate
+    (``cert_file``, ``key_file`` and ``trust_anchor_file``, the anchor the MEF's certificate must chain to)."""
+
     mef_host: str
     mef_port: int
     mef_fqdn: str
-    kpm_id: str
-    kpm: Secret
     node_id: str
     store_path: Path
+    kpm_id: str | None = None
+    kpm: Secret | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    trust_anchor_file: Path | None = None
     location: str | None = None
     remote_management: bool = True
     renew_before_seconds: int = 24 * 3600
@@ -51,9 +63,24 @@ class EnroleeConfig:
     tls_max_version: str = "1.3"
     timeout: float = 15.0
 
+    def __post_init__(self) -> None:
+        psk = (self.kpm_id, self.kpm)
+        cert = (self.cert_file, self.key_file, self.trust_anchor_file)
+        if any(v is not None for v in psk) and any(v is not None for v in cert):
+            raise ConfigError("an Enrolee authenticates with a Kpm or with a certificate, not both")
+        if not (all(v is not None for v in psk) or all(v is not None for v in cert)):
+            raise ConfigError("an Enrolee needs a KpmID and Kpm, or a certificate, its private key and the trust "
+                              "anchor of the MEF's certificate")
+
+    @property
+    def uses_certificate(self) -> bool:
+        return self.cert_file is not None
+
     def __repr__(self) -> str:
-        return (f"EnroleeConfig(mef={self.mef_host}:{self.mef_port}, mef_fqdn={self.mef_fqdn}, kpm_id={self.kpm_id}, "
-                f"node_id={self.node_id}, store={self.store_path}, kpm=<redacted>)")
+        auth = (f"cert={self.cert_file}, key=<file {self.key_file}>, trust_anchor={self.trust_anchor_file}"
+                if self.uses_certificate else f"kpm_id={self.kpm_id}, kpm=<redacted>")
+        return (f"EnroleeConfig(mef={self.mef_host}:{self.mef_port}, mef_fqdn={self.mef_fqdn}, node_id={self.node_id}, "
+                f"store={self.store_path}, {auth})")
 
 
 @dataclass
@@ -101,17 +128,40 @@ class Enrolment:
 
 
 class Enrolee:
-    def __init__(self, config: EnroleeConfig, *, tls_client: PskClient | None = None) -> None:
+    def __init__(self, config: EnroleeConfig, *, tls_client: PskClient | CertClient | None = None) -> None:
         self.config = config
-        self._tls = tls_client or PskClient(min_version=config.tls_min_version, max_version=config.tls_max_version)
-        self._sealer_key = config.kpm
+        self._tls: PskClient | CertClient
+        if config.cert_file is not None:
+            assert config.key_file is not None and config.trust_anchor_file is not None
+            self._tls = tls_client or CertClient(config.trust_anchor_file, config.cert_file, config.key_file,
+                                                 min_version=config.tls_min_version,
+                                                 max_version=config.tls_max_version)
+            if not isinstance(self._tls, CertClient) or not self._tls.own_id:
+                raise ConfigError(f"the certificate {config.cert_file} names no oneM2M ID")
+            #: the Enrolee's identity towards the MEF (the originator of its requests) and the store's tag
+            self.identity, self._store_tag = self._tls.own_id, "certID"
+            self._sealer_key = _private_key_secret(config.key_file)
+        else:
+            assert config.kpm_id is not None and config.kpm is not None
+            self._tls = tls_client or PskClient(min_version=config.tls_min_version,
+                                                max_version=config.tls_max_version)
+            self.identity, self._store_tag = config.kpm_id, "kpmID"
+            self._sealer_key = config.kpm
 
     # -- the procedure --------------------------------------------------------------------------
+    def _connect(self) -> TlsConnection:
+        """The authenticated session with the MEF; TlsError (nothing sent) when the MEF is not proven."""
+        c = self.config
+        if isinstance(self._tls, CertClient):
+            return self._tls.connect(c.mef_host, c.mef_port, c.mef_fqdn, server_name=c.mef_fqdn, timeout=c.timeout)
+        assert c.kpm_id is not None and c.kpm is not None
+        return self._tls.connect(c.mef_host, c.mef_port, c.kpm_id, c.kpm, server_name=c.mef_fqdn, timeout=c.timeout)
+
     def enrol(self, *, store: bool = True) -> Enrolment:
         """Run a full enrolment with the MEF; on success store and return it. On failure nothing is stored."""
         c = self.config
-        tls = self._tls.connect(c.mef_host, c.mef_port, c.kpm_id, c.kpm, server_name=c.mef_fqdn, timeout=c.timeout)
-        client = OneM2MClient(tls, c.kpm_id, host=c.mef_fqdn, deadline=c.timeout)
+        tls = self._connect()
+        client = OneM2MClient(tls, self.identity, host=c.mef_fqdn, deadline=c.timeout)
         try:
             material = keys.split_exporter_output(
                 tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
@@ -192,8 +242,8 @@ class Enrolee:
             "profile": enrolment.profile,
             "instructions": enrolment.instructions,
         }).encode()
-        blob = self._sealer(salt).seal(plain, self.config.kpm_id.encode())
-        doc = {"format": STORE_FORMAT, "kpmID": self.config.kpm_id,
+        blob = self._sealer(salt).seal(plain, self.identity.encode())
+        doc = {"format": STORE_FORMAT, self._store_tag: self.identity,
                "salt": base64.b64encode(salt).decode(), "sealed": base64.b64encode(blob).decode()}
         write_private(Path(self.config.store_path), json.dumps(doc).encode())
 
@@ -205,10 +255,11 @@ class Enrolee:
             doc = json.loads(path.read_text())
             if not isinstance(doc, dict):
                 raise StoreError(f"{path} is not an enrolment store")
-            if doc.get("format") != STORE_FORMAT or doc.get("kpmID") != self.config.kpm_id:
-                raise StoreError(f"{path} is not an enrolment store for KpmID {self.config.kpm_id}")
+            if doc.get("format") != STORE_FORMAT or doc.get(self._store_tag) != self.identity:
+                what = "KpmID" if self._store_tag == "kpmID" else "certificate ID"
+                raise StoreError(f"{path} is not an enrolment store for {what} {self.identity}")
             plain = self._sealer(base64.b64decode(doc["salt"])).open(
-                base64.b64decode(doc["sealed"]), self.config.kpm_id.encode())
+                base64.b64decode(doc["sealed"]), self.identity.encode())
             data = json.loads(plain)
             prof = profile.validate(data["profile"])
         except StoreError:
@@ -216,6 +267,18 @@ class Enrolee:
         except (ValueError, KeyError, TypeError, ProfileInvalid):
             raise StoreError(f"{path} is damaged") from None
         return Enrolment(data["keID"], Secret(base64.b64decode(data["ke"]), "Ke"), prof, data.get("instructions", []))
+
+
+def _private_key_secret(key_file: Path) -> Secret:
+    """The Enrolee's private key (PKCS#8 DER, whatever the file's PEM form) as the key its store is sealed
+    under; the file must be 0600."""
+    check_private(Path(key_file), "the Enrolee's private key file")
+    try:
+        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"{key_file} is not an unencrypted PEM private key") from None
+    return Secret(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()), "Enrolee private key")
 
 
 __all__ = ["Enrolee", "EnroleeConfig", "Enrolment", "RemoteError"]

@@ -207,7 +207,25 @@ def updated_enrolee(rec: EnroleeRecord, changes: dict[str, Any], *, sp_id: str) 
     }
     new = _record({**current, **changes}, sp_id=sp_id)
     return replace(new, state=rec.state, created=rec.created, last_enrolled=rec.last_enrolled,
-                   kpm_generation=rec.kpm_generation)
+                   kpm_generation=rec.kpm_generation, cert_id=rec.cert_id, has_kpm=rec.has_kpm)
+
+
+def with_certificate_id(row: dict[str, Any], cert_id: str, *, sp_id: str) -> tuple[EnroleeRecord, Secret | None]:
+    """An enrolee that authenticates with a certificate naming ``cert_id`` (rspf.tls.certificate_onem2m_id):
+    besides a Kpm when ``row`` has kpm_id and kpm, else alone (its handle, the kpm_id column, is then
+    ``cert_id``). Raise BadRequest naming the field."""
+    cert_id = cert_id.strip()
+    if not PSK_ID_RE.fullmatch(cert_id):
+        raise BadRequest("the certificate ID must be 1 to 128 printable ASCII characters without spaces (the "
+                         "oneM2M ID the certificate names, e.g. /id-mn1 or Cmy-sensor)")
+    if row.get("kpm") in (None, "") and row.get("kpm_id") in (None, ""):
+        _check_row(row, tuple(f for f in FIELDS if f not in ("kpm_id", "kpm")))
+        for name in REQUIRED[2:]:
+            if row.get(name) in (None, ""):
+                raise BadRequest(f"{name} is required")
+        return replace(_record({**row, "kpm_id": cert_id}, sp_id=sp_id), cert_id=cert_id, has_kpm=False), None
+    rec, kpm = enrolee_from_fields(row, sp_id=sp_id)
+    return replace(rec, cert_id=cert_id), kpm
 
 
 class Fetchers:

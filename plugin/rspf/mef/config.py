@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import ids
 from ..errors import ConfigError
+from ..fileutil import check_private
 from ..httpserver import ServerLimits
 from ..keys import check_fqdn
 from ..metrics import parse_listen
@@ -48,6 +49,15 @@ class MefConfig:
     source: str = "<defaults>"
     audit_log: Path | None = Path("audit.jsonl")  # relative: next to the configuration file; false: no audit log
     metrics_listen: str | None = None  # IP:PORT of GET /metrics and /health (rspf.metrics); None: off
+    #: Certificate-based handshake (docs/mef-config.md): the MEF's certificate chain and private key (PEM; the key
+    #: file 0600) and the trust anchor(s) enrolee certificates must chain to. All three or none (PSK only).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    @property
+    def certificates_enabled(self) -> bool:
+        return self.tls_cert_file is not None
 
     @classmethod
     def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> MefConfig:
@@ -147,6 +157,20 @@ class MefConfig:
             p = Path(v)
             return p if p.is_absolute() else base / p
 
+        cert_files = {key: path_of(key) for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")}
+        if any(cert_files.values()) and not all(cert_files.values()):
+            missing = ", ".join(k for k, v in cert_files.items() if v is None)
+            raise err(missing.split(",")[0], "tls_cert_file, tls_key_file and tls_client_ca_file go together "
+                      f"(certificate handshake); missing: {missing}")
+        for key, file in cert_files.items():
+            if file is not None and not file.is_file():
+                raise err(key, f"{file} does not exist")
+        if cert_files["tls_key_file"] is not None:
+            try:
+                check_private(cert_files["tls_key_file"], "the MEF's TLS private key file")
+            except ConfigError as exc:
+                raise err("tls_key_file", str(exc)) from None
+
         audit_log: Path | None = None
         if values.get("audit_log", True) is not False:
             audit_log = path_of("audit_log")
@@ -173,6 +197,8 @@ class MefConfig:
             revocation_log_max_rows=hygiene["revocation_log_max_rows"],
             enrolment_rate_interval_seconds=periods["enrolment_rate_interval_seconds"],
             purge_interval_seconds=periods["purge_interval_seconds"],
+            tls_cert_file=cert_files["tls_cert_file"], tls_key_file=cert_files["tls_key_file"],
+            tls_client_ca_file=cert_files["tls_client_ca_file"],
         )
 
     def server_limits(self) -> ServerLimits:
@@ -215,4 +241,8 @@ log_level = "{_D['log_level'].lower()}"
 # log_file = "mef.log"
 audit_log = "{_D['audit_log']}"  # append-only audit log (JSON lines, 0600); false: none (docs/observability.md)
 # metrics_listen = "127.0.0.1:9464"  # Prometheus GET /metrics and GET /health (plain HTTP); absent: off
+# Certificate-based enrolment (mutual TLS, ECDSA P-256): all three, or none for TLS-PSK only
+# tls_cert_file = "mef-cert.pem"        # the MEF's certificate (chain), naming the fqdn above as a DNS SAN
+# tls_key_file = "mef-key.pem"          # its private key (0600)
+# tls_client_ca_file = "enrolee-ca.pem" # trust anchor(s) of enrolee certificates
 """

@@ -1,4 +1,5 @@
-"""MEF transport: the oneM2M HTTP binding over TLS-PSK (rspf.httpserver), in front of rspf.mef.service.
+"""MEF transport: the oneM2M HTTP binding over TLS-PSK, and over mutual TLS with certificates when configured
+(rspf.httpserver), in front of rspf.mef.service.
 
 Store and policy live in rspf.mef.store / rspf.mef.service; this module only maps HTTP to them.
 """
@@ -14,6 +15,7 @@ from ..audit import Action
 from ..errors import RSC, EnrolmentRateLimited, OperationNotAllowed, RspfError
 from ..httpserver import TlsHttpServer
 from ..metrics import refusal_reason
+from ..secret import Secret
 from ..tls import PskServer, ServerTls
 from . import protocol
 from .config import MefConfig
@@ -31,9 +33,11 @@ class MefServer(TlsHttpServer):
     work_may_block = False  # the service reads and writes the local store; it never waits on the network
 
     def __init__(self, config: MefConfig, service: MefService) -> None:
-        super().__init__(PskServer(service.psk_for, min_version=config.tls_min_version,
-                                   max_version=config.tls_max_version),
-                         host=config.listen, port=config.port, limits=config.server_limits())
+        tls = PskServer(service.psk_for, min_version=config.tls_min_version, max_version=config.tls_max_version)
+        if config.certificates_enabled:
+            assert config.tls_cert_file and config.tls_key_file and config.tls_client_ca_file
+            tls.use_certificates(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        super().__init__(tls, host=config.listen, port=config.port, limits=config.server_limits())
         self.config = config
         self.service = service
         self.on_refusal = self._observe_refusal
@@ -51,17 +55,22 @@ class MefServer(TlsHttpServer):
         if self._sock is None:
             self.bind()
         host, port = self.address
-        log.info("MEF %s listening on %s:%d (TLS-PSK %s-%s)", self.config.fqdn, host, port,
+        log.info("MEF %s listening on %s:%d (TLS-PSK%s %s-%s)", self.config.fqdn, host, port,
+                 " and certificates" if self.config.certificates_enabled else "",
                  self.config.tls_min_version, self.config.tls_max_version)
         super().serve_forever()
 
     def open_session(self, tls: ServerTls) -> Session | None:
-        if tls.psk_identity is None:
-            return None
+        def exporter() -> Secret:
+            return tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH)
+
         try:
-            session = self.service.open_session(
-                tls.psk_identity,
-                lambda: tls.export_keying_material(keys.EXPORTER_LABEL_BOOTSTRAP, keys.EXPORTER_LENGTH))
+            if tls.psk_identity is not None:
+                session = self.service.open_session(tls.psk_identity, exporter)
+            elif self.config.certificates_enabled and tls.has_peer_certificate:
+                session = self.service.open_certificate_session(tls.peer_certificate_id(), exporter, tls.peer)
+            else:
+                return None  # no PSK and no certificate: no credential
         except RspfError as exc:
             self.refuse(_SESSION_REFUSED, tls.peer, tls.psk_identity, str(exc))
             return None

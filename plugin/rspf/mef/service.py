@@ -1,8 +1,9 @@
 """MEF policy: who may do what, the Enrolment Exchange state machine, profile issuing, fetchCredentials.
 
-No sockets here. The transport (rspf.mef.server) authenticates a TLS-PSK connection, calls
-:meth:`MefService.open_session` with the proven psk_identity and the exporter output, then hands each
-oneM2M request to :meth:`MefService.handle`.
+No sockets here. The transport (rspf.mef.server) authenticates a TLS-PSK connection and calls
+:meth:`MefService.open_session` with the proven psk_identity and the exporter output - or a mutual-TLS
+connection and calls :meth:`MefService.open_certificate_session` with the ID its verified certificate names -
+then hands each oneM2M request to :meth:`MefService.handle`.
 
 Resources and messages (project-defined; TS-0032 is not available): rspf.mef.protocol and
 docs/mef-interface.md.
@@ -30,7 +31,7 @@ from ..ratelimit import Clock, RefusalLog, TokenBucket
 from ..secret import Secret
 from . import protocol
 from .config import MefConfig
-from .store import EnroleeRecord, MefStore, PurgeCounts, utcnow
+from .store import ACTIVE, EnroleeRecord, MefStore, PurgeCounts, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ class Phase(enum.Enum):
 
 @dataclass
 class Session:
-    """One authenticated TLS-PSK connection."""
+    """One authenticated connection (TLS-PSK, or mutual TLS with a certificate for an Enrolee)."""
 
     kind: Principal
-    psk_identity: str
+    psk_identity: str                  # the credential's handle: psk_identity, or an enrolee's (see EnroleeRecord)
     principal_id: str                  # absolute CSE-ID / AE-ID of whoever authenticated
     enrolee: EnroleeRecord | None = None
     ke_id: str | None = None
@@ -138,11 +139,7 @@ class MefService:
                 exporter_output = exporter_output()
             if exporter_output is None:
                 raise RspfError("an enrolee session needs the exporter output")
-            material = keys.split_exporter_output(exporter_output)
-            ke_id = keys.make_ke_id(material.relative_ke_id, self.config.fqdn)
-            return Session(Principal.ENROLEE, psk_identity,
-                           self.absolute_id(enrolee.enrolee_id, enrolee.registrar_cse_id), enrolee, ke_id,
-                           material.enrolment_key)
+            return self._enrolee_session(enrolee, exporter_output)
         target = self.store.get_target(psk_identity)
         if target is None:  # removed between handshake and now
             self.refusals.refused("session of psk_identity %r refused: the credential is no longer registered",
@@ -152,6 +149,35 @@ class MefService:
                                cause="the credential is no longer registered")
             raise AccessDenied("the presented credential is no longer registered")
         return Session(Principal.TARGET, psk_identity, self.absolute_id(target.target_id))
+
+    def open_certificate_session(self, cert_id: str | None, exporter_output: Callable[[], Secret],
+                                 peer: str = "?") -> Session:
+        """Start an Enrolee session for a client whose certificate chain OpenSSL verified to the configured trust
+        anchor; ``cert_id`` is the oneM2M ID it names (rspf.tls.certificate_onem2m_id). The enrolee registered
+        with that certificate ID must be active and within its validity; otherwise AccessDenied, logged."""
+        enrolee = self.store.enrolee_by_certificate(cert_id) if cert_id else None
+        why = ("the certificate names no oneM2M ID" if not cert_id else
+               "no Enrolee is registered with this certificate ID" if enrolee is None else
+               f"the Enrolee is {enrolee.state}" if enrolee.state != ACTIVE else
+               "the Enrolee is past its validUntil" if not enrolee.may_enrol() else None)
+        if why is not None:
+            self.refusals.refused("certificate %r from %s refused: %s", cert_id, peer, why)
+            self.metrics.refusals.labels("certificate refused").inc()
+            self.audit.refused(Action.AUTHENTICATE, actor=f"peer:{peer}", subject=cert_id or "-", cause=why,
+                               source=peer.rpartition(":")[0] or peer)
+            raise AccessDenied(f"the certificate is not accepted: {why}")
+        assert enrolee is not None
+        return self._enrolee_session(enrolee, exporter_output)
+
+    def _enrolee_session(self, enrolee: EnroleeRecord, exporter_output: Secret | Callable[[], Secret]) -> Session:
+        """An Enrolee session: KeID and Ke from the session's exporter output, whatever authenticated it."""
+        if callable(exporter_output):
+            exporter_output = exporter_output()
+        material = keys.split_exporter_output(exporter_output)
+        ke_id = keys.make_ke_id(material.relative_ke_id, self.config.fqdn)
+        return Session(Principal.ENROLEE, enrolee.kpm_id,
+                       self.absolute_id(enrolee.enrolee_id, enrolee.registrar_cse_id), enrolee, ke_id,
+                       material.enrolment_key)
 
     # -- dispatch -------------------------------------------------------------------------------
     def handle(self, session: Session, operation: str, to: str, originator: str, content: Any) -> Reply:
@@ -218,7 +244,7 @@ class MefService:
     # -- enrolee side ---------------------------------------------------------------------------
     def _require_enrolee(self, session: Session) -> EnroleeRecord:
         if session.kind is not Principal.ENROLEE or session.enrolee is None:
-            raise AccessDenied("only an Enrolee authenticated with its KpmID may use this resource")
+            raise AccessDenied("only an Enrolee authenticated with its KpmID or its certificate may use this resource")
         if session.phase is Phase.ENDED:
             raise OperationNotAllowed("the Enrolment Exchange of this session has ended")
         if not session.committed:

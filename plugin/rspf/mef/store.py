@@ -29,7 +29,10 @@ from ..secret import Secret
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+#: The ``kpm`` and ``kpm_fingerprint`` of an enrolee that has no Kpm (it authenticates by certificate only)
+NO_KPM = b""
 
 #: Enrolee states: ``active`` enrols and its keys are served; ``suspended`` neither (until resumed; its keys
 #: stay stored and are served again after resume if still live); ``revoked`` is final (its keys are deleted).
@@ -64,9 +67,11 @@ CREATE TABLE IF NOT EXISTS enrolees (
     state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'suspended', 'revoked')),
     allowed_app_ids TEXT,
     created TEXT NOT NULL,
-    last_enrolled TEXT
+    last_enrolled TEXT,
+    cert_id TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_id ON enrolees(enrolee_id);
+CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_cert ON enrolees(cert_id) WHERE cert_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS enrolees_by_node ON enrolees(node_id);
 CREATE INDEX IF NOT EXISTS enrolees_by_kpm ON enrolees(kpm_fingerprint);
 CREATE TABLE IF NOT EXISTS targets (
@@ -120,6 +125,8 @@ class TargetGrant:
 
 @dataclass
 class EnroleeRecord:
+    #: the enrolee's handle at this MEF: its KpmID (the psk_identity of its Kpm), or for an enrolee without a
+    #: Kpm its certificate ID
     kpm_id: str
     enrolee_id: str
     node_id: str
@@ -136,6 +143,14 @@ class EnroleeRecord:
     last_enrolled: dt.datetime | None = None
     #: 1 for the Kpm the enrolee was registered with, +1 at each rotation (a session proves which one it used)
     kpm_generation: int = 1
+    #: the oneM2M ID its certificate names (rspf.tls.certificate_onem2m_id), when it may authenticate with one
+    cert_id: str | None = None
+    #: whether it holds a Kpm (False: certificate only)
+    has_kpm: bool = True
+
+    def may_enrol(self, now: dt.datetime | None = None) -> bool:
+        """Active and not past ``valid_until``."""
+        return self.state == ACTIVE and (self.valid_until is None or (now or utcnow()) < self.valid_until)
 
     @property
     def enrolee_type(self) -> str:
@@ -151,7 +166,7 @@ class EnroleeRecord:
             "validUntil": _ts(self.valid_until), "state": self.state,
             "allowedAppIDs": list(self.allowed_app_ids) if self.allowed_app_ids is not None else None,
             "kpmGeneration": self.kpm_generation, "created": _ts(self.created),
-            "lastEnrolled": _ts(self.last_enrolled),
+            "lastEnrolled": _ts(self.last_enrolled), "certificateID": self.cert_id, "hasKpm": self.has_kpm,
         }
 
 
@@ -247,7 +262,7 @@ class MefStore:
             db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             version = int(row[0]) if row else None
-            if version is not None and version not in (1, SCHEMA_VERSION):
+            if version is not None and version not in (1, 2, SCHEMA_VERSION):
                 raise StoreError(f"{self.path} has schema version {version}; this MEF reads {SCHEMA_VERSION}")
             # A sealed check value proves at open time that the master key is the one the data was sealed with.
             check = db.execute("SELECT value FROM meta WHERE name='key_check'").fetchone()
@@ -264,6 +279,8 @@ class MefStore:
                 return
             if version == 1:
                 self._migrate_v1(db)
+            if version in (1, 2):
+                self._migrate_v2(db)
             for statement in _DDL.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -283,7 +300,13 @@ class MefStore:
             kpm = self._sealer.open(sealed, b"kpm:" + kpm_id.encode())
             db.execute("UPDATE enrolees SET kpm_fingerprint=? WHERE kpm_id=?", (self._fingerprint(kpm), kpm_id))
         db.execute("ALTER TABLE enrolment_keys ADD COLUMN retire_at TEXT")
-        log.info("migrated the MEF database %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
+        log.info("migrated the MEF database %s from schema version 1 to 2", self.path)
+
+    def _migrate_v2(self, db: sqlite3.Connection) -> None:
+        """Schema 2 -> 3 in place, inside the opening transaction: the enrolees' certificate IDs (none yet; the
+        unique index on them is created by the DDL). Every existing enrolee keeps its Kpm."""
+        db.execute("ALTER TABLE enrolees ADD COLUMN cert_id TEXT")
+        log.info("migrated the MEF database %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
 
     def _fingerprint(self, kpm: bytes) -> bytes:
         return hmac.new(self._fingerprint_key.reveal(), kpm, hashlib.sha256).digest()
@@ -336,26 +359,33 @@ class MefStore:
                 return
 
     # -- enrolees -------------------------------------------------------------------------------
-    def add_enrolees(self, items: Iterable[tuple[EnroleeRecord, Secret]]) -> int:
-        """Insert all enrolees in one transaction; a duplicate anywhere aborts the whole batch."""
+    def add_enrolees(self, items: Iterable[tuple[EnroleeRecord, Secret | None]]) -> int:
+        """Insert all enrolees in one transaction; a duplicate anywhere aborts the whole batch. An enrolee without
+        a Kpm (None) must have a certificate ID."""
         now = _ts(utcnow())
         n = 0
         with self._tx() as db:
             for rec, kpm in items:
+                if kpm is None and rec.cert_id is None:
+                    raise BadRequest(f"the enrolee {rec.kpm_id} needs a Kpm or a certificate ID")
+                if rec.cert_id is not None and db.execute("SELECT 1 FROM enrolees WHERE cert_id=?",
+                                                          (rec.cert_id,)).fetchone():
+                    raise Conflict(f"an enrolee with the certificate ID {rec.cert_id} already exists")
                 self._check_free(db, rec.kpm_id)
                 if db.execute("SELECT 1 FROM enrolees WHERE enrolee_id=?", (rec.enrolee_id,)).fetchone():
                     raise Conflict(f"an enrolee with Enrolee-ID {rec.enrolee_id} already exists")
+                sealed, fingerprint = ((NO_KPM, NO_KPM) if kpm is None else
+                                       (self._seal_kpm(rec.kpm_id, kpm), self._fingerprint(kpm.reveal())))
                 db.execute(
                     "INSERT INTO enrolees (kpm_id, kpm, kpm_fingerprint, enrolee_id, node_id, registrar_cse_id,"
                     " registrar_uri, targets, rm_uri, enrolment_expiry_seconds, valid_until, state, allowed_app_ids,"
-                    " created) VALUES (?,?,?,?,?,?,?,?,?,?,?,'active',?,?)",
-                    (rec.kpm_id, self._seal_kpm(rec.kpm_id, kpm), self._fingerprint(kpm.reveal()), rec.enrolee_id,
-                     *self._mutable_values(rec), now),
+                    " created, cert_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,'active',?,?,?)",
+                    (rec.kpm_id, sealed, fingerprint, rec.enrolee_id, *self._mutable_values(rec), now, rec.cert_id),
                 )
                 n += 1
         return n
 
-    def add_enrolee(self, rec: EnroleeRecord, kpm: Secret) -> None:
+    def add_enrolee(self, rec: EnroleeRecord, kpm: Secret | None) -> None:
         self.add_enrolees([(rec, kpm)])
 
     def _seal_kpm(self, kpm_id: str, kpm: Secret) -> bytes:
@@ -388,7 +418,7 @@ class MefStore:
 
     _ENROLEE_COLS = ("kpm_id, enrolee_id, node_id, registrar_cse_id, registrar_uri, targets, rm_uri,"
                      " enrolment_expiry_seconds, valid_until, state, allowed_app_ids, created, last_enrolled,"
-                     " kpm_generation")
+                     " kpm_generation, cert_id, length(kpm) > 0")
 
     @staticmethod
     def _enrolee(row: tuple) -> EnroleeRecord:
@@ -397,11 +427,17 @@ class MefStore:
             targets=[TargetGrant(t, tuple(s)) for t, s in json.loads(row[5])], rm_uri=row[6],
             enrolment_expiry_seconds=row[7], valid_until=_from_ts(row[8]), state=row[9],
             allowed_app_ids=tuple(json.loads(row[10])) if row[10] is not None else None,
-            created=_from_ts(row[11]), last_enrolled=_from_ts(row[12]), kpm_generation=row[13],
+            created=_from_ts(row[11]), last_enrolled=_from_ts(row[12]), kpm_generation=row[13], cert_id=row[14],
+            has_kpm=bool(row[15]),
         )
 
     def get_enrolee(self, kpm_id: str) -> EnroleeRecord | None:
         row = self._one(f"SELECT {self._ENROLEE_COLS} FROM enrolees WHERE kpm_id=?", (kpm_id,))
+        return self._enrolee(row) if row else None
+
+    def enrolee_by_certificate(self, cert_id: str) -> EnroleeRecord | None:
+        """The enrolee registered with this certificate ID (in any state), or None."""
+        row = self._one(f"SELECT {self._ENROLEE_COLS} FROM enrolees WHERE cert_id=?", (cert_id,))
         return self._enrolee(row) if row else None
 
     def has_enrolee_id(self, enrolee_id: str) -> bool:
@@ -457,7 +493,7 @@ class MefStore:
         if row is None:
             return None
         rec = self._enrolee(row)
-        if rec.state != ACTIVE or (rec.valid_until is not None and (now or utcnow()) >= rec.valid_until):
+        if not rec.has_kpm or not rec.may_enrol(now):
             return None
         return rec, Secret(self._sealer.open(row[-1], b"kpm:" + kpm_id.encode()), "Kpm")
 
@@ -528,6 +564,8 @@ class MefStore:
         with self._tx() as db:
             if self._state(db, kpm_id) == REVOKED:
                 raise Conflict(f"the enrolee {kpm_id} is revoked; a revoked enrolee gets no new Kpm")
+            if db.execute("SELECT length(kpm) = 0 FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()[0]:
+                raise Conflict(f"the enrolee {kpm_id} authenticates by certificate and has no Kpm to rotate")
             db.execute("UPDATE enrolees SET kpm=?, kpm_fingerprint=?, kpm_generation=kpm_generation+1"
                        " WHERE kpm_id=?", (self._seal_kpm(kpm_id, kpm), self._fingerprint(kpm.reveal()), kpm_id))
             return self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_KPM_ROTATED, now)
