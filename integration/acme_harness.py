@@ -279,12 +279,26 @@ class AcmeCse:
 
     # -- logs ------------------------------------------------------------------------------------
     def log_files(self) -> list[Path]:
-        files = sorted((self.base / "logs").glob("*.log")) if (self.base / "logs").is_dir() else []
+        """ACME's log files, the ones it rotated away (``.log.1``, ``.log.2``, ...) too, oldest first."""
+        logs = self.base / "logs"
+        dated = []
+        for f in logs.glob("*.log*") if logs.is_dir() else []:
+            try:
+                dated.append((f.stat().st_mtime, f))
+            except FileNotFoundError:  # rotated away meanwhile
+                continue
+        files = [f for _mtime, f in sorted(dated)]
         out = self.base / "acme.out"
         return files + ([out] if out.exists() else [])
 
     def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.log_files())
+        texts = []
+        for p in self.log_files():
+            try:
+                texts.append(p.read_text(errors="replace"))
+            except FileNotFoundError:  # rotated away meanwhile
+                continue
+        return "\n".join(texts)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_text()[-chars:]
