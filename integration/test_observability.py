@@ -227,7 +227,12 @@ def test_plugin_audit_log_metrics_and_health_in_a_real_acme(tmp_path: Path) -> N
         with pytest.raises(Exception, match="refused the TLS-PSK handshake"):  # a made-up KeID
             PskClient().connect(HOST, cse.secure_port, f"{'1' * 32}@{FQDN}", Secret(bytes(32)), timeout=15).close()
 
-        m = scrape(metrics_port)
+        # the server counts a refused handshake once it has sent its alert: the client may see the alert first
+        def refusal_counted() -> Any:
+            got = scrape(metrics_port)
+            return got if value(got, "rspf_cse_secure_handshakes_total", result="refused") >= 1 else None
+
+        m = wait_until(refusal_counted, what="the refused handshake to be counted")
         assert value(m, "rspf_cse_registrations_total", result="admitted") == 1
         assert value(m, "rspf_cse_credentials_recorded_total") == 1
         assert value(m, "rspf_cse_refusals_total", where="secure_listener") >= 1

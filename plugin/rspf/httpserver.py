@@ -637,11 +637,13 @@ class _Connection(asyncio.BufferedProtocol):
             return
         done, out, failure = result
         assert self.transport is not None and self.tls is not None
+        if failure is not None:  # counted and logged before the client can read the alert
+            self.server.handshakes["refused"] += 1
+            self.server.refuse("TLS handshake refused", self.peer, self.presented_identity, str(failure))
         if out:
             self.transport.write(out)
         if failure is not None:
-            self.server.handshakes["refused"] += 1
-            self._refuse("TLS handshake refused", str(failure))
+            self.abort()
             return
         if not done:
             self._step_handshake()
