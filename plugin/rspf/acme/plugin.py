@@ -334,10 +334,12 @@ class RspfSecurityPlugin:
     def _revoked(self, items: list[Revocation]) -> None:
         """KeIDs the MEF revoked: their keys go, their connections close, their rule entries go."""
         assert self.keycache is not None
-        ke_ids = {item.ke_id for item in items}
+        ke_ids = {item.ke_id for item in items if item.ke_id is not None}
         held = self.keycache.revoke(ke_ids)
         closed = self._close_connections(lambda ident, _cred: ident is not None and _ke_id_or_none(ident) in ke_ids)
         for item in items:
+            if item.ke_id is None:
+                continue
             self._forget_invalid(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
             _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now on")
         if held or closed:
@@ -895,7 +897,8 @@ class RspfSecurityPlugin:
         self.metrics.revocations_applied.inc(len(items))
         self.metrics.connections_closed.labels("revoked").inc(closed)
         for item in items:
-            self.audit.record(Action.REVOCATION_APPLIED, actor=f"cse:{host.cse_id()}", subject=item.ke_id,
+            subject = item.ke_id or f"certificate {item.cert_sha256}"
+            self.audit.record(Action.REVOCATION_APPLIED, actor=f"cse:{host.cse_id()}", subject=subject,
                               result=Result.OK, cause=item.cause,
                               details={"seq": item.seq, "batch": len(items), "keysDroppedInBatch": held,
                                        "connectionsClosedInBatch": closed})

@@ -40,6 +40,9 @@ INSTRUCTION_RM = "remoteManagementServer"
 #: The Enrolee's indications in the initial Enrolment Exchange request (TS-0003 Table 8.3.2.1-1)
 ENROL_FLAGS = ("certificateEnrolment", "mafEnrolment", "remoteManagement")
 
+#: certProvProtocolID of a certificateEnrolment instruction (TS-0003 §12): 1 EST (the only one this project runs)
+CERT_PROV_EST = 1
+
 MAX_EXCHANGE_INSTRUCTIONS = 16  # an Enrolee ends an exchange that goes on longer than this
 _SUID_TEXT = re.compile(r"[0-9]{1,3}")
 
@@ -122,6 +125,38 @@ def enrol_response(instruction: dict[str, Any]) -> dict[str, Any]:
 
 def end_of_exchange(ke_id: str) -> dict[str, Any]:
     return enrol_response({"instructionType": INSTRUCTION_END, "keyID": ke_id})
+
+
+@dataclass(frozen=True)
+class CertificateInstruction:
+    """A ``certificateEnrolment`` instruction (TS-0003 Table 8.3.2.1-2, with the certProvCmdArgs of §12): obtain
+    a certificate for ``subject_id`` (an absolute CSE-ID or AE-ID, rspf.est.subject_uri) over EST at ``uri``;
+    ``app_id``: the App-ID the certificate will bind (our extension), or None."""
+
+    uri: str
+    subject_type: int
+    subject_id: str
+    app_id: str | None = None
+
+    def to_instruction(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"instructionType": INSTRUCTION_CERT, "uri": self.uri,
+                               "certProvProtocolID": CERT_PROV_EST, "certSubjectType": self.subject_type,
+                               "certSubjectID": self.subject_id}
+        if self.app_id is not None:
+            out["appID"] = self.app_id
+        return out
+
+    @classmethod
+    def from_instruction(cls, rsp: dict[str, Any]) -> CertificateInstruction:
+        uri, kind, subject, app = (rsp.get("uri"), rsp.get("certSubjectType"), rsp.get("certSubjectID"),
+                                   rsp.get("appID"))
+        if (rsp.get("instructionType") != INSTRUCTION_CERT or rsp.get("certProvProtocolID") != CERT_PROV_EST
+                or not isinstance(uri, str) or not uri.startswith("https://") or len(uri) > 1024
+                or kind not in (1, 2, 3) or isinstance(kind, bool) or not isinstance(subject, str)
+                or not 0 < len(subject) <= 512 or (app is not None and not isinstance(app, str))):
+            raise BadRequest("the MEF sent a malformed certificateEnrolment instruction (an EST URI, "
+                             "certSubjectType 1-3 and certSubjectID are required)")
+        return cls(uri, kind, subject, app)
 
 
 def parse_enrol_response(data: Any) -> dict[str, Any]:
@@ -229,16 +264,23 @@ REVS = "rspf:revs"
 #: Most items one answer carries; ``complete`` is false when more follow.
 MAX_REVOCATIONS_PER_ANSWER = 256
 _SEQ_TEXT = re.compile(r"[0-9]{1,18}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class Revocation:
-    """KeID ``ke_id`` stopped being usable; ``cause`` is the MEF's word for why (its revocation log's causes,
+    """KeID ``ke_id`` -- or the certificate whose DER has SHA-256 ``cert_sha256`` (rspf.est.fingerprint), exactly
+    one of the two -- stopped being usable; ``cause`` is the MEF's word for why (its revocation log's causes,
     docs/mef-interface.md), shown to operators, never acted on: every cause means the same to a Target."""
 
     seq: int
-    ke_id: str
+    ke_id: str | None
     cause: str
+    cert_sha256: str | None = None
+
+    def to_item(self) -> dict[str, Any]:
+        named = {"keID": self.ke_id} if self.ke_id is not None else {"certSHA256": self.cert_sha256}
+        return {"seq": self.seq, **named, "cause": self.cause}
 
 
 @dataclass(frozen=True)
@@ -276,7 +318,7 @@ def parse_revocations_path(path: str) -> int | None:
 
 def revocations_response(page: RevocationPage) -> dict[str, Any]:
     return {REVS: {"last": page.last, "complete": page.complete, "gap": page.gap,
-                   "items": [{"seq": r.seq, "keID": r.ke_id, "cause": r.cause} for r in page.items]}}
+                   "items": [r.to_item() for r in page.items]}}
 
 
 def parse_revocations_response(data: Any) -> RevocationPage:
@@ -292,10 +334,14 @@ def parse_revocations_response(data: Any) -> RevocationPage:
     for item in items:
         seq = item.get("seq") if isinstance(item, dict) else None
         ke_id = item.get("keID") if isinstance(item, dict) else None
+        cert = item.get("certSHA256") if isinstance(item, dict) else None
         cause = item.get("cause") if isinstance(item, dict) else None
         if (not isinstance(seq, int) or isinstance(seq, bool) or not previous < seq <= last
-                or not isinstance(ke_id, str) or not isinstance(cause, str) or len(cause) > 32):
+                or (ke_id is None) == (cert is None) or (ke_id is not None and not isinstance(ke_id, str))
+                or (cert is not None and not (isinstance(cert, str) and _SHA256_HEX.fullmatch(cert)))
+                or not isinstance(cause, str) or len(cause) > 32):
             raise BadRequest("the MEF's revocation feed answer has a malformed or out-of-order item")
-        out.append(Revocation(seq, keys.normalise_ke_id(ke_id), cause))
+        out.append(Revocation(seq, keys.normalise_ke_id(ke_id), cause) if ke_id is not None
+                   else Revocation(seq, None, cause, cert))
         previous = seq
     return RevocationPage(last, tuple(out), complete, gap)
