@@ -8,6 +8,7 @@ addresses (Linux routes all of 127/8 to lo).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -22,7 +23,7 @@ from integration.support import closed_now
 from OpenSSL import SSL
 from rawhttp import read_response
 
-from rspf import wire
+from rspf import httpserver, wire
 from rspf.errors import TlsError
 from rspf.httpserver import ServerLimits, TlsHttpServer
 from rspf.ratelimit import RefusalLog
@@ -673,3 +674,112 @@ def test_pool_runs_a_backlog_in_order_and_stop_ends_every_thread() -> None:
     for t in pool._threads:
         t.join(5)
         assert not t.is_alive()
+
+
+# -- the worker that answered keeps the connection ----------------------------------------------------------
+class KeepingServer(EchoServer):
+    """An echo server whose connections come back to the loop only when a worker stops keeping one."""
+
+    handbacks = 0
+
+
+@pytest.fixture
+def kept(monkeypatch: pytest.MonkeyPatch) -> Iterator[KeepingServer]:
+    """A server whose answering worker waits far longer than any test for the client's next request: every
+    request after the first on a connection is read and answered by that worker, unless it gives way."""
+    monkeypatch.setattr(httpserver, "KEEP_SECONDS", 3 * WAIT)
+    answered = httpserver._Connection._answered
+
+    def counting(self: Any, result: Any, error: BaseException | None) -> None:
+        KeepingServer.handbacks += 1
+        answered(self, result, error)
+
+    monkeypatch.setattr(httpserver._Connection, "_answered", counting)
+    KeepingServer.handbacks = 0
+    s = KeepingServer(FAST)
+    start(s)
+    yield s
+    s.shutdown(WAIT)
+
+
+def primed(server: TlsHttpServer) -> TlsConnection:
+    """A connection whose first request was answered: its worker now keeps it."""
+    tls = connect(server)
+    assert exchange(tls, get("/first")).json()["target"] == "/first"
+    return tls
+
+
+def test_requests_after_the_first_are_answered_by_the_worker_that_keeps_the_connection(
+        kept: KeepingServer) -> None:
+    tls = primed(kept)
+    reader = tls.makefile()
+    for i in range(30):
+        tls.sendall(get(f"/r{i}", body=b"b%d" % i, method="POST"))
+        seen = read_response(reader).json()
+        assert (seen["target"], seen["body"], seen["session"]) == (f"/r{i}", f"b{i}", IDENTITY)
+    tls.sendall(get("/a") + get("/b"))  # pipelined: the second waits in h11's buffer, then is answered
+    assert [read_response(reader).json()["target"] for _ in range(2)] == ["/a", "/b"]
+    assert KeepingServer.handbacks == 0, "a request went back to the loop between answers"
+
+
+@pytest.mark.parametrize("second, status, rsc", [
+    (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n", 400, 4000),
+    (get(extra="X-Pad: " + "a" * (wire.MAX_HEADER_BYTES + 10) + "\r\n"), 431, 4000),
+    (get(method="POST", extra="Content-Length: 1025\r\n"), 413, 4000),
+    (get().replace(b"HTTP/1.1", b"HTTP/1.9", 1), 505, None),
+])
+def test_a_bad_request_on_a_kept_connection_is_refused_and_closes_it(kept: KeepingServer, second: bytes,
+                                                                     status: int, rsc: int | None) -> None:
+    tls = primed(kept)
+    resp = exchange(tls, second + get("/never"))
+    assert resp.status == status and (rsc is None or resp.rsc == rsc), (resp.status, resp.headers)
+    assert tls_closed(tls), "the request after the refused one was answered"
+
+
+def test_expect_100_continue_on_a_kept_connection(kept: KeepingServer) -> None:
+    tls = primed(kept)
+    tls.sendall(get(method="POST", extra="Expect: 100-continue\r\nContent-Length: 2\r\n"))
+    reader = tls.makefile()
+    assert reader.readline().startswith(b"HTTP/1.1 100 ")
+    assert reader.readline() == b"\r\n"
+    tls.sendall(b"ok")
+    assert read_response(reader).json()["body"] == "ok"
+
+
+def test_a_forged_record_on_a_kept_connection_closes_it(kept: KeepingServer) -> None:
+    tls = primed(kept)
+    tls._sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data the session did not encrypt
+    assert tls_closed(tls)
+    assert exchange(primed(kept), get("/after")).json()["target"] == "/after"  # the server lives on
+
+
+def test_closing_a_credential_reaches_a_kept_connection(kept: KeepingServer) -> None:
+    tls = primed(kept)
+    assert kept.close_where(lambda _tls, session: session == IDENTITY) == 1
+    assert tls_closed(tls)
+
+
+def test_a_kept_connection_gives_way_to_a_request_waiting_for_a_worker(kept: KeepingServer) -> None:
+    held = [primed(kept) for _ in range(FAST.workers)]  # every worker keeps a connection (for 3 x WAIT)
+    late = connect(kept)  # answered within WAIT only if a keeping worker lets its connection go
+    assert exchange(late, get("/late")).json()["target"] == "/late"
+    assert all(exchange(t, get("/again")).status == 200 for t in held)
+
+
+def test_stopping_does_not_wait_for_kept_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "KEEP_SECONDS", 3 * WAIT)
+    s = EchoServer(dataclasses.replace(FAST, stop_grace=3 * WAIT))  # a busy connection would be waited for
+    thread = s.start_background()
+    tls = primed(s)
+    s.request_stop()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "a kept connection held the server after request_stop"
+    assert tls_closed(tls)
+
+
+def test_a_request_that_stalls_after_a_kept_answer_meets_the_request_deadline(server: EchoServer) -> None:
+    tls = primed(server)
+    tls.sendall(b"GET /slow HTTP/1.1\r\nHo")  # then nothing: the worker gives the connection back, the loop waits
+    resp = read_response(tls.makefile())
+    assert (resp.status, resp.rsc) == (408, 4008)
+    assert tls_closed(tls)

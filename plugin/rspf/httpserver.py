@@ -20,10 +20,13 @@ import collections
 import functools
 import logging
 import math
+import os
 import re
 import resource
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -45,6 +48,11 @@ REFUSAL_LOG_INTERVAL = 10.0
 #: Handshake bytes a client may send before the handshake completes (a ClientHello is rarely above 2 KB).
 MAX_HANDSHAKE_BYTES = 64 * 1024
 _READ_SIZE = 64 * 1024
+#: How long a worker that has just sent an answer waits for the same client's next request before it gives the
+#: connection back to the loop (docs/transport.md, "the answering worker keeps the connection"); in slices, so
+#: that a job waiting for a worker is not held up for longer than one slice.
+KEEP_SECONDS = 0.005
+_KEEP_SLICE_MS = 1
 _TLS_CONTENT_TYPES = frozenset(range(20, 25))
 _HTTP_VERSIONS = (b"1.0", b"1.1")
 _FRAMING_HEADERS = frozenset(("content-length", "connection", "transfer-encoding"))
@@ -121,6 +129,10 @@ class _Pool:
                 self._idle.pop().hand((job, done))
             else:
                 self._backlog.append((job, done))
+
+    def has_backlog(self) -> bool:
+        """Whether a job waits for a thread (read without the lock: a hint)."""
+        return bool(self._backlog)
 
     def _next(self, worker: _Worker) -> _Job | None:
         """The next job of ``worker`` from the backlog, or None after it joined the idle stack."""
@@ -447,6 +459,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._write_paused = False
+        #: The socket's descriptor, for the worker that keeps the connection between answers; with ``_io_lock``
+        #: held, a worker uses it only while the state is not _CLOSED (the transport closes it after that)
+        self._fd = -1
+        self._io_lock = threading.Lock()
 
     # -- asyncio callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -460,6 +476,8 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self._peer_address = (str(peer[0]), int(peer[1]))
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
         self._arm(self.limits.handshake_timeout, "handshake deadline")
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -493,7 +511,8 @@ class _Connection(asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = _CLOSED
+        with self._io_lock:
+            self.state = _CLOSED
         self._disarm()
         self.server._forget(self)
 
@@ -519,7 +538,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         if self.transport is not None and self.state != _CLOSED:
-            self.state = _CLOSED
+            with self._io_lock:  # a worker's read or write on the socket ends first
+                self.state = _CLOSED
             self._disarm()
             self.transport.abort()
             self.server._forget(self)
@@ -527,7 +547,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _close(self) -> None:
         """Close after what was written is flushed."""
         if self.transport is not None and self.state != _CLOSED:
-            self.state = _CLOSED
+            with self._io_lock:
+                self.state = _CLOSED
             self._disarm()
             self.transport.close()
             self.server._forget(self)
@@ -683,25 +704,18 @@ class _Connection(asyncio.BufferedProtocol):
             try:
                 event = self._http.next_event()
             except h11.RemoteProtocolError as exc:
-                hint = exc.error_status_hint
-                err: RspfError = wire.HeaderTooLarge(f"the request head is larger than {wire.MAX_HEADER_BYTES} "
-                                                     "bytes") if hint == 431 else BadRequest(
-                    f"malformed HTTP request: {exc}")
-                self._send_error(err)
+                self._send_error(_protocol_error(exc))
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             try:
                 if isinstance(event, h11.Request):
-                    self._on_head(event)
+                    if self._on_head(event):
+                        self._send(self._http.send(h11.InformationalResponse(status_code=100, headers=[])))
                 elif isinstance(event, h11.Data):
-                    self._body_size += len(event.data)
-                    if self._body_size > self.limits.max_body:
-                        raise wire.PayloadTooLarge(f"the request body is longer than {self.limits.max_body} bytes")
-                    self._body.append(event.data)
+                    self._on_body(event)
                 elif isinstance(event, h11.EndOfMessage):
-                    if event.headers:
-                        _check_fields(list(event.headers), "trailer")
+                    self._on_end(event)
                     self._dispatch()
                 elif isinstance(event, h11.ConnectionClosed):
                     self._goodbye()
@@ -710,7 +724,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._send_error(exc)
                 return
 
-    def _on_head(self, head: h11.Request) -> None:
+    def _on_head(self, head: h11.Request) -> bool:
+        """Check a request head; whether the client waits for ``100 Continue`` before it sends the body."""
         self._head = head
         self._fields = fields = list(head.headers)  # iterating h11's Headers is slow: once
         if head.http_version not in _HTTP_VERSIONS:
@@ -722,42 +737,68 @@ class _Connection(asyncio.BufferedProtocol):
                 raise wire.PayloadTooLarge(f"the request body is {int(value)} bytes; this server accepts at "
                                            f"most {self.limits.max_body}")
         self.server.check_request(head)
-        if self._http.they_are_waiting_for_100_continue:
-            self._send(self._http.send(h11.InformationalResponse(status_code=100, headers=[])))
+        return bool(self._http.they_are_waiting_for_100_continue)
 
-    def _dispatch(self) -> None:
+    def _on_body(self, event: h11.Data) -> None:
+        self._body_size += len(event.data)
+        if self._body_size > self.limits.max_body:
+            raise wire.PayloadTooLarge(f"the request body is longer than {self.limits.max_body} bytes")
+        self._body.append(event.data)
+
+    def _on_end(self, event: h11.EndOfMessage) -> None:
+        if event.headers:
+            _check_fields(list(event.headers), "trailer")
+
+    def _request(self) -> wire.HttpRequest:
+        """The request whose head and body were received."""
         head = self._head
-        assert head is not None and self.server._workers is not None
-        self._disarm()  # the request arrived whole
+        assert head is not None
         try:
             req = wire.request_from_h11(head.method, head.target, self._fields, b"".join(self._body))
         except UnicodeDecodeError:
             raise BadRequest("the request head is not ASCII text") from None
         self._body, self._body_size = [], 0
+        return req
+
+    def _dispatch(self) -> None:
+        assert self.server._workers is not None
+        self._disarm()  # the request arrived whole
+        req = self._request()
         self._busy = True
         session, server, tls = self.session, self.server, self.tls
         assert server._workers is not None and tls is not None
         if session is _UNOPENED:
             self._tls_in_pool = True
 
-        def job() -> tuple[Any, tuple[wire.HttpResponse, bool] | None]:
-            opened = server.open_session(tls) if session is _UNOPENED else session
-            return opened, (None if opened is None else server.respond(opened, req))
-
         if not server.work_may_block:
             try:
-                result, error = job(), None
+                opened = server.open_session(tls) if session is _UNOPENED else session
+                result = opened, (None if opened is None else server.respond(opened, req)), None
+                error = None
             except Exception as exc:  # logged by _answered, answered 5000
                 result, error = None, exc
             self._answered(result, error)
             return
+
+        def job() -> tuple[Any, tuple[wire.HttpResponse, bool] | None, _Handback | None]:
+            opened = server.open_session(tls) if session is _UNOPENED else session
+            if opened is None:
+                return None, None, None
+            self.session = opened  # seen by close_where while this worker keeps the connection
+            return (opened, *self._keep(opened, server.respond(opened, req)))
+
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True  # the worker reads the client's next request itself (``_keep``)
+            self.transport.pause_reading()
         server._workers.submit(job, self._from_pool(self._answered))
 
     def _answered(self, result: Any, error: BaseException | None) -> None:
+        """On the loop, once a request was answered: ``(session, answer, handback)``. ``answer`` is for the loop
+        to send; None when the worker sent its answers itself, and ``handback`` says how it left the connection."""
         self._busy = self._tls_in_pool = False
         if self.state == _CLOSED:
             return
-        assert self.transport is not None and self._head is not None
+        assert self.transport is not None
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -765,11 +806,17 @@ class _Connection(asyncio.BufferedProtocol):
             log.error("%s: unexpected error while answering a request", self.server.name, exc_info=error)
             self._send_error(RspfError("the server failed to answer; see its log"))
             return
-        session, answer = result
-        if answer is None:
+        session, answer, handback = result
+        if session is None:
             self._refuse("no usable credential after the handshake")
             return
         self.session = session
+        http = self._http
+        if answer is None:
+            assert handback is not None
+            self._taken_back(handback)
+            return
+        assert self._head is not None
         resp, close = answer
         try:
             self._reply(resp, close)
@@ -777,13 +824,41 @@ class _Connection(asyncio.BufferedProtocol):
             log.error("%s: the application's answer cannot be sent: %s", self.server.name, exc)
             self._send_error(RspfError("the server failed to answer; see its log"))
             return
-        http = self._http
         if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
             self._goodbye()  # either side ends the connection (h11 sent Connection: close)
             return
         http.start_next_cycle()  # what the client pipelined after this request stays in h11's buffer
         self._head = None
         self._in_request = bool(http.trailing_data[0])  # a pipelined request has begun
+        self._carry_on()
+
+    def _taken_back(self, handback: _Handback) -> None:
+        """The connection back from the worker that kept it (``_keep``): send what the socket did not take, act
+        on what the worker met, then read on as after any answer."""
+        http = self._http
+        if handback.unsent:
+            assert self.transport is not None
+            self.transport.write(handback.unsent)
+        if handback.refused is not None:
+            self._refuse("TLS record refused", handback.refused)
+            return
+        if handback.error is not None:
+            self._send_error(handback.error)
+            return
+        if http.our_state is not h11.IDLE and http.our_state is not h11.SEND_RESPONSE:
+            self._goodbye()  # the answer ended the connection (Connection: close), or h11 cannot go on
+            return
+        if handback.send_continue:
+            self._send(http.send(h11.InformationalResponse(status_code=100, headers=[])))
+        self._in_request = self._head is not None or bool(http.trailing_data[0])
+        self._carry_on()
+
+    def _carry_on(self) -> None:
+        """Read on after an answer: the next request, or the idle wait (the connection closes if the server
+        is stopping)."""
+        if self.server._stop.is_set():
+            self._goodbye()
+            return
         if self._pending:  # ciphertext that came while the session was opening
             data, self._pending = bytes(self._pending), bytearray()
             self._on_ciphertext(data)
@@ -801,8 +876,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._write_tls()
 
     def _reply(self, resp: wire.HttpResponse, close: bool) -> None:
-        """Send one answer through h11. h11 frames it, sends no body after HEAD, and adds ``Connection: close``
-        when either side ends the connection (``close``, the client's ``Connection: close``, HTTP/1.0)."""
+        """Send one answer through h11 (:meth:`_framed`)."""
+        self._send(self._framed(resp, close))
+
+    def _framed(self, resp: wire.HttpResponse, close: bool) -> bytes:
+        """One answer as h11 frames it: no body after HEAD, ``Connection: close`` when either side ends the
+        connection (``close``, the client's ``Connection: close``, HTTP/1.0)."""
         no_body = resp.status in _BODILESS or self._head is not None and self._head.method == b"HEAD"
         head = h11.Response(status_code=resp.status, reason=_reason(resp.status),
                             headers=_response_fields(resp, close))
@@ -810,7 +889,108 @@ class _Connection(asyncio.BufferedProtocol):
         data = http.send(head)
         if resp.body and not no_body:
             data += http.send(h11.Data(data=resp.body))
-        self._send(data + http.send(h11.EndOfMessage()))
+        return data + http.send(h11.EndOfMessage())
+
+    # -- the answering worker keeps the connection (worker thread) -------------------------------
+    def _keep(self, session: Any, answer: tuple[wire.HttpResponse, bool]) \
+            -> tuple[tuple[wire.HttpResponse, bool] | None, _Handback | None]:
+        """Run by the worker that produced ``answer``, while the loop does not read this connection: send the
+        answer itself, wait up to KEEP_SECONDS for the client's next request and answer that too, and so on; a
+        client that sends request after request is served without a thread hand-off (docs/transport.md).
+
+        Returns ``(answer, None)`` to leave an answer to the loop (nothing of it sent), or ``(None, handback)``
+        once the answers were sent and the worker stopped waiting."""
+        tls, http, transport = self.tls, self._http, self.transport
+        assert tls is not None and transport is not None
+        while True:
+            resp, close = answer
+            if close or self._fd < 0 or transport.get_write_buffer_size():
+                return answer, None  # the loop sends it (and what it has queued goes first)
+            try:
+                plain = self._framed(resp, close)
+                tls.send(plain)
+            except (h11.LocalProtocolError, ConnectionError):
+                return answer, None  # the loop meets the same error and answers it
+            data = tls.outgoing()
+            with self._io_lock:
+                if self.state == _CLOSED:
+                    return None, _Handback()
+                try:
+                    sent = os.write(self._fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return None, _Handback()  # the transport sees the failure too and closes
+            if sent < len(data):
+                return None, _Handback(unsent=data[sent:])
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return None, _Handback()
+            http.start_next_cycle()
+            self._head = None
+            step = self._next_kept_request()
+            if isinstance(step, _Handback):
+                return None, step
+            answer = self.server.respond(session, step)
+
+    def _next_kept_request(self) -> wire.HttpRequest | _Handback:
+        """The client's next whole request if it arrives within KEEP_SECONDS and no other job waits for a worker;
+        otherwise how the connection is left for the loop (what arrived stays in ``tls`` and h11)."""
+        http, tls, server = self._http, self.tls, self.server
+        assert tls is not None and server._workers is not None
+        until = time.monotonic() + KEEP_SECONDS
+        poller: select.poll | None = None
+        while True:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                return _Handback(error=_protocol_error(exc))
+            try:
+                if isinstance(event, h11.Request):
+                    if self._on_head(event):
+                        return _Handback(send_continue=True)
+                    continue
+                if isinstance(event, h11.Data):
+                    self._on_body(event)
+                    continue
+                if isinstance(event, h11.EndOfMessage):
+                    self._on_end(event)
+                    return self._request()
+            except RspfError as exc:
+                return _Handback(error=exc)
+            if event is not h11.NEED_DATA or server._workers.has_backlog() or server._stop.is_set():
+                return _Handback()  # PAUSED, ConnectionClosed: the loop's part
+            wait = until - time.monotonic()
+            if wait <= 0:
+                return _Handback()
+            if poller is None:
+                poller = select.poll()
+                poller.register(self._fd, select.POLLIN)
+            if not poller.poll(min(_KEEP_SLICE_MS, max(1, math.ceil(wait * 1000)))):
+                continue
+            with self._io_lock:
+                if self.state == _CLOSED:
+                    return _Handback()
+                try:
+                    data = os.read(self._fd, _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return _Handback()
+            if not data:
+                http.receive_data(b"")
+                return _Handback()
+            tls.feed(data)
+            try:
+                plain, closed = tls.receive()
+            except ConnectionError as exc:
+                return _Handback(refused=str(exc))
+            if plain:
+                http.receive_data(plain)
+            if closed:
+                http.receive_data(b"")
+            out = tls.outgoing()  # alerts or key updates the records produced
+            if out or closed:
+                return _Handback(unsent=out)
 
     def _send_error(self, exc: RspfError) -> None:
         """Answer a protocol error or a deadline as a oneM2M error, then close: what follows is not read.
@@ -841,6 +1021,22 @@ class _Connection(asyncio.BufferedProtocol):
             self.tls.close_notify()
             self._write_tls()
         self._close()
+
+
+@dataclass(frozen=True)
+class _Handback:
+    """How a worker that kept a connection (``_Connection._keep``) leaves it to the loop."""
+
+    unsent: bytes = b""              # ciphertext the socket did not take: the loop sends it first
+    refused: str | None = None       # a TLS record error: the connection is refused
+    error: RspfError | None = None   # the next request is refused with this
+    send_continue: bool = False      # the next request's head waits for 100 Continue
+
+
+def _protocol_error(exc: h11.RemoteProtocolError) -> RspfError:
+    if exc.error_status_hint == 431:
+        return wire.HeaderTooLarge(f"the request head is larger than {wire.MAX_HEADER_BYTES} bytes")
+    return BadRequest(f"malformed HTTP request: {exc}")
 
 
 @functools.lru_cache(maxsize=512)
