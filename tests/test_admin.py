@@ -25,7 +25,7 @@ from rspf.secret import Secret
 SP_ID = "//sp.example.com"
 KPM_HEX = "a1" * 32
 HEADER = "kpm_id,kpm,enrolee_id,node_id,registrar_cse_id,registrar_uri,targets,rm_uri,enrolment_expiry_seconds," \
-         "valid_until,allowed_app_ids"
+         "valid_until,allowed_app_ids,certificates"
 
 
 def fields(n: int = 1, **kw):

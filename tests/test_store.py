@@ -379,7 +379,7 @@ def make_v1_database(paths) -> str:
 def test_a_version_1_database_is_upgraded_in_place(paths):
     ke_id = make_v1_database(paths)
     s = MefStore(*paths)
-    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("3",)  # through 2, in one go
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("4",)  # through 2 and 3, in one go
     one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
     assert (one.state, two.state) == ("active", "revoked")
     assert one.targets == [TargetGrant("/id-x", (23,))] and one.enrolment_expiry_seconds == 600
@@ -416,10 +416,10 @@ def test_a_failed_migration_changes_nothing(paths):
 def test_an_unknown_schema_version_is_refused(paths):
     MefStore(*paths).close()
     db = sqlite3.connect(paths[0])
-    db.execute("UPDATE meta SET value='4' WHERE name='schema_version'")
+    db.execute("UPDATE meta SET value='5' WHERE name='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 4"):
+    with pytest.raises(StoreError, match="schema version 5"):
         MefStore(*paths)
 
 
@@ -435,6 +435,7 @@ def make_v2_database(paths) -> str:
     s.put_enrolment_key(ke_id, rec(1).kpm_id, KE_MARK, T0, T0 + dt.timedelta(days=3650))
     s.close()
     db = sqlite3.connect(paths[0])
+    downgrade_to_v3(db)
     db.execute("DROP INDEX enrolees_by_cert")
     db.execute("ALTER TABLE enrolees DROP COLUMN cert_id")
     db.execute("UPDATE meta SET value='2' WHERE name='schema_version'")
@@ -443,10 +444,55 @@ def make_v2_database(paths) -> str:
     return ke_id
 
 
+def downgrade_to_v3(db: sqlite3.Connection) -> None:
+    """Turn a schema-4 file into what schema 3 was: no certificate entitlement, no certificates table, and a
+    revocation log of KeIDs only (its rows and sequence numbers kept)."""
+    db.execute("ALTER TABLE enrolees DROP COLUMN may_certify")
+    db.execute("DROP TABLE certificates")
+    newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
+    db.execute("ALTER TABLE revocations RENAME TO r4")
+    db.execute("DROP INDEX revocations_by_time")
+    db.execute("CREATE TABLE revocations (seq INTEGER PRIMARY KEY AUTOINCREMENT, ke_id TEXT NOT NULL, enrolee_id"
+               " TEXT NOT NULL, cause TEXT NOT NULL, time TEXT NOT NULL)")
+    db.execute("CREATE INDEX revocations_by_time ON revocations(time)")
+    db.execute("INSERT INTO revocations SELECT seq, ke_id, enrolee_id, cause, time FROM r4")
+    db.execute("DROP TABLE r4")
+    if newest is not None:
+        db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='revocations'", newest)
+    db.execute("UPDATE meta SET value='3' WHERE name='schema_version'")
+
+
+def test_a_version_3_database_is_upgraded_in_place_keeping_the_revocation_log(paths):
+    s = MefStore(*paths)
+    s.add_enrolee(rec(1), kpm(1))
+    for n in range(3):
+        s.put_enrolment_key(f"{n:02x}" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, T0,
+                            T0 + dt.timedelta(days=3650))
+    s.revoke_enrolee(rec(1).kpm_id)  # three log rows, 1..3
+    s.close()
+    db = sqlite3.connect(paths[0])
+    db.execute("DELETE FROM revocations WHERE seq < 3")  # pruned: only seq 3 is left
+    downgrade_to_v3(db)
+    db.commit()
+    db.close()
+    s = MefStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("4",)
+    rows, newest = s.revocations_since(0)
+    assert [(r.seq, r.cert_sha256) for r in rows] == [(3, None)] and newest == 3  # the newest number is kept
+    assert s.get_enrolee(rec(1).kpm_id).may_certify is False
+    s.add_enrolee(rec(2), kpm(2))
+    s.record_certificate(rec(2).kpm_id, "1f", "ab" * 32, "//sp/id-in/C2", None, T0, T0 + dt.timedelta(days=1),
+                         b"der")
+    s.revoke_certificate("1f")
+    rows, newest = s.revocations_since(3)
+    assert [(r.seq, r.ke_id, r.cert_sha256) for r in rows] == [(4, None, "ab" * 32)] and newest == 4
+    s.close()
+
+
 def test_a_version_2_database_is_upgraded_in_place(paths):
     ke_id = make_v2_database(paths)
     s = MefStore(*paths)
-    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("3",)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("4",)
     one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
     assert (one.state, two.state) == ("active", "suspended")
     assert (one.cert_id, one.has_kpm, two.cert_id) == (None, True, None)

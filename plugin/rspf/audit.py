@@ -58,6 +58,7 @@ class Action(enum.StrEnum):
     ENROLEE_DELETE = "enrolee.delete"
     ENROLEE_ROTATE_KPM = "enrolee.rotate-kpm"
     KEY_REVOKE = "key.revoke"
+    CERTIFICATE_REVOKE = "certificate.revoke"
     TARGET_ADD = "target.add"
     TARGET_REVOKE = "target.revoke"
     # MEF service
@@ -67,6 +68,8 @@ class Action(enum.StrEnum):
     ENROLMENT_KEY = "enrolment.key-stored"     # an Enrolment Key was stored under its KeID
     ENROLMENT = "enrolment"                    # an enrolment request was refused
     FETCH = "fetch-credentials"
+    CERTIFICATE_ISSUED = "certificate.issued"  # the EST server issued a certificate
+    EST = "est"                                # an EST request was refused
     REVOCATION_FEED = "revocation-feed"
     REQUEST = "request"                        # any other request that was refused
     REFUSALS_SUMMARY = "refusals.summary"      # refusals past the burst of an interval, counted

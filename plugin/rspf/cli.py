@@ -131,6 +131,7 @@ def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
     import time
 
     from .audit import AuditLog
+    from .mef.ca import MefCa
     from .mef.server import MefServer
     from .mef.service import MefService
     from .metrics import MefMetrics, ObservabilityServer, parse_listen
@@ -141,8 +142,13 @@ def mef_serve(config_path: Path, port: int | None, listen: str | None) -> None:
     except RspfError as exc:
         _fail(ConfigError(f"{cfg.source} [mef] audit_log: {exc}"))
     metrics = MefMetrics()
-    service = MefService(cfg, store, audit=audit, metrics=metrics)
-    server = MefServer(cfg, service)
+    try:
+        ca = MefCa.load_or_create(cfg.est_ca_cert_file, cfg.est_ca_key_file, cfg.fqdn) \
+            if cfg.certificate_provisioning else None
+        service = MefService(cfg, store, audit=audit, metrics=metrics, ca=ca)
+        server = MefServer(cfg, service)
+    except RspfError as exc:
+        _fail(exc)
     purge_failure: list[str] = []
     observer = None
     try:
@@ -274,10 +280,12 @@ app_id_option = click.option("--app-id", "app_ids", multiple=True, metavar="PATT
 @click.option("--expiry-seconds", type=int, default=None, help="Lifetime of this enrolee's Enrolment Keys.")
 @click.option("--valid-until", default=None, help="No enrolment after this ISO 8601 date-time.")
 @app_id_option
+@click.option("--certificates", "may_certify", is_flag=True,
+              help="The MEF's CA may issue it a certificate over EST when it asks (docs/certificates.md).")
 def enrolee_add(config_path: Path, kpm_id: str | None, kpm_file: Path | None, cert_id: str | None,
                 cert_file: Path | None, enrolee_id: str, node_id: str, registrar_cse_id: str, registrar_uri: str,
                 targets: tuple[str, ...], rm_uri: str | None, expiry_seconds: int | None, valid_until: str | None,
-                app_ids: tuple[str, ...]) -> None:
+                app_ids: tuple[str, ...], may_certify: bool) -> None:
     """Register one enrolee: by a Kpm (--kpm-id and --kpm-file; the Kpm is never printed), by the ID its
     certificate names (--cert-id or --cert), or both.
 
@@ -302,7 +310,7 @@ def enrolee_add(config_path: Path, kpm_id: str | None, kpm_file: Path | None, ce
                 "enrolee_id": enrolee_id, "node_id": node_id,
                 "registrar_cse_id": registrar_cse_id, "registrar_uri": registrar_uri, "targets": ";".join(targets),
                 "rm_uri": rm_uri, "enrolment_expiry_seconds": expiry_seconds, "valid_until": valid_until,
-                "allowed_app_ids": list(app_ids) or None,
+                "allowed_app_ids": list(app_ids) or None, "certificates": may_certify,
             }
             kpm = None
             if kpm_id is not None and kpm_file is not None:
@@ -355,11 +363,13 @@ def _certificate_id(cert_file: Path) -> str:
 @click.option("--clear-valid-until", is_flag=True, help="No end of enrolment.")
 @app_id_option
 @click.option("--clear-app-ids", is_flag=True, help="Set no App-IDs (the Target's own default applies).")
+@click.option("--certificates/--no-certificates", "may_certify", default=None,
+              help="Whether the MEF's CA may issue it certificates (those already issued stay valid).")
 def enrolee_update(config_path: Path, kpm_id: str, node_id: str | None, registrar_cse_id: str | None,
                    registrar_uri: str | None, targets: tuple[str, ...], clear_targets: bool, rm_uri: str | None,
                    clear_rm_uri: bool, expiry_seconds: int | None, clear_expiry_seconds: bool,
                    valid_until: str | None, clear_valid_until: bool, app_ids: tuple[str, ...],
-                   clear_app_ids: bool) -> None:
+                   clear_app_ids: bool, may_certify: bool | None) -> None:
     """Change an enrolee's registration (not its KpmID, Enrolee-ID or Kpm: see rotate-kpm).
 
     Only the fields named change; list options (--target, --app-id) replace the whole list. Keys already
@@ -377,7 +387,7 @@ def enrolee_update(config_path: Path, kpm_id: str, node_id: str | None, registra
         elif value not in (None, "", []):
             changes[name] = value
     for name, value in (("node_id", node_id), ("registrar_cse_id", registrar_cse_id),
-                        ("registrar_uri", registrar_uri)):
+                        ("registrar_uri", registrar_uri), ("certificates", may_certify)):
         if value is not None:
             changes[name] = value
     from .audit import Action
@@ -684,6 +694,92 @@ def target_revoke(config_path: Path, psk_identity: str) -> None:
     except RspfError as exc:
         _fail(exc)
     click.echo(f"revoked Target credential {psk_identity}")
+
+
+@mef.group("cert")
+def mef_cert() -> None:
+    """Certificates the MEF's CA issued over EST (docs/certificates.md)."""
+
+
+def _certificate_or_fail(store: Any, serial: str) -> Any:
+    found = store.get_certificate(serial)
+    if found is None:
+        _fail(ConfigError(f"no issued certificate has the serial number or SHA-256 {serial}"))
+    return found
+
+
+@mef_cert.command("list")
+@config_option
+@click.option("--enrolee", "kpm_id", default=None, help="Only the certificates of this enrolee (its KpmID).")
+@click.option("--state", type=click.Choice(["active", "revoked"]), default=None, help="Only those in this state.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many (default: all).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many first.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def cert_list(config_path: Path, kpm_id: str | None, state: str | None, limit: int | None, offset: int,
+              as_json: bool) -> None:
+    """List issued certificates, oldest first."""
+    _cfg, store = _load(config_path)
+    rows = [c.public_dict() for c in store.list_certificates(kpm_id=kpm_id, state=state, limit=limit, offset=offset)]
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'serial':42} {'subject':40} {'state':8} not after")
+    for r in rows:
+        click.echo(f"{r['serial']:42} {r['subject'][:40]:40} {r['state']:8} {r['notAfter']}")
+    click.echo(f"{len(rows)} certificate(s)")
+
+
+@mef_cert.command("show")
+@config_option
+@click.argument("serial")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--pem", "as_pem", is_flag=True, help="Print the certificate itself (PEM).")
+def cert_show(config_path: Path, serial: str, as_json: bool, as_pem: bool) -> None:
+    """Show one issued certificate, by serial number (hex) or SHA-256."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    _cfg, store = _load(config_path)
+    found = _certificate_or_fail(store, serial)
+    if as_pem:
+        click.echo(x509.load_der_x509_certificate(found.der).public_bytes(serialization.Encoding.PEM).decode(),
+                   nl=False)
+    elif as_json:
+        _echo_json(found.public_dict())
+    else:
+        _echo_fields(found.public_dict())
+
+
+@mef_cert.command("revoke")
+@config_option
+@click.argument("serial")
+def cert_revoke(config_path: Path, serial: str) -> None:
+    """Revoke an issued certificate: the MEF refuses it for renewal, and CSEs that follow the MEF's revocation
+    feed refuse it and close its connections."""
+    from .audit import Action
+    cfg, store = _load(config_path)
+    try:
+        with _audited(cfg, Action.CERTIFICATE_REVOKE, serial) as details:
+            revoked = store.revoke_certificate(serial)
+            details["sha256"] = revoked.sha256
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"revoked certificate {revoked.serial} of {revoked.subject} (SHA-256 {revoked.sha256})")
+
+
+@mef.command("ca")
+@config_option
+def mef_ca(config_path: Path) -> None:
+    """Print the MEF's CA certificate (PEM): the trust anchor of the certificates it issues."""
+    from .mef.ca import MefCa
+    cfg, store = _load(config_path)
+    store.close()
+    if not cfg.certificate_provisioning:
+        _fail(ConfigError(f"{cfg.source}: certificate_provisioning is off; this MEF has no CA"))
+    try:
+        ca = MefCa.load_or_create(cfg.est_ca_cert_file, cfg.est_ca_key_file, cfg.fqdn)
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(ca.cert_file.read_text(), nl=False)
 
 
 # -------------------------------------------------------------------------------------------- Enrolee

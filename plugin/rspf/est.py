@@ -124,6 +124,29 @@ def parse_certs_body(body: bytes) -> list[x509.Certificate]:
     return certs
 
 
+#: What csrattrs asks for (RFC 7030 §4.5.2: a SEQUENCE of OIDs): the challengePassword (the channel binding),
+#: an extensionRequest (the subjectAltName), ECDSA with SHA-256 on P-256
+CSR_ATTRIBUTE_OIDS = ("1.2.840.113549.1.9.7", "1.2.840.113549.1.9.14", "1.2.840.10045.4.3.2", "1.2.840.10045.3.1.7")
+
+
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return bytes([0x06, len(out)]) + bytes(out)
+
+
+def csr_attributes_body() -> bytes:
+    body = b"".join(_der_oid(o) for o in CSR_ATTRIBUTE_OIDS)
+    return _b64(bytes([0x30, len(body)]) + body)
+
+
 # ------------------------------------------------------------------------------ the certificate profile
 def subject_uri(sp_id: str, enrolee_id: str, registrar_cse_id: str) -> str:
     """The subjectAltName URI naming an enrolee: ``//sp/cse-id`` (a CSE) or ``//sp/registrar/Cxyz`` (an AE)."""

@@ -227,6 +227,8 @@ class MefMetrics:
         self.refusals = event_counter(self.registry, "mef_refusals", "Refused identities, connections and "
                                       "requests by reason", ("reason",))
         self.profiles = event_counter(self.registry, "mef_profiles_provisioned", "securityProfiles provisioned")
+        self.certificates = event_counter(self.registry, "mef_certificates", "EST requests for a certificate by "
+                                          "result (issued, renewed, refused)", ("result",))
 
     def watch(self, server: Any, stats: Callable[[], Any]) -> None:
         """Read the transport's counters and the database's counts (``stats()``: rspf.mef.store.StoreStats)

@@ -503,10 +503,15 @@ class TlsPeer:
         """Whether the peer presented a certificate (verified, or the handshake would have failed)."""
         return self._conn.get_peer_certificate() is not None
 
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The verified peer certificate (mutual TLS), or None."""
+        cert = self._conn.get_peer_certificate()
+        return None if cert is None else cert.to_cryptography()
+
     def peer_certificate_id(self) -> str | None:
         """The oneM2M ID a verified peer certificate names (mutual TLS; :func:`certificate_onem2m_id`), or None."""
-        cert = self._conn.get_peer_certificate()
-        return None if cert is None else certificate_onem2m_id(cert.to_cryptography())
+        cert = self.peer_certificate()
+        return None if cert is None else certificate_onem2m_id(cert)
 
     def export_keying_material(self, label: str, length: int) -> Secret:
         """RFC 5705 exporter, no context value (what ``openssl s_client -keymatexport`` computes)."""

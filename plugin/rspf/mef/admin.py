@@ -31,7 +31,7 @@ REGISTRAR_URI_RE = re.compile(r"https://[\x21-\x7e]{1,1000}")
 APP_ID_RE = re.compile(r"[\x21-\x3a\x3c-\x7e]+")  # printable ASCII without spaces and ';' (the CSV separator)
 
 FIELDS = ("kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri", "targets", "rm_uri",
-          "enrolment_expiry_seconds", "valid_until", "allowed_app_ids")
+          "enrolment_expiry_seconds", "valid_until", "allowed_app_ids", "certificates")
 REQUIRED = ("kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri")
 #: Fields `enrolee update` may change (the KpmID, Kpm and Enrolee-ID stay; a new Kpm is `rotate-kpm`)
 UPDATABLE = tuple(f for f in FIELDS if f not in ("kpm_id", "kpm", "enrolee_id"))
@@ -178,7 +178,22 @@ def _record(row: dict[str, Any], *, sp_id: str) -> EnroleeRecord:
             valid_until = valid_until.replace(tzinfo=dt.UTC)
     return EnroleeRecord(kpm_id=kpm_id, enrolee_id=enrolee_id, node_id=node_id, registrar_cse_id=registrar,
                          registrar_uri=uri, targets=targets, rm_uri=rm_uri, enrolment_expiry_seconds=expiry,
-                         valid_until=valid_until, allowed_app_ids=parse_app_ids(row.get("allowed_app_ids")))
+                         valid_until=valid_until, allowed_app_ids=parse_app_ids(row.get("allowed_app_ids")),
+                         may_certify=parse_flag(row.get("certificates"), "certificates"))
+
+
+def parse_flag(value: Any, name: str) -> bool:
+    """A yes/no field (JSON true/false, or CSV text); absent or empty: no."""
+    if value in (None, ""):
+        return False
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise BadRequest(f"{name} must be true or false")
 
 
 def enrolee_from_fields(row: dict[str, Any], *, sp_id: str) -> tuple[EnroleeRecord, Secret]:
@@ -204,6 +219,7 @@ def updated_enrolee(rec: EnroleeRecord, changes: dict[str, Any], *, sp_id: str) 
         "enrolment_expiry_seconds": rec.enrolment_expiry_seconds,
         "valid_until": rec.valid_until.isoformat() if rec.valid_until else None,
         "allowed_app_ids": list(rec.allowed_app_ids) if rec.allowed_app_ids is not None else None,
+        "certificates": rec.may_certify,
     }
     new = _record({**current, **changes}, sp_id=sp_id)
     return replace(new, state=rec.state, created=rec.created, last_enrolled=rec.last_enrolled,

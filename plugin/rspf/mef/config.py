@@ -54,10 +54,19 @@ class MefConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    #: Certificate provisioning (EST, docs/certificates.md): the MEF's CA (generated on first start when both
+    #: files are absent; the key 0600) and the validity of the certificates it issues. False: no EST, no CA.
+    certificate_provisioning: bool = True
+    est_ca_cert_file: Path = Path("est-ca.pem")
+    est_ca_key_file: Path = Path("est-ca.key")
+    certificate_validity_days: int = 365
 
     @property
-    def certificates_enabled(self) -> bool:
-        return self.tls_cert_file is not None
+    def own_certificate_files(self) -> tuple[Path, Path, Path]:
+        """Where the MEF writes, at each start, the FQDN certificate its CA issues it, that certificate's key,
+        and the trust anchors of client certificates (its CA, and tls_client_ca_file's)."""
+        folder = self.est_ca_cert_file.parent
+        return folder / "mef-fqdn-cert.pem", folder / "mef-fqdn-key.pem", folder / "mef-client-cas.pem"
 
     @classmethod
     def load(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> MefConfig:
@@ -122,6 +131,10 @@ class MefConfig:
             periods[key] = float(get(key, (int, float)))
             if not 0 < periods[key] <= 86400:
                 raise err(key, "must be more than 0 and at most 86400 seconds")
+        provisioning = get("certificate_provisioning", bool)
+        validity = get("certificate_validity_days", int)
+        if not 1 <= validity <= 3650:
+            raise err("certificate_validity_days", "must be between 1 and 3650")
         max_body = get("max_body_bytes", int)
         if not 1024 <= max_body <= 16 * 1024 * 1024:
             raise err("max_body_bytes", "must be between 1024 and 16777216")
@@ -199,6 +212,8 @@ class MefConfig:
             purge_interval_seconds=periods["purge_interval_seconds"],
             tls_cert_file=cert_files["tls_cert_file"], tls_key_file=cert_files["tls_key_file"],
             tls_client_ca_file=cert_files["tls_client_ca_file"],
+            certificate_provisioning=provisioning, certificate_validity_days=validity,
+            est_ca_cert_file=path_of("est_ca_cert_file"), est_ca_key_file=path_of("est_ca_key_file"),  # type: ignore[arg-type]
         )
 
     def server_limits(self) -> ServerLimits:
@@ -245,4 +260,9 @@ audit_log = "{_D['audit_log']}"  # append-only audit log (JSON lines, 0600); fal
 # tls_cert_file = "mef-cert.pem"        # the MEF's certificate (chain), naming the fqdn above as a DNS SAN
 # tls_key_file = "mef-key.pem"          # its private key (0600)
 # tls_client_ca_file = "enrolee-ca.pem" # trust anchor(s) of enrolee certificates
+# Certificate provisioning over EST (docs/certificates.md)
+certificate_provisioning = {str(_D['certificate_provisioning']).lower()}  # the CA issues certificates (EST)
+est_ca_cert_file = "{_D['est_ca_cert_file']}"   # the CA certificate (generated with its key on first start)
+est_ca_key_file = "{_D['est_ca_key_file']}"     # the CA's private key (0600; never logged)
+certificate_validity_days = {_D['certificate_validity_days']}  # at most (never past validUntil)
 """

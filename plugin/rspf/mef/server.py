@@ -7,10 +7,11 @@ Store and policy live in rspf.mef.store / rspf.mef.service; this module only map
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import h11
 
-from .. import keys, wire
+from .. import est, keys, wire
 from ..audit import Action
 from ..errors import RSC, EnrolmentRateLimited, OperationNotAllowed, RspfError
 from ..httpserver import TlsHttpServer
@@ -34,9 +35,9 @@ class MefServer(TlsHttpServer):
 
     def __init__(self, config: MefConfig, service: MefService) -> None:
         tls = PskServer(service.psk_for, min_version=config.tls_min_version, max_version=config.tls_max_version)
-        if config.certificates_enabled:
-            assert config.tls_cert_file and config.tls_key_file and config.tls_client_ca_file
-            tls.use_certificates(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        certificates = _certificate_files(config, service)
+        if certificates is not None:
+            tls.use_certificates(*certificates)
         super().__init__(tls, host=config.listen, port=config.port, limits=config.server_limits())
         self.config = config
         self.service = service
@@ -55,8 +56,9 @@ class MefServer(TlsHttpServer):
         if self._sock is None:
             self.bind()
         host, port = self.address
+        self.service.est_uri = f"https://{self.config.fqdn}:{port}{est.EST_PATH}"
         log.info("MEF %s listening on %s:%d (TLS-PSK%s %s-%s)", self.config.fqdn, host, port,
-                 " and certificates" if self.config.certificates_enabled else "",
+                 " and certificates" if self.psk.cert_context is not None else "",
                  self.config.tls_min_version, self.config.tls_max_version)
         super().serve_forever()
 
@@ -67,13 +69,15 @@ class MefServer(TlsHttpServer):
         try:
             if tls.psk_identity is not None:
                 session = self.service.open_session(tls.psk_identity, exporter)
-            elif self.config.certificates_enabled and tls.has_peer_certificate:
-                session = self.service.open_certificate_session(tls.peer_certificate_id(), exporter, tls.peer)
+            elif self.psk.cert_context is not None and tls.has_peer_certificate:
+                session = self.service.open_certificate_session(tls.peer_certificate_id(), exporter, tls.peer,
+                                                                tls.peer_certificate())
             else:
                 return None  # no PSK and no certificate: no credential
         except RspfError as exc:
             self.refuse(_SESSION_REFUSED, tls.peer, tls.psk_identity, str(exc))
             return None
+        session.est_binding = lambda: tls.export_keying_material(est.EXPORTER_LABEL_EST, est.EXPORTER_LENGTH_EST)
         log.debug("session %r from %s (%s, %s)", session, tls.peer, tls.version, tls.cipher)
         return session
 
@@ -83,6 +87,12 @@ class MefServer(TlsHttpServer):
                                       "oneM2M operation; use GET, POST, PUT or DELETE")
 
     def respond(self, session: Session, req: wire.HttpRequest) -> tuple[wire.HttpResponse, bool]:
+        if est.is_est_path(req.path):  # certificate provisioning: plain HTTP answers (RFC 7030)
+            answer = self.service.est(session, req.method, req.path, req.body)
+            headers = {"content-type": answer.content_type}
+            if answer.status == 200:
+                headers["content-transfer-encoding"] = "base64"
+            return wire.HttpResponse(answer.status, headers, answer.body), False
         ri, rvi = req.header("x-m2m-ri"), req.header("x-m2m-rvi")  # echoed only if valid (wire checks)
         fetch = protocol.is_fetch_path(req.path)
         try:
@@ -101,3 +111,29 @@ class MefServer(TlsHttpServer):
             if isinstance(exc, EnrolmentRateLimited):
                 resp.headers["retry-after"] = str(exc.retry_after)
             return resp, False
+
+
+def _certificate_files(config: MefConfig, service: MefService) -> tuple[Path, Path, Path] | None:
+    """(certificate chain, key, client trust anchors) of the MEF's certificate handshake, or None (PSK only).
+
+    The configured certificate when there is one; otherwise, with certificate provisioning, the FQDN certificate
+    the MEF's CA issues it at each start. Client certificates chain to tls_client_ca_file (bootstrap
+    certificates) or to the MEF's CA (the certificates it issued, for renewal): both go into one bundle."""
+    ca = service.ca
+    if config.tls_cert_file is None and ca is None:
+        return None
+    own_cert, own_key, bundle = config.own_certificate_files
+    if config.tls_cert_file is not None:
+        assert config.tls_key_file is not None and config.tls_client_ca_file is not None
+        cert, key = config.tls_cert_file, config.tls_key_file
+    else:
+        assert ca is not None
+        ca.write_server_certificate(config.fqdn, own_cert, own_key)
+        cert, key = own_cert, own_key
+    anchors = [config.tls_client_ca_file.read_bytes()] if config.tls_client_ca_file is not None else []
+    if ca is not None:
+        anchors.append(ca.cert_file.read_bytes())
+    if len(anchors) == 1 and config.tls_client_ca_file is not None:
+        return cert, key, config.tls_client_ca_file
+    bundle.write_bytes(b"\n".join(anchors))
+    return cert, key, bundle

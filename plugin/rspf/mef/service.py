@@ -23,15 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import ids, keys, profile
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .. import est, ids, keys, profile
 from ..audit import Action, AuditLog
 from ..errors import RSC, AccessDenied, BadRequest, EnrolmentRateLimited, NotFound, OperationNotAllowed, RspfError
 from ..metrics import MefMetrics
 from ..ratelimit import Clock, RefusalLog, TokenBucket
 from ..secret import Secret
 from . import protocol
+from .ca import MefCa
 from .config import MefConfig
-from .store import ACTIVE, EnroleeRecord, MefStore, PurgeCounts, utcnow
+from .store import ACTIVE, CERT_ACTIVE, EnroleeRecord, MefStore, PurgeCounts, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ _BEYOND_ANY_SEQ = 2**62
 class Principal(enum.Enum):
     ENROLEE = "enrolee"
     TARGET = "target"
+    HOLDER = "holder"  # authenticated with a certificate this MEF's CA issued: EST only (renewal)
 
 
 class Phase(enum.Enum):
@@ -71,6 +77,10 @@ class Session:
     phase: Phase = Phase.STARTED
     committed: bool = False
     pending: list[dict[str, Any]] = field(default_factory=list)
+    #: the channel binding of a CSR sent in this session (rspf.est.EXPORTER_LABEL_EST), computed when needed
+    est_binding: Callable[[], Secret] | None = None
+    #: for a HOLDER: the issued certificate that authenticated the session
+    certificate: x509.Certificate | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.kind.value} {self.psk_identity} ke_id={self.ke_id} phase={self.phase.value}>"
@@ -83,11 +93,27 @@ class Reply:
     close: bool = False
 
 
+@dataclass(frozen=True)
+class EstReply:
+    """An EST answer (RFC 7030): plain HTTP, not a oneM2M primitive."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def refused(cls, status: int, sentence: str) -> EstReply:
+        return cls(status, "text/plain; charset=utf-8", sentence.encode() + b"\n")
+
+
 class MefService:
     def __init__(self, config: MefConfig, store: MefStore, *, clock: Clock = time.monotonic,
-                 audit: AuditLog | None = None, metrics: MefMetrics | None = None) -> None:
+                 audit: AuditLog | None = None, metrics: MefMetrics | None = None, ca: MefCa | None = None) -> None:
         self.config = config
         self.store = store
+        #: the CA behind the EST server (None: no certificate provisioning) and where the EST server is
+        self.ca = ca
+        self.est_uri = f"https://{config.fqdn}:{config.port}{est.EST_PATH}"
         self.audit = audit or AuditLog(None)  # every enrolment, fetch and refusal (docs/observability.md)
         self.metrics = metrics or MefMetrics()
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
@@ -151,10 +177,15 @@ class MefService:
         return Session(Principal.TARGET, psk_identity, self.absolute_id(target.target_id))
 
     def open_certificate_session(self, cert_id: str | None, exporter_output: Callable[[], Secret],
-                                 peer: str = "?") -> Session:
+                                 peer: str = "?", certificate: x509.Certificate | None = None) -> Session:
         """Start an Enrolee session for a client whose certificate chain OpenSSL verified to the configured trust
         anchor; ``cert_id`` is the oneM2M ID it names (rspf.tls.certificate_onem2m_id). The enrolee registered
-        with that certificate ID must be active and within its validity; otherwise AccessDenied, logged."""
+        with that certificate ID must be active and within its validity; otherwise AccessDenied, logged.
+
+        A certificate this MEF's CA issued (``certificate``) opens a HOLDER session instead: EST only (renewal),
+        while that certificate is recorded active and its enrolee is active."""
+        if certificate is not None and self.ca is not None and self.ca.issued_here(certificate):
+            return self._holder_session(certificate, peer)
         enrolee = self.store.enrolee_by_certificate(cert_id) if cert_id else None
         why = ("the certificate names no oneM2M ID" if not cert_id else
                "no Enrolee is registered with this certificate ID" if enrolee is None else
@@ -168,6 +199,25 @@ class MefService:
             raise AccessDenied(f"the certificate is not accepted: {why}")
         assert enrolee is not None
         return self._enrolee_session(enrolee, exporter_output)
+
+    def _holder_session(self, certificate: x509.Certificate, peer: str) -> Session:
+        sha256 = est.fingerprint(certificate)
+        record = self.store.get_certificate(sha256)
+        enrolee = self.store.get_enrolee(record.kpm_id) if record is not None else None
+        why = ("this MEF has no record of the certificate" if record is None else
+               f"the certificate was revoked ({record.cause})" if record.state != CERT_ACTIVE else
+               "its enrolee no longer exists" if enrolee is None else
+               f"its enrolee is {enrolee.state}" if not enrolee.may_enrol() else None)
+        if why is not None:
+            self.refusals.refused("issued certificate %s from %s refused: %s", sha256, peer, why)
+            self.metrics.refusals.labels("certificate refused").inc()
+            self.audit.refused(Action.AUTHENTICATE, actor=f"peer:{peer}", subject=f"certificate {sha256}", cause=why,
+                               source=peer.rpartition(":")[0] or peer)
+            raise AccessDenied(f"the certificate is not accepted: {why}")
+        assert enrolee is not None
+        return Session(Principal.HOLDER, enrolee.kpm_id,
+                       self.absolute_id(enrolee.enrolee_id, enrolee.registrar_cse_id), enrolee,
+                       certificate=certificate)
 
     def _enrolee_session(self, enrolee: EnroleeRecord, exporter_output: Secret | Callable[[], Secret]) -> Session:
         """An Enrolee session: KeID and Ke from the session's exporter output, whatever authenticated it."""
@@ -361,8 +411,16 @@ class MefService:
             if session.phase is not Phase.STARTED:
                 raise OperationNotAllowed("the initial Enrolment Exchange request was already sent in this session")
             flags = protocol.parse_enrol_request(value)
-            # This MEF provisions no certificates and runs no MAF (not in this release): it never instructs
-            # those. A remote management server is instructed when one is registered and the Enrolee is ready.
+            # A certificate is instructed to an entitled Enrolee that asks (docs/certificates.md); this MEF runs
+            # no MAF (not in this release). A remote management server is instructed when one is registered and
+            # the Enrolee is ready.
+            if flags["certificateEnrolment"]:
+                instruction = self.certificate_instruction(rec)
+                if instruction is not None:
+                    session.pending.append(instruction.to_instruction())
+                else:
+                    log.info("enrolee %s asked for a certificate but is not entitled to one (or this MEF issues "
+                             "none); not instructing it", rec.enrolee_id)
             if rec.rm_uri and flags["remoteManagement"]:
                 session.pending.append({"instructionType": protocol.INSTRUCTION_RM, "uri": rec.rm_uri})
             elif rec.rm_uri:
@@ -386,6 +444,108 @@ class MefService:
         assert session.ke_id is not None
         return Reply(RSC.OK, protocol.end_of_exchange(session.ke_id), close=True)
 
+    # -- certificate provisioning (EST, RFC 7030) ----------------------------------------------
+    def certificate_instruction(self, rec: EnroleeRecord) -> protocol.CertificateInstruction | None:
+        """What the certificateEnrolment instruction tells ``rec``, or None when it gets no certificate."""
+        if self.ca is None or not rec.may_certify:
+            return None
+        return protocol.CertificateInstruction(self.est_uri, est.subject_type(rec.enrolee_id),
+                                               self._subject(rec), self._bound_app_id(rec))
+
+    def _subject(self, rec: EnroleeRecord) -> str:
+        return est.subject_uri(self.config.sp_id, rec.enrolee_id, rec.registrar_cse_id)
+
+    @staticmethod
+    def _bound_app_id(rec: EnroleeRecord) -> str | None:
+        """The App-ID an AE's certificate binds: its one allowed App-ID when that is a single literal ID."""
+        apps = rec.allowed_app_ids
+        if rec.enrolee_type != "AE" or not apps or len(apps) != 1 or "*" in apps[0]:
+            return None
+        return apps[0]
+
+    def est(self, session: Session, method: str, path: str, body: bytes) -> EstReply:
+        """One EST request of an authenticated session; refusals are counted, logged and audited."""
+        try:
+            return self._est(session, method, path, body)
+        except _EstRefusal as exc:
+            self.refusals.refused("EST %s %r from %s (%s) refused with %d: %s", method[:8], path[:100],
+                                  session.principal_id, session.psk_identity, exc.status, exc.sentence)
+            self.metrics.certificates.labels("refused").inc()
+            self.audit.refused(Action.EST, actor=f"{session.kind.value}:{session.psk_identity}",
+                               subject=path[:200], cause=exc.sentence, details={"status": exc.status})
+            return EstReply.refused(exc.status, exc.sentence)
+
+    def _est(self, session: Session, method: str, path: str, body: bytes) -> EstReply:
+        if self.ca is None:
+            raise _EstRefusal(404, "this MEF does not provision certificates (certificate_provisioning = false)")
+        try:
+            op = est.parse_est_path(path)
+        except BadRequest as exc:
+            raise _EstRefusal(404, str(exc)) from None
+        wanted = "GET" if op in (est.OP_CACERTS, est.OP_CSRATTRS) else "POST"
+        if method != wanted:
+            raise _EstRefusal(405, f"{est.est_path(op)} accepts only {wanted}")
+        if op == est.OP_CACERTS:
+            return EstReply(200, est.CT_CACERTS, est.certs_body([self.ca.certificate]))
+        if session.kind is Principal.TARGET:
+            raise _EstRefusal(403, "an Enrolment Target may read the CA certificates only")
+        if op == est.OP_CSRATTRS:
+            return EstReply(200, est.CT_CSRATTRS, est.csr_attributes_body())
+        if op == est.OP_SIMPLEENROLL and session.kind is not Principal.ENROLEE:
+            raise _EstRefusal(403, "simpleenroll needs a session authenticated with the enrolee's Kpm or bootstrap "
+                                   "certificate; renew an issued certificate with simplereenroll")
+        if op == est.OP_SIMPLEREENROLL and session.kind is not Principal.HOLDER:
+            raise _EstRefusal(403, "simplereenroll needs a session authenticated with the certificate it renews")
+        rec = session.enrolee
+        assert rec is not None
+        if not rec.may_certify:
+            raise _EstRefusal(403, f"the enrolee {rec.enrolee_id} is not entitled to a certificate")
+        try:
+            self._check_enrolment_budget(rec.kpm_id)
+        except EnrolmentRateLimited as exc:
+            raise _EstRefusal(503, str(exc)) from None
+        try:
+            csr = est.parse_csr_body(body)
+        except BadRequest as exc:
+            raise _EstRefusal(400, str(exc)) from None
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+            raise _EstRefusal(400, "the certificate signing request's key must be an ECDSA P-256 key "
+                                   "(TS-0003 §10.2.3: ECDHE_ECDSA)")
+        subject, app_id = self._subject(rec), self._bound_app_id(rec)
+        names, asked_app = est.names_of(csr)
+        if names != [subject]:
+            raise _EstRefusal(403, f"the request must name exactly {subject} as a subjectAltName URI "
+                                   f"(it names {', '.join(names)[:300] or 'none'})")
+        if asked_app is not None and asked_app != app_id:
+            raise _EstRefusal(403, f"the request names the App-ID {asked_app[:64]!r}, but this enrolee's certificate "
+                                   f"binds {app_id!r}")
+        if session.est_binding is not None and est.csr_binding_matches(csr, session.est_binding()) is False:
+            raise _EstRefusal(403, "the request's challengePassword is not this TLS session's channel binding "
+                                   "(a CSR made for another session)")
+        renewed = session.certificate
+        now = utcnow()
+        limit = now + dt.timedelta(days=self.config.certificate_validity_days)
+        if rec.valid_until is not None:
+            limit = min(limit, rec.valid_until)
+        issued = self.ca.issue(public_key, subject, app_id, is_cse=rec.enrolee_type == "CSE", not_after=limit,
+                               now=now)
+        cert = issued.certificate
+        self.store.record_certificate(rec.kpm_id, issued.serial, issued.sha256, subject, app_id,
+                                      cert.not_valid_before_utc, cert.not_valid_after_utc,
+                                      cert.public_bytes(serialization.Encoding.DER),
+                                      supersedes=est.fingerprint(renewed) if renewed is not None else None, now=now)
+        self._charge_enrolment(rec.kpm_id)
+        result = "renewed" if renewed is not None else "issued"
+        self.metrics.certificates.labels(result).inc()
+        self.audit.record(Action.CERTIFICATE_ISSUED, actor=f"{session.kind.value}:{session.psk_identity}",
+                          subject=issued.serial, details={"enroleeID": rec.enrolee_id, "sha256": issued.sha256,
+                                                          "notAfter": profile.format_timestamp(issued.not_after),
+                                                          "renewal": renewed is not None})
+        log.info("EST: %s a certificate for %s (serial %s, SHA-256 %s, until %s)", result, subject, issued.serial,
+                 issued.sha256, issued.not_after.isoformat())
+        return EstReply(200, est.CT_CERTS_ONLY, est.certs_body([cert]))
+
     # -- target side ----------------------------------------------------------------------------
     def revocations(self, session: Session, path: str, originator: str) -> Reply:
         """The revocation feed (our extension, docs/mef-interface.md): KeIDs that stopped being usable after a
@@ -403,7 +563,7 @@ class MefService:
             _rows, newest = self.store.revocations_since(_BEYOND_ANY_SEQ, 1)
             return Reply(RSC.OK, protocol.revocations_response(protocol.RevocationPage(newest, (), True, False)))
         rows, newest = self.store.revocations_since(after, protocol.MAX_REVOCATIONS_PER_ANSWER)
-        items = tuple(protocol.Revocation(r.seq, r.ke_id, r.cause) for r in rows)
+        items = tuple(protocol.Revocation(r.seq, r.ke_id, r.cause, r.cert_sha256) for r in rows)
         gap = after < newest and (not rows or rows[0].seq > after + 1)  # rows after ``after`` were pruned
         complete = not rows or rows[-1].seq >= newest
         return Reply(RSC.OK, protocol.revocations_response(protocol.RevocationPage(newest, items, complete, gap)))
@@ -453,3 +613,9 @@ class MefService:
             log.info("purged %d expired and %d retired Enrolment Keys and %d revocation log rows", counts.expired,
                      counts.retired, counts.log_rows)
         return counts
+
+
+class _EstRefusal(Exception):
+    def __init__(self, status: int, sentence: str) -> None:
+        super().__init__(sentence)
+        self.status, self.sentence = status, sentence

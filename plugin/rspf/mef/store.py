@@ -29,7 +29,7 @@ from ..secret import Secret
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The ``kpm`` and ``kpm_fingerprint`` of an enrolee that has no Kpm (it authenticates by certificate only)
 NO_KPM = b""
@@ -48,6 +48,11 @@ CAUSE_KPM_ROTATED = "kpm-rotated"
 CAUSE_RETIRED = "retired"              # replaced by a re-enrolment, after the grace
 CAUSE_LIVE_KEY_CAP = "live-key-cap"    # replaced by a re-enrolment beyond the cap of live keys, at once
 CAUSE_EXPIRED = "expired"
+CAUSE_CERT_REVOKED = "certificate-revoked"  # an issued certificate revoked by the operator
+CAUSE_SUPERSEDED = "superseded"            # an issued certificate replaced by its renewal (simplereenroll)
+
+#: States of an issued certificate
+CERT_ACTIVE, CERT_REVOKED = "active", "revoked"
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,7 +73,8 @@ CREATE TABLE IF NOT EXISTS enrolees (
     allowed_app_ids TEXT,
     created TEXT NOT NULL,
     last_enrolled TEXT,
-    cert_id TEXT
+    cert_id TEXT,
+    may_certify INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_id ON enrolees(enrolee_id);
 CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_cert ON enrolees(cert_id) WHERE cert_id IS NOT NULL;
@@ -94,12 +100,31 @@ CREATE INDEX IF NOT EXISTS keys_by_expiry ON enrolment_keys(expires);
 CREATE INDEX IF NOT EXISTS keys_by_retirement ON enrolment_keys(retire_at) WHERE retire_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS revocations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    ke_id TEXT NOT NULL,
+    ke_id TEXT,
     enrolee_id TEXT NOT NULL,
     cause TEXT NOT NULL,
-    time TEXT NOT NULL
+    time TEXT NOT NULL,
+    cert_sha256 TEXT,
+    CHECK ((ke_id IS NULL) != (cert_sha256 IS NULL))
 );
 CREATE INDEX IF NOT EXISTS revocations_by_time ON revocations(time);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    kpm_id TEXT NOT NULL,
+    enrolee_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    app_id TEXT,
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    issued TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'revoked')),
+    revoked_at TEXT,
+    cause TEXT,
+    der BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_by_enrolee ON certificates(kpm_id);
+CREATE INDEX IF NOT EXISTS certificates_by_expiry ON certificates(not_after);
 """
 
 
@@ -147,6 +172,8 @@ class EnroleeRecord:
     cert_id: str | None = None
     #: whether it holds a Kpm (False: certificate only)
     has_kpm: bool = True
+    #: whether the MEF's CA may issue it a certificate (certificate provisioning, docs/certificates.md)
+    may_certify: bool = False
 
     def may_enrol(self, now: dt.datetime | None = None) -> bool:
         """Active and not past ``valid_until``."""
@@ -167,6 +194,7 @@ class EnroleeRecord:
             "allowedAppIDs": list(self.allowed_app_ids) if self.allowed_app_ids is not None else None,
             "kpmGeneration": self.kpm_generation, "created": _ts(self.created),
             "lastEnrolled": _ts(self.last_enrolled), "certificateID": self.cert_id, "hasKpm": self.has_kpm,
+            "certificates": self.may_certify,
         }
 
 
@@ -195,13 +223,40 @@ class EnrolmentKeyRecord:
 
 @dataclass(frozen=True)
 class Revocation:
-    """One row of the revocation log: KeID ``ke_id`` of ``enrolee_id`` stopped being usable at ``time``."""
+    """One row of the revocation log: KeID ``ke_id`` -- or the issued certificate ``cert_sha256`` -- of
+    ``enrolee_id`` stopped being usable at ``time``."""
 
     seq: int
-    ke_id: str
+    ke_id: str | None
     enrolee_id: str
     cause: str
     time: dt.datetime
+    cert_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A certificate the MEF's CA issued (rspf.mef.ca), as recorded."""
+
+    serial: str
+    sha256: str
+    kpm_id: str
+    enrolee_id: str
+    subject: str
+    app_id: str | None
+    not_before: dt.datetime
+    not_after: dt.datetime
+    issued: dt.datetime
+    state: str
+    revoked_at: dt.datetime | None
+    cause: str | None
+    der: bytes
+
+    def public_dict(self) -> dict:
+        return {"serial": self.serial, "sha256": self.sha256, "kpmID": self.kpm_id, "enroleeID": self.enrolee_id,
+                "subject": self.subject, "appID": self.app_id, "notBefore": _ts(self.not_before),
+                "notAfter": _ts(self.not_after), "issued": _ts(self.issued), "state": self.state,
+                "revokedAt": _ts(self.revoked_at), "cause": self.cause}
 
 
 @dataclass(frozen=True)
@@ -262,7 +317,7 @@ class MefStore:
             db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             version = int(row[0]) if row else None
-            if version is not None and version not in (1, 2, SCHEMA_VERSION):
+            if version is not None and version not in (1, 2, 3, SCHEMA_VERSION):
                 raise StoreError(f"{self.path} has schema version {version}; this MEF reads {SCHEMA_VERSION}")
             # A sealed check value proves at open time that the master key is the one the data was sealed with.
             check = db.execute("SELECT value FROM meta WHERE name='key_check'").fetchone()
@@ -281,6 +336,8 @@ class MefStore:
                 self._migrate_v1(db)
             if version in (1, 2):
                 self._migrate_v2(db)
+            if version in (1, 2, 3):
+                self._migrate_v3(db)
             for statement in _DDL.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -306,7 +363,30 @@ class MefStore:
         """Schema 2 -> 3 in place, inside the opening transaction: the enrolees' certificate IDs (none yet; the
         unique index on them is created by the DDL). Every existing enrolee keeps its Kpm."""
         db.execute("ALTER TABLE enrolees ADD COLUMN cert_id TEXT")
-        log.info("migrated the MEF database %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
+        log.info("migrated the MEF database %s from schema version 2 to 3", self.path)
+
+    def _migrate_v3(self, db: sqlite3.Connection) -> None:
+        """Schema 3 -> 4 in place, inside the opening transaction: the enrolees' certificate entitlement (none),
+        and revocation log rows that name a KeID or an issued certificate (the log is copied with its sequence
+        numbers, and the newest number ever written is kept). The certificates table is created by the DDL."""
+        db.execute("ALTER TABLE enrolees ADD COLUMN may_certify INTEGER NOT NULL DEFAULT 0")
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='revocations'").fetchone() is None:
+            log.info("migrated the MEF database %s to schema version %d", self.path, SCHEMA_VERSION)
+            return  # a version 1 database: the DDL creates the log
+        newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
+        db.execute("ALTER TABLE revocations RENAME TO revocations_v3")
+        db.execute("DROP INDEX IF EXISTS revocations_by_time")
+        for statement in _DDL.split(";"):
+            if "revocations" in statement and statement.strip():
+                db.execute(statement)
+        db.execute("INSERT INTO revocations (seq, ke_id, enrolee_id, cause, time) SELECT seq, ke_id, enrolee_id,"
+                   " cause, time FROM revocations_v3")
+        db.execute("DROP TABLE revocations_v3")
+        if newest is not None:
+            db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='revocations'", (int(newest[0]),))
+            if db.execute("SELECT changes()").fetchone()[0] == 0:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('revocations', ?)", (int(newest[0]),))
+        log.info("migrated the MEF database %s from schema version 3 to %d", self.path, SCHEMA_VERSION)
 
     def _fingerprint(self, kpm: bytes) -> bytes:
         return hmac.new(self._fingerprint_key.reveal(), kpm, hashlib.sha256).digest()
@@ -379,7 +459,7 @@ class MefStore:
                 db.execute(
                     "INSERT INTO enrolees (kpm_id, kpm, kpm_fingerprint, enrolee_id, node_id, registrar_cse_id,"
                     " registrar_uri, targets, rm_uri, enrolment_expiry_seconds, valid_until, state, allowed_app_ids,"
-                    " created, cert_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,'active',?,?,?)",
+                    " may_certify, created, cert_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,'active',?,?,?,?)",
                     (rec.kpm_id, sealed, fingerprint, rec.enrolee_id, *self._mutable_values(rec), now, rec.cert_id),
                 )
                 n += 1
@@ -393,18 +473,19 @@ class MefStore:
 
     @staticmethod
     def _mutable_values(rec: EnroleeRecord) -> tuple:
-        """node_id ... allowed_app_ids, in the column order of add_enrolees and update_enrolee."""
+        """node_id ... may_certify, in the column order of add_enrolees and update_enrolee."""
         return (rec.node_id, rec.registrar_cse_id, rec.registrar_uri,
                 json.dumps([[t.target_id, list(t.suids)] for t in rec.targets]), rec.rm_uri,
                 rec.enrolment_expiry_seconds, _ts(rec.valid_until),
-                json.dumps(list(rec.allowed_app_ids)) if rec.allowed_app_ids is not None else None)
+                json.dumps(list(rec.allowed_app_ids)) if rec.allowed_app_ids is not None else None,
+                int(rec.may_certify))
 
     def update_enrolee(self, rec: EnroleeRecord) -> None:
         """Write the changeable fields of an enrolee (everything but its KpmID, Kpm, Enrolee-ID and state)."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE enrolees SET node_id=?, registrar_cse_id=?, registrar_uri=?, targets=?, rm_uri=?,"
-                " enrolment_expiry_seconds=?, valid_until=?, allowed_app_ids=? WHERE kpm_id=?",
+                " enrolment_expiry_seconds=?, valid_until=?, allowed_app_ids=?, may_certify=? WHERE kpm_id=?",
                 (*self._mutable_values(rec), rec.kpm_id))
             if cur.rowcount == 0:
                 raise NotFound(f"no enrolee has the KpmID {rec.kpm_id}")
@@ -418,7 +499,7 @@ class MefStore:
 
     _ENROLEE_COLS = ("kpm_id, enrolee_id, node_id, registrar_cse_id, registrar_uri, targets, rm_uri,"
                      " enrolment_expiry_seconds, valid_until, state, allowed_app_ids, created, last_enrolled,"
-                     " kpm_generation, cert_id, length(kpm) > 0")
+                     " kpm_generation, cert_id, length(kpm) > 0, may_certify")
 
     @staticmethod
     def _enrolee(row: tuple) -> EnroleeRecord:
@@ -428,7 +509,7 @@ class MefStore:
             enrolment_expiry_seconds=row[7], valid_until=_from_ts(row[8]), state=row[9],
             allowed_app_ids=tuple(json.loads(row[10])) if row[10] is not None else None,
             created=_from_ts(row[11]), last_enrolled=_from_ts(row[12]), kpm_generation=row[13], cert_id=row[14],
-            has_kpm=bool(row[15]),
+            has_kpm=bool(row[15]), may_certify=bool(row[16]),
         )
 
     def get_enrolee(self, kpm_id: str) -> EnroleeRecord | None:
@@ -526,6 +607,7 @@ class MefStore:
             if self._state(db, kpm_id) == REVOKED:
                 raise Conflict(f"the enrolee {kpm_id} is already revoked")
             db.execute("UPDATE enrolees SET state='revoked' WHERE kpm_id=?", (kpm_id,))
+            self._revoke_certificates(db, "kpm_id=?", (kpm_id,), CAUSE_ENROLEE_REVOKED, now)
             return self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_ENROLEE_REVOKED, now)
 
     def suspend_enrolee(self, kpm_id: str, now: dt.datetime | None = None) -> int:
@@ -537,6 +619,7 @@ class MefStore:
             if state != ACTIVE:
                 raise Conflict(f"the enrolee {kpm_id} is {state}; only an active enrolee can be suspended")
             db.execute("UPDATE enrolees SET state='suspended' WHERE kpm_id=?", (kpm_id,))
+            self._revoke_certificates(db, "kpm_id=?", (kpm_id,), CAUSE_SUSPENDED, now)
             return self._drop_keys(db, f"k.kpm_id=? AND {self._USABLE}", (kpm_id, _ts(now), _ts(now)),
                                    CAUSE_SUSPENDED, now, delete=False)
 
@@ -554,6 +637,7 @@ class MefStore:
         with self._tx() as db:
             self._state(db, kpm_id)
             n = self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_DELETED, now)
+            self._revoke_certificates(db, "kpm_id=?", (kpm_id,), CAUSE_DELETED, now)
             db.execute("DELETE FROM enrolees WHERE kpm_id=?", (kpm_id,))
             return n
 
@@ -569,6 +653,79 @@ class MefStore:
             db.execute("UPDATE enrolees SET kpm=?, kpm_fingerprint=?, kpm_generation=kpm_generation+1"
                        " WHERE kpm_id=?", (self._seal_kpm(kpm_id, kpm), self._fingerprint(kpm.reveal()), kpm_id))
             return self._drop_keys(db, "k.kpm_id=?", (kpm_id,), CAUSE_KPM_ROTATED, now)
+
+    # -- issued certificates --------------------------------------------------------------------
+    @staticmethod
+    def _revoke_certificates(db: sqlite3.Connection, where: str, params: tuple, cause: str,
+                             now: dt.datetime) -> int:
+        """Revoke the active certificates matching ``where`` (a revocation log row each). How many."""
+        rows = db.execute(f"SELECT sha256, enrolee_id FROM certificates WHERE state='active' AND {where}",
+                          params).fetchall()
+        when = _ts(now)
+        db.executemany("UPDATE certificates SET state='revoked', revoked_at=?, cause=? WHERE sha256=?",
+                       [(when, cause, sha) for sha, _ in rows])
+        db.executemany("INSERT INTO revocations (cert_sha256, enrolee_id, cause, time) VALUES (?,?,?,?)",
+                       [(sha, enrolee_id, cause, when) for sha, enrolee_id in rows])
+        return len(rows)
+
+    def record_certificate(self, kpm_id: str, serial: str, sha256: str, subject: str, app_id: str | None,
+                           not_before: dt.datetime, not_after: dt.datetime, der: bytes, *,
+                           supersedes: str | None = None, now: dt.datetime | None = None) -> None:
+        """Record a certificate the CA issued to enrolee ``kpm_id``; the one it renews (``supersedes``, a SHA-256)
+        is revoked in the same transaction. The enrolee must still be active."""
+        now = now or utcnow()
+        with self._tx() as db:
+            row = db.execute("SELECT enrolee_id, state FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()
+            if row is None or row[1] != ACTIVE:
+                raise AccessDenied(f"the enrolee {kpm_id} is no longer active; no certificate was issued")
+            if supersedes is not None:
+                self._revoke_certificates(db, "sha256=?", (supersedes,), CAUSE_SUPERSEDED, now)
+            db.execute("INSERT INTO certificates (serial, sha256, kpm_id, enrolee_id, subject, app_id, not_before,"
+                       " not_after, issued, der) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (serial, sha256, kpm_id, row[0], subject, app_id, _ts(not_before), _ts(not_after), _ts(now),
+                        der))
+
+    _CERT_COLS = ("serial, sha256, kpm_id, enrolee_id, subject, app_id, not_before, not_after, issued, state,"
+                  " revoked_at, cause, der")
+
+    @staticmethod
+    def _certificate(row: tuple) -> CertificateRecord:
+        return CertificateRecord(row[0], row[1], row[2], row[3], row[4], row[5], _from_ts(row[6]) or utcnow(),
+                                 _from_ts(row[7]) or utcnow(), _from_ts(row[8]) or utcnow(), row[9],
+                                 _from_ts(row[10]), row[11], bytes(row[12]))
+
+    def get_certificate(self, serial_or_sha256: str) -> CertificateRecord | None:
+        """An issued certificate by its serial number (hex) or its SHA-256 (hex)."""
+        key = serial_or_sha256.strip().lower().replace(":", "").lstrip("0") or "0"
+        row = self._one(f"SELECT {self._CERT_COLS} FROM certificates WHERE serial=? OR sha256=?",
+                        (key, serial_or_sha256.strip().lower()))
+        return self._certificate(row) if row else None
+
+    def list_certificates(self, *, kpm_id: str | None = None, state: str | None = None, limit: int | None = None,
+                          offset: int = 0) -> list[CertificateRecord]:
+        clauses, params = [], []
+        if kpm_id is not None:
+            clauses.append("kpm_id=?")
+            params.append(kpm_id)
+        if state is not None:
+            clauses.append("state=?")
+            params.append(state)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        rows = self._all(f"SELECT {self._CERT_COLS} FROM certificates{where} ORDER BY issued, serial LIMIT ? OFFSET ?",
+                         (*params, -1 if limit is None else limit, offset))
+        return [self._certificate(r) for r in rows]
+
+    def revoke_certificate(self, serial_or_sha256: str, now: dt.datetime | None = None) -> CertificateRecord:
+        """Revoke one issued certificate (it goes out in the revocation feed)."""
+        found = self.get_certificate(serial_or_sha256)
+        if found is None:
+            raise NotFound(f"no issued certificate has the serial number or SHA-256 {serial_or_sha256[:80]!r}")
+        with self._tx() as db:
+            if not self._revoke_certificates(db, "sha256=?", (found.sha256,), CAUSE_CERT_REVOKED, now or utcnow()):
+                raise Conflict(f"the certificate {found.serial} is already revoked")
+        revoked = self.get_certificate(found.sha256)
+        assert revoked is not None
+        return revoked
 
     # -- enrolment targets ----------------------------------------------------------------------
     def add_target(self, rec: TargetRecord, psk: Secret) -> None:
@@ -682,6 +839,9 @@ class MefStore:
                 if n < PURGE_BATCH:
                     break
         cutoff = _ts(now - keep_log)
+        with self._tx() as db:  # records of certificates expired longer ago than the log is kept
+            db.execute("DELETE FROM certificates WHERE rowid IN (SELECT rowid FROM certificates WHERE not_after < ?"
+                       " LIMIT ?)", (cutoff, PURGE_BATCH))
         while True:
             with self._tx() as db:
                 newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
@@ -703,12 +863,12 @@ class MefStore:
         with self._borrow() as db:
             db.execute("BEGIN")  # one snapshot for the rows and the newest number
             try:
-                rows = db.execute("SELECT seq, ke_id, enrolee_id, cause, time FROM revocations WHERE seq > ?"
-                                  " ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+                rows = db.execute("SELECT seq, ke_id, enrolee_id, cause, time, cert_sha256 FROM revocations"
+                                  " WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
                 newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
             finally:
                 db.execute("COMMIT")
-        return ([Revocation(r[0], r[1], r[2], r[3], _from_ts(r[4]) or utcnow()) for r in rows],
+        return ([Revocation(r[0], r[1], r[2], r[3], _from_ts(r[4]) or utcnow(), r[5]) for r in rows],
                 int(newest[0]) if newest else 0)
 
     # -- monitoring -----------------------------------------------------------------------------
