@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from . import __version__
-from .errors import BadRequest, ConfigError, RemoteError, RspfError, TransportError
+from .errors import RSC, BadRequest, ConfigError, RemoteError, RspfError, TransportError
 
 if TYPE_CHECKING:
     from .audit import Action
@@ -851,28 +851,40 @@ def _enrolee(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | 
               help="Re-enrol when the profile expires within this many seconds "
                    "(at most half the profile's lifetime).")
 @click.option("--no-remote-management", is_flag=True, help="Tell the MEF this device cannot follow RM instructions.")
+@click.option("--certificate-enrolment", is_flag=True,
+              help="Ask the MEF for a certificate (EST) and keep it, with its key made here, in --cert-dir.")
+@click.option("--cert-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the obtained key, certificate and CA (0600 files; default: <store>.certificate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (keys redacted).")
 @click.option("-v", "--verbose", is_flag=True, help="Log the protocol steps (never key material).")
 def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | None, store_path: Path,
           cert_file: Path | None, key_file: Path | None, ca_file: Path | None, node_id: str,
-          location: str | None, force: bool, renew_before: int, no_remote_management: bool, as_json: bool,
-          verbose: bool) -> None:
+          location: str | None, force: bool, renew_before: int, no_remote_management: bool,
+          certificate_enrolment: bool, cert_dir: Path | None, as_json: bool, verbose: bool) -> None:
     """Enrol with the MEF (or reuse a stored, still-valid enrolment) and store the securityProfile.
 
-    The handshake uses the Kpm (--kpm-id, --kpm-file) or this Enrolee's certificate (--cert, --key, --ca)."""
+    The handshake uses the Kpm (--kpm-id, --kpm-file) or this Enrolee's certificate (--cert, --key, --ca).
+    With --certificate-enrolment the device also obtains a certificate when the MEF instructs it (and renews
+    a stored one that is due)."""
     _setup_logging("DEBUG" if verbose else "INFO")
     e = _enrolee(mef_addr, mef_fqdn, kpm_id, kpm_file, store_path, node_id, location=location,
                  renew_before_seconds=renew_before, remote_management=not no_remote_management,
-                 cert_file=cert_file, key_file=key_file, ca_file=ca_file)
+                 cert_file=cert_file, key_file=key_file, ca_file=ca_file,
+                 certificate_enrolment=certificate_enrolment, certificate_dir=cert_dir)
     try:
         if force:
             enrolment, renewed = e.enrol(), True
         else:
             enrolment, renewed = e.ensure()
+        held = e.ensure_certificate()[0] if certificate_enrolment else None
     except RspfError as exc:
         _fail(exc)
+    if certificate_enrolment and held is None:
+        _fail(RemoteError(int(RSC.ORIGINATOR_HAS_NO_PRIVILEGE), "enrolled, but the MEF issued no certificate "
+                          "(is the enrolee entitled to one? see the warning above)"))
     if as_json:
-        click.echo(json.dumps({"enrolled": renewed, **enrolment.summary()}, indent=2))
+        click.echo(json.dumps({"enrolled": renewed, **enrolment.summary(),
+                               **({"certificate": held.summary()} if held else {})}, indent=2))
     else:
         p = enrolment.profile
         click.echo(f"{'enrolled' if renewed else 'stored enrolment still valid'}: {p['enroleeType']} {p['enroleeID']}")
@@ -880,6 +892,34 @@ def enrol(mef_addr: str, mef_fqdn: str, kpm_id: str | None, kpm_file: Path | Non
         click.echo(f"  registrar  {p['registrar']['cseID']} at {p['registrar']['cseBaseURI']}")
         click.echo(f"  expires    {p['expiry']}")
         click.echo(f"  stored in  {store_path} (encrypted, 0600)")
+        if held is not None:
+            click.echo(f"  certificate {held.subject}, until {held.not_after.isoformat()}")
+            click.echo(f"              {held.cert_file}, key {held.key_file}, CA {held.ca_file} (0600)")
+
+
+@main.command("renew-certificate")
+@click.option("--mef", "mef_addr", required=True, help="MEF address HOST:PORT.")
+@click.option("--mef-fqdn", required=True, help="The MEF-FQDN (its certificate must name it).")
+@click.option("--cert-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the key, certificate and CA that 'rspf enrol --certificate-enrolment' wrote.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new certificate's summary as JSON.")
+def renew_certificate_command(mef_addr: str, mef_fqdn: str, cert_dir: Path, as_json: bool) -> None:
+    """Renew this device's certificate now (EST simplereenroll, authenticated with the current certificate; a
+    new key is made here). The current files stay until the new ones are complete."""
+    from .enrolee import Enrolee, EnroleeConfig
+    host, port = _hostport(mef_addr)
+    try:
+        held_files = (cert_dir / "cert.pem", cert_dir / "key.pem", cert_dir / "ca.pem")
+        e = Enrolee(EnroleeConfig(mef_host=host, mef_port=port, mef_fqdn=mef_fqdn.lower(), node_id="",
+                                  store_path=cert_dir / "unused", cert_file=held_files[0], key_file=held_files[1],
+                                  trust_anchor_file=held_files[2], certificate_dir=cert_dir))
+        held = e.renew_certificate()
+    except RspfError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(held.summary(), indent=2))
+    else:
+        click.echo(f"renewed the certificate of {held.subject}: until {held.not_after.isoformat()} ({held.cert_file})")
 
 
 @main.command("show-enrolment")

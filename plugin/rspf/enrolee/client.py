@@ -29,12 +29,13 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import keys, profile
 from ..client import OneM2MClient
-from ..errors import BadRequest, ConfigError, ProfileInvalid, RemoteError, StoreError
+from ..errors import BadRequest, ConfigError, ProfileInvalid, RemoteError, RspfError, StoreError
 from ..fileutil import check_private, write_private
 from ..mef import protocol
 from ..sealing import Sealer
 from ..secret import Secret, constant_time_equal
 from ..tls import CertClient, PskClient, TlsConnection
+from .certificates import CertificateStore, HeldCertificate, check_instruction, enrol_certificate, renew_certificate
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ class EnroleeConfig:
     tls_min_version: str = "1.2"
     tls_max_version: str = "1.3"
     timeout: float = 15.0
+    #: ask the MEF for a certificate (certificateEnrolment) and keep it in ``certificate_dir`` (default: a
+    #: folder named after the store, ``<store>.certificate``)
+    certificate_enrolment: bool = False
+    certificate_dir: Path | None = None
 
     def __post_init__(self) -> None:
         psk = (self.kpm_id, self.kpm)
@@ -75,6 +80,10 @@ class EnroleeConfig:
     @property
     def uses_certificate(self) -> bool:
         return self.cert_file is not None
+
+    @property
+    def certificate_folder(self) -> Path:
+        return self.certificate_dir or Path(self.store_path).with_name(Path(self.store_path).name + ".certificate")
 
     def __repr__(self) -> str:
         auth = (f"cert={self.cert_file}, key=<file {self.key_file}>, trust_anchor={self.trust_anchor_file}"
@@ -169,7 +178,7 @@ class Enrolee:
             data = client.call("POST", protocol.PATH_SECURITY_PROFILE,
                                protocol.ProfileRequest(c.node_id, c.location).to_body())
             prof = self._check_profile(data, ke_id, material.enrolment_key)
-            instructions = self._exchange(client)
+            instructions = self._exchange(client, tls)
         finally:
             client.close()
         enrolment = Enrolment(ke_id, material.enrolment_key, prof, instructions)
@@ -197,10 +206,11 @@ class Enrolee:
             raise ProfileInvalid("the registrar key in the securityProfile does not match the one derived from Ke")
         return prof
 
-    def _exchange(self, client: OneM2MClient) -> list[dict[str, Any]]:
+    def _exchange(self, client: OneM2MClient, tls: TlsConnection) -> list[dict[str, Any]]:
         c = self.config
         data = client.call("POST", protocol.PATH_ENROLMENT_EXCHANGE,
-                           protocol.enrol_request({"remoteManagement": c.remote_management}))
+                           protocol.enrol_request({"remoteManagement": c.remote_management,
+                                                   "certificateEnrolment": c.certificate_enrolment}))
         seen: list[dict[str, Any]] = []
         for _ in range(protocol.MAX_EXCHANGE_INSTRUCTIONS):  # a MEF cannot keep us in the exchange forever
             rsp = protocol.parse_enrol_response(data)
@@ -208,14 +218,66 @@ class Enrolee:
             if kind == protocol.INSTRUCTION_END:
                 return seen
             seen.append(rsp)
-            ok = kind == protocol.INSTRUCTION_RM and c.remote_management
-            if ok:
+            if kind == protocol.INSTRUCTION_CERT and c.certificate_enrolment:
+                ok = self._follow_certificate_instruction(client, tls, rsp)
+            elif kind == protocol.INSTRUCTION_RM and c.remote_management:
+                ok = True
                 log.info("MEF instructs contacting remote management server %s after enrolment", rsp.get("uri"))
             else:
+                ok = False
                 log.warning("MEF instruction %s is not supported by this Enrolee", kind)
             data = client.call("POST", protocol.PATH_ENROLMENT_EXCHANGE, protocol.enrol_ack(kind, ok))
         raise BadRequest(f"the MEF did not end the Enrolment Exchange after {protocol.MAX_EXCHANGE_INSTRUCTIONS} "
                          "instructions")
+
+    def _follow_certificate_instruction(self, client: OneM2MClient, tls: TlsConnection,
+                                        rsp: dict[str, Any]) -> bool:
+        """Obtain the instructed certificate over this session; whether it was obtained (and kept). A failure
+        keeps nothing of it (the enrolment itself goes on) and is logged with its reason."""
+        c = self.config
+        try:
+            instruction = protocol.CertificateInstruction.from_instruction(rsp)
+            check_instruction(instruction, c.mef_fqdn, c.mef_port)
+            enrol_certificate(client, tls, instruction, self.certificates)
+        except (RspfError, ValueError) as exc:
+            log.warning("the MEF's certificateEnrolment instruction was not carried out: %s", exc)
+            return False
+        return True
+
+    @property
+    def certificates(self) -> CertificateStore:
+        return CertificateStore(self.config.certificate_folder)
+
+    def renew_certificate(self) -> HeldCertificate:
+        """Renew the stored certificate (simplereenroll) over a mutual-TLS session authenticated with it; the MEF
+        must prove a certificate from the stored CA naming the MEF-FQDN. Nothing changes on failure."""
+        c = self.config
+        current = self.certificates.load()
+        if current is None:
+            raise StoreError(f"there is no certificate in {c.certificate_folder} to renew; enrol with "
+                             "certificate enrolment first")
+        tls = CertClient(current.ca_file, current.cert_file, current.key_file, min_version=c.tls_min_version,
+                         max_version=c.tls_max_version).connect(c.mef_host, c.mef_port, c.mef_fqdn,
+                                                                server_name=c.mef_fqdn, timeout=c.timeout)
+        client = OneM2MClient(tls, current.subject, host=c.mef_fqdn, deadline=c.timeout)
+        try:
+            return renew_certificate(client, tls, current, self.certificates)
+        finally:
+            client.close()
+
+    def ensure_certificate(self, *, now: dt.datetime | None = None) -> tuple[HeldCertificate | None, bool]:
+        """(the certificate, renewed): renewed when due; a failed renewal is a warning (the current one is kept
+        and the next call tries again)."""
+        current = self.certificates.load()
+        now = now or dt.datetime.now(dt.UTC)
+        if current is None or now < current.renewal_due(self.config.renew_before_seconds):
+            return current, False
+        try:
+            return self.renew_certificate(), True
+        except RspfError as exc:
+            log.warning("the certificate of %s (until %s) could not be renewed: %s; trying again later",
+                        current.subject, current.not_after.isoformat(), exc)
+            return current, False
 
     def ensure(self, *, now: dt.datetime | None = None) -> tuple[Enrolment, bool]:
         """Return (enrolment, renewed): the stored one if valid and not near expiry, else a new one."""

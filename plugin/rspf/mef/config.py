@@ -56,7 +56,7 @@ class MefConfig:
     tls_client_ca_file: Path | None = None
     #: Certificate provisioning (EST, docs/certificates.md): the MEF's CA (generated on first start when both
     #: files are absent; the key 0600) and the validity of the certificates it issues. False: no EST, no CA.
-    certificate_provisioning: bool = True
+    certificate_provisioning: bool = False
     est_ca_cert_file: Path = Path("est-ca.pem")
     est_ca_key_file: Path = Path("est-ca.key")
     certificate_validity_days: int = 365
