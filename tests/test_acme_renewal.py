@@ -110,7 +110,8 @@ def plugin_with(fake: FakeEnrolee, current: Enrolment, renew_before: int) -> Rsp
         node_id="n", profile_store=Path("s"), renew_before_seconds=renew_before, key_cache_seconds=300,
         startup_retry_seconds=0,
         mef_psk_identity=None, mef_psk_file=None, secure_listen="127.0.0.1", secure_port=1, cert_file=None,
-        key_file=None, ca_file=None, enforcement=False, plain_port_originators=(), secure_web_ui=False,
+        key_file=None, ca_file=None, mef_ca_file=None, accept_psk=True, accept_certificates=False,
+        enforcement=False, plain_port_originators=(), secure_web_ui=False,
         ssar="rspf-enrolled",
         create_subscription=False, allowed_app_ids=("*",), secure_registrar=False, location=None,
         limits=ServerLimits())

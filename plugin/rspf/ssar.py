@@ -200,18 +200,27 @@ def node_of(labels: Sequence[str] | None) -> str | None:
     return None
 
 
+#: Credential-ID types a bound rule may hold: a MEF key (12) and an AE's certificate from the MEF's CA (33)
+BOUND_CREDENTIAL_TYPES = ("12-", "33-")
+
+
 def check_bound_rule(attrs: Mapping[str, Any]) -> Binding:
     """The binding a bound rule written by a registrar CSE (an MN-CSE asking the IN-CSE to record) describes.
 
-    A resource name of the reserved form must hold exactly one credential (a MEF key, type 12), exactly one
-    AE-ID without wildcard, and its name must be that credential's :func:`bound_rule_name`; otherwise it is a
-    BadRequest and nothing is created. A registrar can so record only rules that bind, never a wildcard rule.
+    A resource name of the reserved form must hold exactly one credential (a MEF key, type 12, or a certificate
+    the MEF's CA issued to an AE, type 33, whose value is then that AE-ID), exactly one AE-ID without wildcard,
+    and its name must be that credential's :func:`bound_rule_name`; otherwise it is a BadRequest and nothing is
+    created. A registrar can so record only rules that bind, never a wildcard rule.
     """
     apci, aae, aai = attrs.get("apci"), attrs.get("aae"), attrs.get("aai")
-    if not (isinstance(apci, list) and len(apci) == 1 and isinstance(apci[0], str) and apci[0].startswith("12-")):
-        raise BadRequest("a bound rule holds exactly one applicableCredIDs entry, the Credential-ID of a MEF key")
+    if not (isinstance(apci, list) and len(apci) == 1 and isinstance(apci[0], str)
+            and apci[0].startswith(BOUND_CREDENTIAL_TYPES)):
+        raise BadRequest("a bound rule holds exactly one applicableCredIDs entry, the Credential-ID of a MEF key "
+                         "(12-) or of an AE's MEF-issued certificate (33-)")
     if not (isinstance(aae, list) and len(aae) == 1 and isinstance(aae[0], str)):
         raise BadRequest("a bound rule holds exactly one allowedAEs entry, the AE-ID of its enrolee")
+    if apci[0].startswith("33-") and aae[0] != apci[0][3:]:
+        raise BadRequest("the rule of a certificate Credential-ID (33-<AE-ID>) allows that AE-ID only")
     if not isinstance(aai, list):
         raise BadRequest("a bound rule needs its allowedApp-IDs")
     binding = Binding.of(apci[0], aae[0], aai, ())

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from . import keys
 from .client import OneM2MClient
 from .errors import BadRequest, RemoteError, RspfError, TransportError
+from .fileutil import check_private, write_private
 from .mef import protocol
 from .profile import parse_timestamp
 from .ratelimit import Backoff, Clock, FetchBudget, RefusalLog
@@ -484,3 +487,39 @@ class RevocationFollower:
             self._info(f"revocation feed: the MEF answers again after {self.failures} failed attempt(s)")
             self.failures = 0
         return self.interval
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class RevokedCertificates:
+    """SHA-256 fingerprints (rspf.est.fingerprint) of MEF-issued certificates the revocation feed named: a
+    certificate cannot be asked about at the MEF the way a key is fetched, so the CSE keeps what the feed said,
+    in a 0600 file (one fingerprint per line), at most ``limit`` of them (the oldest go first)."""
+
+    def __init__(self, path: Path, limit: int = 100_000) -> None:
+        self.path, self.limit = Path(path), limit
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        if self.path.exists():
+            check_private(self.path, "the revoked-certificates file")
+            for line in self.path.read_text(encoding="ascii", errors="replace").split():
+                if _SHA256_HEX.fullmatch(line):
+                    self._seen[line] = None
+            while len(self._seen) > limit:
+                self._seen.popitem(last=False)
+
+    def __contains__(self, sha256: object) -> bool:
+        return sha256 in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, fingerprints: Iterable[str]) -> None:
+        with self._lock:
+            for sha in fingerprints:
+                self._seen[sha] = None
+                self._seen.move_to_end(sha)
+            while len(self._seen) > self.limit:
+                self._seen.popitem(last=False)
+            write_private(self.path, "".join(f"{sha}\n" for sha in self._seen).encode("ascii"))

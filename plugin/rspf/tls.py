@@ -489,6 +489,7 @@ class TlsPeer:
 
     _conn: SSL.Connection
     psk_identity: str | None
+    peer: str  #: the peer's address, host:port
 
     @property
     def version(self) -> str:

@@ -34,6 +34,10 @@ class PeerCredential:
     credential_id: str        # TS-0003 §10.4 Credential-ID, e.g. 12-<KeID>
     enrolee_id: str | None    # Enrolee-ID the MEF returned for this key, if any
     not_after: float | None = None  # POSIX time the credential expires (its connections are closed then)
+    #: provisioned by the MEF (a key it derived, or a certificate its CA issued): recorded in rules, revocable
+    provisioned: bool = False
+    fingerprint: str | None = None  # a certificate's SHA-256 (rspf.est.fingerprint)
+    app_ids: tuple[str, ...] | None = None  # a MEF-issued certificate's App-ID (None: it binds none)
 
 
 Resolver = Callable[[TlsPeer], PeerCredential | None]

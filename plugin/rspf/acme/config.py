@@ -81,7 +81,12 @@ KEYS: tuple[Key, ...] = (
     Key("securePort", "", "Port of the secure listener (required).", written=False),
     Key("certFile", "", "Server certificate chain (PEM) for mutual TLS.", written=False),
     Key("keyFile", "", "Its private key (PEM).", written=False),
-    Key("caFile", "", "The CA whose client certificates are accepted (mutual TLS).", written=False),
+    Key("caFile", "", "The CA whose client certificates are accepted (mutual TLS); the operator writes their "
+        "rules.", written=False),
+    Key("mefCaFile", "", "The MEF's CA certificate (rspf mef ca): certificates it issued over EST are accepted "
+        "(mutual TLS) and recorded in rules like MEF keys.", written=False),
+    Key("secureCredentials", "psk, certificate", "What the secure listener accepts: psk, certificate, or both "
+        "(certificate needs certFile/keyFile and caFile or mefCaFile; without certFile only psk is possible)."),
     Key("handshakeTimeout", f"{_L.handshake_timeout:g}", "Seconds for a whole TLS handshake on the secure "
         "listener.", written=False),
     Key("requestTimeout", f"{_L.request_timeout:g}", "Seconds for a whole request, and for sending an answer.",
@@ -158,6 +163,11 @@ class AcmePluginConfig:
     cert_file: Path | None
     key_file: Path | None
     ca_file: Path | None
+    #: the MEF's CA (trust anchor of the certificates it issues over EST), or None
+    mef_ca_file: Path | None
+    #: what the secure listener accepts
+    accept_psk: bool
+    accept_certificates: bool
     enforcement: bool
     plain_port_originators: tuple[str, ...]
     secure_web_ui: bool
@@ -266,9 +276,16 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
     if get("securePort") is None:
         raise err("securePort", "is required (the TLS-PSK / mutual TLS listener)")
     secure_port = int(number("securePort", 1, 65535))
-    cert, key, ca = path("certFile"), path("keyFile"), path("caFile")
-    if (cert is None) != (key is None) or (ca is not None and cert is None):
-        raise err("certFile", "certFile and keyFile go together, and caFile needs them")
+    cert, key, ca, mef_ca = path("certFile"), path("keyFile"), path("caFile"), path("mefCaFile")
+    if (cert is None) != (key is None) or ((ca is not None or mef_ca is not None) and cert is None):
+        raise err("certFile", "certFile and keyFile go together, and caFile and mefCaFile need them")
+    kinds = {k.strip().lower() for k in (get("secureCredentials") or "").split(",") if k.strip()}
+    if not kinds or kinds - {"psk", "certificate"}:
+        raise err("secureCredentials", "must be psk, certificate, or psk, certificate")
+    accept_certificates = "certificate" in kinds and cert is not None
+    if kinds == {"certificate"} and (cert is None or (ca is None and mef_ca is None)):
+        raise err("secureCredentials", "certificate alone needs certFile, keyFile and caFile or mefCaFile (the "
+                  "listener would accept no one)")
     ssar = get("ssar", required=True)
     assert ssar is not None
     if not ids.RESOURCE_NAME_RE.fullmatch(ssar):
@@ -314,7 +331,8 @@ def load(parser: configparser.ConfigParser, base_dir: Path, source: str = "acme.
         startup_retry_seconds=number("startupRetrySeconds", 0, 3600, integer=False),
         mef_psk_identity=mef_psk_identity, mef_psk_file=mef_psk_file,
         secure_listen=get("secureListen", required=True) or "", secure_port=secure_port,
-        cert_file=cert, key_file=key, ca_file=ca, enforcement=mode == "on",
+        cert_file=cert, key_file=key, ca_file=ca, mef_ca_file=mef_ca, accept_psk="psk" in kinds,
+        accept_certificates=accept_certificates, enforcement=mode == "on",
         plain_port_originators=listed, secure_web_ui=flag("secureWebUI"), ssar=ssar,
         create_subscription=flag("createSubscription"), allowed_app_ids=apps,
         secure_registrar=flag("secureRegistrar"), location=get("location"), limits=limits,

@@ -42,8 +42,10 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
-from .. import ids, keys, ssar
+from .. import est, ids, keys, ssar
 from ..audit import Action, AuditLog, Result
 from ..client import OneM2MClient
 from ..enrolee import Enrolee, EnroleeConfig, Enrolment, Renewer
@@ -62,8 +64,8 @@ from ..mef.protocol import Revocation
 from ..metrics import CseMetrics, ObservabilityServer, refusal_reason
 from ..ratelimit import Backoff, RefusalLog
 from ..secret import Secret
-from ..target import FetchedCredential, KeyCache, KeyCacheLimits, RevocationFollower
-from ..tls import PskClient, PskServer, TlsConnection, TlsPeer
+from ..target import KeyCache, KeyCacheLimits, RevocationFollower, RevokedCertificates
+from ..tls import PskClient, PskServer, TlsConnection, TlsPeer, certificate_onem2m_id
 from ..wire import MAX_REQUEST_ID
 from ..wsgi import ENVIRON_KEY, PeerCredential, SecureWsgiServer
 from . import access, host, patches, resources
@@ -131,6 +133,10 @@ class RspfSecurityPlugin:
         self.metrics = CseMetrics()
         self._observer: ObservabilityServer | None = None
         self._feed: RevocationFollower | None = None
+        #: MEF-issued certificates: the MEF's CA, those the feed revoked, and the Credential-ID of each seen
+        self._mef_ca: x509.Certificate | None = None
+        self._revoked_certs: RevokedCertificates | None = None
+        self._cert_credentials: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------- lifecycle
     @init
@@ -162,8 +168,9 @@ class RspfSecurityPlugin:
             self._setup_observability()
             self._psk = PskServer(self._psk_lookup)
             c = self.config
-            if c.cert_file and c.key_file:
-                self._psk.use_certificates(c.cert_file, c.key_file, c.ca_file)  # bad files stop start-up here
+            if c.accept_certificates:
+                assert c.cert_file and c.key_file
+                self._psk.use_certificates(c.cert_file, c.key_file, self._client_anchors())  # bad files stop here
             if self.config.enrol:
                 self.enrolment = self._enrol_at_startup()
                 patches.apply_identity(config, self.enrolment.profile)
@@ -201,7 +208,9 @@ class RspfSecurityPlugin:
                                          port=self.config.secure_port, limits=self.config.limits)
         self._start_observability()  # before the listener opens: whoever sees the secure port finds /health too
         self.listener.start()
-        _acme_log("info", f"secure listener (TLS-PSK{' and certificates' if self.config.cert_file else ''}) on "
+        kinds = " and ".join((["TLS-PSK"] if self.config.accept_psk else []) +
+                             (["certificates"] if self.config.accept_certificates else []))
+        _acme_log("info", f"secure listener ({kinds}) on "
                           f"{self.config.secure_listen}:{self.listener.port}; enforcement "
                           f"{'on' if self.config.enforcement else 'off'}")
         if self.enrolee is not None:
@@ -263,6 +272,25 @@ class RspfSecurityPlugin:
                 mef_host=c.mef_host, mef_port=c.mef_port, mef_fqdn=c.mef_fqdn, kpm_id=c.kpm_id,
                 kpm=read_key_file(c.kpm_file, "Kpm file"), node_id=c.node_id, store_path=c.profile_store,
                 location=c.location, renew_before_seconds=c.renew_before_seconds))
+
+    def _client_anchors(self) -> Path | None:
+        """The trust anchors of client certificates: caFile (the operator's), mefCaFile (the MEF's CA), or both
+        in one bundle file beside the profile store. Loads the MEF's CA and the revoked certificates."""
+        c = self.config
+        assert c is not None
+        if c.mef_ca_file is None:
+            return c.ca_file
+        try:
+            self._mef_ca = x509.load_pem_x509_certificate(c.mef_ca_file.read_bytes())
+        except (OSError, ValueError):
+            raise ConfigError(f"acme.ini [rspf] mefCaFile: {c.mef_ca_file} is not a PEM certificate") from None
+        self._revoked_certs = RevokedCertificates(c.profile_store.parent / "rspf-revoked-certificates")
+        if c.ca_file is None:
+            return c.mef_ca_file
+        bundle = c.profile_store.parent / "rspf-client-cas.pem"
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        bundle.write_bytes(c.ca_file.read_bytes() + b"\n" + c.mef_ca_file.read_bytes())
+        return bundle
 
     def _enrol_at_startup(self) -> Enrolment:
         """A valid stored profile is reused; otherwise enrol, retrying with backoff while the MEF is down."""
@@ -332,16 +360,32 @@ class RspfSecurityPlugin:
             self.audit.roll()
 
     def _revoked(self, items: list[Revocation]) -> None:
-        """KeIDs the MEF revoked: their keys go, their connections close, their rule entries go."""
+        """KeIDs and certificates the MEF revoked: keys go, certificates are refused, their connections close,
+        their rule entries go."""
         assert self.keycache is not None
         ke_ids = {item.ke_id for item in items if item.ke_id is not None}
+        certs = {item.cert_sha256 for item in items if item.cert_sha256 is not None}
         held = self.keycache.revoke(ke_ids)
-        closed = self._close_connections(lambda ident, _cred: ident is not None and _ke_id_or_none(ident) in ke_ids)
+        if certs and self._revoked_certs is not None:
+            self._revoked_certs.add(certs)
+
+        def revoked(ident: str | None, cred: PeerCredential | None) -> bool:
+            if ident is not None:
+                return _ke_id_or_none(ident) in ke_ids
+            return cred is not None and cred.fingerprint in certs
+
+        closed = self._close_connections(revoked)
         for item in items:
-            if item.ke_id is None:
-                continue
-            self._forget_invalid(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
-            _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now on")
+            if item.ke_id is not None:
+                self._forget_invalid(keys.credential_id(keys.CRED_TYPE_KPSAID, item.ke_id))
+                _acme_log("warn", f"KeID {item.ke_id} is no longer valid at the MEF ({item.cause}): refused from now "
+                                  "on")
+            elif item.cert_sha256 is not None and self._revoked_certs is not None:
+                credential_id = self._cert_credentials.pop(item.cert_sha256, None)
+                if credential_id is not None:
+                    self._forget_invalid(credential_id)
+                _acme_log("warn", f"certificate {item.cert_sha256} ({credential_id or 'not seen here'}) was revoked "
+                                  f"by the MEF ({item.cause}): refused from now on")
         if held or closed:
             _acme_log("warn", f"revocation: {held} key(s) dropped from the cache, {closed} connection(s) closed")
         self._observe_revoked(items, held, closed)
@@ -394,7 +438,9 @@ class RspfSecurityPlugin:
 
     # ------------------------------------------------------------------- secure listener: keys
     def _psk_lookup(self, identity: str, peer_ip: str | None) -> Secret | None:
-        assert self.keycache is not None
+        assert self.keycache is not None and self.config is not None
+        if not self.config.accept_psk:
+            return None  # secureCredentials = certificate: every PSK handshake is refused
         cred, _fetched = self.keycache.lookup(identity, peer_ip)
         return cred.key if cred else None
 
@@ -408,11 +454,11 @@ class RspfSecurityPlugin:
         if cred is None:
             return None
         peer = PeerCredential("psk", ident, keys.credential_id(keys.CRED_TYPE_KPSAID, ke_id), cred.enrolee_id,
-                              cred.expires_at)
-        self._record_enrolled(peer, cred)
+                              cred.expires_at, provisioned=True)
+        self._record_enrolled(peer, cred.allowed_app_ids)
         return peer
 
-    def _record_enrolled(self, peer: PeerCredential, cred: FetchedCredential) -> bool:
+    def _record_enrolled(self, peer: PeerCredential, allowed_app_ids: tuple[str, ...] | None) -> bool:
         """TS-0003 §8.3.1.2 NOTE 3/4, as rules that bind: the credential's own rule holds its Credential-ID, its
         Enrolee-ID and the App-IDs the MEF sent with the key (none sent: ``allowedAppIDs``), belonging to the node
         of this CSE -- at the IN-CSE itself, or, on an MN-CSE, at its registrar (the IN-CSE). Recorded once per
@@ -421,7 +467,7 @@ class RspfSecurityPlugin:
         if peer.enrolee_id is None or peer.enrolee_id.startswith("/"):
             return False  # CSEs register as <remoteCSE>; SSARs govern AEs
         try:
-            binding = ssar.Binding.of(peer.credential_id, peer.enrolee_id, cred.allowed_app_ids,
+            binding = ssar.Binding.of(peer.credential_id, peer.enrolee_id, allowed_app_ids,
                                       self.config.allowed_app_ids)
         except RspfError as exc:
             _acme_log("warn", f"cannot record {peer.credential_id}: {exc}")
@@ -474,23 +520,42 @@ class RspfSecurityPlugin:
     def _ae_deleted(self, ae: Any) -> None:
         """ACME's ``aeHasDeregistered``: an <AE> that registered with a MEF key takes its rule entries along."""
         credential_id = patches.credential_of(ae)
-        if not (credential_id and credential_id.startswith(f"{keys.CRED_TYPE_KPSAID}-")):
-            return
+        if not (credential_id and credential_id.startswith(ssar.BOUND_CREDENTIAL_TYPES)):
+            return  # a MEF key or certificate (only their rules are the plugin's: a bound rule, if any)
         if patches.registered_ae(ae.aei) == (True, credential_id):
             return  # registered again with the same credential meanwhile (this event runs in the background)
         self.forget_credential(credential_id)
 
     def _certificate_credential(self, tls: TlsPeer) -> PeerCredential | None:
-        subject_id = tls.peer_certificate_id()
-        if not subject_id:
+        """The credential of a verified client certificate: Credential-ID 32-<CSE-ID> or 33-<AE-ID> (TS-0003
+        §10.4). One the MEF's CA issued is provisioned: refused once the MEF revoked it, recorded in a rule with
+        the App-ID it carries (docs/acme-plugin.md); the operator writes the rules of the others."""
+        cert = tls.peer_certificate()
+        subject_id = certificate_onem2m_id(cert) if cert is not None else None
+        if cert is None or not subject_id:
             return None
         type_id = 32 if subject_id.startswith("/") else 33
-        value = subject_id.lstrip("/")
         try:
-            cred_id = keys.credential_id(type_id, value)
+            cred_id = keys.credential_id(type_id, subject_id.lstrip("/"))
         except RspfError:
             return None
-        return PeerCredential("certificate", subject_id, cred_id, subject_id)
+        sha256 = est.fingerprint(cert)
+        provisioned = self._mef_ca is not None and _issued_by(cert, self._mef_ca)
+        if provisioned and self._revoked_certs is not None and sha256 in self._revoked_certs:
+            self._refusals.refused(f"certificate {sha256} of {access.shown(subject_id)} from {tls.peer} refused: the "
+                                   "MEF revoked it")
+            self.metrics.refusals.labels("certificate revoked").inc()
+            self.audit.refused(Action.AUTHENTICATE, actor=f"peer:{tls.peer}", subject=f"certificate {sha256}",
+                               cause="the MEF revoked this certificate", details={"credentialID": cred_id})
+            return None
+        app_id = est.certificate_app_id(cert) if provisioned else None
+        peer = PeerCredential("certificate", subject_id, cred_id, subject_id, cert.not_valid_after_utc.timestamp(),
+                              provisioned=provisioned, fingerprint=sha256,
+                              app_ids=(app_id,) if app_id is not None else None)
+        if provisioned:
+            self._cert_credentials[sha256] = cred_id
+            self._record_enrolled(peer, peer.app_ids)
+        return peer
 
     # -------------------------------------------------------------- request checks (TS-0004)
     def _secure_app(self, app: Any) -> Any:
@@ -598,7 +663,7 @@ class RspfSecurityPlugin:
         """
         environ = host.current_environ()
         cred: PeerCredential | None = environ.get(ENVIRON_KEY) if environ else None
-        if not (cred and cred.kind == "psk" and cred.enrolee_id and cred.enrolee_id.startswith("/")
+        if not (cred and cred.provisioned and cred.enrolee_id and cred.enrolee_id.startswith("/")
                 and originator == cred.enrolee_id):
             return False
         if operation == "create":
@@ -644,8 +709,8 @@ class RspfSecurityPlugin:
         if ssar.admits(rules, credential_id, app_id or "", stem):
             self._observe_registration(stem, app_id, cred, environ)
             return credential_id
-        if cred is not None and cred.kind == "psk" and self._record_again(cred, environ):
-            # A key from the MEF (only those are recorded; certificates never are) whose rule is gone: its <AE>
+        if cred is not None and cred.provisioned and self._record_again(cred, environ):
+            # A key or certificate from the MEF (only those are recorded) whose rule is gone: its <AE>
             # was deleted, ACME purged its storage (a reset), or the rule could not be written when the connection
             # opened. Recorded again (idempotent, from what the MEF says now), and looked up again.
             if ssar.admits(self._rules_for_registration(credential_id) or [], credential_id, app_id or "", stem):
@@ -660,8 +725,11 @@ class RspfSecurityPlugin:
         assert self.keycache is not None
         with self._record_lock:
             self._recorded.pop(peer.credential_id, None)
+        if peer.kind == "certificate":
+            revoked = self._revoked_certs is not None and peer.fingerprint in self._revoked_certs
+            return not revoked and self._record_enrolled(peer, peer.app_ids)
         fetched, _now = self.keycache.lookup(keys.normalise_ke_id(peer.identity), environ.get("REMOTE_ADDR"))
-        return fetched is not None and self._record_enrolled(peer, fetched)
+        return fetched is not None and self._record_enrolled(peer, fetched.allowed_app_ids)
 
     def _rules_for_registration(self, credential_id: str | None) -> list[Any] | None:
         """The rules a registration with ``credential_id`` is checked against (its own bound rule and the
@@ -919,6 +987,16 @@ def _read_position(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() and len(text) <= 18 else None
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    if cert.issuer != ca.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _ke_id_or_none(identity: str) -> str | None:
