@@ -73,7 +73,8 @@ def test_acme_bad_metrics_listen_names_the_key(tmp_path: Path, value: str) -> No
 
 def test_mef_certificate_keys_go_together_and_the_key_is_private(tmp_path: Path) -> None:
     base = {"fqdn": "mef.example.com", "sp_id": "//sp.example.com"}
-    assert not MefConfig.from_dict(base, base_dir=tmp_path).certificates_enabled  # PSK only by default
+    plain = MefConfig.from_dict(base, base_dir=tmp_path)
+    assert plain.tls_cert_file is None and not plain.certificate_provisioning  # PSK only by default
     for name in ("mef.pem", "ca.pem"):
         (tmp_path / name).write_text("x")
     key = tmp_path / "mef.key"
@@ -81,7 +82,7 @@ def test_mef_certificate_keys_go_together_and_the_key_is_private(tmp_path: Path)
     key.chmod(0o600)
     files = {"tls_cert_file": "mef.pem", "tls_key_file": "mef.key", "tls_client_ca_file": "ca.pem"}
     cfg = MefConfig.from_dict({**base, **files}, base_dir=tmp_path)
-    assert cfg.certificates_enabled and cfg.tls_key_file == key and cfg.tls_client_ca_file == tmp_path / "ca.pem"
+    assert cfg.tls_cert_file == tmp_path / "mef.pem" and cfg.tls_key_file == key and cfg.tls_client_ca_file == tmp_path / "ca.pem"
     with pytest.raises(ConfigError, match="go together.*missing: tls_client_ca_file"):
         MefConfig.from_dict({**base, "tls_cert_file": "mef.pem", "tls_key_file": "mef.key"}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"tls_cert_file: .*nothing.pem does not exist"):
@@ -95,4 +96,5 @@ def test_the_example_configuration_leaves_certificates_commented_out(tmp_path: P
     assert "# tls_cert_file = " in EXAMPLE and "# tls_key_file = " in EXAMPLE and "# tls_client_ca_file = " in EXAMPLE
     path = tmp_path / "mef.toml"
     path.write_text(EXAMPLE)
-    assert not MefConfig.load(path).certificates_enabled
+    loaded = MefConfig.load(path)
+    assert loaded.tls_cert_file is None and not loaded.certificate_provisioning

@@ -438,8 +438,8 @@ class RspfSecurityPlugin:
 
     # ------------------------------------------------------------------- secure listener: keys
     def _psk_lookup(self, identity: str, peer_ip: str | None) -> Secret | None:
-        assert self.keycache is not None and self.config is not None
-        if not self.config.accept_psk:
+        assert self.keycache is not None
+        if self.config is not None and not self.config.accept_psk:
             return None  # secureCredentials = certificate: every PSK handshake is refused
         cred, _fetched = self.keycache.lookup(identity, peer_ip)
         return cred.key if cred else None
