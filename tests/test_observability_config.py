@@ -82,7 +82,8 @@ def test_mef_certificate_keys_go_together_and_the_key_is_private(tmp_path: Path)
     key.chmod(0o600)
     files = {"tls_cert_file": "mef.pem", "tls_key_file": "mef.key", "tls_client_ca_file": "ca.pem"}
     cfg = MefConfig.from_dict({**base, **files}, base_dir=tmp_path)
-    assert cfg.tls_cert_file == tmp_path / "mef.pem" and cfg.tls_key_file == key and cfg.tls_client_ca_file == tmp_path / "ca.pem"
+    assert cfg.tls_cert_file == tmp_path / "mef.pem" and cfg.tls_key_file == key
+    assert cfg.tls_client_ca_file == tmp_path / "ca.pem"
     with pytest.raises(ConfigError, match="go together.*missing: tls_client_ca_file"):
         MefConfig.from_dict({**base, "tls_cert_file": "mef.pem", "tls_key_file": "mef.key"}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"tls_cert_file: .*nothing.pem does not exist"):
