@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import ssl
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from rspf.fileutil import read_key_file
 from rspf.mef import protocol
 from rspf.tls import CertClient, PskClient
 
+from .impostors import CertServer
 from .pki import make_pki
 from .support import FQDN, HOST, REGISTRAR, Cli, MefHome, free_port
 from .test_openssl_interop import http_response
@@ -226,3 +229,60 @@ def test_a_mef_without_provisioning_answers_est_with_404(tmp_path: Path) -> None
         client.close()
     finally:
         home.stop()
+
+
+@pytest.mark.parametrize("impostor", ["another CA", "control: the MEF's own CA"])
+def test_renewal_refuses_an_impostor_mef_before_sending(mef: MefHome, tmp_path: Path, impostor: str) -> None:
+    """A server with a valid-looking chain naming the MEF-FQDN, but from another CA, gets nothing; the same
+    server with a certificate from the MEF's CA (the control) does get the renewal request."""
+    folder = mef.root / "mn1.certs"
+    if not (folder / "cert.pem").exists():
+        enrol_with_certificate(mef, "mn1")
+    pki = make_pki(tmp_path, {}, server_dns=FQDN)
+    if impostor == "another CA":
+        cert, key = pki / "server.pem", pki / "server.key"
+    else:  # an FQDN certificate the MEF's CA signs, as the MEF does for itself
+        from rspf.mef.ca import MefCa
+        ca = MefCa.load_or_create(mef.root / "est-ca.pem", mef.root / "est-ca.key", FQDN)
+        cert, key = tmp_path / "fqdn.pem", tmp_path / "fqdn.key"
+        ca.write_server_certificate(FQDN, cert, key)
+    with CertServer(cert, key, "1.3", client_ca=mef.root / "est-ca.pem") as server:
+        res = mef.cli("renew-certificate", "--mef", server.address, "--mef-fqdn", FQDN, "--cert-dir", folder)
+        assert res.rc != 0, str(res)
+    if impostor == "another CA":
+        assert "does not verify to the trust anchor" in res.stderr and "nothing was sent" in res.stderr, str(res)
+        assert server.received == b""
+    else:
+        assert b"/.well-known/est/" in server.received  # a request went out: the refusal above is not vacuous
+
+
+def test_simplereenroll_from_pythons_ssl_with_an_openssl_csr(mef: MefHome, tmp_path: Path) -> None:
+    """A plain HTTPS client (Python's ssl, not this project's TLS code) renews with the issued certificate and a
+    CSR from ``openssl req``; the MEF answers RFC 7030 certs-only."""
+    info = mef.add_enrolee("pyssl", "--certificates", enrolee_id="Cpyssl")
+    folder = mef.root / "pyssl.certs"
+    enrol_with_certificate(mef, "pyssl")
+    key, csr = tmp_path / "k.pem", tmp_path / "r.der"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-subj", "/CN=Cpyssl", "-addext",
+                    f"subjectAltName=URI:{SP}{REGISTRAR}/Cpyssl", "-outform", "DER", "-out", str(csr)],
+                   check=True, capture_output=True, timeout=60)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(folder / "ca.pem")
+    ctx.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    body = base64.encodebytes(csr.read_bytes())
+    request = (f"POST {est.est_path(est.OP_SIMPLEREENROLL)} HTTP/1.1\r\nHost: {FQDN}\r\n"
+               f"Content-Type: {est.CT_PKCS10}\r\nContent-Transfer-Encoding: base64\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    with ctx.wrap_socket(socket.create_connection((HOST, mef.port), timeout=15), server_hostname=FQDN) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    status, headers, answer = http_response(out)
+    assert status == 200 and headers["content-transfer-encoding"] == "base64", out[-300:]
+    renewed = est.parse_certs_body(answer)[0]
+    assert est.names_of(renewed) == ([f"{SP}{REGISTRAR}/Cpyssl"], None)
+    old = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+    shown = mef.cli.ok("mef", "cert", "show", "-c", mef.config, est.fingerprint(old), "--json").json()
+    assert (shown["state"], shown["cause"], shown["kpmID"]) == ("revoked", "superseded", info.kpm_id)
