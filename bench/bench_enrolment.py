@@ -22,8 +22,13 @@ What runs (every box is its own OS process, all on 127.0.0.1):
     - cert: the same enrolment by the Certificate-Based handshake (``--cert-enrolees`` enrolees registered by
       certificate, from a throw-away PKI of integration/pki.py; the MEF then has a certificate too, so
       every kind runs on a MEF configured for both). The ratio cert/full is printed.
+    - est: the PSK enrolment of ``full`` by an Enrolee that also asks for a certificate (certificate
+      provisioning is on and the enrolees are entitled): the MEF instructs ``certificateEnrolment`` and the
+      Enrolee runs EST (cacerts, a new P-256 key, simpleenroll, checks, three 0600 files) on the same
+      connection. The ratio est/full is printed.
 
-Bare, full and cert rounds alternate (bare, full, cert, bare, ...) after a warm-up of each; the rate of each kind
+Bare, full, cert and est rounds alternate (bare, full, cert, est, bare, ...) after a warm-up of each; the rate of
+each kind
 is the median over its rounds. Server CPU (utime+stime of the server process from /proc) and client CPU per
 operation are printed too: on a shared 2-core machine they are steadier than the rates. The ratio full/bare
 (of the medians) is printed with TARGET MET / TARGET MISSED (target: full >= 0.5 x bare). The exit code
@@ -289,7 +294,20 @@ def worker_main(conn: Connection, index: int, enrolees: list[tuple[str, str, str
     def cert_once(i: int) -> None:
         cert_clients[i % len(cert_clients)].enrol(store=False)
 
-    ops = {"bare": bare_once, "full": full_once, "cert": cert_once}
+    est_clients = [
+        Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=mef_port, mef_fqdn=MEF_FQDN, kpm_id=kpm_id, kpm=kpm,
+                              node_id=node_id, store_path=Path(store_dir) / f"unused-{index}-{n}.json",
+                              certificate_enrolment=True, certificate_dir=Path(store_dir) / f"est-{index}"),
+                tls_client=tls_client)
+        for n, (kpm_id, kpm, node_id) in enumerate(creds[:8])
+    ]
+
+    def est_once(i: int) -> None:
+        enrolee = est_clients[i % len(est_clients)]
+        if not [i for i in enrolee.enrol(store=False).instructions if i.get("carriedOut")]:
+            raise RuntimeError("no certificate was obtained (see the Enrolee's warning)")
+
+    ops = {"bare": bare_once, "full": full_once, "cert": cert_once, "est": est_once}
     i = 0
     while True:
         cmd = conn.recv()
@@ -385,10 +403,10 @@ def setup_mef(home: Path, port: int, count: int) -> list[tuple[str, str, str]]:
     with open(home / "batch.csv", "w", newline="") as f:
         os.fchmod(f.fileno(), 0o600)  # it holds keys: the MEF refuses a batch others can read
         w = csv.writer(f)
-        w.writerow(["kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri"])
+        w.writerow(["kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri", "certificates"])
         for n in range(count):
             kpm_id, kpm_hex, node_id = f"bench-kpm-{n:05d}", secrets.token_hex(32), f"urn:dev:ops:bench-{n:05d}"
-            w.writerow([kpm_id, kpm_hex, f"/id-mn{n}", node_id, REGISTRAR_CSE_ID, REGISTRAR_URI])
+            w.writerow([kpm_id, kpm_hex, f"/id-mn{n}", node_id, REGISTRAR_CSE_ID, REGISTRAR_URI, "true"])
             enrolees.append((kpm_id, kpm_hex, node_id))
     subprocess.run(rspf + ["mef", "enrolee", "import", "-c", str(cfg), str(home / "batch.csv")], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -407,7 +425,7 @@ def setup_certificates(home: Path, count: int) -> list[tuple[str, str, str]]:
     make_pki(pki, {f"cert{n}": f"{SP_ID}/id-cert{n}" for n in range(count)}, server_dns=MEF_FQDN)
     cfg = home / "mef.toml"
     set_mef_keys(cfg, {"tls_cert_file": f'"{pki / "server.pem"}"', "tls_key_file": f'"{pki / "server.key"}"',
-                       "tls_client_ca_file": f'"{pki / "ca.pem"}"'})
+                       "tls_client_ca_file": f'"{pki / "ca.pem"}"', "certificate_provisioning": "true"})
     certs = []
     for n in range(count):
         node_id = f"urn:dev:ops:bench-cert-{n}"
@@ -463,7 +481,7 @@ def main() -> int:
         t_setup = time.monotonic()
         enrolees = setup_mef(home, mef_port, args.enrolees)
         certs = setup_certificates(home, args.cert_enrolees) if args.cert_enrolees > 0 else []
-        kinds = ("bare", "full", "cert") if certs else ("bare", "full")
+        kinds = ("bare", "full", "cert", "est") if certs else ("bare", "full")
         mef, bare = start_servers(home, mef_port, bare_port)
         wait_port(mef_port, mef, "rspf mef serve")
         wait_port(bare_port, bare, "the bare server")
@@ -478,7 +496,7 @@ def main() -> int:
         print(f"{OpenSSL.SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, pyOpenSSL {OpenSSL.__version__}, "
               f"cryptography {cryptography.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
 
-        servers = {"bare": bare, "full": mef, "cert": mef}
+        servers = {"bare": bare, "full": mef, "cert": mef, "est": mef}
         # warm-up: every client connection path, the MEF's per-thread SQLite connections, the schema validator
         for kind in kinds:
             r = load.run(kind, args.warmup)
@@ -529,6 +547,12 @@ def main() -> int:
             print(f"  cert rounds ops/s: {', '.join(f'{x:.1f}' for x in c['rates'])}")
             print(f"ratio cert/full (certificate enrolments per PSK enrolment) = {c['rate']:.1f} / {f['rate']:.1f} = "
                   f"{c['rate'] / f['rate'] if f['rate'] else 0.0:.3f}")
+            e = summary("est")
+            print(f"{'est: PSK enrolment + a certificate over EST':<44} {e['rate']:>14.1f} {e['errors']:>6} "
+                  f"{e['srv'] * 1e3:>13.2f} {e['cli'] * 1e3:>13.2f}  {e['tls'][0]} {e['tls'][1]}")
+            print(f"  est rounds ops/s: {', '.join(f'{x:.1f}' for x in e['rates'])}")
+            print(f"ratio est/full (enrolments that also obtain a certificate per PSK enrolment) = {e['rate']:.1f} / "
+                  f"{f['rate']:.1f} = {e['rate'] / f['rate'] if f['rate'] else 0.0:.3f}")
         print()
         bare_rounds = [r for r in rounds if r["kind"] == "bare"]
         full_rounds = [r for r in rounds if r["kind"] == "full"]

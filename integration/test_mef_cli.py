@@ -146,7 +146,8 @@ def test_extra_target_gets_its_own_usage_constrained_keys(home: MefHome) -> None
 def test_remote_management_instruction(home: MefHome) -> None:
     dev = new_enrolee(home, "--rm-uri", "https://dm.example.com")
     data = enrol_ok(home, dev)
-    assert data["instructions"] == [{"instructionType": "remoteManagementServer", "uri": "https://dm.example.com"}]
+    assert data["instructions"] == [{"instructionType": "remoteManagementServer", "uri": "https://dm.example.com",
+                                     "carriedOut": True}]
     assert data["profile"]["remoteManagementURI"] == "https://dm.example.com"
     assert home.load_enrolment(dev).instructions == data["instructions"]
     # a device that cannot follow RM instructions is not instructed, but still enrolled

@@ -90,7 +90,7 @@ def test_an_entitled_ae_gets_a_certificate_naming_it_and_its_app_id(mef: MefHome
                         "--json").json()
     assert [c["sha256"] for c in listed] == [est.fingerprint(cert)] and listed[0]["state"] == "active"
     instructions = out["instructions"]
-    assert [i["instructionType"] for i in instructions] == [protocol.INSTRUCTION_CERT]
+    assert [(i["instructionType"], i["carriedOut"]) for i in instructions] == [(protocol.INSTRUCTION_CERT, True)]
     assert instructions[0]["uri"] == f"https://{FQDN}:{mef.port}{est.EST_PATH}"
 
 

@@ -247,14 +247,18 @@ def test_chunked_body_over_the_limit_is_413(server: EchoServer) -> None:
     assert (resp.status, resp.rsc) == (413, 4000)
 
 
-def test_expect_100_continue(server: EchoServer) -> None:
-    tls = connect(server)
+def expect_continue(tls: TlsConnection) -> None:
+    """A request with Expect: 100-continue gets the 100 before it sends its body, then its answer."""
     tls.sendall(get(method="POST", extra="Expect: 100-continue\r\nContent-Length: 2\r\n"))
     reader = tls.makefile()
     assert reader.readline().startswith(b"HTTP/1.1 100 ")
     assert reader.readline() == b"\r\n"
     tls.sendall(b"ok")
     assert read_response(reader).json()["body"] == "ok"
+
+
+def test_expect_100_continue(server: EchoServer) -> None:
+    expect_continue(connect(server))
 
 
 def test_response_header_with_control_character_is_dropped() -> None:
@@ -737,13 +741,7 @@ def test_a_bad_request_on_a_kept_connection_is_refused_and_closes_it(kept: Keepi
 
 
 def test_expect_100_continue_on_a_kept_connection(kept: KeepingServer) -> None:
-    tls = primed(kept)
-    tls.sendall(get(method="POST", extra="Expect: 100-continue\r\nContent-Length: 2\r\n"))
-    reader = tls.makefile()
-    assert reader.readline().startswith(b"HTTP/1.1 100 ")
-    assert reader.readline() == b"\r\n"
-    tls.sendall(b"ok")
-    assert read_response(reader).json()["body"] == "ok"
+    expect_continue(primed(kept))
 
 
 def test_a_forged_record_on_a_kept_connection_closes_it(kept: KeepingServer) -> None:

@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -240,6 +240,18 @@ def _warn(warnings: list[str]) -> None:
 
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
+
+
+def _echo_rows(rows: list[dict[str, Any]], as_json: bool, noun: str, header: str,
+               line: Callable[[dict[str, Any]], str]) -> None:
+    """A listing: JSON, or a header, a line per row and a count."""
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(header)
+    for r in rows:
+        click.echo(line(r))
+    click.echo(f"{len(rows)} {noun}")
 
 
 def _echo_fields(values: dict[str, Any]) -> None:
@@ -655,14 +667,9 @@ def target_add(config_path: Path, psk_identity: str, psk_file: Path, target_id: 
 def target_list(config_path: Path, as_json: bool) -> None:
     """List Target credentials (never their PSKs)."""
     _cfg, store = _load(config_path)
-    rows = [t.public_dict() for t in store.list_targets()]
-    if as_json:
-        _echo_json(rows)
-        return
-    click.echo(f"{'PSK identity':40} {'Target-ID':32} {'state':8} created")
-    for r in rows:
-        click.echo(f"{r['pskIdentity']:40} {r['targetID']:32} {r['state']:8} {r['created'] or '-'}")
-    click.echo(f"{len(rows)} Target credential(s)")
+    _echo_rows([t.public_dict() for t in store.list_targets()], as_json, "Target credential(s)",
+               f"{'PSK identity':40} {'Target-ID':32} {'state':8} created",
+               lambda r: f"{r['pskIdentity']:40} {r['targetID']:32} {r['state']:8} {r['created'] or '-'}")
 
 
 @mef_target.command("show")
@@ -719,14 +726,10 @@ def cert_list(config_path: Path, kpm_id: str | None, state: str | None, limit: i
               as_json: bool) -> None:
     """List issued certificates, oldest first."""
     _cfg, store = _load(config_path)
-    rows = [c.public_dict() for c in store.list_certificates(kpm_id=kpm_id, state=state, limit=limit, offset=offset)]
-    if as_json:
-        _echo_json(rows)
-        return
-    click.echo(f"{'serial':42} {'subject':40} {'state':8} not after")
-    for r in rows:
-        click.echo(f"{r['serial']:42} {r['subject'][:40]:40} {r['state']:8} {r['notAfter']}")
-    click.echo(f"{len(rows)} certificate(s)")
+    _echo_rows([c.public_dict() for c in store.list_certificates(kpm_id=kpm_id, state=state, limit=limit,
+                                                                 offset=offset)],
+               as_json, "certificate(s)", f"{'serial':42} {'subject':40} {'state':8} not after",
+               lambda r: f"{r['serial']:42} {r['subject'][:40]:40} {r['state']:8} {r['notAfter']}")
 
 
 @mef_cert.command("show")

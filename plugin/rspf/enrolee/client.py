@@ -217,7 +217,6 @@ class Enrolee:
             kind = rsp["instructionType"]
             if kind == protocol.INSTRUCTION_END:
                 return seen
-            seen.append(rsp)
             if kind == protocol.INSTRUCTION_CERT and c.certificate_enrolment:
                 ok = self._follow_certificate_instruction(client, tls, rsp)
             elif kind == protocol.INSTRUCTION_RM and c.remote_management:
@@ -226,6 +225,7 @@ class Enrolee:
             else:
                 ok = False
                 log.warning("MEF instruction %s is not supported by this Enrolee", kind)
+            seen.append({**rsp, "carriedOut": ok})  # what the MEF instructed, and whether this Enrolee did it
             data = client.call("POST", protocol.PATH_ENROLMENT_EXCHANGE, protocol.enrol_ack(kind, ok))
         raise BadRequest(f"the MEF did not end the Enrolment Exchange after {protocol.MAX_EXCHANGE_INSTRUCTIONS} "
                          "instructions")

@@ -525,19 +525,16 @@ class MefStore:
         return self._one("SELECT 1 FROM enrolees WHERE enrolee_id=?", (enrolee_id,)) is not None
 
     @staticmethod
-    def _filters(state: str | None, registrar: str | None, expiring_before: dt.datetime | None) -> tuple[str, tuple]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if state is not None:
-            clauses.append("state=?")
-            params.append(state)
-        if registrar is not None:
-            clauses.append("registrar_cse_id=?")
-            params.append(registrar)
-        if expiring_before is not None:
-            clauses.append("valid_until IS NOT NULL AND valid_until < ?")
-            params.append(_ts(expiring_before))
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+    def _where(conditions: list[tuple[str, Any]]) -> tuple[str, tuple]:
+        """A WHERE clause of the conditions (``"column=?"``, value) whose value is not None, and its parameters."""
+        used = [(clause, value) for clause, value in conditions if value is not None]
+        return (" WHERE " + " AND ".join(c for c, _ in used) if used else ""), tuple(v for _, v in used)
+
+    @classmethod
+    def _filters(cls, state: str | None, registrar: str | None,
+                 expiring_before: dt.datetime | None) -> tuple[str, tuple]:
+        return cls._where([("state=?", state), ("registrar_cse_id=?", registrar),
+                           ("valid_until IS NOT NULL AND valid_until < ?", _ts(expiring_before))])
 
     def list_enrolees(self, *, state: str | None = None, registrar: str | None = None,
                       expiring_before: dt.datetime | None = None, limit: int | None = None,
@@ -703,14 +700,7 @@ class MefStore:
 
     def list_certificates(self, *, kpm_id: str | None = None, state: str | None = None, limit: int | None = None,
                           offset: int = 0) -> list[CertificateRecord]:
-        clauses, params = [], []
-        if kpm_id is not None:
-            clauses.append("kpm_id=?")
-            params.append(kpm_id)
-        if state is not None:
-            clauses.append("state=?")
-            params.append(state)
-        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        where, params = self._where([("kpm_id=?", kpm_id), ("state=?", state)])
         rows = self._all(f"SELECT {self._CERT_COLS} FROM certificates{where} ORDER BY issued, serial LIMIT ? OFFSET ?",
                          (*params, -1 if limit is None else limit, offset))
         return [self._certificate(r) for r in rows]
