@@ -531,10 +531,14 @@ class MefService:
         issued = self.ca.issue(public_key, subject, app_id, is_cse=rec.enrolee_type == "CSE", not_after=limit,
                                now=now)
         cert = issued.certificate
-        self.store.record_certificate(rec.kpm_id, issued.serial, issued.sha256, subject, app_id,
-                                      cert.not_valid_before_utc, cert.not_valid_after_utc,
-                                      cert.public_bytes(serialization.Encoding.DER),
-                                      supersedes=est.fingerprint(renewed) if renewed is not None else None, now=now)
+        try:
+            self.store.record_certificate(rec.kpm_id, issued.serial, issued.sha256, subject, app_id,
+                                          cert.not_valid_before_utc, cert.not_valid_after_utc,
+                                          cert.public_bytes(serialization.Encoding.DER),
+                                          supersedes=est.fingerprint(renewed) if renewed is not None else None,
+                                          now=now)
+        except AccessDenied as exc:  # the enrolee or the renewed certificate was revoked during this session
+            raise _EstRefusal(403, str(exc)) from None
         self._charge_enrolment(rec.kpm_id)
         result = "renewed" if renewed is not None else "issued"
         self.metrics.certificates.labels(result).inc()

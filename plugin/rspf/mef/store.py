@@ -675,8 +675,9 @@ class MefStore:
             row = db.execute("SELECT enrolee_id, state FROM enrolees WHERE kpm_id=?", (kpm_id,)).fetchone()
             if row is None or row[1] != ACTIVE:
                 raise AccessDenied(f"the enrolee {kpm_id} is no longer active; no certificate was issued")
-            if supersedes is not None:
-                self._revoke_certificates(db, "sha256=?", (supersedes,), CAUSE_SUPERSEDED, now)
+            if supersedes is not None and not self._revoke_certificates(db, "sha256=?", (supersedes,),
+                                                                         CAUSE_SUPERSEDED, now):
+                raise AccessDenied("the certificate being renewed was revoked meanwhile; no certificate was issued")
             db.execute("INSERT INTO certificates (serial, sha256, kpm_id, enrolee_id, subject, app_id, not_before,"
                        " not_after, issued, der) VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (serial, sha256, kpm_id, row[0], subject, app_id, _ts(not_before), _ts(not_after), _ts(now),
