@@ -455,3 +455,24 @@ def test_no_warning_when_the_registrar_can_fetch(store, tmp_path):
     rec, kpm = enrolee_from_fields(fields(5, kpm="f6" * 32), sp_id=SP_ID)
     from rspf.mef.admin import Fetchers, registration_warnings
     assert any("registrar /id-in" in w for w in registration_warnings(store, rec, kpm, Fetchers(store, SP_ID)))
+
+
+def test_import_of_certificate_enrolees_by_their_cert_id(store, tmp_path):
+    """A batch may register enrolees that authenticate by certificate (``cert_id``, no Kpm) beside Kpm ones,
+    and certificate entitlement (``certificates``)."""
+    path = tmp_path / "certs.json"
+    rows = [{"cert_id": "/id-cmn1", "enrolee_id": "/id-cmn1", "node_id": "urn:dev:c1", "registrar_cse_id": "/id-in",
+             "registrar_uri": "https://in.example.com/cse-in", "certificates": True},
+            {**fields(2), "cert_id": "/id-cmn2", "certificates": "false"},
+            {**fields(3)}]
+    path.write_text(json.dumps(rows))
+    assert run_import(store, path) == (3, [])
+    one, two = store.enrolee_by_certificate("/id-cmn1"), store.enrolee_by_certificate("/id-cmn2")
+    assert (one.has_kpm, one.may_certify, one.kpm_id) == (False, True, "/id-cmn1")
+    assert (two.has_kpm, two.may_certify) == (True, False)
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps([{**rows[0], "enrolee_id": "/id-other", "node_id": "urn:dev:c9"},
+                                 {**rows[0], "cert_id": "/id-cmn7", "enrolee_id": "/id-cmn7", "certificates": "maybe"}]))
+    n, errors = run_import(store, again)
+    assert n == 0 and [e.line for e in errors] == [1, 2], errors
+    assert "already registered" in errors[0].message and "true or false" in errors[1].message

@@ -33,6 +33,8 @@ APP_ID_RE = re.compile(r"[\x21-\x3a\x3c-\x7e]+")  # printable ASCII without spac
 FIELDS = ("kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri", "targets", "rm_uri",
           "enrolment_expiry_seconds", "valid_until", "allowed_app_ids", "certificates")
 REQUIRED = ("kpm_id", "kpm", "enrolee_id", "node_id", "registrar_cse_id", "registrar_uri")
+#: An optional column of `enrolee import`: the ID the enrolee's certificate names (then kpm_id/kpm may be empty)
+CERT_ID_COLUMN = "cert_id"
 #: Fields `enrolee update` may change (the KpmID, Kpm and Enrolee-ID stay; a new Kpm is `rotate-kpm`)
 UPDATABLE = tuple(f for f in FIELDS if f not in ("kpm_id", "kpm", "enrolee_id"))
 
@@ -235,6 +237,7 @@ def with_certificate_id(row: dict[str, Any], cert_id: str, *, sp_id: str) -> tup
         raise BadRequest("the certificate ID must be 1 to 128 printable ASCII characters without spaces (the "
                          "oneM2M ID the certificate names, e.g. /id-mn1 or Cmy-sensor)")
     if row.get("kpm") in (None, "") and row.get("kpm_id") in (None, ""):
+        row = {k: v for k, v in row.items() if k not in ("kpm_id", "kpm")}  # a batch's empty columns
         _check_row(row, tuple(f for f in FIELDS if f not in ("kpm_id", "kpm")))
         for name in REQUIRED[2:]:
             if row.get(name) in (None, ""):
@@ -338,13 +341,14 @@ def import_enrolees(store: MefStore, path: Path, *, sp_id: str, progress: Callab
     """Validate every row; if all are good (and not ``dry_run``) write them in one transaction. The file holds
     keys: one readable by group or others is refused like a key file."""
     check_private(path, "enrolee batch file")
-    good: list[tuple[EnroleeRecord, Secret]] = []
+    good: list[tuple[EnroleeRecord, Secret | None]] = []
     errors: list[RowError] = []
     warnings: list[RowError] = []
     seen_kpm: dict[str, int] = {}
     seen_eid: dict[str, int] = {}
     seen_key: dict[bytes, int] = {}
     seen_node: dict[str, int] = {}
+    seen_cert: dict[str, int] = {}
     fetchers = Fetchers(store, sp_id)
     rows = list(read_rows(path))
     for _line, row in rows:
@@ -358,7 +362,15 @@ def import_enrolees(store: MefStore, path: Path, *, sp_id: str, progress: Callab
                 raise BadRequest("is not a JSON object")
             if "__extra_columns__" in row:
                 raise BadRequest("has more columns than the header")
-            rec, kpm = enrolee_from_fields(row, sp_id=sp_id)
+            cert_id = row.pop(CERT_ID_COLUMN, None)  # optional: an enrolee that authenticates by certificate
+            if cert_id not in (None, ""):
+                rec, kpm = with_certificate_id(row, str(cert_id), sp_id=sp_id)
+            else:
+                rec, kpm = enrolee_from_fields(row, sp_id=sp_id)
+            if rec.cert_id is not None and rec.cert_id in seen_cert:
+                raise BadRequest(f"cert_id {rec.cert_id} repeats the one on line {seen_cert[rec.cert_id]}")
+            if rec.cert_id is not None and store.enrolee_by_certificate(rec.cert_id) is not None:
+                raise BadRequest(f"cert_id {rec.cert_id} is already registered")
             if rec.kpm_id in seen_kpm:
                 raise BadRequest(f"kpm_id {rec.kpm_id} repeats the one on line {seen_kpm[rec.kpm_id]}")
             if rec.enrolee_id in seen_eid:
@@ -369,14 +381,17 @@ def import_enrolees(store: MefStore, path: Path, *, sp_id: str, progress: Callab
                 raise BadRequest(f"enrolee_id {rec.enrolee_id} is already registered")
             seen_kpm[rec.kpm_id] = line
             seen_eid[rec.enrolee_id] = line
+            if rec.cert_id is not None:
+                seen_cert[rec.cert_id] = line
             good.append((rec, kpm))
             notes = registration_warnings(store, rec, kpm, fetchers)
-            key = kpm.reveal()
-            if key in seen_key:
+            key = kpm.reveal() if kpm is not None else None
+            if key is not None and key in seen_key:
                 notes.append(f"its Kpm is also the Kpm of the enrolee on line {seen_key[key]}")
             if rec.node_id in seen_node:
                 notes.append(f"its Node-ID {rec.node_id} repeats the one on line {seen_node[rec.node_id]}")
-            seen_key.setdefault(key, line)
+            if key is not None:
+                seen_key.setdefault(key, line)
             seen_node.setdefault(rec.node_id, line)
             warnings += [RowError(line, note) for note in notes]
         except BadRequest as exc:
