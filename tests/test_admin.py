@@ -472,7 +472,8 @@ def test_import_of_certificate_enrolees_by_their_cert_id(store, tmp_path):
     assert (two.has_kpm, two.may_certify) == (True, False)
     again = tmp_path / "again.json"
     again.write_text(json.dumps([{**rows[0], "enrolee_id": "/id-other", "node_id": "urn:dev:c9"},
-                                 {**rows[0], "cert_id": "/id-cmn7", "enrolee_id": "/id-cmn7", "certificates": "maybe"}]))
+                                 {**rows[0], "cert_id": "/id-cmn7", "enrolee_id": "/id-cmn7",
+                                  "certificates": "maybe"}]))
     n, errors = run_import(store, again)
     assert n == 0 and [e.line for e in errors] == [1, 2], errors
     assert "already registered" in errors[0].message and "true or false" in errors[1].message
