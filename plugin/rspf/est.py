@@ -23,6 +23,7 @@ import hashlib
 import re
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -187,6 +188,17 @@ def names_of(item: x509.Certificate | x509.CertificateSigningRequest) -> tuple[l
 def certificate_app_id(cert: x509.Certificate) -> str | None:
     """The App-ID a certificate binds its AE to (``urn:onem2m-rspf:app-id:``), or None."""
     return names_of(cert)[1]
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert`` (its signature checked, not only the issuer's name)."""
+    if cert.issuer != ca.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def fingerprint(cert: x509.Certificate) -> str:

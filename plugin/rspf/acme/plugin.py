@@ -43,7 +43,6 @@ from urllib.parse import urlsplit
 
 from acmecse.runtime.PluginSupport import configure, init, plugin, requires, start, stop, validate
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from .. import est, ids, keys, ssar
 from ..audit import Action, AuditLog, Result
@@ -540,7 +539,7 @@ class RspfSecurityPlugin:
         except RspfError:
             return None
         sha256 = est.fingerprint(cert)
-        provisioned = self._mef_ca is not None and _issued_by(cert, self._mef_ca)
+        provisioned = self._mef_ca is not None and est.issued_by(cert, self._mef_ca)
         if provisioned and self._revoked_certs is not None and sha256 in self._revoked_certs:
             self._refusals.refused(f"certificate {sha256} of {access.shown(subject_id)} from {tls.peer} refused: the "
                                    "MEF revoked it")
@@ -987,16 +986,6 @@ def _read_position(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() and len(text) <= 18 else None
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    if cert.issuer != ca.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _ke_id_or_none(identity: str) -> str | None:

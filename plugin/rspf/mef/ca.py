@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -105,13 +104,7 @@ class MefCa:
 
     def issued_here(self, cert: x509.Certificate) -> bool:
         """Whether ``cert`` was signed by this CA (its signature checked, not only its issuer name)."""
-        if cert.issuer != self.certificate.subject:
-            return False
-        try:
-            cert.verify_directly_issued_by(self.certificate)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
+        return est.issued_by(cert, self.certificate)
 
     def _builder(self, public_key: ec.EllipticCurvePublicKey, subject_cn: str, not_after: dt.datetime,
                  now: dt.datetime) -> x509.CertificateBuilder:
