@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
@@ -77,6 +78,9 @@ log = logging.getLogger("rspf.acme")
 CHECKED_KEY = "rspf.checked"
 #: HTTP methods of the oneM2M HTTP binding (PATCH only where ACME maps it to DELETE)
 _ONEM2M_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
+#: MEF-issued certificates whose Credential-ID is remembered (to remove its rule when the feed revokes it); the
+#: least recently seen are forgotten first (their rule then stays until the AE is deleted or registers again)
+CERT_CREDENTIALS_KEPT = 100_000
 
 
 REFUSAL_LOG_INTERVAL = 10.0  # seconds; the first 20 refusals of each go to WARNING, the rest to INFO
@@ -135,7 +139,7 @@ class RspfSecurityPlugin:
         #: MEF-issued certificates: the MEF's CA, those the feed revoked, and the Credential-ID of each seen
         self._mef_ca: x509.Certificate | None = None
         self._revoked_certs: RevokedCertificates | None = None
-        self._cert_credentials: dict[str, str] = {}
+        self._cert_credentials: OrderedDict[str, str] = OrderedDict()  # at most CERT_CREDENTIALS_KEPT
 
     # ------------------------------------------------------------------------------- lifecycle
     @init
@@ -553,6 +557,9 @@ class RspfSecurityPlugin:
                               app_ids=(app_id,) if app_id is not None else None)
         if provisioned:
             self._cert_credentials[sha256] = cred_id
+            self._cert_credentials.move_to_end(sha256)
+            while len(self._cert_credentials) > CERT_CREDENTIALS_KEPT:
+                self._cert_credentials.popitem(last=False)
             self._record_enrolled(peer, peer.app_ids)
         return peer
 
