@@ -403,3 +403,30 @@ def test_per_source_connections_cannot_exceed_all_connections(base: Path) -> Non
     assert c is not None and c.limits.max_per_source == c.limits.max_connections == 100
     c = parse(base, maxConnections="100")  # the per-source default (256) shrinks to the total
     assert c is not None and c.limits.max_per_source == 100 < ServerLimits().max_per_source
+
+
+def test_secure_credentials_choose_psk_certificates_or_both(base: Path) -> None:
+    for name in ("srv.pem", "srv.key", "mef-ca.pem", "ca.pem"):
+        (base / name).write_text("x")
+    files = {"certFile": "srv.pem", "keyFile": "srv.key"}
+    c = parse(base)
+    assert (c.accept_psk, c.accept_certificates) == (True, False)  # default: both, but no certFile -> PSK only
+    c = parse(base, **files, mefCaFile="mef-ca.pem")
+    assert (c.accept_psk, c.accept_certificates, c.mef_ca_file) == (True, True, base / "mef-ca.pem")
+    c = parse(base, **files, caFile="ca.pem", secureCredentials="certificate")
+    assert (c.accept_psk, c.accept_certificates) == (False, True)
+    c = parse(base, **files, mefCaFile="mef-ca.pem", secureCredentials=" PSK ")
+    assert (c.accept_psk, c.accept_certificates) == (True, False)
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"secureCredentials": "psk, magic"}, "secureCredentials: must be psk, certificate"),
+    ({"secureCredentials": "certificate"}, "certificate alone needs certFile"),
+    ({"secureCredentials": "certificate", "certFile": "srv.pem", "keyFile": "srv.key"}, "caFile or mefCaFile"),
+    ({"mefCaFile": "mef-ca.pem"}, "caFile and mefCaFile need them"),
+])
+def test_impossible_credential_choices_stop_start_up(base: Path, values: dict[str, str], needle: str) -> None:
+    for name in ("srv.pem", "srv.key", "mef-ca.pem"):
+        (base / name).write_text("x")
+    with pytest.raises(ConfigError, match=needle):
+        parse(base, **values)

@@ -99,3 +99,18 @@ def test_the_example_configuration_leaves_certificates_commented_out(tmp_path: P
     path.write_text(EXAMPLE)
     loaded = MefConfig.load(path)
     assert loaded.tls_cert_file is None and not loaded.certificate_provisioning
+
+
+def test_mef_certificate_provisioning_keys(tmp_path: Path) -> None:
+    base = {"fqdn": "mef.example.com", "sp_id": "//sp.example.com"}
+    cfg = MefConfig.from_dict({**base, "certificate_provisioning": True, "certificate_validity_days": 30},
+                              base_dir=tmp_path)
+    assert cfg.certificate_provisioning and cfg.certificate_validity_days == 30
+    assert cfg.est_ca_cert_file == tmp_path / "est-ca.pem" and cfg.est_ca_key_file == tmp_path / "est-ca.key"
+    assert {p.name for p in cfg.own_certificate_files} == {"mef-fqdn-cert.pem", "mef-fqdn-key.pem",
+                                                           "mef-client-cas.pem"}
+    for value in (0, 3651):
+        with pytest.raises(ConfigError, match="certificate_validity_days: must be between 1 and 3650"):
+            MefConfig.from_dict({**base, "certificate_validity_days": value}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="certificate_provisioning: must be bool"):
+        MefConfig.from_dict({**base, "certificate_provisioning": "yes"}, base_dir=tmp_path)
