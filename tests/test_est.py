@@ -190,3 +190,14 @@ def test_a_certificate_never_outlives_its_enrolee(est_service: MefService, store
     session = session_of(est_service, store, make_enrolee, valid_until=until)
     cert = est.parse_certs_body(enroll(est_service, session, csr(f"{SP}/id-in/Cae1")).body)[0]
     assert abs((cert.not_valid_after_utc - until).total_seconds()) < 2
+
+
+def test_certificate_requests_share_the_enrolment_rate_limit(est_service: MefService, store: Any,
+                                                              make_enrolee: Any) -> None:
+    session = session_of(est_service, store, make_enrolee)
+    for _ in range(est_service.config.enrolment_rate_burst):
+        assert enroll(est_service, session, csr(f"{SP}/id-in/Cae1")).status == 200
+    before = len(store.list_certificates())
+    answer = enroll(est_service, session, csr(f"{SP}/id-in/Cae1"))
+    assert answer.status == 429 and answer.retry_after is not None and answer.retry_after >= 1
+    assert b"enrolled too often" in answer.body and len(store.list_certificates()) == before

@@ -34,7 +34,7 @@ KEY, CERT, CA = "key.pem", "cert.pem", "ca.pem"
 _NEW = ".new"
 #: The oneM2M code an EST refusal is reported with
 _RSC_OF_STATUS = {400: int(RSC.BAD_REQUEST), 403: int(RSC.ORIGINATOR_HAS_NO_PRIVILEGE), 404: int(RSC.NOT_FOUND),
-                  405: int(RSC.OPERATION_NOT_ALLOWED)}
+                  405: int(RSC.OPERATION_NOT_ALLOWED), 429: int(RSC.NOT_ACCEPTABLE)}
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ class MefServer(TlsHttpServer):
             headers = {"content-type": answer.content_type}
             if answer.status == 200:
                 headers["content-transfer-encoding"] = "base64"
+            if answer.retry_after is not None:
+                headers["retry-after"] = str(answer.retry_after)
             return wire.HttpResponse(answer.status, headers, answer.body), False
         ri, rvi = req.header("x-m2m-ri"), req.header("x-m2m-rvi")  # echoed only if valid (wire checks)
         fetch = protocol.is_fetch_path(req.path)

@@ -100,10 +100,11 @@ class EstReply:
     status: int
     content_type: str
     body: bytes
+    retry_after: int | None = None  # seconds, for a rate-limited request (HTTP Retry-After)
 
     @classmethod
-    def refused(cls, status: int, sentence: str) -> EstReply:
-        return cls(status, "text/plain; charset=utf-8", sentence.encode() + b"\n")
+    def refused(cls, status: int, sentence: str, retry_after: int | None = None) -> EstReply:
+        return cls(status, "text/plain; charset=utf-8", sentence.encode() + b"\n", retry_after)
 
 
 class MefService:
@@ -473,7 +474,7 @@ class MefService:
             self.metrics.certificates.labels("refused").inc()
             self.audit.refused(Action.EST, actor=f"{session.kind.value}:{session.psk_identity}",
                                subject=path[:200], cause=exc.sentence, details={"status": exc.status})
-            return EstReply.refused(exc.status, exc.sentence)
+            return EstReply.refused(exc.status, exc.sentence, exc.retry_after)
 
     def _est(self, session: Session, method: str, path: str, body: bytes) -> EstReply:
         if self.ca is None:
@@ -503,7 +504,7 @@ class MefService:
         try:
             self._check_enrolment_budget(rec.kpm_id)
         except EnrolmentRateLimited as exc:
-            raise _EstRefusal(503, str(exc)) from None
+            raise _EstRefusal(429, str(exc), exc.retry_after) from None
         try:
             csr = est.parse_csr_body(body)
         except BadRequest as exc:
@@ -620,6 +621,6 @@ class MefService:
 
 
 class _EstRefusal(Exception):
-    def __init__(self, status: int, sentence: str) -> None:
+    def __init__(self, status: int, sentence: str, retry_after: int | None = None) -> None:
         super().__init__(sentence)
-        self.status, self.sentence = status, sentence
+        self.status, self.sentence, self.retry_after = status, sentence, retry_after
