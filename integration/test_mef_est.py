@@ -286,3 +286,40 @@ def test_simplereenroll_from_pythons_ssl_with_an_openssl_csr(mef: MefHome, tmp_p
     old = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
     shown = mef.cli.ok("mef", "cert", "show", "-c", mef.config, est.fingerprint(old), "--json").json()
     assert (shown["state"], shown["cause"], shown["kpmID"]) == ("revoked", "superseded", info.kpm_id)
+
+
+def test_a_certificate_enrolee_at_a_mef_with_its_own_tls_certificate(tmp_path: Path) -> None:
+    """A MEF with tls_cert_file from the operator's PKI and its EST CA: a bootstrap-certificate enrolee obtains a
+    certificate and renews it, trusting the operator's CA for the MEF (its trust_anchor_file) besides the EST CA;
+    trusting the EST CA alone (``rspf renew-certificate``) it refuses that MEF, as docs/certificates.md says."""
+    from rspf.enrolee import Enrolee, EnroleeConfig
+
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki", {"boot": f"{SP}/id-boot"}, server_dns=FQDN)
+    home = MefHome(tmp_path / "mef", Cli(tmp_path / "mef"))
+    (tmp_path / "mef").mkdir()
+    home.init()
+    for key, value in (("certificate_provisioning", "true"), ("tls_cert_file", json.dumps(str(pki / "server.pem"))),
+                       ("tls_key_file", json.dumps(str(pki / "server.key"))),
+                       ("tls_client_ca_file", json.dumps(str(pki / "ca.pem")))):
+        home.set_config(key, value)
+    home.cli.ok("mef", "enrolee", "add", "-c", home.config, "--cert", pki / "boot.pem", "--enrolee-id", "/id-boot",
+                "--node-id", "urn:dev:boot", "--registrar-cse-id", REGISTRAR, "--registrar-uri",
+                "https://in.example.com/cse-in", "--certificates")
+    home.start()
+    try:
+        folder = tmp_path / "boot.certs"
+        enrolee = Enrolee(EnroleeConfig(mef_host=HOST, mef_port=home.port, mef_fqdn=FQDN, cert_file=pki / "boot.pem",
+                                        key_file=pki / "boot.key", trust_anchor_file=pki / "ca.pem",
+                                        node_id="urn:dev:boot", store_path=tmp_path / "boot.store",
+                                        certificate_enrolment=True, certificate_dir=folder))
+        enrolment = enrolee.enrol()
+        assert [i["carriedOut"] for i in enrolment.instructions] == [True]
+        first = enrolee.certificates.load()
+        assert first is not None and first.subject == f"{SP}/id-boot"
+        renewed = enrolee.renew_certificate()
+        assert renewed.certificate.serial_number != first.certificate.serial_number
+        res = home.cli("renew-certificate", "--mef", home.address, "--mef-fqdn", FQDN, "--cert-dir", folder)
+        assert res.rc != 0 and "does not verify to the trust anchor" in res.stderr, str(res)
+    finally:
+        home.stop()

@@ -250,15 +250,19 @@ class Enrolee:
 
     def renew_certificate(self) -> HeldCertificate:
         """Renew the stored certificate (simplereenroll) over a mutual-TLS session authenticated with it; the MEF
-        must prove a certificate from the stored CA naming the MEF-FQDN. Nothing changes on failure."""
+        must prove a certificate naming the MEF-FQDN from the stored CA (or, for an Enrolee configured with a
+        certificate, from its ``trust_anchor_file``). Nothing changes on failure."""
         c = self.config
         current = self.certificates.load()
         if current is None:
             raise StoreError(f"there is no certificate in {c.certificate_folder} to renew; enrol with "
                              "certificate enrolment first")
-        tls = CertClient(current.ca_file, current.cert_file, current.key_file, min_version=c.tls_min_version,
-                         max_version=c.tls_max_version).connect(c.mef_host, c.mef_port, c.mef_fqdn,
-                                                                server_name=c.mef_fqdn, timeout=c.timeout)
+        client_tls = CertClient(current.ca_file, current.cert_file, current.key_file, min_version=c.tls_min_version,
+                                max_version=c.tls_max_version)
+        if c.trust_anchor_file is not None and Path(c.trust_anchor_file) != current.ca_file:
+            # a certificate enrolee also knows the anchor of the MEF's own TLS certificate (tls_cert_file)
+            client_tls.context.load_verify_locations(str(c.trust_anchor_file))
+        tls = client_tls.connect(c.mef_host, c.mef_port, c.mef_fqdn, server_name=c.mef_fqdn, timeout=c.timeout)
         client = OneM2MClient(tls, current.subject, host=c.mef_fqdn, deadline=c.timeout)
         try:
             return renew_certificate(client, tls, current, self.certificates)
