@@ -20,6 +20,7 @@ from rspf import keys, profile
 from rspf.mef.config import MefConfig
 from rspf.mef.service import MefService
 from rspf.mef.store import EnroleeRecord, MefStore
+from rspf.mef.store_sqlite import SqliteStore
 from rspf.secret import Secret
 
 MEF_FQDN = "mef.example.com"
@@ -80,7 +81,7 @@ def mef_config(tmp_path) -> MefConfig:
 
 @pytest.fixture
 def store(tmp_path) -> MefStore:
-    s = MefStore(tmp_path / "mef.sqlite", tmp_path / "mef.masterkey")
+    s = SqliteStore(tmp_path / "mef.sqlite", tmp_path / "mef.masterkey")
     yield s
     s.close()
 

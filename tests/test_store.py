@@ -11,7 +11,8 @@ import pytest
 
 from rspf.errors import AccessDenied, BadRequest, ConfigError, Conflict, NotFound, StoreError
 from rspf.fileutil import new_key_file
-from rspf.mef.store import EnroleeRecord, MefStore, TargetGrant, TargetRecord
+from rspf.mef.store import EnroleeRecord, TargetGrant, TargetRecord
+from rspf.mef.store_sqlite import SqliteStore
 from rspf.secret import Secret
 
 UTC = dt.UTC
@@ -50,7 +51,7 @@ def test_db_and_master_key_created_0600_even_with_open_umask(paths):
     db, mk = paths
     old = os.umask(0)
     try:
-        s = MefStore(db, mk)
+        s = SqliteStore(db, mk)
         s.add_enrolee(rec(), kpm())  # also makes SQLite create its -wal/-shm files
     finally:
         os.umask(old)
@@ -63,15 +64,15 @@ def test_db_and_master_key_created_0600_even_with_open_umask(paths):
 
 def test_create_false_refuses_a_missing_database(paths):
     with pytest.raises(StoreError, match="does not exist"):
-        MefStore(*paths, create=False)
+        SqliteStore(*paths, create=False)
     assert not paths[0].exists() and not paths[1].exists()
 
 
 def test_group_readable_database_is_refused(paths):
-    MefStore(*paths).close()
+    SqliteStore(*paths).close()
     os.chmod(paths[0], 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        MefStore(*paths)
+        SqliteStore(*paths)
 
 
 def test_add_get_list_enrolees(store):
@@ -236,13 +237,13 @@ def test_purge_expired_keys(store):
 
 
 def test_store_survives_reopen(paths):
-    s = MefStore(*paths)
+    s = SqliteStore(*paths)
     s.add_enrolee(rec(1, targets=[TargetGrant("/id-x", (23,))]), kpm(1))
     s.add_target(TargetRecord("in@sp.example.com", "/id-in"), PSK_MARK)
     t0 = dt.datetime.now(UTC).replace(microsecond=0)
     s.put_enrolment_key("ab" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, t0, t0 + dt.timedelta(days=1))
     s.close()
-    s2 = MefStore(*paths, create=False)
+    s2 = SqliteStore(*paths, create=False)
     assert s2.get_enrolee(rec(1).kpm_id).targets == [TargetGrant("/id-x", (23,))]
     assert s2.enrolee_psk(rec(1).kpm_id) == kpm(1)
     assert s2.target_psk("in@sp.example.com") == PSK_MARK
@@ -256,30 +257,30 @@ def _replace_master_key(mk) -> None:
 
 
 def test_different_master_key_cannot_open_the_keys(paths):
-    s = MefStore(*paths)
+    s = SqliteStore(*paths)
     s.add_enrolee(rec(1), kpm(1))
     s.add_target(TargetRecord("in@sp.example.com", "/id-in"), PSK_MARK)
     s.close()
     _replace_master_key(paths[1])
     # the replaced key is refused when the store opens, before any sealed row could be misread
     with pytest.raises(StoreError, match="does not open the database"):
-        MefStore(*paths)
+        SqliteStore(*paths)
 
 
 def test_opening_with_a_different_master_key_is_store_error(paths):
-    s = MefStore(*paths)
+    s = SqliteStore(*paths)
     s.add_enrolee(rec(1), kpm(1))
     s.close()
     _replace_master_key(paths[1])
     with pytest.raises(StoreError):
-        MefStore(*paths)
+        SqliteStore(*paths)
 
 
 def test_missing_master_key_with_existing_db_is_store_error(paths):
-    MefStore(*paths).close()
+    SqliteStore(*paths).close()
     paths[1].unlink()
     with pytest.raises(StoreError, match="master key"):
-        MefStore(*paths)
+        SqliteStore(*paths)
     assert not paths[1].exists()  # no fresh key was silently created
 
 
@@ -378,8 +379,8 @@ def make_v1_database(paths) -> str:
 
 def test_a_version_1_database_is_upgraded_in_place(paths):
     ke_id = make_v1_database(paths)
-    s = MefStore(*paths)
-    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("4",)  # through 2 and 3, in one go
+    s = SqliteStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("5",)  # through 2 and 3, in one go
     one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
     assert (one.state, two.state) == ("active", "revoked")
     assert one.targets == [TargetGrant("/id-x", (23,))] and one.enrolment_expiry_seconds == 600
@@ -394,7 +395,7 @@ def test_a_version_1_database_is_upgraded_in_place(paths):
     s.suspend_enrolee(rec(1).kpm_id)  # the new features work on the upgraded file
     assert s.revocations_since(0)[1] == 1
     s.close()
-    s2 = MefStore(*paths, create=False)  # and it opens again as version 3, without migrating twice
+    s2 = SqliteStore(*paths, create=False)  # and it opens again as version 3, without migrating twice
     assert s2.get_enrolee(rec(1).kpm_id).state == "suspended"
     s2.close()
 
@@ -406,7 +407,7 @@ def test_a_failed_migration_changes_nothing(paths):
     db.commit()
     db.close()
     with pytest.raises(StoreError, match="damaged"):
-        MefStore(*paths)
+        SqliteStore(*paths)
     db = sqlite3.connect(paths[0])
     assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone() == ("1",)
     assert "revoked" in {r[1] for r in db.execute("PRAGMA table_info(enrolees)")}
@@ -414,20 +415,20 @@ def test_a_failed_migration_changes_nothing(paths):
 
 
 def test_an_unknown_schema_version_is_refused(paths):
-    MefStore(*paths).close()
+    SqliteStore(*paths).close()
     db = sqlite3.connect(paths[0])
-    db.execute("UPDATE meta SET value='5' WHERE name='schema_version'")
+    db.execute("UPDATE meta SET value='6' WHERE name='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 5"):
-        MefStore(*paths)
+    with pytest.raises(StoreError, match="schema version 6"):
+        SqliteStore(*paths)
 
 
 # ------------------------------------------------------------------- schema 3: certificate enrolees
 def make_v2_database(paths) -> str:
     """A schema-2 database (what the previous release wrote: schema 3 without enrolees.cert_id and its index)
     holding enrolee 1 with a key, and enrolee 2 suspended."""
-    s = MefStore(*paths)
+    s = SqliteStore(*paths)
     s.add_enrolee(rec(1), kpm(1))
     s.add_enrolee(rec(2), kpm(2))
     s.suspend_enrolee(rec(2).kpm_id)
@@ -444,9 +445,55 @@ def make_v2_database(paths) -> str:
     return ke_id
 
 
+def downgrade_to_v4(db: sqlite3.Connection) -> None:
+    """Turn a schema-5 file into what schema 4 was: no stored enrolment budgets, and the newest revocation
+    sequence number kept by SQLite's AUTOINCREMENT instead of the counters table."""
+    db.execute("ALTER TABLE enrolees DROP COLUMN budget_tokens")
+    db.execute("ALTER TABLE enrolees DROP COLUMN budget_stamp")
+    newest = db.execute("SELECT value FROM counters WHERE name='revocations'").fetchone()[0]
+    db.execute("DROP TABLE counters")
+    db.execute("ALTER TABLE revocations RENAME TO r5")
+    db.execute("DROP INDEX revocations_by_time")
+    db.execute("CREATE TABLE revocations (seq INTEGER PRIMARY KEY AUTOINCREMENT, ke_id TEXT, enrolee_id TEXT NOT"
+               " NULL, cause TEXT NOT NULL, time TEXT NOT NULL, cert_sha256 TEXT, CHECK ((ke_id IS NULL) !="
+               " (cert_sha256 IS NULL)))")
+    db.execute("CREATE INDEX revocations_by_time ON revocations(time)")
+    db.execute("INSERT INTO revocations SELECT * FROM r5")
+    db.execute("DROP TABLE r5")
+    db.execute("DELETE FROM sqlite_sequence WHERE name='revocations'")
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('revocations', ?)", (newest,))
+    db.execute("UPDATE meta SET value='4' WHERE name='schema_version'")
+
+
+def test_a_version_4_database_is_upgraded_in_place_keeping_the_newest_sequence_number(paths):
+    s = SqliteStore(*paths)
+    s.add_enrolee(rec(1), kpm(1))
+    for n in range(3):
+        s.put_enrolment_key(f"{n:02x}" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, T0,
+                            T0 + dt.timedelta(days=3650))
+    s.revoke_enrolee(rec(1).kpm_id)  # three log rows, 1..3
+    s.close()
+    db = sqlite3.connect(paths[0])
+    db.execute("DELETE FROM revocations WHERE seq > 1")  # pruned from the top: the counter still says 3
+    downgrade_to_v4(db)
+    db.commit()
+    db.close()
+    s = SqliteStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("5",)
+    assert s.revocations_since(0)[1] == 3 and s.get_enrolee(rec(1).kpm_id).enrolment_budget is None
+    s.add_enrolee(rec(2), kpm(2))
+    s.put_enrolment_key("ff" * 16 + "@mef.example.com", rec(2).kpm_id, KE_MARK, T0, T0 + dt.timedelta(days=1),
+                        charge=lambda state: (4.0, 100.0))
+    assert s.get_enrolee(rec(2).kpm_id).enrolment_budget == (4.0, 100.0)
+    s.revoke_enrolee(rec(2).kpm_id)
+    assert [r.seq for r in s.revocations_since(1)[0]] == [4]
+    s.close()
+
+
 def downgrade_to_v3(db: sqlite3.Connection) -> None:
-    """Turn a schema-4 file into what schema 3 was: no certificate entitlement, no certificates table, and a
+    """Turn a schema-5 file into what schema 3 was: no certificate entitlement, no certificates table, and a
     revocation log of KeIDs only (its rows and sequence numbers kept)."""
+    downgrade_to_v4(db)
     db.execute("ALTER TABLE enrolees DROP COLUMN may_certify")
     db.execute("DROP TABLE certificates")
     newest = db.execute("SELECT seq FROM sqlite_sequence WHERE name='revocations'").fetchone()
@@ -463,7 +510,7 @@ def downgrade_to_v3(db: sqlite3.Connection) -> None:
 
 
 def test_a_version_3_database_is_upgraded_in_place_keeping_the_revocation_log(paths):
-    s = MefStore(*paths)
+    s = SqliteStore(*paths)
     s.add_enrolee(rec(1), kpm(1))
     for n in range(3):
         s.put_enrolment_key(f"{n:02x}" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, T0,
@@ -475,8 +522,8 @@ def test_a_version_3_database_is_upgraded_in_place_keeping_the_revocation_log(pa
     downgrade_to_v3(db)
     db.commit()
     db.close()
-    s = MefStore(*paths)
-    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("4",)
+    s = SqliteStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("5",)
     rows, newest = s.revocations_since(0)
     assert [(r.seq, r.cert_sha256) for r in rows] == [(3, None)] and newest == 3  # the newest number is kept
     assert s.get_enrolee(rec(1).kpm_id).may_certify is False
@@ -491,8 +538,8 @@ def test_a_version_3_database_is_upgraded_in_place_keeping_the_revocation_log(pa
 
 def test_a_version_2_database_is_upgraded_in_place(paths):
     ke_id = make_v2_database(paths)
-    s = MefStore(*paths)
-    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("4",)
+    s = SqliteStore(*paths)
+    assert s._one("SELECT value FROM meta WHERE name='schema_version'") == ("5",)
     one, two = s.get_enrolee(rec(1).kpm_id), s.get_enrolee(rec(2).kpm_id)
     assert (one.state, two.state) == ("active", "suspended")
     assert (one.cert_id, one.has_kpm, two.cert_id) == (None, True, None)
@@ -504,7 +551,7 @@ def test_a_version_2_database_is_upgraded_in_place(paths):
     with pytest.raises(Conflict, match="certificate ID"):
         s.add_enrolee(rec(4, cert_id="/id-mn3"), None)
     s.close()
-    s2 = MefStore(*paths, create=False)
+    s2 = SqliteStore(*paths, create=False)
     assert s2.enrolee_by_certificate("/id-mn3") is not None
     s2.close()
 
@@ -516,7 +563,7 @@ def test_a_failed_version_2_migration_changes_nothing(paths):
     db.commit()
     db.close()
     with pytest.raises(sqlite3.Error):
-        MefStore(*paths)
+        SqliteStore(*paths)
     db = sqlite3.connect(paths[0])
     assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone() == ("2",)
     assert "cert_id" not in {r[1] for r in db.execute("PRAGMA table_info(enrolees)")}

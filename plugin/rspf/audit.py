@@ -61,6 +61,7 @@ class Action(enum.StrEnum):
     CERTIFICATE_REVOKE = "certificate.revoke"
     TARGET_ADD = "target.add"
     TARGET_REVOKE = "target.revoke"
+    DATABASE_MIGRATE = "database.migrate"      # the SQLite database copied into PostgreSQL
     # MEF service
     AUTHENTICATE = "authenticate"              # a TLS-PSK identity was refused
     CONNECTION = "connection"                  # the transport refused a connection (handshake, limits, deadlines)

@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,10 +87,10 @@ config_option = click.option("-c", "--config", "config_path", required=True,
 
 def _load(config_path: Path, **overrides: Any) -> tuple[MefConfig, MefStore]:
     from .mef.config import MefConfig
-    from .mef.store import MefStore
+    from .mef.store import open_store
     try:
         cfg = MefConfig.load(config_path, overrides)
-        store = MefStore(cfg.database, cfg.master_key_file)
+        store = open_store(cfg)
     except RspfError as exc:
         _fail(exc)
     return cfg, store
@@ -104,7 +105,7 @@ def _load(config_path: Path, **overrides: Any) -> tuple[MefConfig, MefStore]:
 def mef_init(config_path: Path, fqdn: str, sp_id: str, listen: str, port: int) -> None:
     """Write a MEF configuration file and create its database and master key."""
     from .mef.config import EXAMPLE, MefConfig
-    from .mef.store import MefStore
+    from .mef.store import open_store
     if config_path.exists():
         _fail(ConfigError(f"{config_path} already exists; refusing to overwrite it"))
     text = (EXAMPLE.replace('"mef.example.com"', json.dumps(fqdn)).replace('"//sp.example.com"', json.dumps(sp_id))
@@ -114,10 +115,46 @@ def mef_init(config_path: Path, fqdn: str, sp_id: str, listen: str, port: int) -
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(text)
         cfg = MefConfig.load(config_path)
-        MefStore(cfg.database, cfg.master_key_file).close()
+        open_store(cfg).close()
     except RspfError as exc:
         _fail(exc)
     click.echo(f"wrote {config_path}; database {cfg.database}; master key {cfg.master_key_file} (0600)")
+
+
+@mef.command("migrate")
+@config_option
+@click.option("--to", "to_url", required=True, metavar="URL",
+              help="The empty PostgreSQL database to copy into, e.g. postgresql://mef@db.example.com/mef.")
+def mef_migrate(config_path: Path, to_url: str) -> None:
+    """Copy this MEF's SQLite database (the configuration's `database`) into an empty PostgreSQL database in one
+    transaction, with the same master key; then set `database_url` in the configuration. Stop `rspf mef serve`
+    first (docs/scale.md)."""
+    from .audit import Action
+    from .mef.config import MefConfig
+    from .mef.store_pg import PostgresStore, migrate, redact_url
+    from .mef.store_sqlite import SqliteStore
+    try:
+        cfg = MefConfig.load(config_path)
+    except RspfError as exc:
+        _fail(exc)
+    try:
+        with _audited(cfg, Action.DATABASE_MIGRATE, redact_url(to_url)) as details:
+            source = SqliteStore(cfg.database, cfg.master_key_file, create=False)
+            try:
+                target = PostgresStore(to_url, cfg.master_key_file, pool_size=2)
+                try:
+                    copied = migrate(source, target, progress=lambda table, n: click.echo(
+                        f"  {table}: {n:,} rows...", err=True) if n % 100_000 == 0 else None)
+                finally:
+                    target.close()
+            finally:
+                source.close()
+            details.update(copied)
+    except RspfError as exc:
+        _fail(exc)
+    click.echo(f"copied {cfg.database} into {redact_url(to_url)}: "
+               + ", ".join(f"{n:,} {table}" for table, n in copied.items()))
+    click.echo(f"now set database_url in {config_path} (and keep {cfg.master_key_file}: every MEF instance needs it)")
 
 
 @mef.command("serve")
@@ -596,13 +633,14 @@ def enrolee_import(config_path: Path, file: Path, dry_run: bool) -> None:
     try:
         with _audited(cfg, Action.ENROLEE_IMPORT, str(file)) as details:
             details["dryRun"] = dry_run
-            result = import_enrolees(store, file, sp_id=cfg.sp_id, dry_run=dry_run,
-                                     progress=lambda n: click.echo(f"  validated {n} rows...", err=True))
+            started = time.monotonic()
+            result = import_enrolees(store, file, sp_id=cfg.sp_id, dry_run=dry_run, progress=lambda n: click.echo(
+                f"  read {n:,} rows ({n / max(time.monotonic() - started, 1e-3):,.0f}/s)...", err=True))
             details["imported"] = 0 if dry_run else result.count
-            details["badRows"] = len(result.errors)
-            details["warnings"] = len(result.warnings)
+            details["badRows"] = result.error_count
+            details["warnings"] = result.warning_count
             if result.errors:
-                raise _BadRows(f"{len(result.errors)} bad row(s); nothing was imported")
+                raise _BadRows(f"{result.error_count} bad row(s); nothing was imported")
     except _BadRows:
         pass  # in the audit log as refused; the rows are reported below
     except RspfError as exc:
@@ -610,17 +648,17 @@ def enrolee_import(config_path: Path, file: Path, dry_run: bool) -> None:
     if result.errors:  # (warnings are shown once the file is valid)
         for e in result.errors[:50]:
             click.echo(f"{file}:{e.line}: {e.message}" if e.line else f"{file}: {e.message}", err=True)
-        if len(result.errors) > 50:
-            click.echo(f"... and {len(result.errors) - 50} more bad rows", err=True)
-        click.echo(f"error: {len(result.errors)} bad row(s); nothing was imported", err=True)
+        if result.error_count > 50:
+            click.echo(f"... and {result.error_count - 50} more bad rows", err=True)
+        click.echo(f"error: {result.error_count} bad row(s); nothing was imported", err=True)
         sys.exit(2)
     for w in result.warnings[:50]:
         click.echo(f"{file}:{w.line}: warning: {w.message}", err=True)
-    if len(result.warnings) > 50:
-        click.echo(f"... and {len(result.warnings) - 50} more warnings", err=True)
+    if result.warning_count > 50:
+        click.echo(f"... and {result.warning_count - 50} more warnings", err=True)
     if dry_run:
         click.echo(f"dry run: {file} is valid; it would import {result.count} enrolee(s) "
-                   f"({len(result.warnings)} warning(s)); nothing was changed")
+                   f"({result.warning_count} warning(s)); nothing was changed")
     else:
         click.echo(f"imported {result.count} enrolee(s) from {file}")
 

@@ -1,7 +1,7 @@
 """Validation of enrolee and target registrations (admin CLI: add, update, import).
 
-Every field is checked before anything is written; a batch import validates every row first and then
-writes them all in one transaction, or writes nothing. What is allowed but suspicious (a registrar with no
+Every field is checked before anything is written; a batch import validates every row and writes them all in
+one transaction, or writes nothing. What is allowed but suspicious (a registrar with no
 credential to fetch keys, a repeated Kpm or Node-ID) is returned as warnings.
 """
 
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -255,6 +254,7 @@ class Fetchers:
         self._store, self._sp_id = store, sp_id
         self._targets = {ids.absolute_id(t.target_id, sp_id) for t in store.list_targets() if not t.revoked}
         self._batch_cses: set[str] = set()
+        self._enrolled: dict[str, bool] = {}  # CSE-IDs looked up in the store (registrars are few)
 
     def add_batch_cse(self, enrolee_id: str) -> None:
         """A CSE enrolee of the batch being imported (it will be able to fetch once imported)."""
@@ -266,12 +266,17 @@ class Fetchers:
         if absolute in self._targets or absolute in self._batch_cses:
             return True
         relative = ids.sp_relative_cse_id(absolute, self._sp_id)
-        return bool(relative and ids.is_cse_id(relative) and self._store.has_enrolee_id(relative))
+        if not relative or not ids.is_cse_id(relative):
+            return False
+        if relative not in self._enrolled:
+            if len(self._enrolled) >= 10_000:
+                self._enrolled.clear()
+            self._enrolled[relative] = self._store.has_enrolee_id(relative)
+        return self._enrolled[relative]
 
 
-def registration_warnings(store: MefStore, rec: EnroleeRecord, kpm: Secret | None, fetchers: Fetchers) -> list[str]:
-    """What is suspicious but allowed about a registration: a registrar or Target with no credential to fetch
-    keys with (yet), a Kpm or Node-ID another enrolee already has."""
+def credential_warnings(rec: EnroleeRecord, fetchers: Fetchers) -> list[str]:
+    """A registrar or Target of this enrolee with no credential to fetch its keys with (yet)."""
     warnings = []
     for target_id in [rec.registrar_cse_id, *(t.target_id for t in rec.targets)]:
         if not fetchers.can_fetch(target_id):
@@ -279,6 +284,13 @@ def registration_warnings(store: MefStore, rec: EnroleeRecord, kpm: Secret | Non
             warnings.append(f"the {role} {target_id} has no Enrolment Target credential at this MEF (and is not an "
                             "enrolled CSE): it cannot fetch this enrolee's keys until 'rspf mef target add' "
                             "registers one")
+    return warnings
+
+
+def registration_warnings(store: MefStore, rec: EnroleeRecord, kpm: Secret | None, fetchers: Fetchers) -> list[str]:
+    """What is suspicious but allowed about a registration: a registrar or Target with no credential to fetch
+    keys with (yet), a Kpm or Node-ID another enrolee already has."""
+    warnings = credential_warnings(rec, fetchers)
     if kpm is not None:
         others = [k for k in store.enrolees_with_kpm(kpm) if k != rec.kpm_id]
         if others:
@@ -296,11 +308,13 @@ class RowError:
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, row) from a CSV file (header row) or a JSON file (a list of objects)."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+    """Yield (line number, row) from a CSV file (header row), read as a stream (memory stays bounded however
+    long the file), or from a JSON file (a list of objects, read whole)."""
+    with path.open(encoding="utf-8-sig", newline="") as head:
+        start = head.read(4096)
+    if path.suffix.lower() == ".json" or start.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except ValueError as exc:
             raise BadRequest(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(data, list):
@@ -309,97 +323,115 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for i, item in enumerate(data, 1):
             yield i, item if isinstance(item, dict) else {"__not_an_object__": item}
         return
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None:
-        raise BadRequest(f"{path} is empty")
-    missing = [f for f in REQUIRED if f not in reader.fieldnames]
-    if missing:
-        raise BadRequest(f"{path}: the CSV header lacks column(s) {', '.join(missing)}")
-    physical = text.splitlines()
-    end = reader.line_num  # last physical line consumed so far (the header)
-    for row in reader:
-        # a record may span lines (quoted newlines) and blank lines are skipped: report where it starts
-        line = end + 1
-        while line <= len(physical) and not physical[line - 1].strip():
-            line += 1
-        end = reader.line_num
-        if None in row:
-            yield line, {"__extra_columns__": row[None]}
-            continue
-        yield line, {k: v for k, v in row.items() if v not in (None, "")}
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        lines = _LineTracker(f)
+        reader = csv.DictReader(lines)
+        if reader.fieldnames is None:
+            raise BadRequest(f"{path} is empty")
+        missing = [name for name in REQUIRED if name not in reader.fieldnames]
+        if missing:
+            raise BadRequest(f"{path}: the CSV header lacks column(s) {', '.join(missing)}")
+        lines.mark()
+        for row in reader:
+            line = lines.mark()  # a record may span lines (quoted newlines): report where it starts
+            if None in row:
+                yield line, {"__extra_columns__": row[None]}
+                continue
+            yield line, {k: v for k, v in row.items() if v not in (None, "")}
+
+
+class _LineTracker:
+    """The lines of a file as the csv module reads them, remembering where the record being read starts (its
+    first non-blank line since the last :meth:`mark`)."""
+
+    def __init__(self, f: Iterable[str]) -> None:
+        self._lines = iter(f)
+        self._number = 0
+        self._first: int | None = None
+
+    def __iter__(self) -> _LineTracker:
+        return self
+
+    def __next__(self) -> str:
+        text = next(self._lines)
+        self._number += 1
+        if self._first is None and text.strip():
+            self._first = self._number
+        return text
+
+    def mark(self) -> int:
+        """The first non-blank line read since the last mark (the start of the record just read)."""
+        first, self._first = self._first or self._number, None
+        return first
 
 
 @dataclass
 class ImportResult:
     count: int  # written (or, for a dry run, that would be written)
-    errors: list[RowError]
-    warnings: list[RowError]
+    errors: list[RowError]  # the first MAX_REPORTS by line
+    warnings: list[RowError]  # the first MAX_REPORTS by line
+    error_count: int = 0  # how many in all
+    warning_count: int = 0
+
+
+#: Bad rows and warnings an import reports one by one (the rest are counted)
+MAX_REPORTS = 1000
+#: How often an import reports progress (rows read)
+PROGRESS_EVERY = 10_000
 
 
 def import_enrolees(store: MefStore, path: Path, *, sp_id: str, progress: Callable[[int], None] | None = None,
                     dry_run: bool = False) -> ImportResult:
-    """Validate every row; if all are good (and not ``dry_run``) write them in one transaction. The file holds
-    keys: one readable by group or others is refused like a key file."""
+    """Validate every row; if all are good (and not ``dry_run``) write them in one transaction. The file is read
+    twice, as a stream (its CSE enrolees may fetch keys for the AEs before them), and the rows are checked
+    against each other and the store in the store (rspf.mef.store.MefStore.import_enrolees): memory stays
+    bounded for millions of rows. The file holds keys: one readable by group or others is refused like a key
+    file."""
     check_private(path, "enrolee batch file")
-    good: list[tuple[EnroleeRecord, Secret | None]] = []
-    errors: list[RowError] = []
-    warnings: list[RowError] = []
-    seen_kpm: dict[str, int] = {}
-    seen_eid: dict[str, int] = {}
-    seen_key: dict[bytes, int] = {}
-    seen_node: dict[str, int] = {}
-    seen_cert: dict[str, int] = {}
     fetchers = Fetchers(store, sp_id)
-    rows = list(read_rows(path))
-    for _line, row in rows:
+    for _line, row in read_rows(path):
         if isinstance(row.get("enrolee_id"), str):
             fetchers.add_batch_cse(row["enrolee_id"].strip())
-    for n, (line, row) in enumerate(rows, 1):
-        if progress and n % 500 == 0:
-            progress(n)
-        try:
-            if "__not_an_object__" in row:
-                raise BadRequest("is not a JSON object")
-            if "__extra_columns__" in row:
-                raise BadRequest("has more columns than the header")
-            cert_id = row.pop(CERT_ID_COLUMN, None)  # optional: an enrolee that authenticates by certificate
-            if cert_id not in (None, ""):
-                rec, kpm = with_certificate_id(row, str(cert_id), sp_id=sp_id)
-            else:
-                rec, kpm = enrolee_from_fields(row, sp_id=sp_id)
-            if rec.cert_id is not None and rec.cert_id in seen_cert:
-                raise BadRequest(f"cert_id {rec.cert_id} repeats the one on line {seen_cert[rec.cert_id]}")
-            if rec.cert_id is not None and store.enrolee_by_certificate(rec.cert_id) is not None:
-                raise BadRequest(f"cert_id {rec.cert_id} is already registered")
-            if rec.kpm_id in seen_kpm:
-                raise BadRequest(f"kpm_id {rec.kpm_id} repeats the one on line {seen_kpm[rec.kpm_id]}")
-            if rec.enrolee_id in seen_eid:
-                raise BadRequest(f"enrolee_id {rec.enrolee_id} repeats the one on line {seen_eid[rec.enrolee_id]}")
-            if store.get_enrolee(rec.kpm_id) is not None or store.get_target(rec.kpm_id) is not None:
-                raise BadRequest(f"kpm_id {rec.kpm_id} is already registered")
-            if store.has_enrolee_id(rec.enrolee_id):
-                raise BadRequest(f"enrolee_id {rec.enrolee_id} is already registered")
-            seen_kpm[rec.kpm_id] = line
-            seen_eid[rec.enrolee_id] = line
-            if rec.cert_id is not None:
-                seen_cert[rec.cert_id] = line
-            good.append((rec, kpm))
-            notes = registration_warnings(store, rec, kpm, fetchers)
-            key = kpm.reveal() if kpm is not None else None
-            if key is not None and key in seen_key:
-                notes.append(f"its Kpm is also the Kpm of the enrolee on line {seen_key[key]}")
-            if rec.node_id in seen_node:
-                notes.append(f"its Node-ID {rec.node_id} repeats the one on line {seen_node[rec.node_id]}")
-            if key is not None:
-                seen_key.setdefault(key, line)
-            seen_node.setdefault(rec.node_id, line)
-            warnings += [RowError(line, note) for note in notes]
-        except BadRequest as exc:
-            errors.append(RowError(line, str(exc)))
-    if errors:
-        return ImportResult(0, errors, warnings)
-    if not good:
-        return ImportResult(0, [RowError(0, "the file holds no enrolees")], warnings)
-    if dry_run:
-        return ImportResult(len(good), [], warnings)
-    return ImportResult(store.add_enrolees(good), [], warnings)
+    errors: list[RowError] = []
+    warnings: list[RowError] = []
+    counts = {"errors": 0, "warnings": 0, "rows": 0}
+
+    def report(into: list[RowError], kind: str, line: int, message: str) -> None:
+        counts[kind] += 1
+        if len(into) < MAX_REPORTS:
+            into.append(RowError(line, message))
+
+    def good_rows() -> Iterator[tuple[int, EnroleeRecord, Secret | None]]:
+        for line, row in read_rows(path):
+            counts["rows"] += 1
+            if progress and counts["rows"] % PROGRESS_EVERY == 0:
+                progress(counts["rows"])
+            try:
+                if "__not_an_object__" in row:
+                    raise BadRequest("is not a JSON object")
+                if "__extra_columns__" in row:
+                    raise BadRequest("has more columns than the header")
+                cert_id = row.pop(CERT_ID_COLUMN, None)  # optional: an enrolee that authenticates by certificate
+                if cert_id not in (None, ""):
+                    rec, kpm = with_certificate_id(row, str(cert_id), sp_id=sp_id)
+                else:
+                    rec, kpm = enrolee_from_fields(row, sp_id=sp_id)
+            except BadRequest as exc:
+                report(errors, "errors", line, str(exc))
+                continue
+            for note in credential_warnings(rec, fetchers):
+                report(warnings, "warnings", line, note)
+            yield line, rec, kpm
+
+    check = store.import_enrolees(good_rows(), dry_run=dry_run, max_reports=MAX_REPORTS,
+                                  rejected=lambda: counts["errors"] > 0)
+    if progress and counts["rows"] % PROGRESS_EVERY:
+        progress(counts["rows"])
+    all_errors = sorted(errors + [RowError(line, m) for line, m in check.errors], key=lambda e: e.line)
+    all_warnings = sorted(warnings + [RowError(line, m) for line, m in check.warnings], key=lambda e: e.line)
+    error_count, warning_count = counts["errors"] + check.error_count, counts["warnings"] + check.warning_count
+    if error_count:
+        return ImportResult(0, all_errors[:MAX_REPORTS], all_warnings[:MAX_REPORTS], error_count, warning_count)
+    if not counts["rows"]:
+        return ImportResult(0, [RowError(0, "the file holds no enrolees")], all_warnings, 1, warning_count)
+    return ImportResult(check.written, [], all_warnings[:MAX_REPORTS], 0, warning_count)

@@ -6,8 +6,9 @@ key and the file.
 
 from __future__ import annotations
 
+import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ class MefConfig:
     listen: str = "127.0.0.1"
     port: int = 8443
     database: Path = Path("mef.sqlite")
+    #: PostgreSQL instead of the SQLite file (docs/scale.md): a libpq URL (no password in it unless the
+    #: configuration file is private: PGPASSWORD or ~/.pgpass are better); None: SQLite
+    database_url: str | None = field(default=None, repr=False)
+    database_pool_size: int = 8
     master_key_file: Path = Path("mef.masterkey")
     enrolment_expiry_seconds: int = 30 * 24 * 3600
     key_retirement_grace_seconds: int = 300
@@ -154,6 +159,16 @@ class MefConfig:
             counts[key] = get(key, int)
             if not 1 <= counts[key] <= top:
                 raise err(key, f"must be between 1 and {top}")
+        database_url = values.get("database_url")
+        if database_url is not None:
+            if not isinstance(database_url, str) or not database_url.startswith(("postgresql://", "postgres://")):
+                raise err("database_url", "must be a PostgreSQL URL like \"postgresql://mef@db.example.com/mef\"")
+            if _has_password(database_url) and not _private(Path(source)):
+                raise err("database_url", "holds a password but the configuration file is readable by others: "
+                          "chmod 600 it, or give the password by PGPASSWORD or ~/.pgpass instead")
+        pool_size = get("database_pool_size", int)
+        if not 2 <= pool_size <= 256:
+            raise err("database_pool_size", "must be between 2 and 256")
         level = get("log_level", str).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise err("log_level", "must be debug, info, warning or error")
@@ -199,6 +214,7 @@ class MefConfig:
             audit_log=audit_log, metrics_listen=metrics_listen,
             fqdn=fqdn.lower(), sp_id=sp_id, listen=listen, port=port,
             database=path_of("database"), master_key_file=path_of("master_key_file"),  # type: ignore[arg-type]
+            database_url=database_url, database_pool_size=pool_size,
             enrolment_expiry_seconds=exp, max_body_bytes=max_body, tls_min_version=vmin, tls_max_version=vmax,
             handshake_timeout=timeouts["handshake_timeout"],
             request_timeout=timeouts["request_timeout"], idle_timeout=timeouts["idle_timeout"],
@@ -224,6 +240,19 @@ class MefConfig:
                             workers=self.workers)
 
 
+def _has_password(url: str) -> bool:
+    return bool(re.match(r"postgres(?:ql)?://[^/@?#]*:[^/@?#]*@", url)) or "password=" in url.lower()
+
+
+def _private(path: Path) -> bool:
+    """Whether the configuration file exists and no one but its owner may read it."""
+    try:
+        check_private(path, "MEF configuration file")
+    except (ConfigError, OSError):
+        return False
+    return path.is_file()
+
+
 _D: dict[str, Any] = {f.name: f.default for f in fields(MefConfig)}  # the template below shows the defaults
 
 EXAMPLE = f"""\
@@ -234,6 +263,8 @@ sp_id = "//sp.example.com"          # M2M-SP-ID, used to make CSE/AE IDs absolut
 listen = "{_D['listen']}"
 port = {_D['port']}
 database = "{_D['database']}"             # relative paths are relative to this file
+# database_url = "postgresql://mef@db.example.com/mef"  # PostgreSQL instead (several MEFs; docs/scale.md)
+# database_pool_size = {_D['database_pool_size']}            # connections each MEF keeps to PostgreSQL at most
 master_key_file = "{_D['master_key_file']}"   # created 0600 on first start; encrypts keys at rest
 enrolment_expiry_seconds = {_D['enrolment_expiry_seconds']}  # default lifetime of an Enrolment Key (Ke)
 key_retirement_grace_seconds = {_D['key_retirement_grace_seconds']}  # earlier KeIDs retire this long after re-enrolment

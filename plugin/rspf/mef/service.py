@@ -18,7 +18,6 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,14 +35,12 @@ from ..secret import Secret
 from . import protocol
 from .ca import MefCa
 from .config import MefConfig
-from .store import ACTIVE, CERT_ACTIVE, EnroleeRecord, MefStore, PurgeCounts, utcnow
+from .store import ACTIVE, CERT_ACTIVE, BudgetState, EnroleeRecord, MefStore, PurgeCounts, utcnow
 
 log = logging.getLogger(__name__)
 
 #: Enrolee records kept between a handshake and its session (one per handshake in progress; the oldest go first)
 HANDOVER_SIZE = 1024
-#: Enrolees whose enrolment budget is remembered (least recently enrolled forgotten first: a full budget again)
-ENROLMENT_BUDGETS = 100_000
 
 #: A sequence number above any the revocation log will write (asks the store for its newest number only)
 _BEYOND_ANY_SEQ = 2**62
@@ -108,7 +105,7 @@ class EstReply:
 
 
 class MefService:
-    def __init__(self, config: MefConfig, store: MefStore, *, clock: Clock = time.monotonic,
+    def __init__(self, config: MefConfig, store: MefStore, *, clock: Clock = time.time,
                  audit: AuditLog | None = None, metrics: MefMetrics | None = None, ca: MefCa | None = None) -> None:
         self.config = config
         self.store = store
@@ -120,9 +117,7 @@ class MefService:
         self.refusals = RefusalLog(log)  # every refusal, with the identity and the reason (never a key)
         self._handover: dict[str, EnroleeRecord] = {}  # enrolee records read at the handshake, by identity
         self._handover_lock = threading.Lock()
-        self._clock = clock
-        self._budgets: OrderedDict[str, TokenBucket] = OrderedDict()  # enrolment rate limit, by KpmID
-        self._budget_lock = threading.Lock()
+        self._clock = clock  # wall-clock seconds: enrolment budgets are stored and shared by every instance
 
     # -- authentication -------------------------------------------------------------------------
     def psk_for(self, identity: str, peer_ip: str | None = None) -> Secret | None:
@@ -299,34 +294,35 @@ class MefService:
         if session.phase is Phase.ENDED:
             raise OperationNotAllowed("the Enrolment Exchange of this session has ended")
         if not session.committed:
-            self._check_enrolment_budget(session.psk_identity)
+            self._check_enrolment_budget(session.enrolee.enrolment_budget)
         return session.enrolee
 
-    def _check_enrolment_budget(self, kpm_id: str) -> None:
-        """Refuse (5207, with a retry hint) an enrolee that spent its enrolment budget: ``enrolment_rate_burst``
-        enrolments back to back, then one more every ``enrolment_rate_interval_seconds``."""
-        with self._budget_lock:
-            bucket = self._budgets.get(kpm_id)
-            now = self._clock()
-            if bucket is None or bucket.available(now):
-                return
-            wait = max(1, math.ceil((1.0 - bucket.tokens) / bucket.rate))
+    def _budget(self, state: BudgetState) -> tuple[TokenBucket, float]:
+        """An enrolee's enrolment budget (``enrolment_rate_burst`` enrolments back to back, then one more every
+        ``enrolment_rate_interval_seconds``) from its stored state, and the time now."""
+        now = self._clock()
+        bucket = TokenBucket(1.0 / self.config.enrolment_rate_interval_seconds, self.config.enrolment_rate_burst, now)
+        if state is not None:
+            bucket.tokens, bucket.stamp = state[0], min(state[1], now)  # (another host's clock may be ahead)
+        return bucket, now
+
+    def _check_enrolment_budget(self, state: BudgetState) -> None:
+        """Refuse (5207, with a retry hint) an enrolee that spent its enrolment budget."""
+        bucket, now = self._budget(state)
+        if bucket.available(now):
+            return
+        wait = max(1, math.ceil((1.0 - bucket.tokens) / bucket.rate))
         raise EnrolmentRateLimited(
             f"this enrolee has enrolled too often ({self.config.enrolment_rate_burst} enrolments, then one every "
             f"{self.config.enrolment_rate_interval_seconds:g} s); try again in {wait} s", wait)
 
-    def _charge_enrolment(self, kpm_id: str) -> None:
-        with self._budget_lock:
-            now = self._clock()
-            bucket = self._budgets.get(kpm_id)
-            if bucket is None:
-                bucket = self._budgets[kpm_id] = TokenBucket(1.0 / self.config.enrolment_rate_interval_seconds,
-                                                             self.config.enrolment_rate_burst, now)
-                while len(self._budgets) > ENROLMENT_BUDGETS:
-                    self._budgets.popitem(last=False)
-            else:
-                self._budgets.move_to_end(kpm_id)
-            bucket.charge(now)
+    def _charge_enrolment(self, state: BudgetState) -> tuple[float, float]:
+        """The store calls this with the enrolee's row locked (rspf.mef.store.BudgetCharge): the budget holds
+        across MEF instances, whichever one each session reaches."""
+        self._check_enrolment_budget(state)
+        bucket, now = self._budget(state)
+        bucket.charge(now)
+        return bucket.tokens, bucket.stamp
 
     def _expiry(self, session: Session) -> dt.datetime:
         rec = session.enrolee
@@ -347,9 +343,8 @@ class MefService:
             session.ke_id, session.psk_identity, session.enrolment_key, session.created, self._expiry(session),
             kpm_generation=session.enrolee.kpm_generation,
             retire_after=dt.timedelta(seconds=cfg.key_retirement_grace_seconds),
-            max_live_keys=cfg.max_live_keys_per_enrolee)
+            max_live_keys=cfg.max_live_keys_per_enrolee, charge=self._charge_enrolment)
         session.committed = True
-        self._charge_enrolment(session.psk_identity)
         self.metrics.enrolments.labels("ok").inc()
         self.audit.record(Action.ENROLMENT_KEY, actor=f"enrolee:{session.psk_identity}", subject=session.ke_id,
                           details={"enroleeID": session.enrolee.enrolee_id,
@@ -502,7 +497,7 @@ class MefService:
         if not rec.may_certify:
             raise _EstRefusal(403, f"the enrolee {rec.enrolee_id} is not entitled to a certificate")
         try:
-            self._check_enrolment_budget(rec.kpm_id)
+            self._check_enrolment_budget(rec.enrolment_budget)
         except EnrolmentRateLimited as exc:
             raise _EstRefusal(429, str(exc), exc.retry_after) from None
         try:
@@ -537,10 +532,11 @@ class MefService:
                                           cert.not_valid_before_utc, cert.not_valid_after_utc,
                                           cert.public_bytes(serialization.Encoding.DER),
                                           supersedes=est.fingerprint(renewed) if renewed is not None else None,
-                                          now=now)
+                                          now=now, charge=self._charge_enrolment)
         except AccessDenied as exc:  # the enrolee or the renewed certificate was revoked during this session
             raise _EstRefusal(403, str(exc)) from None
-        self._charge_enrolment(rec.kpm_id)
+        except EnrolmentRateLimited as exc:  # spent meanwhile, by a session at this or another instance
+            raise _EstRefusal(429, str(exc), exc.retry_after) from None
         result = "renewed" if renewed is not None else "issued"
         self.metrics.certificates.labels(result).inc()
         self.audit.record(Action.CERTIFICATE_ISSUED, actor=f"{session.kind.value}:{session.psk_identity}",
