@@ -10,7 +10,7 @@ fi
 "$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 "$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$root" 2>&1 \
   | grep -v "^WARNING: Location" || true
-"$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "$root[test]" 2>&1 \
+"$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "$root[test,postgres]" 2>&1 \
   | grep -v "^WARNING: Location" || true
-"$root/.venv/bin/python" -c "import rspf, OpenSSL, jsonschema, click, acmecse" \
+"$root/.venv/bin/python" -c "import rspf, OpenSSL, jsonschema, click, acmecse, psycopg, psycopg_pool" \
   || { echo "bootstrap: the install is incomplete" >&2; exit 1; }

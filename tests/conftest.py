@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,27 @@ def mef_config(tmp_path) -> MefConfig:
     )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> Iterator[MefStore]:
+    """The MEF store, once per implementation: SQLite, and PostgreSQL in a fresh schema of the test server
+    (integration/postgres.py: skipped, or failed in CI, when none answers)."""
+    if request.param == "sqlite":
+        s: MefStore = SqliteStore(tmp_path / "mef.sqlite", tmp_path / "mef.masterkey")
+        yield s
+        s.close()
+        return
+    from integration.postgres import fresh_schema
+    from rspf.mef.store_pg import PostgresStore
+
+    with fresh_schema() as url:
+        s = PostgresStore(url, tmp_path / "mef.masterkey", pool_size=4)
+        yield s
+        s.close()
+
+
 @pytest.fixture
-def store(tmp_path) -> MefStore:
+def sqlite_store(tmp_path) -> Iterator[SqliteStore]:
+    """The SQLite store alone (for what only it has: its file, its schema migrations)."""
     s = SqliteStore(tmp_path / "mef.sqlite", tmp_path / "mef.masterkey")
     yield s
     s.close()

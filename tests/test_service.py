@@ -665,8 +665,11 @@ def test_fetch_carries_the_allowed_app_ids(service, store, enrolee):
 
 def test_a_thousand_re_enrolments_leave_a_bounded_database(tmp_path, store, enrolee):
     """1,000 re-enrolments of one enrolee with a small grace: the keys and the log stay bounded once purged,
-    and the database file stops growing (freed pages are reused)."""
+    and SQLite's file stops growing (freed pages are reused; PostgreSQL reclaims dead rows by autovacuum, on
+    its own schedule, so there only the rows are counted)."""
     import os
+
+    from rspf.mef.store_sqlite import SqliteStore
 
     svc = make_service(tmp_path, store, key_retirement_grace_seconds=0, enrolment_rate_burst=100_000)
     db = tmp_path / "mef.sqlite"
@@ -685,7 +688,8 @@ def test_a_thousand_re_enrolments_leave_a_bounded_database(tmp_path, store, enro
     assert len(store.enrolment_key_ids(enrolee.kpm_id)) == 1
     assert store._one("SELECT count(*) FROM enrolment_keys") == (1,)
     assert store.revocations_since(0) == ([], 999)
-    assert db.exists() and max(sizes[2:]) <= sizes[1] * 1.5 + 64 * 1024, sizes
+    if isinstance(store, SqliteStore):
+        assert db.exists() and max(sizes[2:]) <= sizes[1] * 1.5 + 64 * 1024, sizes
 
 
 def test_key_hygiene_config_defaults_and_bounds(tmp_path):

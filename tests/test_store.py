@@ -47,6 +47,28 @@ def paths(tmp_path):
     return tmp_path / "mef.sqlite", tmp_path / "mef.masterkey"
 
 
+def test_keys_are_not_stored_in_plaintext_in_postgresql(tmp_path):
+    """Every row of every table, as PostgreSQL prints it (bytea in hex), holds no key in the clear."""
+    from integration.postgres import fresh_schema
+    from rspf.mef.store_pg import PostgresStore
+
+    with fresh_schema() as url:
+        store = PostgresStore(url, tmp_path / "mef.masterkey", pool_size=2)
+        try:
+            store.add_enrolee(rec(1), KPM_MARK)
+            store.add_target(TargetRecord("in@sp.example.com", "/id-in"), PSK_MARK)
+            now = dt.datetime.now(UTC)
+            store.put_enrolment_key("00" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, now,
+                                    now + dt.timedelta(hours=1))
+            dump = " ".join(str(row) for table in ("meta", "enrolees", "targets", "enrolment_keys")
+                            for row in store._all(f"SELECT t::text FROM {table} t"))
+        finally:
+            store.close()
+    assert "dev1@mef.example.com" in dump  # sanity: we are looking at the data
+    for mark in (KPM_MARK, PSK_MARK, KE_MARK):
+        assert mark.reveal().hex() not in dump and mark.reveal().decode() not in dump
+
+
 def test_db_and_master_key_created_0600_even_with_open_umask(paths):
     db, mk = paths
     old = os.umask(0)
@@ -102,7 +124,8 @@ def test_add_get_list_enrolees(store):
     assert "kpm" not in {k.lower() for k in got.public_dict()}
 
 
-def test_keys_are_not_stored_in_plaintext(store, tmp_path):
+def test_keys_are_not_stored_in_plaintext(sqlite_store, tmp_path):
+    store = sqlite_store
     store.add_enrolee(rec(1), KPM_MARK)
     store.add_target(TargetRecord("in@sp.example.com", "/id-in"), PSK_MARK)
     now = dt.datetime.now(UTC)
@@ -801,8 +824,8 @@ def test_revocation_numbers_are_never_reused_after_pruning(store):
     assert [r.seq for r in rows] == [2] and newest == 2
 
 
-def test_revocations_since_is_an_indexed_range_scan(store):
-    plan = " ".join(str(r[-1]) for r in store._all(
+def test_revocations_since_is_an_indexed_range_scan(sqlite_store):
+    plan = " ".join(str(r[-1]) for r in sqlite_store._all(
         "EXPLAIN QUERY PLAN SELECT seq, ke_id, enrolee_id, cause, time FROM revocations WHERE seq > ?"
         " ORDER BY seq LIMIT ?", (0, 10)))
     assert "SEARCH revocations USING INTEGER PRIMARY KEY (rowid>?)" in plan, plan

@@ -116,9 +116,6 @@ CREATE INDEX IF NOT EXISTS certificates_by_enrolee ON certificates(kpm_id);
 CREATE INDEX IF NOT EXISTS certificates_by_expiry ON certificates(not_after);
 """
 
-#: the advisory lock key of schema creation and migration (any fixed number; "rspf" in ASCII)
-_SCHEMA_LOCK = 0x72737066
-
 
 def redact_url(url: str) -> str:
     """A PostgreSQL connection URL with any password replaced by ``***`` (for messages and logs)."""
@@ -182,6 +179,8 @@ class PostgresStore(MefStore):
         key_path = Path(master_key_file)
         try:
             with self._pool.connection() as conn:
+                # housekeeping locks are per population: per database and schema
+                self._lock_space = str(_scalar(conn, "SELECT current_database() || '.' || current_schema()"))
                 has_data = bool(_scalar(conn, "SELECT to_regclass('meta') IS NOT NULL"))
                 if has_data:
                     has_data = conn.execute("SELECT 1 FROM meta WHERE name='key_check'").fetchone() is not None
@@ -189,7 +188,7 @@ class PostgresStore(MefStore):
                 raise StoreError(f"the MEF database {self.where} holds no MEF data")
             super().__init__(load_master_key(key_path, may_create=create and not has_data, where=self.where))
             with self._tx() as db:
-                db.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+                db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(f"onem2m-rspf {self._lock_space}".encode()),))
                 db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
                 version = int(row[0]) if row else None
@@ -239,7 +238,7 @@ class PostgresStore(MefStore):
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
         """A session advisory lock, held on one pooled connection for the block."""
-        key = zlib.crc32(b"onem2m-rspf " + name.encode())
+        key = zlib.crc32(f"onem2m-rspf {self._lock_space} {name}".encode())
         with self._connection() as conn:
             mine = bool(_scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,)))
             try:
