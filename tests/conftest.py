@@ -90,6 +90,7 @@ def store(request, tmp_path) -> Iterator[MefStore]:
         s.close()
         return
     from integration.postgres import fresh_schema
+
     from rspf.mef.store_pg import PostgresStore
 
     with fresh_schema() as url:

@@ -50,6 +50,7 @@ def paths(tmp_path):
 def test_keys_are_not_stored_in_plaintext_in_postgresql(tmp_path):
     """Every row of every table, as PostgreSQL prints it (bytea in hex), holds no key in the clear."""
     from integration.postgres import fresh_schema
+
     from rspf.mef.store_pg import PostgresStore
 
     with fresh_schema() as url:

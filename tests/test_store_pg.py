@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from integration.postgres import fresh_schema, require, server_url
+
 from rspf.errors import AccessDenied, ConfigError, EnrolmentRateLimited, StoreError
 from rspf.fileutil import new_key_file
 from rspf.mef.store import EnroleeRecord
