@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from rspf.client import OneM2MClient
+from rspf.errors import RemoteError
 from rspf.fileutil import read_key_file
-from rspf.target import KeyCache, fetch_credentials
+from rspf.target import KeyCache, fetch_credentials, request_credentials
+from rspf.tls import PskClient
 
 from .postgres import fresh_schema
-from .support import FQDN, HOST, REGISTRAR, Cli, EnroleeInfo, MefHome, TargetInfo, enrolee_client
+from .support import FQDN, HOST, REGISTRAR, Cli, EnroleeInfo, MefHome, TargetInfo, enrolee_client, free_port
 
 
 def home(root: Path, url: str | None) -> MefHome:
@@ -186,3 +190,123 @@ def test_migrate_moves_an_sqlite_mef_to_postgresql(tmp_path: Path) -> None:
             cache.close()
         assert [(r.seq, r.ke_id) for r in page.items] == [(1, gone.ke_id), (2, newer.ke_id)]
         mef.stop()
+
+
+class TcpProxy:
+    """A TCP forwarder to the test database that the test can cut (every connection closed, new ones refused)
+    and restore: the database going away and coming back, as the MEF sees it."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.conns.clear()
+
+    def restore(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_the_database_going_away_and_coming_back(tmp_path: Path) -> None:
+    """While PostgreSQL is unreachable the MEF stays up, refuses what needs the database with a sentence that
+    names nothing of it (the detail is in its log), and /health says so; once it is back, the MEF works again
+    without a restart."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    with fresh_schema() as url:
+        parts = urlsplit(url)
+        proxy = TcpProxy((parts.hostname or HOST, parts.port or 5432))
+        via_proxy = urlunsplit(parts._replace(netloc=f"{parts.username}@{HOST}:{proxy.port}"
+                                              if parts.username else f"{HOST}:{proxy.port}"))
+        mef = home(tmp_path / "m", via_proxy)
+        metrics_port = free_port()
+        mef.set_config("metrics_listen", json.dumps(f"{HOST}:{metrics_port}"))
+        mef.add_target("in", REGISTRAR, "id-in@sp.example.com")
+        dev = mef.add_enrolee("dev1", enrolee_id="/id-mn1")
+        try:
+            mef.start()
+            first = enrolee_client(mef, dev).enrol()
+            assert health(metrics_port) == 200
+            target = mef.targets["in"]
+            tls = PskClient().connect(HOST, mef.port, target.psk_identity, read_key_file(target.psk_file),
+                                      server_name=FQDN, timeout=10)
+            open_conn = OneM2MClient(tls, REGISTRAR, host=FQDN, deadline=10)  # opened while the database was up
+            assert len(request_credentials(open_conn, first.ke_id, 22).key.reveal()) == 32  # (its session too)
+            proxy.cut()
+            with pytest.raises(RemoteError) as info:
+                request_credentials(open_conn, first.ke_id, 22)
+            open_conn.close()
+            assert info.value.remote_rsc == 5000 and "try again later" in str(info.value), info.value
+            assert "5432" not in str(info.value) and str(proxy.port) not in str(info.value)
+            res = mef.fetch(target, first.ke_id)  # a new connection: the Target's PSK cannot be read
+            assert res.rc != 0 and "refused the TLS-PSK handshake" in res.output, str(res)
+            assert mef.enrol(dev, "--force").rc != 0
+            assert health(metrics_port) == 503
+            assert mef.proc is not None and mef.proc.poll() is None  # still serving
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while mef.enrol(dev, "--force").rc != 0:
+                assert time.monotonic() < deadline, "the MEF did not recover once the database was back"
+                time.sleep(0.5)
+            assert len(fetch(mef, mef.targets["in"], first.ke_id)) == 32  # nothing was lost
+            assert "is unavailable" in mef.log_text()  # the detail, for the operator
+        finally:
+            mef.stop()
+            proxy.close()
+
+
+def health(port: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)

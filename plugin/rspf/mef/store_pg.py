@@ -216,8 +216,10 @@ class PostgresStore(MefStore):
             with self._pool.connection() as conn:
                 yield conn
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            # the detail goes to the MEF's log; a client that gets the error hears nothing about the database
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StoreError(f"the MEF database {self.where} is unavailable: {redact_url(reason)}") from None
+            log.error("the MEF database %s is unavailable: %s", self.where, redact_url(reason))
+            raise StoreError("the MEF cannot use its database at the moment; try again later") from None
 
     @contextmanager
     def _borrow(self) -> Iterator[Db]:
