@@ -158,7 +158,7 @@ def worker_main(conn: Connection, index: int, clients: int, enrolees: list[tuple
         if cmd is None:
             break
         port, start_at, seconds = cmd
-        clients = [Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=port, mef_fqdn=MEF_FQDN, kpm_id=k,
+        enrolling = [Enrolee(EnroleeConfig(mef_host="127.0.0.1", mef_port=port, mef_fqdn=MEF_FQDN, kpm_id=k,
                                          kpm=Secret(bytes.fromhex(h), "Kpm"), node_id=node,
                                          store_path=Path(store_dir) / "unused.json"), tls_client=tls)
                    for k, h, node in mine]
@@ -168,7 +168,7 @@ def worker_main(conn: Connection, index: int, clients: int, enrolees: list[tuple
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             try:
-                got = clients[(done + errors) % len(clients)].enrol(store=False)
+                got = enrolling[(done + errors) % len(enrolling)].enrol(store=False)
             except Exception:  # noqa: BLE001 -- counted and reported
                 errors += 1
                 continue
@@ -311,7 +311,10 @@ def main() -> int:
             print("\n[4] two MEF instances on the big population vs one")
             second_mef, second_port = big.serve(procs, "-2")
             load.run([big_port, second_port], 1.0, [big_mef, second_mef])
-            one_r, two_r, one_c, two_c = [], [], [], []
+            one_r: list[float] = []
+            two_r: list[float] = []
+            one_c: list[float] = []
+            two_c: list[float] = []
             for r in range(args.rounds):
                 arrangements = [("one", [big_port]), ("two", [big_port, second_port])]
                 for name, ports in (arrangements if r % 2 == 0 else arrangements[::-1]):
