@@ -477,3 +477,26 @@ def test_import_of_certificate_enrolees_by_their_cert_id(store, tmp_path):
     n, errors = run_import(store, again)
     assert n == 0 and [e.line for e in errors] == [1, 2], errors
     assert "already registered" in errors[0].message and "true or false" in errors[1].message
+
+
+def test_a_large_import_reports_the_first_bad_rows_and_counts_them_all(store, tmp_path):
+    """3,000 rows whose KpmIDs repeat pairwise and 300 unparsable ones: the report is bounded (the first by line),
+    every one is counted, and nothing is written."""
+    from rspf.mef.admin import MAX_REPORTS
+
+    rows = [csv_line(fields(i // 2 + 1, enrolee_id=f"/id-mn{i}", node_id=f"urn:dev:{i}")) for i in range(3000)]
+    rows += [csv_line(fields(5000 + i, kpm="nothex")) for i in range(300)]
+    result = import_enrolees(store, write_csv(tmp_path, rows), sp_id=SP_ID)
+    assert result.count == 0 and result.error_count == 1500 + 300
+    assert len(result.errors) == MAX_REPORTS
+    assert [e.line for e in result.errors] == sorted(e.line for e in result.errors)
+    assert result.errors[0].line == 3 and "repeats the one on line 2" in result.errors[0].message
+    assert store.count_enrolees() == 0
+
+
+def test_rows_spanning_lines_and_blank_lines_are_reported_where_they_start(store, tmp_path):
+    good, bad = csv_line(fields(1)), csv_line(fields(2, node_id="NODE", kpm="nothex")).replace("NODE", '"two\nlines"')
+    path = tmp_path / "batch.csv"
+    path.write_text(HEADER + "\n\n" + good + "\n\n\n" + bad + "\n" + csv_line(fields(3, kpm="x")) + "\n")
+    n, errors = run_import(store, path)
+    assert n == 0 and [e.line for e in errors] == [6, 8], errors
