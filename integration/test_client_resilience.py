@@ -24,6 +24,7 @@ from rspf.secret import Secret
 from rspf.target import KeyCache, KeyCacheLimits
 from rspf.tls import PskClient, PskServer
 
+from .proxy import FaultProxy, close_listener
 from .support import FQDN, HOST, MefHome, enrolee_client, free_port
 
 KEY = Secret(bytes(range(32)), "test PSK")
@@ -87,22 +88,13 @@ class ScriptedServer:
 
     def stop(self) -> None:
         self.stopping.set()
-        _close_listener(self.sock)
+        close_listener(self.sock)
         for s in self.conns:
             try:
                 s.close()
             except OSError:
                 pass
         self.thread.join(5)
-
-
-def _close_listener(sock: socket.socket) -> None:
-    """Stop listening now: shutdown wakes the thread blocked in accept (a bare close leaves it listening)."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
 
 
 @pytest.fixture
@@ -183,76 +175,6 @@ def test_a_stale_pooled_mef_connection_is_replaced_by_a_fresh_one(mef: MefHome, 
 
 
 # --------------------------------------------------------------------------------- background renewal
-class FaultProxy:
-    """TCP proxy to ``upstream``; what it does with each new connection depends on :attr:`mode`:
-    forward, drop (close at once), hang (never answer), reset (RST), refuse (not listening)."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream, self.mode = upstream, "forward"
-        self.port = free_port()
-        self.stopping = threading.Event()
-        self.socks: list[socket.socket] = []
-        self.listener: socket.socket | None = None
-        self.connections = 0
-        self.listen()
-
-    def listen(self) -> None:
-        self.listener = socket.create_server((HOST, self.port), reuse_port=False)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def set_mode(self, mode: str) -> None:
-        if mode == "refuse" and self.listener is not None:
-            _close_listener(self.listener)
-            self.listener = None
-        elif mode != "refuse" and self.listener is None:
-            self.listen()
-        self.mode = mode
-
-    def _accept(self, listener: socket.socket) -> None:
-        while not self.stopping.is_set():
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self.socks.append(sock)
-            if self.mode == "drop":
-                sock.close()
-            elif self.mode == "reset":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            elif self.mode == "forward":
-                up = socket.create_connection((HOST, self.upstream))
-                self.socks.append(up)
-                for a, b in ((sock, up), (up, sock)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-            # hang: keep the socket open, never read or answer
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.listener is not None:
-            _close_listener(self.listener)
-        for s in self.socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
 def test_renewal_survives_a_mef_that_drops_hangs_refuses_and_resets_then_comes_back(mef: MefHome, caplog) -> None:
     dev1 = mef.enrolees["dev1"]
     proxy = FaultProxy(mef.port)

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from rspf.target import KeyCache, fetch_credentials, request_credentials
 from rspf.tls import PskClient
 
 from .postgres import fresh_schema
+from .proxy import FaultProxy
 from .support import FQDN, HOST, REGISTRAR, Cli, EnroleeInfo, MefHome, TargetInfo, enrolee_client, free_port
 
 
@@ -192,67 +192,6 @@ def test_migrate_moves_an_sqlite_mef_to_postgresql(tmp_path: Path) -> None:
         mef.stop()
 
 
-class TcpProxy:
-    """A TCP forwarder to the test database that the test can cut (every connection closed, new ones refused)
-    and restore: the database going away and coming back, as the MEF sees it."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server((HOST, 0))
-        self.port = self.listener.getsockname()[1]
-        self.open = True
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.open:
-                client.close()
-                continue
-            server = socket.create_connection(self.upstream)
-            with self.lock:
-                self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        self.open = False
-        with self.lock:
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-            self.conns.clear()
-
-    def restore(self) -> None:
-        self.open = True
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
 def test_the_database_going_away_and_coming_back(tmp_path: Path) -> None:
     """While PostgreSQL is unreachable the MEF stays up, refuses what needs the database with a sentence that
     names nothing of it (the detail is in its log), and /health says so; once it is back, the MEF works again
@@ -261,7 +200,8 @@ def test_the_database_going_away_and_coming_back(tmp_path: Path) -> None:
 
     with fresh_schema() as url:
         parts = urlsplit(url)
-        proxy = TcpProxy((parts.hostname or HOST, parts.port or 5432))
+        assert parts.hostname == HOST, "the proxy forwards to the test server on this host"
+        proxy = FaultProxy(parts.port or 5432)
         via_proxy = urlunsplit(parts._replace(netloc=f"{parts.username}@{HOST}:{proxy.port}"
                                               if parts.username else f"{HOST}:{proxy.port}"))
         mef = home(tmp_path / "m", via_proxy)
@@ -278,6 +218,7 @@ def test_the_database_going_away_and_coming_back(tmp_path: Path) -> None:
                                       server_name=FQDN, timeout=10)
             open_conn = OneM2MClient(tls, REGISTRAR, host=FQDN, deadline=10)  # opened while the database was up
             assert len(request_credentials(open_conn, first.ke_id, 22).key.reveal()) == 32  # (its session too)
+            proxy.set_mode("refuse")  # the database goes away, with every connection to it
             proxy.cut()
             with pytest.raises(RemoteError) as info:
                 request_credentials(open_conn, first.ke_id, 22)
@@ -289,7 +230,7 @@ def test_the_database_going_away_and_coming_back(tmp_path: Path) -> None:
             assert mef.enrol(dev, "--force").rc != 0
             assert health(metrics_port) == 503
             assert mef.proc is not None and mef.proc.poll() is None  # still serving
-            proxy.restore()
+            proxy.set_mode("forward")
             deadline = time.monotonic() + 30
             while mef.enrol(dev, "--force").rc != 0:
                 assert time.monotonic() < deadline, "the MEF did not recover once the database was back"
@@ -298,7 +239,7 @@ def test_the_database_going_away_and_coming_back(tmp_path: Path) -> None:
             assert "is unavailable" in mef.log_text()  # the detail, for the operator
         finally:
             mef.stop()
-            proxy.close()
+            proxy.stop()
 
 
 def health(port: int) -> int:

@@ -74,6 +74,92 @@ def _from_ts(text: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(text) if text else None
 
 
+#: The schema (version SCHEMA_VERSION) of both implementations; {blob}, {bigint}, {real}: the dialect's types;
+#: {key_order}: a column that orders enrolment keys by insertion where the database has no rowid (_KEY_ORDER)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value {bigint} NOT NULL);
+CREATE TABLE IF NOT EXISTS enrolees (
+    kpm_id TEXT PRIMARY KEY,
+    kpm {blob} NOT NULL,
+    kpm_fingerprint {blob} NOT NULL,
+    kpm_generation INTEGER NOT NULL DEFAULT 1,
+    enrolee_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    registrar_cse_id TEXT NOT NULL,
+    registrar_uri TEXT NOT NULL,
+    targets TEXT NOT NULL,
+    rm_uri TEXT,
+    enrolment_expiry_seconds {bigint},
+    valid_until TEXT,
+    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'suspended', 'revoked')),
+    allowed_app_ids TEXT,
+    created TEXT NOT NULL,
+    last_enrolled TEXT,
+    cert_id TEXT,
+    may_certify INTEGER NOT NULL DEFAULT 0,
+    budget_tokens {real},
+    budget_stamp {real}
+);
+CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_id ON enrolees(enrolee_id);
+CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_cert ON enrolees(cert_id) WHERE cert_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS enrolees_by_node ON enrolees(node_id);
+CREATE INDEX IF NOT EXISTS enrolees_by_kpm ON enrolees(kpm_fingerprint);
+CREATE INDEX IF NOT EXISTS enrolees_by_registrar ON enrolees(registrar_cse_id);
+CREATE TABLE IF NOT EXISTS targets (
+    psk_identity TEXT PRIMARY KEY,
+    psk {blob} NOT NULL,
+    target_id TEXT NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrolment_keys (
+    ke_id TEXT PRIMARY KEY,
+    {key_order}
+    kpm_id TEXT NOT NULL REFERENCES enrolees(kpm_id),
+    ke {blob} NOT NULL,
+    created TEXT NOT NULL,
+    expires TEXT NOT NULL,
+    retire_at TEXT
+);
+CREATE INDEX IF NOT EXISTS keys_by_enrolee ON enrolment_keys({key_order_index});
+CREATE INDEX IF NOT EXISTS keys_by_expiry ON enrolment_keys(expires);
+CREATE INDEX IF NOT EXISTS keys_by_retirement ON enrolment_keys(retire_at) WHERE retire_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS revocations (
+    seq {bigint} PRIMARY KEY,
+    ke_id TEXT,
+    enrolee_id TEXT NOT NULL,
+    cause TEXT NOT NULL,
+    time TEXT NOT NULL,
+    cert_sha256 TEXT,
+    CHECK ((ke_id IS NULL) <> (cert_sha256 IS NULL))
+);
+CREATE INDEX IF NOT EXISTS revocations_by_time ON revocations(time);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    kpm_id TEXT NOT NULL,
+    enrolee_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    app_id TEXT,
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    issued TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'revoked')),
+    revoked_at TEXT,
+    cause TEXT,
+    der {blob} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_by_enrolee ON certificates(kpm_id);
+CREATE INDEX IF NOT EXISTS certificates_by_expiry ON certificates(not_after)
+"""
+
+
+def schema_statements(dialect: dict[str, str]) -> list[str]:
+    """The CREATE statements of the schema in one database's types (each implementation's ``_DIALECT``)."""
+    return [statement.strip() for statement in _SCHEMA.format(**dialect).split(";")]
+
+
 @dataclass(frozen=True)
 class TargetGrant:
     """An Enrolment Target (absolute CSE-ID / AE-ID) allowed to fetch keys for these SUIDs."""

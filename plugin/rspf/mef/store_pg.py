@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, Conflict, StoreError
-from .store import SCHEMA_VERSION, Db, MefStore, load_master_key
+from .store import SCHEMA_VERSION, Db, MefStore, load_master_key, schema_statements
 
 if TYPE_CHECKING:
     from .store_sqlite import SqliteStore
@@ -38,83 +38,11 @@ except ImportError:  # pragma: no cover - the extra is installed by scripts/boot
     psycopg = None  # type: ignore[assignment]
     psycopg_pool = None  # type: ignore[assignment]
 
-_DDL = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS enrolees (
-    kpm_id TEXT PRIMARY KEY,
-    kpm BYTEA NOT NULL,
-    kpm_fingerprint BYTEA NOT NULL,
-    kpm_generation INTEGER NOT NULL DEFAULT 1,
-    enrolee_id TEXT NOT NULL,
-    node_id TEXT NOT NULL,
-    registrar_cse_id TEXT NOT NULL,
-    registrar_uri TEXT NOT NULL,
-    targets TEXT NOT NULL,
-    rm_uri TEXT,
-    enrolment_expiry_seconds BIGINT,
-    valid_until TEXT,
-    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'suspended', 'revoked')),
-    allowed_app_ids TEXT,
-    created TEXT NOT NULL,
-    last_enrolled TEXT,
-    cert_id TEXT,
-    may_certify INTEGER NOT NULL DEFAULT 0,
-    budget_tokens DOUBLE PRECISION,
-    budget_stamp DOUBLE PRECISION
-);
-CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_id ON enrolees(enrolee_id);
-CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_cert ON enrolees(cert_id) WHERE cert_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS enrolees_by_node ON enrolees(node_id);
-CREATE INDEX IF NOT EXISTS enrolees_by_kpm ON enrolees(kpm_fingerprint);
-CREATE INDEX IF NOT EXISTS enrolees_by_registrar ON enrolees(registrar_cse_id);
-CREATE TABLE IF NOT EXISTS targets (
-    psk_identity TEXT PRIMARY KEY,
-    psk BYTEA NOT NULL,
-    target_id TEXT NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS enrolment_keys (
-    ke_id TEXT PRIMARY KEY,
-    id BIGSERIAL NOT NULL,
-    kpm_id TEXT NOT NULL REFERENCES enrolees(kpm_id),
-    ke BYTEA NOT NULL,
-    created TEXT NOT NULL,
-    expires TEXT NOT NULL,
-    retire_at TEXT
-);
-CREATE INDEX IF NOT EXISTS keys_by_enrolee ON enrolment_keys(kpm_id, id);
-CREATE INDEX IF NOT EXISTS keys_by_expiry ON enrolment_keys(expires);
-CREATE INDEX IF NOT EXISTS keys_by_retirement ON enrolment_keys(retire_at) WHERE retire_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS revocations (
-    seq BIGINT PRIMARY KEY,
-    ke_id TEXT,
-    enrolee_id TEXT NOT NULL,
-    cause TEXT NOT NULL,
-    time TEXT NOT NULL,
-    cert_sha256 TEXT,
-    CHECK ((ke_id IS NULL) <> (cert_sha256 IS NULL))
-);
-CREATE INDEX IF NOT EXISTS revocations_by_time ON revocations(time);
-CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,
-    sha256 TEXT NOT NULL UNIQUE,
-    kpm_id TEXT NOT NULL,
-    enrolee_id TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    app_id TEXT,
-    not_before TEXT NOT NULL,
-    not_after TEXT NOT NULL,
-    issued TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'revoked')),
-    revoked_at TEXT,
-    cause TEXT,
-    der BYTEA NOT NULL
-);
-CREATE INDEX IF NOT EXISTS certificates_by_enrolee ON certificates(kpm_id);
-CREATE INDEX IF NOT EXISTS certificates_by_expiry ON certificates(not_after);
-"""
+
+
+#: The types and key order column of the shared schema (rspf.mef.store.schema_statements) in PostgreSQL
+_DIALECT = {"blob": "BYTEA", "bigint": "BIGINT", "real": "DOUBLE PRECISION", "key_order": "id BIGSERIAL NOT NULL,",
+            "key_order_index": "kpm_id, id"}
 
 
 def redact_url(url: str) -> str:
@@ -197,9 +125,8 @@ class PostgresStore(MefStore):
                                      f"{SCHEMA_VERSION}")
                 self._check_master_key(db, key_path)
                 if version is None:
-                    for statement in _DDL.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
+                    for statement in schema_statements(_DIALECT):
+                        db.execute(statement)
                     db.execute("INSERT INTO counters (name, value) VALUES ('revocations', 0)"
                                " ON CONFLICT (name) DO NOTHING")
                     self._set_meta(db, "schema_version", str(SCHEMA_VERSION))

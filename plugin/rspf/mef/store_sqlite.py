@@ -15,85 +15,12 @@ from pathlib import Path
 
 from ..errors import StoreError
 from ..fileutil import check_private
-from .store import SCHEMA_VERSION, Db, MefStore, load_master_key
+from .store import SCHEMA_VERSION, Db, MefStore, load_master_key, schema_statements
 
 log = logging.getLogger(__name__)
 
-_DDL = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS enrolees (
-    kpm_id TEXT PRIMARY KEY,
-    kpm BLOB NOT NULL,
-    kpm_fingerprint BLOB NOT NULL,
-    kpm_generation INTEGER NOT NULL DEFAULT 1,
-    enrolee_id TEXT NOT NULL,
-    node_id TEXT NOT NULL,
-    registrar_cse_id TEXT NOT NULL,
-    registrar_uri TEXT NOT NULL,
-    targets TEXT NOT NULL,
-    rm_uri TEXT,
-    enrolment_expiry_seconds INTEGER,
-    valid_until TEXT,
-    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'suspended', 'revoked')),
-    allowed_app_ids TEXT,
-    created TEXT NOT NULL,
-    last_enrolled TEXT,
-    cert_id TEXT,
-    may_certify INTEGER NOT NULL DEFAULT 0,
-    budget_tokens REAL,
-    budget_stamp REAL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_id ON enrolees(enrolee_id);
-CREATE UNIQUE INDEX IF NOT EXISTS enrolees_by_cert ON enrolees(cert_id) WHERE cert_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS enrolees_by_node ON enrolees(node_id);
-CREATE INDEX IF NOT EXISTS enrolees_by_kpm ON enrolees(kpm_fingerprint);
-CREATE TABLE IF NOT EXISTS targets (
-    psk_identity TEXT PRIMARY KEY,
-    psk BLOB NOT NULL,
-    target_id TEXT NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS enrolment_keys (
-    ke_id TEXT PRIMARY KEY,
-    kpm_id TEXT NOT NULL REFERENCES enrolees(kpm_id),
-    ke BLOB NOT NULL,
-    created TEXT NOT NULL,
-    expires TEXT NOT NULL,
-    retire_at TEXT
-);
-CREATE INDEX IF NOT EXISTS keys_by_enrolee ON enrolment_keys(kpm_id);
-CREATE INDEX IF NOT EXISTS keys_by_expiry ON enrolment_keys(expires);
-CREATE INDEX IF NOT EXISTS keys_by_retirement ON enrolment_keys(retire_at) WHERE retire_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS revocations (
-    seq INTEGER PRIMARY KEY,
-    ke_id TEXT,
-    enrolee_id TEXT NOT NULL,
-    cause TEXT NOT NULL,
-    time TEXT NOT NULL,
-    cert_sha256 TEXT,
-    CHECK ((ke_id IS NULL) != (cert_sha256 IS NULL))
-);
-CREATE INDEX IF NOT EXISTS revocations_by_time ON revocations(time);
-CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,
-    sha256 TEXT NOT NULL UNIQUE,
-    kpm_id TEXT NOT NULL,
-    enrolee_id TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    app_id TEXT,
-    not_before TEXT NOT NULL,
-    not_after TEXT NOT NULL,
-    issued TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'revoked')),
-    revoked_at TEXT,
-    cause TEXT,
-    der BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS certificates_by_enrolee ON certificates(kpm_id);
-CREATE INDEX IF NOT EXISTS certificates_by_expiry ON certificates(not_after);
-"""
+#: The types of the shared schema (rspf.mef.store.schema_statements) in SQLite; keys are ordered by rowid
+_DIALECT = {"blob": "BLOB", "bigint": "INTEGER", "real": "REAL", "key_order": "", "key_order_index": "kpm_id"}
 
 
 class SqliteStore(MefStore):
@@ -135,9 +62,8 @@ class SqliteStore(MefStore):
             if version in (1, 2, 3, 4):
                 db.execute("ALTER TABLE enrolees ADD COLUMN budget_tokens REAL")
                 db.execute("ALTER TABLE enrolees ADD COLUMN budget_stamp REAL")
-            for statement in _DDL.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in schema_statements(_DIALECT):
+                db.execute(statement)
             db.execute("INSERT INTO counters (name, value) VALUES ('revocations', ?) ON CONFLICT (name) DO NOTHING",
                        (newest,))
             self._set_meta(db, "schema_version", str(SCHEMA_VERSION))
@@ -185,8 +111,8 @@ class SqliteStore(MefStore):
             return  # a version 1 database: the DDL creates the log
         db.execute("ALTER TABLE revocations RENAME TO revocations_v3")
         db.execute("DROP INDEX IF EXISTS revocations_by_time")
-        for statement in _DDL.split(";"):
-            if "revocations" in statement and statement.strip():
+        for statement in schema_statements(_DIALECT):
+            if "revocations" in statement:
                 db.execute(statement)
         db.execute("INSERT INTO revocations (seq, ke_id, enrolee_id, cause, time) SELECT seq, ke_id, enrolee_id,"
                    " cause, time FROM revocations_v3")
