@@ -601,6 +601,31 @@ def test_enrolment_rate_limit_answers_5207_with_a_retry_hint(tmp_path, store, en
     enrol_as(svc, other, 5)
 
 
+def test_the_enrolment_budget_is_stored_so_a_restart_does_not_refill_it(tmp_path, store, enrolee):
+    from rspf.errors import EnrolmentRateLimited
+
+    clock = FakeClock()
+    enrol_as(make_service(tmp_path, store, clock, enrolment_rate_burst=1), enrolee, 1)
+    restarted = make_service(tmp_path, store, clock, enrolment_rate_burst=1)  # a new process, or another instance
+    with pytest.raises(EnrolmentRateLimited, match="try again in 60 s"):
+        enrol_as(restarted, enrolee, 2)
+    clock.now += 60
+    assert enrol_as(restarted, enrolee, 3) in store.enrolment_key_ids(enrolee.kpm_id)
+
+
+def test_a_budget_spent_by_another_session_meanwhile_refuses_the_commit(tmp_path, store, enrolee):
+    """Two sessions opened while one enrolment was left: the first to commit takes it, the second is refused at
+    its commit (the check at the session's start read the budget before the first committed)."""
+    from rspf.errors import EnrolmentRateLimited
+
+    svc = make_service(tmp_path, store, FakeClock(), enrolment_rate_burst=1)
+    first, second = enrolee_session(svc, enrolee, exporter(1)), enrolee_session(svc, enrolee, exporter(2))
+    svc.handle(first, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    with pytest.raises(EnrolmentRateLimited):
+        svc.handle(second, "CREATE", "/securityProfile", enrolee.kpm_id, {"rspf:spReq": {"nodeID": enrolee.node_id}})
+    assert store.enrolment_key_ids(enrolee.kpm_id) == [first.ke_id]
+
+
 def enrolee_record_and_kpm(n):
     from rspf.mef.store import EnroleeRecord
 
