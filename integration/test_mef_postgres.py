@@ -251,3 +251,19 @@ def health(port: int) -> int:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
+
+
+def test_init_with_a_database_url_creates_the_schema_in_postgresql(tmp_path: Path) -> None:
+    import psycopg
+
+    with fresh_schema() as url:
+        cli = Cli(tmp_path)
+        res = cli.ok("mef", "init", tmp_path / "mef.toml", "--fqdn", FQDN, "--sp-id", "//sp.example.com",
+                     "--database-url", url)
+        assert "database postgresql://" in res.stdout and not (tmp_path / "mef.sqlite").exists()
+        assert f"database_url = {json.dumps(url)}" in (tmp_path / "mef.toml").read_text()
+        assert (tmp_path / "mef.toml").stat().st_mode & 0o077 == 0
+        with psycopg.connect(url) as conn:
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+        assert {"meta", "enrolees", "enrolment_keys", "revocations", "counters"} <= tables
+        assert cli.ok("mef", "enrolee", "list", "-c", tmp_path / "mef.toml", "--json").json() == []

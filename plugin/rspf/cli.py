@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -102,23 +103,32 @@ def _load(config_path: Path, **overrides: Any) -> tuple[MefConfig, MefStore]:
 @click.option("--sp-id", required=True, help="The M2M-SP-ID, e.g. //sp.example.com.")
 @click.option("--listen", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8443, show_default=True, type=click.IntRange(0, 65535))
-def mef_init(config_path: Path, fqdn: str, sp_id: str, listen: str, port: int) -> None:
+@click.option("--database-url", default=None, metavar="URL",
+              help="Keep the data in this PostgreSQL database instead of an SQLite file (docs/scale.md).")
+def mef_init(config_path: Path, fqdn: str, sp_id: str, listen: str, port: int, database_url: str | None) -> None:
     """Write a MEF configuration file and create its database and master key."""
     from .mef.config import EXAMPLE, MefConfig
     from .mef.store import open_store
+    from .mef.store_pg import redact_url
     if config_path.exists():
         _fail(ConfigError(f"{config_path} already exists; refusing to overwrite it"))
     text = (EXAMPLE.replace('"mef.example.com"', json.dumps(fqdn)).replace('"//sp.example.com"', json.dumps(sp_id))
             .replace('listen = "127.0.0.1"', f"listen = {json.dumps(listen)}").replace("port = 8443", f"port = {port}"))
+    if database_url is not None:
+        text = re.sub(r"(?m)^# database_url = .*$", f"database_url = {json.dumps(database_url)}", text)
     try:
-        MefConfig.from_dict({"fqdn": fqdn, "sp_id": sp_id, "listen": listen, "port": port}, source="options")
+        MefConfig.from_dict({"fqdn": fqdn, "sp_id": sp_id, "listen": listen, "port": port,
+                             "database_url": database_url}, source="options")
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(text)
+        if database_url is not None:
+            config_path.chmod(0o600)  # it names the database (and may hold its password)
         cfg = MefConfig.load(config_path)
         open_store(cfg).close()
     except RspfError as exc:
         _fail(exc)
-    click.echo(f"wrote {config_path}; database {cfg.database}; master key {cfg.master_key_file} (0600)")
+    where = redact_url(cfg.database_url) if cfg.database_url else cfg.database
+    click.echo(f"wrote {config_path}; database {where}; master key {cfg.master_key_file} (0600)")
 
 
 @mef.command("migrate")
