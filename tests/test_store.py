@@ -489,15 +489,21 @@ def downgrade_to_v4(db: sqlite3.Connection) -> None:
     db.execute("UPDATE meta SET value='4' WHERE name='schema_version'")
 
 
-def test_a_version_4_database_is_upgraded_in_place_keeping_the_newest_sequence_number(paths):
+def three_revocations_logged(paths) -> sqlite3.Connection:
+    """A current-schema file whose revocation log holds three rows (1..3) of one enrolee; returns a raw
+    connection to it for a test to turn into an older schema."""
     s = SqliteStore(*paths)
     s.add_enrolee(rec(1), kpm(1))
     for n in range(3):
         s.put_enrolment_key(f"{n:02x}" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, T0,
                             T0 + dt.timedelta(days=3650))
-    s.revoke_enrolee(rec(1).kpm_id)  # three log rows, 1..3
+    s.revoke_enrolee(rec(1).kpm_id)
     s.close()
-    db = sqlite3.connect(paths[0])
+    return sqlite3.connect(paths[0])
+
+
+def test_a_version_4_database_is_upgraded_in_place_keeping_the_newest_sequence_number(paths):
+    db = three_revocations_logged(paths)
     db.execute("DELETE FROM revocations WHERE seq > 1")  # pruned from the top: the counter still says 3
     downgrade_to_v4(db)
     db.commit()
@@ -534,14 +540,7 @@ def downgrade_to_v3(db: sqlite3.Connection) -> None:
 
 
 def test_a_version_3_database_is_upgraded_in_place_keeping_the_revocation_log(paths):
-    s = SqliteStore(*paths)
-    s.add_enrolee(rec(1), kpm(1))
-    for n in range(3):
-        s.put_enrolment_key(f"{n:02x}" * 16 + "@mef.example.com", rec(1).kpm_id, KE_MARK, T0,
-                            T0 + dt.timedelta(days=3650))
-    s.revoke_enrolee(rec(1).kpm_id)  # three log rows, 1..3
-    s.close()
-    db = sqlite3.connect(paths[0])
+    db = three_revocations_logged(paths)
     db.execute("DELETE FROM revocations WHERE seq < 3")  # pruned: only seq 3 is left
     downgrade_to_v3(db)
     db.commit()
