@@ -13,6 +13,7 @@ import pytest
 from rspf.errors import BadRequest, ConfigError
 from rspf.mef.admin import (
     FIELDS,
+    _JsonList,
     enrolee_from_fields,
     import_enrolees,
     parse_app_ids,
@@ -205,6 +206,53 @@ def test_json_import_good_file(store, tmp_path):
     assert run_import(store, path) == (3, [])
     assert store.get_enrolee("dev1@mef.example.com").targets == [TargetGrant("/id-x", (23,))]
     assert store.get_enrolee("dev2@mef.example.com").enrolment_expiry_seconds == 120
+
+
+def json_items(text: str, chunk: int = 7, max_item: int = 1 << 20) -> list:
+    """The items _JsonList reads from ``text`` in chunks of ``chunk`` characters, checking that its buffer never
+    holds more than about two items and two chunks (the bound that keeps a million-row import's memory flat)."""
+    reader = _JsonList(io.StringIO(text), "batch.json")
+    reader.CHUNK, reader.MAX_ITEM = chunk, max_item
+    items, peak = [], 0
+    for item in reader.items():
+        items.append(item)
+        peak = max(peak, len(reader._buf))
+    longest = max((len(json.dumps(item, indent=2)) for item in items), default=0)
+    assert peak <= 2 * (longest + 16) + 2 * chunk
+    return items
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 64, 1 << 16])
+def test_json_list_read_in_chunks_of_any_size_gives_the_same_items(chunk):
+    items = [fields(i, targets=[{"id": "/id-x", "suids": [23]}]) for i in range(1, 6)]
+    items += [12345678, "a string", None, [1, 2], -1.5e3, True]
+    for text in (json.dumps(items), json.dumps(items, indent=2), " \n[ ]\n" if chunk == 1 else "[]"):
+        assert json_items(text, chunk) == json.loads(text)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[" + json.dumps(fields(1)), "after item 1: expected ',' or ']'"),   # cut after an item
+    ("[" + json.dumps(fields(1))[:-3], "item 1"),                           # cut inside an item
+    ("[" + json.dumps(fields(1)) + ",]", "item 2"),                         # a trailing comma
+    ("[" + json.dumps(fields(1)) + "] x", "more data after the list"),
+    ("[1 2]", "after item 1"),
+    ("[" + "9" * 5000 + "]", "item 1"),                                    # longer than Python converts
+    ("[1" + "2" * 3000, "after item 1"),                                   # no end: not buffered past the limit
+    ("", "not valid JSON: its start"),
+    ("{not json", "not valid JSON: its start"),
+    ('{"kpm_id": "x"}', "must hold a JSON list"),
+    ('"just a string"', "must hold a JSON list"),
+])
+def test_json_list_that_is_cut_short_or_not_a_list_is_refused_with_where(text, match):
+    with pytest.raises(BadRequest, match=match):
+        json_items(text, max_item=1000)
+
+
+def test_a_json_item_longer_than_the_limit_is_refused_not_buffered_without_end():
+    text = "[" + json.dumps({"kpm_id": "x" * 5000}) + "]"
+    with pytest.raises(BadRequest, match="item 1"):
+        json_items(text, chunk=100, max_item=1000)
+    assert json_items(text, chunk=100, max_item=10_000) == json.loads(text)
 
 
 def test_csv_three_bad_rows_import_nothing_and_report_exact_lines(store, tmp_path):

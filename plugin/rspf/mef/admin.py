@@ -308,20 +308,15 @@ class RowError:
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, row) from a CSV file (header row), read as a stream (memory stays bounded however
-    long the file), or from a JSON file (a list of objects, read whole)."""
+    """Yield (line number, row) from a CSV file (header row) or (position in the list, row) from a JSON file (a
+    list of objects), both read as a stream: memory stays bounded however long the file."""
     with path.open(encoding="utf-8-sig", newline="") as head:
         start = head.read(4096)
     if path.suffix.lower() == ".json" or start.lstrip().startswith("["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except ValueError as exc:
-            raise BadRequest(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(data, list):
-            raise BadRequest(f"{path} must hold a JSON list of enrolee objects")
-        # JSON rows are numbered by their position (1-based) in the list
-        for i, item in enumerate(data, 1):
-            yield i, item if isinstance(item, dict) else {"__not_an_object__": item}
+        with path.open(encoding="utf-8-sig") as f:
+            # JSON rows are numbered by their position (1-based) in the list
+            for i, item in enumerate(_JsonList(f, path).items(), 1):
+                yield i, item if isinstance(item, dict) else {"__not_an_object__": item}
         return
     with path.open(encoding="utf-8-sig", newline="") as f:
         lines = _LineTracker(f)
@@ -363,6 +358,84 @@ class _LineTracker:
         """The first non-blank line read since the last mark (the start of the record just read)."""
         first, self._first = self._first or self._number, None
         return first
+
+
+class _JsonList:
+    """The items of the JSON list a file holds, decoded one at a time as the file is read (an item may not be
+    longer than MAX_ITEM characters: an enrolee object is a few hundred)."""
+
+    CHUNK = 1 << 16
+    MAX_ITEM = 1 << 20
+    _SPACE = re.compile(r"[ \t\r\n]*")
+    _NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")
+
+    def __init__(self, f: Any, path: Path) -> None:
+        self._f, self._path = f, path
+        self._buf, self._pos, self._eof = "", 0, False
+        self._decoder = json.JSONDecoder()
+
+    def items(self) -> Iterator[Any]:
+        if self._next_char() != "[":
+            self._value(0)  # the error a non-JSON file deserves, if it is one
+            raise BadRequest(f"{self._path} must hold a JSON list of enrolee objects")
+        self._pos += 1
+        if self._next_char() == "]":
+            self._pos += 1
+        else:
+            n = 0
+            while True:
+                n += 1
+                yield self._value(n)
+                sep = self._next_char()
+                if sep not in (",", "]"):
+                    raise self._invalid(f"after item {n}: expected ',' or ']'")
+                self._pos += 1
+                if sep == "]":
+                    break
+        if self._next_char():
+            raise self._invalid("more data after the list")
+
+    def _value(self, n: int) -> Any:
+        """Decode the value at the read position (the n-th item), reading more of the file as it needs."""
+        self._next_char()
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self._buf, self._pos)
+            except ValueError as exc:  # a JSONDecodeError, or a number longer than Python converts
+                if len(self._buf) - self._pos > self.MAX_ITEM or not self._fill():
+                    where = f"item {n}" if n else "its start"
+                    raise self._invalid(f"{where}: {getattr(exc, 'msg', exc)}") from None
+                continue
+            # a number may go on in the next chunk ('-1' of '-1500.0'): decode again once more is read
+            if (_run_end(self._NUMBER_TAIL, self._buf, end) < len(self._buf)
+                    or len(self._buf) - self._pos > self.MAX_ITEM or not self._fill()):
+                self._pos = end
+                return value
+
+    def _next_char(self) -> str:
+        """The next non-blank character (not consumed), '' at the end of the file."""
+        while True:
+            self._pos = _run_end(self._SPACE, self._buf, self._pos)
+            if self._pos < len(self._buf):
+                return self._buf[self._pos]
+            if not self._fill():
+                return ""
+
+    def _fill(self) -> bool:
+        chunk = "" if self._eof else self._f.read(self.CHUNK)
+        self._eof = not chunk
+        if chunk:
+            self._buf, self._pos = self._buf[self._pos:] + chunk, 0
+        return bool(chunk)
+
+    def _invalid(self, what: str) -> BadRequest:
+        return BadRequest(f"{self._path} is not valid JSON: {what}")
+
+
+def _run_end(chars: re.Pattern[str], text: str, pos: int) -> int:
+    """Where the run of ``chars`` (a pattern that also matches nothing) starting at ``pos`` ends."""
+    match = chars.match(text, pos)
+    return match.end() if match else pos
 
 
 @dataclass
