@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench_acme import APP_ID, CSE_ID, MEF_FQDN, enrol_all, setup
-from benchutil import finish, load_average
+from benchutil import finish, load_average, rss_mb
 
 from rspf.demo import Processes, free_port
 
@@ -47,14 +47,6 @@ if TYPE_CHECKING:
 TARGET_RSS_MB = 25.0
 TARGET_MEF_CALLS = 1000
 _FETCH_LINE = re.compile(r"RETRIEVE '/fetchCredentials/|fetchCredentials: Target ")
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def mef_fetches(log: Path) -> tuple[int, int]:

@@ -4,18 +4,22 @@ recorded few.
 
 Run from the project root with the project's venv (the installed ``rspf`` package is what is measured):
 
-    .venv/bin/python bench/bench_rules_scale.py [--big N] [--small M] [--aes A] [--rounds R] [--keep]
+    .venv/bin/python bench/bench_rules_scale.py [--big N] [--small M] [--aes A] [--rounds R] [--fill-threads T]
+                                                [--keep]
 
 What runs (each its own OS process, everything on 127.0.0.1): one MEF (``rspf mef serve``) and TWO ACME IN-CSEs
 with the plugin (``databaseType=memory``, compatibility mode, ``allowedAppIDs=Nbench*``), both the Enrolment
 Target ``/id-in`` at the MEF. Before any timing, AE enrolees enrol with the MEF, and M of them register at the
-"small" CSE and N at the "big" one (default 100 and 10,000): each registration there records the credential's
-own bound rule (rspf.ssar), so the big CSE holds 10,000 rules and 10,000 <AE>s. Then R rounds, alternating the
+"small" CSE and N at the "big" one (default 1,000 and 100,000; T client threads): each registration there records
+the credential's own bound rule (rspf.ssar), so the big CSE holds 100,000 rules and 100,000 <AE>s. Then R rounds,
+alternating the
 order, each registering A fresh enrolled AEs at each CSE: a first contact (new TLS-PSK connection with a KeID the
 CSE has never seen, so it fetches the key from the MEF inside the handshake; CREATE <AE>, the rule check and the
 recording of the new credential's rule), one sequential client.
 
-Target (issue 7): first-contact registration with N recorded / with M recorded (medians) <= 1.5.
+Target (issues 7 and 9): first-contact registration with N recorded / with M recorded (medians) <= 1.5. It also
+prints each CSE's resident memory (VmRSS). The default run takes about 25 minutes on two cores, most of it
+filling the big CSE (``--big 10000`` takes about 2).
 It prints TARGET MET / TARGET MISSED and exits 0 either way (a measurement, not a test). Every process it
 started is stopped by its PID at the end, and the temporary folder is removed.
 """
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench_acme import APP_ID, CSE_ID, CSE_NAME, MEF_FQDN, SP_ID, TARGET_IDENTITY
-from benchutil import cpu_seconds, finish, load_average
+from benchutil import cpu_seconds, finish, load_average, rss_mb
 
 from rspf.demo import Processes, acme_ini, free_port, run, wait_http, wait_port
 from rspf.tls import PskClient
@@ -143,16 +147,28 @@ def register(cse: Cse, enrolment: Enrolment, tls: PskClient) -> float:
     return took
 
 
-def fill(cse: Cse, enrolments: list[Enrolment], threads: int = 4) -> float:
-    """Register every one of ``enrolments`` at ``cse`` (not timed as part of the measurement)."""
+def fill(cse: Cse, enrolments: list[Enrolment], threads: int) -> float:
+    """Register every one of ``enrolments`` at ``cse`` (not timed as part of the measurement), printing the time
+    each tenth took (a registration that slowed with the number recorded shows here first)."""
     t0 = time.monotonic()
     tls = PskClient()
     failed: list[BaseException] = []
+    done = [0]
+    step = max(1, len(enrolments) // 10)
+    lock = threading.Lock()
+    last = [t0]
 
     def work(k: int) -> None:
         try:
             for i in range(k, len(enrolments), threads):
                 register(cse, enrolments[i], tls)
+                with lock:
+                    done[0] += 1
+                    if done[0] % step == 0 and len(enrolments) >= 1000:
+                        now = time.monotonic()
+                        print(f"    {cse.name}: {done[0]:>7} recorded, last {step} in {now - last[0]:.1f} s",
+                              flush=True)
+                        last[0] = now
         except BaseException as exc:  # reported below
             failed.append(exc)
 
@@ -168,13 +184,15 @@ def fill(cse: Cse, enrolments: list[Enrolment], threads: int = 4) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--big", type=int, default=10_000, help="AEs recorded at the big CSE first (default 10000)")
-    ap.add_argument("--small", type=int, default=100, help="AEs recorded at the small CSE first (default 100)")
+    ap.add_argument("--big", type=int, default=100_000, help="AEs recorded at the big CSE first (default 100000)")
+    ap.add_argument("--small", type=int, default=1_000, help="AEs recorded at the small CSE first (default 1000)")
     ap.add_argument("--aes", type=int, default=30, help="first-contact registrations per CSE per round (default 30)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds, alternating the order (default 4)")
+    ap.add_argument("--fill-threads", type=int, default=6,
+                    help="client threads that record the AEs before the measurement (default 6)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) at the end")
     args = ap.parse_args()
-    if min(args.big, args.small, args.aes, args.rounds) < 1:
+    if min(args.big, args.small, args.aes, args.rounds, args.fill_threads) < 1:
         ap.error("all counts must be >= 1")
 
     home = Path(tempfile.mkdtemp(prefix="rspf-bench-rules-"))
@@ -194,8 +212,11 @@ def main() -> int:
         print(f"enrolled {len(enrolments)} AEs with the MEF ({time.monotonic() - t0:.1f} s, not timed)")
         pre_small, pre_big = enrolments[:args.small], enrolments[args.small:args.small + args.big]
         fresh = enrolments[args.small + args.big:]
-        print(f"recorded {args.small} AEs at the small CSE ({fill(small, pre_small):.1f} s) and {args.big} at the big "
-              f"CSE ({fill(big, pre_big):.1f} s), 4 client threads, not timed", flush=True)
+        took_small = fill(small, pre_small, args.fill_threads)
+        took_big = fill(big, pre_big, args.fill_threads)
+        print(f"recorded {args.small} AEs at the small CSE ({took_small:.1f} s) and {args.big} at the big CSE "
+              f"({took_big:.1f} s), {args.fill_threads} client threads, not timed", flush=True)
+        print(f"ACME resident memory: small {rss_mb(small.pid):.0f} MB, big {rss_mb(big.pid):.0f} MB")
         print(f"load average before the measurement: {load_average()} ({os.cpu_count()} CPUs)")
         tls = PskClient()
         lat: dict[str, list[float]] = {"small": [], "big": []}

@@ -27,6 +27,18 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def rss_mb(pid: int) -> float:
+    """The resident memory of a process (VmRSS in /proc), in MB; NaN if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-quantile (nearest rank) of ``values``; NaN when empty."""
     s = sorted(values)

@@ -31,7 +31,7 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "flood": ("bench_flood.py", ["--handshakes", "2000"]),
     "revocation": ("bench_revocation.py", ["--rounds", "2"]),
     "hygiene": ("bench_mef_hygiene.py", ["--enrolments", "200"]),
-    "rules": ("bench_rules_scale.py", ["--big", "1000", "--aes", "10", "--rounds", "2"]),
+    "rules": ("bench_rules_scale.py", ["--big", "2000", "--small", "100", "--aes", "10", "--rounds", "2"]),
     "scale": ("bench_scale.py", ["--big", "20000", "--small", "500", "--seconds", "2", "--rounds", "1",
                                  "--fetches", "600"]),
 }

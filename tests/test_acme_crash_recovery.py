@@ -11,20 +11,30 @@ pytest.importorskip("acmecse")
 
 
 class Storage:
-    """ACME's Storage calls the check uses: the originator table and the <AE> lookup by AE-ID."""
+    """ACME's Storage calls the check uses: the originator table and the <AE> lookups by resource ID and by AE-ID.
+    An AE-ID in ``aes`` has its <AE> where ACME puts one it registered (resource ID = AE-ID-Stem), one in
+    ``imported`` under another resource ID (found only by ACME's scan by AE-ID)."""
 
-    def __init__(self, originators: set[str], aes: set[str]) -> None:
-        self.originators, self.aes = originators, aes
+    def __init__(self, originators: set[str], aes: set[str], imported: frozenset[str] = frozenset()) -> None:
+        self.originators, self.aes, self.imported = originators, aes, imported
+        self.scans = 0
 
     def getOriginator(self, originator: str) -> Any:
         return (originator, 1) if originator in self.originators else None
 
-    def retrieveResource(self, aei: str) -> Any:
-        from acmecse.etc.ResponseStatusCodes import NOT_FOUND
+    def retrieveResource(self, ri: str | None = None, aei: str | None = None) -> Any:
+        from types import SimpleNamespace
 
-        if aei not in self.aes:
-            raise NOT_FOUND("resource not found")
-        return object()
+        from acmecse.etc.ResponseStatusCodes import NOT_FOUND
+        from acmecse.etc.Types import ResourceTypes
+
+        if ri is not None and ri in self.aes:
+            return SimpleNamespace(ty=ResourceTypes.AE, aei=ri, ri=ri)
+        if aei is not None:
+            self.scans += 1
+            if aei in self.aes | self.imported:
+                return SimpleNamespace(ty=ResourceTypes.AE, aei=aei, ri=f"imported-{aei}")
+        raise NOT_FOUND("resource not found")
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +70,52 @@ def test_a_registration_of_this_process_is_never_cleared() -> None:
 
     patches._registered_here.add("Cbusy")
     assert patches._stale_registration(Storage({"Cbusy"}, set()), "Cbusy") is False
+
+
+def test_a_registered_ae_is_found_by_its_resource_id_without_a_scan() -> None:
+    """A re-registration of an AE that is there (4117 follows) costs one lookup by resource ID, not a scan of every
+    resource of the CSE."""
+    from rspf.acme.patches import _stale_registration
+
+    storage = Storage({"Cthere"}, {"Cthere"})
+    assert _stale_registration(storage, "Cthere") is False
+    assert storage.scans == 0
+
+
+def test_an_ae_made_under_another_resource_id_is_not_taken_for_stale() -> None:
+    from rspf.acme.patches import _stale_registration
+
+    storage = Storage({"Cimported"}, set(), imported=frozenset({"Cimported"}))
+    assert _stale_registration(storage, "Cimported") is False
+    assert storage.scans == 1
+
+
+def test_registered_ae_is_a_lookup_by_resource_id_that_checks_type_and_ae_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain port asks for every request whether its originator is a registered AE: one lookup by resource ID
+    (ACME's by AE-ID scans), and a resource under that ID that is not that AE does not count."""
+    from types import SimpleNamespace
+
+    from acmecse.etc.ResponseStatusCodes import NOT_FOUND
+    from acmecse.etc.Types import ResourceTypes
+    from acmecse.runtime import CSE
+
+    from rspf.acme import patches
+
+    found = {"Cae": SimpleNamespace(ty=ResourceTypes.AE, aei="Cae", attribute=lambda k: "12-k@mef.example.com"),
+             "Cother": SimpleNamespace(ty=ResourceTypes.AE, aei="Cnot-this-one", attribute=lambda k: None),
+             "cnt1": SimpleNamespace(ty=ResourceTypes.CNT, aei=None, attribute=lambda k: None)}
+    asked: list[dict[str, Any]] = []
+
+    class Lookup:
+        def retrieveResource(self, **kw: Any) -> Any:
+            asked.append(kw)
+            if kw.get("ri") in found:
+                return found[kw["ri"]]
+            raise NOT_FOUND("resource not found")
+
+    monkeypatch.setattr(CSE, "storage", Lookup(), raising=False)
+    assert patches.registered_ae("Cae") == (True, "12-k@mef.example.com")
+    assert patches.registered_ae("Cother") == (False, None)
+    assert patches.registered_ae("cnt1") == (False, None)
+    assert patches.registered_ae("Cnobody") == (False, None)
+    assert all(set(kw) == {"ri"} for kw in asked) and len(asked) == 4

@@ -9,6 +9,7 @@ with ACME.
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def params(fn: Any) -> list[str]:
 
 def pinned() -> list[tuple[str, Any, list[str]]]:
     from acmecse.plugins.bindings.HttpServer import HttpServer
+    from acmecse.plugins.database.TinyDBBinding import TinyDBBinding
     from acmecse.resources import Resource as resource_module
     from acmecse.runtime.configurations.CSEConfiguration import CSEConfiguration
     from acmecse.runtime.EventManager import EventManager
@@ -74,6 +76,9 @@ def pinned() -> list[tuple[str, Any, list[str]]]:
         ("Dispatcher.deleteLocalResource", Dispatcher.deleteLocalResource,
          ["self", "resource", "originator", "withDeregistration", "parentResource", "doDeleteCheck"]),
         ("Resource.dbUpdate", resource_module.Resource.dbUpdate, ["self", "finalize"]),
+        # replaced by scale_storage (and removeChildResource, the other half of the child-list invariant)
+        ("TinyDBBinding.upsertChildResource", TinyDBBinding.upsertChildResource, ["self", "childResource", "ri"]),
+        ("TinyDBBinding.removeChildResource", TinyDBBinding.removeChildResource, ["self", "ri", "pi"]),
     ]
 
 
@@ -170,3 +175,85 @@ def test_no_plugin_module_but_patches_changes_acme() -> None:
     for path in sorted(folder.glob("*.py")):
         if path.name != "patches.py":
             assert acme_writes(path.read_text()) == [], f"{path.name} changes ACME: move that to patches.py"
+
+
+class ChildTable:
+    """The part of ACME's TinyDBBinding that keeps the child lists: a real TinyDB table in memory, as ACME sets it
+    up (TinyDBBetterTable, string document IDs), and its lock."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from acmecse.helpers.TinyDBBetterTable import TinyDBBetterTable
+        from tinydb import TinyDB
+        from tinydb.storages import MemoryStorage
+
+        self.lockChildResources = threading.Lock()
+        self.tabChildResources = TinyDB(storage=MemoryStorage).table("children")
+        TinyDBBetterTable.assign(self.tabChildResources)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {str(d.doc_id): dict(d) for d in self.tabChildResources.all()}
+
+
+class CountingList(list):
+    """A child list that counts the scans of it."""
+
+    scans = 0
+
+    def __iter__(self) -> Any:
+        CountingList.scans += 1
+        return super().__iter__()
+
+
+def child(ri: str, pi: str | None, ty: int) -> dict[str, Any]:
+    return {"ri": ri, "pi": pi, "ty": ty, "ch": []}
+
+
+def test_scale_storage_keeps_the_child_lists_acme_keeps_without_scanning_them() -> None:
+    """The same writes through ACME's upsertChildResource and through the patched one leave the same records;
+    the patched one appends a new resource to its parent's list without a scan of that list."""
+    from acmecse.plugins.database.TinyDBBinding import TinyDBBinding
+
+    from rspf.acme import patches
+
+    patches.scale_storage()
+    patches.scale_storage()  # idempotent: wrapped once
+    patched = TinyDBBinding.upsertChildResource
+    acme = patched._rspf_original  # type: ignore[attr-defined]
+    assert getattr(acme, "_rspf_original", None) is None
+    steps: list[tuple[str, Any]] = [("up", child("cse", None, 5))]
+    steps += [("up", child(f"Cae{n}", "cse", 2)) for n in range(50)]
+    steps += [("up", child("cnt1", "Cae3", 3)), ("up", child("rule1", "cse", 19)),
+              ("up", child("Cae7", "cse", 2)),          # written again: ACME's path, no second entry
+              ("rm", ("Cae9", "cse")), ("up", child("Cae9", "cse", 2)),  # removed, then made again
+              ("up", child("cnt1", "Cae3", 3)), ("rm", ("cnt1", "Cae3")), ("up", child("cnt2", "Cae3", 3))]
+    results = []
+    for upsert in (acme, patched):
+        table = ChildTable()
+        for op, args in copy.deepcopy(steps):  # the table keeps the list of the dict it was given, as in ACME
+            if op == "up":
+                upsert(table, args, args["ri"])
+            else:
+                TinyDBBinding.removeChildResource(table, *args)
+        results.append(table.records())
+    assert results[0] == results[1]
+    cse = results[1]["cse"]["ch"]
+    assert len(cse) == 51 and len({ri for ri, _ty in cse}) == 51 and ["rule1", 19] in cse
+    assert results[1]["Cae3"]["ch"] == [["cnt2", 3]]
+
+    # a parent without a record: ACME's own path, and its own error
+    for upsert in (acme, patched):
+        with pytest.raises(TypeError):
+            upsert(ChildTable(), child("orphan", "nowhere", 3), "orphan")
+
+    # no scan of the parent's list for a new resource (ACME's own code scans it every time)
+    for upsert, scans in ((patched, 0), (acme, 20)):
+        table = ChildTable()
+        upsert(table, child("cse", None, 5), "cse")
+        table.tabChildResources.update({"ch": CountingList()}, doc_ids=["cse"])
+        CountingList.scans = 0
+        for n in range(20):
+            upsert(table, child(f"Cae{n}", "cse", 2), f"Cae{n}")
+        assert CountingList.scans == scans
+        assert [ri for ri, _ty in table.records()["cse"]["ch"]] == [f"Cae{n}" for n in range(20)]

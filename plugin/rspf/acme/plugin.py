@@ -149,6 +149,7 @@ class RspfSecurityPlugin:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_a: sys.exit(0))
         patches.install_resource_types()
+        patches.scale_storage()
 
     @configure
     def configure(self, config: Any) -> None:
