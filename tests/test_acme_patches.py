@@ -20,7 +20,8 @@ pytest.importorskip("acmecse")
 
 
 def params(fn: Any) -> list[str]:
-    fn = getattr(fn, "_rspf_original", fn)
+    while hasattr(fn, "_rspf_original"):  # ACME's own function under every wrapper of ours
+        fn = fn._rspf_original
     return list(inspect.signature(fn).parameters)
 
 
@@ -257,3 +258,52 @@ def test_scale_storage_keeps_the_child_lists_acme_keeps_without_scanning_them() 
             upsert(table, child(f"Cae{n}", "cse", 2), f"Cae{n}")
         assert CountingList.scans == scans
         assert [ri for ri, _ty in table.records()["cse"]["ch"]] == [f"Cae{n}" for n in range(20)]
+
+
+class ResourceDb:
+    """ACME's Storage over a stand-in database: resources by resource ID, and the scans by AE-ID counted."""
+
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        from types import SimpleNamespace
+
+        self.docs = docs
+        self.scans = 0
+        self.db = self
+        self.factory = SimpleNamespace(resourceFromDict=lambda d: SimpleNamespace(**d))
+
+    def retrieveResource(self, **kw: Any) -> Any:
+        from acmecse.runtime.Storage import Storage
+
+        return Storage.retrieveResource(self, **kw)
+
+    def searchResources(self, ri: str | None = None, aei: str | None = None, **_kw: Any) -> list[dict[str, Any]]:
+        if ri is not None:
+            return [d for d in self.docs if d["ri"] == ri]
+        self.scans += 1
+        return [d for d in self.docs if d.get("aei") == aei]
+
+
+def test_scale_storage_finds_an_ae_by_its_resource_id_before_acme_scans_for_its_ae_id() -> None:
+    from acmecse.etc.ResponseStatusCodes import ResponseException
+    from acmecse.etc.Types import ResourceTypes
+    from acmecse.runtime.Storage import Storage
+
+    from rspf.acme import patches
+
+    patches.scale_storage()
+    patches.scale_storage()
+    assert getattr(Storage.retrieveResource._rspf_original, "_rspf_ae_by_ri", False) is False  # wrapped once
+    ae, cnt = int(ResourceTypes.AE), int(ResourceTypes.CNT)
+    storage = ResourceDb([{"ri": "Cae", "ty": ae, "aei": "Cae"},
+                          {"ri": "ae-made-by-import", "ty": ae, "aei": "Cimported"},
+                          {"ri": "Cnot", "ty": cnt},
+                          {"ri": "Cwrong", "ty": ae, "aei": "Cother"}])
+    assert Storage.retrieveResource(storage, aei="Cae").ri == "Cae"
+    assert storage.scans == 0  # one lookup by resource ID
+    assert Storage.retrieveResource(storage, aei="Cimported").ri == "ae-made-by-import"
+    assert storage.scans == 1  # not where ACME puts an AE it registers: ACME's scan finds it
+    for missing in ("Cnot", "Cwrong", "Cnobody"):  # a resource under that ID that is not the AE does not count
+        with pytest.raises(ResponseException):
+            Storage.retrieveResource(storage, aei=missing)
+    assert storage.scans == 4
+    assert Storage.retrieveResource(storage, ri="Cnot").ty == cnt  # other lookups: ACME's, unchanged

@@ -558,18 +558,27 @@ def _patch_storage() -> None:
 
 # ------------------------------------------------------------------------------------------ scale
 def scale_storage() -> None:
-    """Record a new resource in its parent's child list without a scan of that list. Idempotent.
+    """Keep two of ACME's storage paths that grow with the number of registered AEs flat. Idempotent.
 
-    ACME's TinyDB binding (its memory and file databases) keeps, per resource, a record with the list of its
-    children; ``TinyDBBinding.upsertChildResource`` writes the new resource's record, then scans the parent's
-    list for the resource ID before appending it. Every registered AE and every recorded rule is a child of
-    the CSEBase: at 100,000 AEs each registration scanned two lists of 100,000-200,000 entries under the
-    table's lock. A resource that has no record yet cannot be in its parent's list (ACME writes the record and
-    the entry under one lock, and removes both under one lock), so then the entry is appended directly; a
-    resource that has a record (written again) and a parent without a record take ACME's own path unchanged.
-    ACME's PostgreSQL binding is not touched.
+    1. ``TinyDBBinding.upsertChildResource`` (ACME's memory and file databases) writes a new resource's record of
+       children, then scans its parent's child list for the resource ID before appending it. Every registered
+       AE and every recorded rule is a child of the CSEBase: at 100,000 AEs each registration scanned two lists
+       of 100,000-200,000 entries under the table's lock. A resource that has no record yet cannot be in its
+       parent's list (ACME writes the record and the entry under one lock, and removes both under one lock), so
+       then the entry is appended directly; a resource that has a record (written again) and a parent without
+       a record take ACME's own path. ACME's PostgreSQL binding is not touched.
+    2. ``Storage.retrieveResource(aei=...)`` -- ACME's check that lets a registered AE RETRIEVE the CSEBase --
+       scans every resource for the AE-ID. The ``<AE>`` is looked up first by resource ID, where ACME puts an AE
+       it registers (:func:`_ae_of`); only when it is not there does ACME's scan run (an AE made otherwise, or
+       none: ACME's own answer, NOT_FOUND included, is kept).
     """
     check_acme_version()
+    with _install_lock:
+        _scale_child_lists()
+        _scale_ae_lookup()
+
+
+def _scale_child_lists() -> None:
     from acmecse.plugins.database.TinyDBBinding import TinyDBBinding
     from tinydb.table import Document
 
@@ -593,3 +602,20 @@ def scale_storage() -> None:
         original(self, childResource, ri)
 
     TinyDBBinding.upsertChildResource = _mark(upsertChildResource, original)  # type: ignore[method-assign]
+
+
+def _scale_ae_lookup() -> None:
+    from acmecse.runtime.Storage import Storage
+
+    original = Storage.retrieveResource
+    if getattr(original, "_rspf_ae_by_ri", False):
+        return
+
+    def retrieveResource(self: Any, ri: str | None = None, csi: str | None = None, srn: str | None = None,
+                         aei: str | None = None) -> Any:
+        if aei and not (ri or csi or srn) and (ae := _ae_of(self, aei)) is not None:
+            return ae
+        return original(self, ri=ri, csi=csi, srn=srn, aei=aei)
+
+    retrieveResource._rspf_ae_by_ri = True  # type: ignore[attr-defined]
+    Storage.retrieveResource = _mark(retrieveResource, original)  # type: ignore[method-assign]
