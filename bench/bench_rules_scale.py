@@ -12,13 +12,12 @@ with the plugin (``databaseType=memory``, compatibility mode, ``allowedAppIDs=Nb
 Target ``/id-in`` at the MEF. Before any timing, AE enrolees enrol with the MEF, and M of them register at the
 "small" CSE and N at the "big" one (default 1,000 and 100,000; T client threads): each registration there records
 the credential's own bound rule (rspf.ssar), so the big CSE holds 100,000 rules and 100,000 <AE>s. Then R rounds,
-alternating the
-order, each registering A fresh enrolled AEs at each CSE: a first contact (new TLS-PSK connection with a KeID the
-CSE has never seen, so it fetches the key from the MEF inside the handshake; CREATE <AE>, the rule check and the
-recording of the new credential's rule), one sequential client.
+alternating the order, each registering A fresh enrolled AEs at each CSE: a first contact (new TLS-PSK connection
+with a KeID the CSE has never seen, so it fetches the key from the MEF inside the handshake; CREATE <AE>, the rule
+check and the recording of the new credential's rule), one sequential client.
 
 Target (issues 7 and 9): first-contact registration with N recorded / with M recorded (medians) <= 1.5. It also
-prints each CSE's resident memory (VmRSS). The default run takes about 25 minutes on two cores, most of it
+prints each CSE's resident memory (VmRSS). The default run takes about 20 minutes on two cores, most of it
 filling the big CSE (``--big 10000`` takes about 2).
 It prints TARGET MET / TARGET MISSED and exits 0 either way (a measurement, not a test). Every process it
 started is stopped by its PID at the end, and the temporary folder is removed.

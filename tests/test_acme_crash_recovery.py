@@ -11,30 +11,20 @@ pytest.importorskip("acmecse")
 
 
 class Storage:
-    """ACME's Storage calls the check uses: the originator table and the <AE> lookups by resource ID and by AE-ID.
-    An AE-ID in ``aes`` has its <AE> where ACME puts one it registered (resource ID = AE-ID-Stem), one in
-    ``imported`` under another resource ID (found only by ACME's scan by AE-ID)."""
+    """ACME's Storage calls the check uses: the originator table and the <AE> lookup by AE-ID."""
 
-    def __init__(self, originators: set[str], aes: set[str], imported: frozenset[str] = frozenset()) -> None:
-        self.originators, self.aes, self.imported = originators, aes, imported
-        self.scans = 0
+    def __init__(self, originators: set[str], aes: set[str]) -> None:
+        self.originators, self.aes = originators, aes
 
     def getOriginator(self, originator: str) -> Any:
         return (originator, 1) if originator in self.originators else None
 
-    def retrieveResource(self, ri: str | None = None, aei: str | None = None) -> Any:
-        from types import SimpleNamespace
-
+    def retrieveResource(self, aei: str) -> Any:
         from acmecse.etc.ResponseStatusCodes import NOT_FOUND
-        from acmecse.etc.Types import ResourceTypes
 
-        if ri is not None and ri in self.aes:
-            return SimpleNamespace(ty=ResourceTypes.AE, aei=ri, ri=ri)
-        if aei is not None:
-            self.scans += 1
-            if aei in self.aes | self.imported:
-                return SimpleNamespace(ty=ResourceTypes.AE, aei=aei, ri=f"imported-{aei}")
-        raise NOT_FOUND("resource not found")
+        if aei not in self.aes:
+            raise NOT_FOUND("resource not found")
+        return object()
 
 
 @pytest.fixture(autouse=True)
@@ -70,24 +60,6 @@ def test_a_registration_of_this_process_is_never_cleared() -> None:
 
     patches._registered_here.add("Cbusy")
     assert patches._stale_registration(Storage({"Cbusy"}, set()), "Cbusy") is False
-
-
-def test_a_registered_ae_is_found_by_its_resource_id_without_a_scan() -> None:
-    """A re-registration of an AE that is there (4117 follows) costs one lookup by resource ID, not a scan of every
-    resource of the CSE."""
-    from rspf.acme.patches import _stale_registration
-
-    storage = Storage({"Cthere"}, {"Cthere"})
-    assert _stale_registration(storage, "Cthere") is False
-    assert storage.scans == 0
-
-
-def test_an_ae_made_under_another_resource_id_is_not_taken_for_stale() -> None:
-    from rspf.acme.patches import _stale_registration
-
-    storage = Storage({"Cimported"}, set(), imported=frozenset({"Cimported"}))
-    assert _stale_registration(storage, "Cimported") is False
-    assert storage.scans == 1
 
 
 def test_registered_ae_is_a_lookup_by_resource_id_that_checks_type_and_ae_id(monkeypatch: pytest.MonkeyPatch) -> None:

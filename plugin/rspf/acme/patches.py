@@ -19,8 +19,9 @@ logic (rules, recording) in :mod:`rspf.acme.resources`.
 * :func:`route_registrar_over_psk` sends the CSE's own requests to its registrar over TLS-PSK;
 * :func:`install_resource_types` teaches ACME the resource types mssp, asar and svsn (enum extension,
   wrapped factory, importer and storage; see its docstring).
-* :func:`scale_storage` lets ACME's TinyDB binding record a new resource in its parent's child list without
-  a scan of that list (a CSE with 100,000 registered AEs).
+* :func:`scale_storage` keeps two of ACME's storage paths flat for a CSE with 100,000 registered AEs (a new
+  child joins its parent's list without a scan of it; an ``<AE>`` is looked up by AE-ID at its resource ID
+  before ACME's scan).
 """
 
 from __future__ import annotations
@@ -168,9 +169,7 @@ def _stale_registration(storage: Any, originator: str) -> bool:
             return False
     if storage.getOriginator(originator) is None:
         return False
-    if _ae_of(storage, originator) is not None:
-        return False
-    try:  # not where ACME puts an AE it registered: one made otherwise (an import) is found by ACME's scan
+    try:  # by resource ID first, then ACME's scan (scale_storage)
         storage.retrieveResource(aei=originator)
     except ResponseException:
         return True
