@@ -593,9 +593,7 @@ def _scale_child_lists() -> None:
             if not table.contains(doc_id=ri) and (parent is not None or not pi):
                 table.upsert(Document(childResource, ri))  # type: ignore[arg-type]  # ACME: string IDs
                 if parent is not None:
-                    children = parent["ch"]
-                    children.append([ri, childResource["ty"]])
-                    parent["ch"] = children
+                    parent["ch"].append([ri, childResource["ty"]])
                     table.update(parent, doc_ids=[pi])
                 return
         original(self, childResource, ri)
